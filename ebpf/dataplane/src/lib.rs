@@ -1,0 +1,957 @@
+//! Userspace side of the service data plane: loads the kernel programs, attaches them to
+//! interfaces, pins everything under bpffs and keeps the maps equal to the services it is told
+//! about.
+//!
+//! The calls are intent-level ([`Dataplane::upsert_service`], [`Dataplane::set_backends`],
+//! [`Dataplane::delete_service`]); this crate works out which map entries change. Backend
+//! ranges and Maglev tables are computed here, the kernel only indexes them.
+//!
+//! Restarts: programs are attached through TCX links pinned under the pin directory, and maps are
+//! pinned too, so the data plane keeps forwarding while its owner is down. [`Dataplane::open`]
+//! adopts what is pinned (the flows in conntrack, the services and their backend ranges), and
+//! [`Dataplane::attach`] swaps the program of an existing link atomically.
+
+mod alloc;
+mod error;
+pub mod maglev;
+mod mmap;
+pub mod packet;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fmt,
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{fd::AsFd, unix::ffi::OsStrExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, IterableMap, Map, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+pub use ebpf_common::{Counter, CounterKind, defaults};
+use ebpf_common::{
+    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    ServiceKey, ServiceValue, map_names, program_names, setting_names,
+};
+pub use error::Error;
+
+use crate::{alloc::RangeAllocator, mmap::MmapArray};
+
+/// The compiled kernel programs (built by build.rs from `ebpf/programs`).
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ebpf-programs"));
+
+/// Bumped whenever a map's key or value layout changes: maps pinned by an incompatible build
+/// live in another directory and are never adopted by mistake.
+const MAPS_LAYOUT: u32 = 1;
+
+/// Transport protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A service as clients address it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: SocketAddrV4,
+    pub proto: Protocol,
+}
+
+impl Frontend {
+    pub const fn new(addr: SocketAddrV4, proto: Protocol) -> Self {
+        Self { addr, proto }
+    }
+
+    pub const fn tcp(addr: SocketAddrV4) -> Self {
+        Self::new(addr, Protocol::Tcp)
+    }
+
+    pub const fn udp(addr: SocketAddrV4) -> Self {
+        Self::new(addr, Protocol::Udp)
+    }
+
+    fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: u32::from_ne_bytes(self.addr.ip().octets()),
+            port: self.addr.port().to_be(),
+            proto: self.proto.number(),
+            _pad: 0,
+        }
+    }
+
+    fn from_key(key: &ServiceKey) -> Option<Self> {
+        let proto = match key.proto {
+            IPPROTO_TCP => Protocol::Tcp,
+            IPPROTO_UDP => Protocol::Udp,
+            _ => return None,
+        };
+        let ip = Ipv4Addr::from(key.vip.to_ne_bytes());
+        Some(Self::new(SocketAddrV4::new(ip, u16::from_be(key.port)), proto))
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.proto, self.addr)
+    }
+}
+
+/// How a service picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Uniformly at random (kube-proxy's behaviour).
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the client address and port over a table of
+    /// `table_size` entries (a prime larger than the number of backends; Cilium's default
+    /// is [`defaults::MAGLEV_TABLE_SIZE`]).
+    Maglev { table_size: u32 },
+}
+
+/// A service's load-balancing settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub scheduler: Scheduler,
+    /// ClientIP session affinity: a client's new flows keep going to the backend of its
+    /// previous one for this long (whole seconds) after its last new flow.
+    pub affinity_timeout: Option<Duration>,
+}
+
+/// Where the data plane pins its objects and how large its maps are. Sizes apply when the maps
+/// are created; a restarted data plane adopts the pinned maps as they are.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Directory on bpffs for maps and links (one per data plane instance).
+    pub pin_dir: PathBuf,
+    pub max_services: u32,
+    pub backend_slots: u32,
+    pub maglev_elements: u32,
+    pub ct_entries: u32,
+    pub affinity_entries: u32,
+    /// Benchmarks only: every packet takes the conntrack-miss (new flow) path.
+    pub force_ct_miss: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf/keel"),
+            max_services: defaults::MAX_SERVICES,
+            backend_slots: defaults::BACKEND_SLOTS,
+            maglev_elements: defaults::MAGLEV_ELEMENTS,
+            ct_entries: defaults::CT_ENTRIES,
+            affinity_entries: defaults::AFFINITY_ENTRIES,
+            force_ct_miss: false,
+        }
+    }
+}
+
+impl Config {
+    /// The default sizes with objects pinned under `pin_dir`.
+    pub fn with_pin_dir(pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A program to run under BPF_PROG_TEST_RUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// tc ingress of a pod's host-side veth (service DNAT).
+    FromPod,
+    /// tc egress of a pod's host-side veth (reverse NAT).
+    ToPod,
+    /// The minimal XDP_PASS program, the cost floor.
+    XdpFloor,
+}
+
+impl Hook {
+    const fn program_name(self) -> &'static str {
+        match self {
+            Hook::FromPod => program_names::FROM_POD,
+            Hook::ToPod => program_names::TO_POD,
+            Hook::XdpFloor => program_names::XDP_FLOOR,
+        }
+    }
+}
+
+/// What a BPF_PROG_TEST_RUN returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    /// The program's verdict (`TC_ACT_*` or `XDP_*`).
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub frame: Vec<u8>,
+    /// Average time per run, as the kernel measured it.
+    pub per_run: Duration,
+}
+
+/// tc verdicts as the programs return them.
+pub mod verdict {
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+    pub const XDP_PASS: u32 = 2;
+}
+
+/// A snapshot of the data plane's counters, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    values: [u64; COUNTER_COUNT as usize],
+}
+
+impl Stats {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+
+    /// Every counter with its value, verdicts first.
+    pub fn iter(&self) -> impl Iterator<Item = (Counter, u64)> + '_ {
+        Counter::ALL.iter().map(|&c| (c, self.get(c)))
+    }
+
+    /// Packets dropped, all reasons together.
+    pub fn drops(&self) -> u64 {
+        self.iter()
+            .filter(|(c, _)| c.kind() == CounterKind::Drop)
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// The change since `earlier`.
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let mut values = self.values;
+        for (v, e) in values.iter_mut().zip(earlier.values) {
+            *v = v.wrapping_sub(e);
+        }
+        Stats { values }
+    }
+}
+
+/// A service as the data plane holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    pub spec: ServiceSpec,
+    /// Backends in slot order.
+    pub backends: Vec<SocketAddrV4>,
+    value: ServiceValue,
+}
+
+/// The kernel memory the data plane's maps take, as the kernel accounts it.
+#[derive(Clone, Debug, Default)]
+pub struct MapMemory {
+    /// (map name, bytes) for every map.
+    pub maps: Vec<(&'static str, u64)>,
+}
+
+impl MapMemory {
+    pub fn total(&self) -> u64 {
+        self.maps.iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// The service data plane.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    services_map: HashMap<MapData, ServiceKey, ServiceValue>,
+    counters: PerCpuArray<MapData, u64>,
+    backends: MmapArray<Backend>,
+    maglev: MmapArray<MaglevLanes>,
+    services: BTreeMap<Frontend, ServiceState>,
+    backend_alloc: RangeAllocator,
+    maglev_alloc: RangeAllocator,
+    next_id: u32,
+}
+
+impl Dataplane {
+    /// Loads the programs and creates the maps, or adopts the maps a previous owner pinned
+    /// under `config.pin_dir` together with the services they hold.
+    pub fn open(config: &Config) -> Result<Self, Error> {
+        ensure_bpffs(&config.pin_dir)?;
+        let maps_dir = config.pin_dir.join(format!("maps-v{MAPS_LAYOUT}"));
+        create_dir(&maps_dir)?;
+        create_dir(&config.pin_dir.join("links"))?;
+
+        let force_ct_miss = u32::from(config.force_ct_miss);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(map_names::SERVICES, config.max_services)
+            .map_max_entries(map_names::BACKENDS, config.backend_slots)
+            .map_max_entries(map_names::MAGLEV, config.maglev_elements)
+            .map_max_entries(map_names::CONNTRACK, config.ct_entries)
+            .map_max_entries(map_names::REVNAT, config.ct_entries)
+            .map_max_entries(map_names::AFFINITY, config.affinity_entries)
+            .override_global(setting_names::FORCE_CT_MISS, &force_ct_miss, true)
+            .load(PROGRAMS)?;
+        for name in [program_names::FROM_POD, program_names::TO_POD] {
+            let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| Error::Program { name, source })?;
+        }
+        let name = program_names::XDP_FLOOR;
+        let program: &mut Xdp = program_mut(&mut ebpf, name)?;
+        program.load().map_err(|source| Error::Program { name, source })?;
+
+        check_layout(&ebpf)?;
+        let services_map = HashMap::try_from(take_map(&mut ebpf, map_names::SERVICES)?)
+            .map_err(|source| Error::Map { name: map_names::SERVICES, source })?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, map_names::COUNTERS)?)
+            .map_err(|source| Error::Map { name: map_names::COUNTERS, source })?;
+        let (backends, backend_slots) = mmap_array::<Backend>(&ebpf, map_names::BACKENDS)?;
+        let (maglev, maglev_elements) = mmap_array::<MaglevLanes>(&ebpf, map_names::MAGLEV)?;
+
+        let mut dataplane = Self {
+            ebpf,
+            pin_dir: config.pin_dir.clone(),
+            services_map,
+            counters,
+            backends,
+            maglev,
+            services: BTreeMap::new(),
+            backend_alloc: RangeAllocator::new(backend_slots),
+            maglev_alloc: RangeAllocator::new(maglev_elements),
+            next_id: 1,
+        };
+        dataplane.adopt_services()?;
+        Ok(dataplane)
+    }
+
+    /// Rebuilds the in-memory view (services, range allocations) from pinned maps.
+    fn adopt_services(&mut self) -> Result<(), Error> {
+        let entries: Vec<(ServiceKey, ServiceValue)> = self
+            .services_map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Map { name: map_names::SERVICES, source })?;
+        for (key, value) in entries {
+            let inconsistent = |why: &str| Error::Inconsistent(format!("service {key:?}: {why}"));
+            let frontend = Frontend::from_key(&key).ok_or_else(|| inconsistent("unknown protocol"))?;
+            if !self.backend_alloc.reserve(value.backend_first, value.backend_count) {
+                return Err(inconsistent("backend range overlaps another or is out of bounds"));
+            }
+            let backends: Vec<SocketAddrV4> = self
+                .backends
+                .read(value.backend_first, value.backend_count)
+                .iter()
+                .map(|b| SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port)))
+                .collect();
+            let scheduler = if value.flags & SVC_FLAG_MAGLEV != 0 {
+                let elements = maglev_elements(value.maglev_size);
+                if value.maglev_first % MAGLEV_LANES as u32 != 0
+                    || !self.maglev_alloc.reserve(value.maglev_first / MAGLEV_LANES as u32, elements)
+                {
+                    return Err(inconsistent("Maglev range overlaps another or is out of bounds"));
+                }
+                Scheduler::Maglev { table_size: value.maglev_size }
+            } else {
+                Scheduler::Random
+            };
+            let affinity_timeout = (value.flags & SVC_FLAG_AFFINITY != 0)
+                .then(|| Duration::from_secs(u64::from(value.affinity_timeout_s)));
+            self.next_id = self.next_id.max(value.id.wrapping_add(1));
+            self.services.insert(
+                frontend,
+                ServiceState {
+                    spec: ServiceSpec { scheduler, affinity_timeout },
+                    backends,
+                    value,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Attaches the programs to `iface` (the host side of a pod's veth): `from_pod` on tc
+    /// ingress, `to_pod` on tc egress, through pinned TCX links. If this data plane's links are
+    /// already on the interface (a restart), their programs are replaced atomically.
+    pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
+        let ifindex = ifindex(iface)?;
+        self.attach_program(iface, ifindex, program_names::FROM_POD, TcAttachType::Ingress)?;
+        self.attach_program(iface, ifindex, program_names::TO_POD, TcAttachType::Egress)
+    }
+
+    fn attach_program(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        name: &'static str,
+        attach_type: TcAttachType,
+    ) -> Result<(), Error> {
+        let pin = self.link_pin(ifindex, attach_type);
+        let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+        let program_error = |source| Error::Program { name, source };
+        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|source| Error::Link { path: pin.clone(), source })?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    // The pin keeps the link attached; our handle can go.
+                    drop(program.take_link(id).map_err(program_error)?);
+                    return Ok(());
+                }
+                // The interface the link was on is gone (ENOLINK): the pin is stale.
+                Err(_) => remove_file(&pin)?,
+            }
+        }
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let id = program
+            .attach_with_options(iface, attach_type, options)
+            .map_err(program_error)?;
+        let link = program.take_link(id).map_err(program_error)?;
+        FdLink::try_from(link)
+            .map_err(|source| Error::Link { path: pin.clone(), source })?
+            .pin(&pin)
+            .map_err(|source| Error::Pin { path: pin.clone(), source: io::Error::other(source) })?;
+        Ok(())
+    }
+
+    /// Detaches the programs from `iface`.
+    pub fn detach(&mut self, iface: &str) -> Result<(), Error> {
+        let ifindex = ifindex(iface)?;
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let pin = self.link_pin(ifindex, attach_type);
+            if pin.exists() {
+                remove_file(&pin)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link_pin(&self, ifindex: u32, attach_type: TcAttachType) -> PathBuf {
+        let dir = match attach_type {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        self.pin_dir.join("links").join(format!("if{ifindex}-{dir}"))
+    }
+
+    /// Creates a service with no backends (new flows are rejected until some are set), or
+    /// changes an existing service's settings, keeping its backends.
+    pub fn upsert_service(&mut self, frontend: Frontend, spec: ServiceSpec) -> Result<(), Error> {
+        let backends = match self.services.get(&frontend) {
+            Some(current) if current.spec == spec => return Ok(()),
+            Some(current) => current.backends.clone(),
+            None => Vec::new(),
+        };
+        self.publish(frontend, spec, backends)
+    }
+
+    /// Sets a service's backends. Backends that stay keep their slot, so their session
+    /// affinity survives; an unchanged set changes nothing. The service must exist.
+    pub fn set_backends(&mut self, frontend: Frontend, backends: &[SocketAddrV4]) -> Result<(), Error> {
+        let current = self
+            .services
+            .get(&frontend)
+            .ok_or(Error::NoSuchService(frontend))?;
+        let ordered = stable_order(&current.backends, backends);
+        if ordered == current.backends {
+            return Ok(());
+        }
+        let spec = current.spec;
+        self.publish(frontend, spec, ordered)
+    }
+
+    /// Removes a service. Established TCP flows to its backends keep working (as with
+    /// kube-proxy's conntrack); new flows to its address are no longer translated.
+    pub fn delete_service(&mut self, frontend: Frontend) -> Result<(), Error> {
+        let Some(state) = self.services.remove(&frontend) else {
+            return Err(Error::NoSuchService(frontend));
+        };
+        self.services_map
+            .remove(&frontend.key())
+            .map_err(|source| Error::Map { name: map_names::SERVICES, source })?;
+        self.release_ranges(&state.value);
+        Ok(())
+    }
+
+    /// Writes a service's backend range and Maglev table into fresh ranges, publishes them with
+    /// one SERVICES update, then frees the ranges they replace.
+    fn publish(
+        &mut self,
+        frontend: Frontend,
+        spec: ServiceSpec,
+        backends: Vec<SocketAddrV4>,
+    ) -> Result<(), Error> {
+        let count = u32::try_from(backends.len()).map_err(|_| Error::TooManyBackends(frontend))?;
+        let mut flags = 0;
+        let mut maglev_size = 0;
+        if let Scheduler::Maglev { table_size } = spec.scheduler {
+            if !maglev::is_prime(table_size) || table_size > maglev::MAX_TABLE_SIZE {
+                return Err(Error::InvalidMaglevSize(table_size));
+            }
+            if count >= table_size || count > u32::from(u16::MAX) {
+                return Err(Error::TooManyBackends(frontend));
+            }
+            flags |= SVC_FLAG_MAGLEV;
+            maglev_size = table_size;
+        }
+        let mut affinity_timeout_s = 0;
+        if let Some(timeout) = spec.affinity_timeout {
+            flags |= SVC_FLAG_AFFINITY;
+            affinity_timeout_s = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+        }
+        let id = match self.services.get(&frontend) {
+            Some(current) => current.value.id,
+            None => {
+                if self.services.len() as u64 >= u64::from(self.services_map_capacity()) {
+                    return Err(Error::Full { what: "services", wanted: 1 });
+                }
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1).max(1);
+                id
+            }
+        };
+
+        let backend_first = self
+            .backend_alloc
+            .allocate(count)
+            .ok_or(Error::Full { what: "backend slots", wanted: count })?;
+        let slots: Vec<Backend> = backends
+            .iter()
+            .map(|b| Backend {
+                ip: u32::from_ne_bytes(b.ip().octets()),
+                port: b.port().to_be(),
+                _pad: 0,
+            })
+            .collect();
+        self.backends.write(backend_first, &slots);
+
+        let mut maglev_first = 0;
+        if maglev_size != 0 && count > 0 {
+            let elements = maglev_elements(maglev_size);
+            let Some(first) = self.maglev_alloc.allocate(elements) else {
+                self.backend_alloc.release(backend_first, count);
+                return Err(Error::Full { what: "Maglev table space", wanted: elements });
+            };
+            let table = maglev::table(&backends, maglev_size);
+            let lanes: Vec<MaglevLanes> = table
+                .chunks(MAGLEV_LANES)
+                .map(|c| {
+                    let mut lanes = [0; MAGLEV_LANES];
+                    lanes[..c.len()].copy_from_slice(c);
+                    lanes
+                })
+                .collect();
+            self.maglev.write(first, &lanes);
+            maglev_first = first * MAGLEV_LANES as u32;
+        }
+
+        let value = ServiceValue {
+            id,
+            backend_first,
+            backend_count: count,
+            maglev_first,
+            maglev_size: if count > 0 { maglev_size } else { 0 },
+            affinity_timeout_s,
+            flags,
+            _pad: 0,
+        };
+        if let Err(source) = self.services_map.insert(frontend.key(), value, 0) {
+            self.release_ranges(&value);
+            return Err(Error::Map { name: map_names::SERVICES, source });
+        }
+        if let Some(old) = self.services.insert(frontend, ServiceState { spec, backends, value }) {
+            self.release_ranges(&old.value);
+        }
+        Ok(())
+    }
+
+    fn release_ranges(&mut self, value: &ServiceValue) {
+        self.backend_alloc.release(value.backend_first, value.backend_count);
+        if value.flags & SVC_FLAG_MAGLEV != 0 && value.maglev_size != 0 {
+            self.maglev_alloc.release(
+                value.maglev_first / MAGLEV_LANES as u32,
+                maglev_elements(value.maglev_size),
+            );
+        }
+    }
+
+    fn services_map_capacity(&self) -> u32 {
+        self.services_map
+            .map()
+            .info()
+            .map(|info| info.max_entries())
+            .unwrap_or(u32::MAX)
+    }
+
+    /// The services, in frontend order.
+    pub fn services(&self) -> impl Iterator<Item = (&Frontend, &ServiceState)> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, frontend: &Frontend) -> Option<&ServiceState> {
+        self.services.get(frontend)
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, Error> {
+        let mut values = [0u64; COUNTER_COUNT as usize];
+        for (index, value) in values.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(index as u32), 0)
+                .map_err(|source| Error::Map { name: map_names::COUNTERS, source })?;
+            *value = per_cpu.iter().sum();
+        }
+        Ok(Stats { values })
+    }
+
+    /// Backend slots in use and in all.
+    pub fn backend_slots(&self) -> (u64, u32) {
+        (self.backend_alloc.used(), self.backend_alloc.capacity())
+    }
+
+    /// Kernel memory of every map (`memlock` as /proc reports it for the map's fd).
+    pub fn map_memory(&self) -> Result<MapMemory, Error> {
+        let mut maps = Vec::new();
+        for name in map_names::ALL {
+            let fd = match name {
+                map_names::SERVICES => self.services_map.map().fd().as_fd().try_clone_to_owned(),
+                map_names::COUNTERS => self.counters.map().fd().as_fd().try_clone_to_owned(),
+                _ => map_data(&self.ebpf, name)?.fd().as_fd().try_clone_to_owned(),
+            }
+            .map_err(|source| Error::Pin { path: PathBuf::from(name), source })?;
+            maps.push((name, memlock(&fd)?));
+        }
+        Ok(MapMemory { maps })
+    }
+
+    /// Runs a program once or `repeat` times on `frame` with BPF_PROG_TEST_RUN. Map updates the
+    /// program makes are real (a test run of a new flow creates its conntrack entry).
+    pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunOutput, Error> {
+        let name = hook.program_name();
+        // Room for what the programs may add (the ICMP reject pushes 28 bytes).
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..TestRunOptions::default()
+        };
+        let result = match hook {
+            Hook::XdpFloor => program_mut::<Xdp>(&mut self.ebpf, name)?.test_run(opts),
+            _ => program_mut::<SchedClassifier>(&mut self.ebpf, name)?.test_run(opts),
+        }
+        .map_err(|source| Error::Program { name, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            verdict: result.return_value,
+            frame: out,
+            per_run: result.duration,
+        })
+    }
+
+    /// The backend the kernel's Maglev lookup gives `client` for a Maglev service (what a new
+    /// flow without session affinity will get). `None` for other services or without backends.
+    pub fn maglev_backend(&self, frontend: &Frontend, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        let state = self.services.get(frontend)?;
+        if state.value.flags & SVC_FLAG_MAGLEV == 0 || state.backends.is_empty() {
+            return None;
+        }
+        let hash = ebpf_common::flow_hash(u32::from_ne_bytes(client.ip().octets()), client.port().to_be());
+        let lane = state.value.maglev_first + hash % state.value.maglev_size;
+        let lanes = self.maglev.read(lane / MAGLEV_LANES as u32, 1)[0];
+        state.backends.get(usize::from(lanes[(lane % MAGLEV_LANES as u32) as usize])).copied()
+    }
+
+    /// Reads the conntrack entry of a flow (client -> service), if any.
+    pub fn conntrack(&self, client: SocketAddrV4, service: Frontend) -> Result<Option<SocketAddrV4>, Error> {
+        let name = map_names::CONNTRACK;
+        let map: HashMap<&MapData, FlowKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map(name).ok_or(Error::MissingMap(name))?)
+                .map_err(|source| Error::Map { name, source })?;
+        let key = FlowKey {
+            saddr: u32::from_ne_bytes(client.ip().octets()),
+            daddr: u32::from_ne_bytes(service.addr.ip().octets()),
+            sport: client.port().to_be(),
+            dport: service.addr.port().to_be(),
+            proto: service.proto.number(),
+            _pad: [0; 3],
+        };
+        match map.get(&key, 0) {
+            Ok(entry) => Ok(Some(SocketAddrV4::new(
+                Ipv4Addr::from(entry.backend.ip.to_ne_bytes()),
+                u16::from_be(entry.backend.port),
+            ))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map { name: map_names::CONNTRACK, source }),
+        }
+    }
+
+    /// Ages a client's session affinity entry for a service by `by` (tests of the timeout
+    /// without waiting for it). False if there is no entry.
+    pub fn age_affinity(&mut self, client: Ipv4Addr, service: Frontend, by: Duration) -> Result<bool, Error> {
+        let Some(state) = self.services.get(&service) else {
+            return Err(Error::NoSuchService(service));
+        };
+        let name = map_names::AFFINITY;
+        let mut map: HashMap<&mut MapData, AffinityKey, AffinityEntry> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
+                .map_err(|source| Error::Map { name, source })?;
+        let key = AffinityKey {
+            client: u32::from_ne_bytes(client.octets()),
+            service_id: state.value.id,
+        };
+        let mut entry = match map.get(&key, 0) {
+            Ok(entry) => entry,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(false),
+            Err(source) => return Err(Error::Map { name, source }),
+        };
+        entry.last_used_ns = entry.last_used_ns.wrapping_sub(by.as_nanos() as u64);
+        map.insert(key, entry, 0).map_err(|source| Error::Map { name, source })?;
+        Ok(true)
+    }
+
+    /// Detaches from every interface and removes every pinned object: flows and services are
+    /// gone for good. The next [`Dataplane::open`] starts from scratch.
+    pub fn destroy(self) -> Result<(), Error> {
+        let pin_dir = self.pin_dir.clone();
+        drop(self);
+        remove_dir_all(&pin_dir)
+    }
+}
+
+/// The order backends take in their slots: a backend that stays keeps its slot if the slot
+/// still exists; newcomers (in the order given) fill the remaining slots. Duplicates are dropped.
+fn stable_order(current: &[SocketAddrV4], wanted: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+    let mut wanted_set: Vec<SocketAddrV4> = Vec::with_capacity(wanted.len());
+    for &b in wanted {
+        if !wanted_set.contains(&b) {
+            wanted_set.push(b);
+        }
+    }
+    let n = wanted_set.len();
+    let mut slots: Vec<Option<SocketAddrV4>> = vec![None; n];
+    for (i, b) in current.iter().enumerate().take(n) {
+        if wanted_set.contains(b) {
+            slots[i] = Some(*b);
+        }
+    }
+    let newcomers: Vec<SocketAddrV4> = wanted_set
+        .iter()
+        .copied()
+        .filter(|b| !slots.contains(&Some(*b)))
+        .collect();
+    let mut newcomers = newcomers.into_iter();
+    slots
+        .into_iter()
+        .map(|slot| slot.unwrap_or_else(|| newcomers.next().expect("one newcomer per free slot")))
+        .collect()
+}
+
+fn maglev_elements(table_size: u32) -> u32 {
+    table_size.div_ceil(MAGLEV_LANES as u32)
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
+    ebpf.take_map(name).ok_or(Error::MissingMap(name))
+}
+
+fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
+    match ebpf.map(name).ok_or(Error::MissingMap(name))? {
+        Map::Array(data) | Map::LruHashMap(data) | Map::HashMap(data) | Map::PerCpuArray(data) => Ok(data),
+        _ => Err(Error::Inconsistent(format!("map {name} has an unexpected type"))),
+    }
+}
+
+/// Maps an mmapable array map; returns the mapping and the map's size.
+fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>, u32), Error> {
+    let data = map_data(ebpf, name)?;
+    let info = data.info().map_err(|source| Error::Map { name, source })?;
+    let array = MmapArray::new(data.fd().as_fd(), info.max_entries())
+        .map_err(|source| Error::Pin { path: PathBuf::from(name), source })?;
+    Ok((array, info.max_entries()))
+}
+
+/// Refuses pinned maps whose layout is not this build's (they would be misread).
+fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
+    use std::mem::size_of;
+    const MMAPABLE: u32 = 1 << 10;
+    let expected: [(&'static str, usize, usize, u32); 7] = [
+        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), 0),
+        (map_names::BACKENDS, 4, size_of::<Backend>(), MMAPABLE),
+        (map_names::MAGLEV, 4, size_of::<MaglevLanes>(), MMAPABLE),
+        (map_names::CONNTRACK, size_of::<FlowKey>(), size_of::<CtEntry>(), 0),
+        (map_names::REVNAT, size_of::<FlowKey>(), size_of::<RevNat>(), 0),
+        (map_names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityEntry>(), 0),
+        (map_names::COUNTERS, 4, 8, 0),
+    ];
+    for (name, key, value, flags) in expected {
+        let info = map_data(ebpf, name)?
+            .info()
+            .map_err(|source| Error::Map { name, source })?;
+        if info.key_size() as usize != key
+            || info.value_size() as usize != value
+            || info.map_flags() & flags != flags
+        {
+            return Err(Error::LayoutMismatch {
+                name,
+                detail: format!(
+                    "key {} value {} flags {:#x}, expected key {key} value {value} flags {flags:#x}",
+                    info.key_size(),
+                    info.value_size(),
+                    info.map_flags()
+                ),
+            });
+        }
+    }
+    if map_data(ebpf, map_names::COUNTERS)?.info().map(|i| i.max_entries()).ok() != Some(COUNTER_COUNT) {
+        return Err(Error::LayoutMismatch {
+            name: map_names::COUNTERS,
+            detail: format!("expected {COUNTER_COUNT} counters"),
+        });
+    }
+    Ok(())
+}
+
+/// bpffs must be mounted where pins go; on a machine without it (no systemd to mount it),
+/// mount it at /sys/fs/bpf.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let bpffs = Path::new("/sys/fs/bpf");
+    let is_bpffs = |path: &Path| -> bool {
+        let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: statfs fills the struct; the path is NUL-terminated.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c_path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+        }
+    };
+    if pin_dir.starts_with(bpffs) && !is_bpffs(bpffs) {
+        let source = CString::new("bpf").expect("no NUL");
+        let target = CString::new("/sys/fs/bpf").expect("no NUL");
+        // SAFETY: plain mount(2) of a pseudo filesystem with NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(Error::Pin {
+                path: bpffs.to_path_buf(),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if !is_bpffs(&probe) {
+        return Err(Error::NotBpffs(pin_dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn ifindex(iface: &str) -> Result<u32, Error> {
+    let c_name = CString::new(iface).map_err(|_| Error::NoSuchInterface(iface.to_owned()))?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(Error::NoSuchInterface(iface.to_owned()));
+    }
+    Ok(index)
+}
+
+/// `memlock` of a bpf object fd, from /proc/self/fdinfo.
+fn memlock(fd: &std::os::fd::OwnedFd) -> Result<u64, Error> {
+    use std::os::fd::AsRawFd;
+    let path = PathBuf::from(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Pin { path: path.clone(), source })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::Inconsistent(format!("no memlock line in {}", path.display())))
+}
+
+fn create_dir(path: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(path).map_err(|source| Error::Pin { path: path.to_path_buf(), source })
+}
+
+fn remove_file(path: &Path) -> Result<(), Error> {
+    std::fs::remove_file(path).map_err(|source| Error::Pin { path: path.to_path_buf(), source })
+}
+
+fn remove_dir_all(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::Pin { path: path.to_path_buf(), source: e }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(last: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)
+    }
+
+    #[test]
+    fn staying_backends_keep_their_slots() {
+        let current = [addr(1), addr(2), addr(3), addr(4)];
+        // addr(2) leaves, addr(5) arrives: it takes the freed slot.
+        let next = stable_order(&current, &[addr(5), addr(4), addr(3), addr(1)]);
+        assert_eq!(next, [addr(1), addr(5), addr(3), addr(4)]);
+        // Shrinking: the backend beyond the end moves into the hole, the others stay.
+        let next = stable_order(&current, &[addr(1), addr(3), addr(4)]);
+        assert_eq!(next, [addr(1), addr(4), addr(3)]);
+        // Same set in another order: nothing moves.
+        assert_eq!(stable_order(&current, &[addr(4), addr(3), addr(2), addr(1)]), current);
+        // Duplicates collapse.
+        assert_eq!(stable_order(&[], &[addr(1), addr(1)]), [addr(1)]);
+    }
+
+    #[test]
+    fn frontend_keys_round_trip() {
+        let f = Frontend::udp(SocketAddrV4::new(Ipv4Addr::new(10, 96, 3, 7), 53));
+        let key = f.key();
+        assert_eq!(key.vip.to_ne_bytes(), [10, 96, 3, 7], "VIP is stored in network order");
+        assert_eq!(key.port.to_ne_bytes(), 53u16.to_be_bytes(), "port is stored in network order");
+        assert_eq!(Frontend::from_key(&key), Some(f));
+        assert_eq!(f.to_string(), "udp/10.96.3.7:53");
+    }
+}

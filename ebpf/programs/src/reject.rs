@@ -1,0 +1,118 @@
+//! Rejecting new flows to a service without backends, as kube-proxy does: the client gets an
+//! ICMP port unreachable from the service address (a TCP connect fails at once with
+//! ECONNREFUSED) instead of a silent black hole.
+//!
+//! The packet itself becomes the reply: trimmed to its IP header plus 8 bytes, 28 bytes pushed
+//! in front for the new IP and ICMP headers, and sent back out of the interface it came in on.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::__sk_buff,
+    helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use ebpf_common::Counter;
+
+use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, ptr_at};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const IPPROTO_ICMP: u8 = 1;
+/// Bytes of the offending datagram's payload quoted after its IP header (RFC 792).
+const QUOTED_L4: usize = 8;
+const NEW_HEADERS: usize = 20 + 8;
+/// The quoted part is the IP header (at most 60 bytes) plus 8: at most 17 words.
+const MAX_QUOTED_WORDS: usize = (60 + QUOTED_L4) / 4;
+
+/// Turns the packet into an ICMP port unreachable to its sender and redirects it back out of
+/// the interface it arrived on. Returns the tc verdict.
+#[inline(always)]
+pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropReject)?;
+    // SAFETY: ptr_at checked the bounds.
+    let (client_mac, our_mac) = unsafe { ((*eth).src, (*eth).dst) };
+    let skb = ctx.as_ptr() as *mut __sk_buff;
+
+    let quoted = pkt.l4_off - ETH_HLEN + QUOTED_L4;
+    let keep = pkt.l4_off + QUOTED_L4;
+    if (ctx.len() as usize) > keep {
+        // SAFETY: skb is this program's context.
+        if unsafe { bpf_skb_change_tail(skb, keep as u32, 0) } != 0 {
+            return Err(Counter::DropReject);
+        }
+    }
+    // SAFETY: skb is this program's context.
+    if unsafe { bpf_skb_change_head(skb, NEW_HEADERS as u32, 0) } != 0 {
+        return Err(Counter::DropReject);
+    }
+
+    // The new frame: [eth][ip 20][icmp 8][quoted ip header + 8 bytes].
+    let quoted_off = ETH_HLEN + NEW_HEADERS;
+    let mut sum: u64 = (((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be()) as u64;
+    for i in 0..MAX_QUOTED_WORDS {
+        if i * 4 >= quoted {
+            break;
+        }
+        let word = ptr_at::<u32>(ctx, quoted_off + i * 4).ok_or(Counter::DropReject)?;
+        // SAFETY: ptr_at checked the bounds.
+        sum += unsafe { *word } as u64;
+    }
+    let icmp_csum = fold(sum);
+
+    let inner = ptr_at::<Ipv4Hdr>(ctx, quoted_off).ok_or(Counter::DropReject)?;
+    // SAFETY: ptr_at checked the bounds.
+    let (client, service) = unsafe { ((*inner).saddr, (*inner).daddr) };
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: ((NEW_HEADERS + quoted) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        saddr: service,
+        daddr: client,
+    };
+    ip.check = fold(ip_header_sum(&ip));
+
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropReject)?;
+    let new_ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::DropReject)?;
+    let icmp = ptr_at::<[u16; 4]>(ctx, ETH_HLEN + 20).ok_or(Counter::DropReject)?;
+    // SAFETY: ptr_at checked the bounds of all three.
+    unsafe {
+        *eth = EthHdr {
+            dst: client_mac,
+            src: our_mac,
+            proto: ETH_P_IP.to_be(),
+        };
+        *new_ip = ip;
+        *icmp = [
+            ((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be(),
+            icmp_csum,
+            0,
+            0,
+        ];
+    }
+    // SAFETY: skb is this program's context.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: no pointers.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+#[inline(always)]
+fn ip_header_sum(ip: &Ipv4Hdr) -> u64 {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain integers, 4-byte aligned.
+    let words = unsafe { &*(ip as *const Ipv4Hdr as *const [u32; 5]) };
+    words.iter().map(|&w| w as u64).sum()
+}
+
+/// Folds a one's complement sum of native-order words into a checksum, in the same order.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
