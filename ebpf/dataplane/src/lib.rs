@@ -125,6 +125,24 @@ impl fmt::Display for Frontend {
     }
 }
 
+impl std::str::FromStr for Frontend {
+    type Err = String;
+
+    /// Parses `tcp/10.96.0.10:80` or `udp/10.96.0.10:53`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (proto, addr) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected <tcp|udp>/<ipv4>:<port>"))?;
+        let proto = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => return Err(format!("{s:?}: unknown protocol {other:?} (tcp or udp)")),
+        };
+        let addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(Self::new(addr, proto))
+    }
+}
+
 /// How a service picks a backend for a new flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Scheduler {
@@ -266,6 +284,23 @@ pub struct ServiceState {
     /// Backends in slot order.
     pub backends: Vec<SocketAddrV4>,
     value: ServiceValue,
+}
+
+/// One service as a [`Dataplane::sync`] caller wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub frontend: Frontend,
+    pub spec: ServiceSpec,
+    pub backends: Vec<SocketAddrV4>,
+}
+
+/// What a [`Dataplane::sync`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
 }
 
 /// The kernel memory the data plane's maps take, as the kernel accounts it.
@@ -468,7 +503,8 @@ impl Dataplane {
     }
 
     /// Sets a service's backends. Backends that stay keep their slot, so their session
-    /// affinity survives; an unchanged set changes nothing. The service must exist.
+    /// affinity survives; an unchanged set changes nothing. A backend listed k times gets k
+    /// shares of new flows. The service must exist.
     pub fn set_backends(&mut self, frontend: Frontend, backends: &[SocketAddrV4]) -> Result<(), Error> {
         let current = self
             .services
@@ -480,6 +516,36 @@ impl Dataplane {
         }
         let spec = current.spec;
         self.publish(frontend, spec, ordered)
+    }
+
+    /// Makes the data plane hold exactly `desired`: creates, changes and deletes services as
+    /// needed, one map update per changed service; unchanged services are not touched.
+    pub fn sync(&mut self, desired: impl IntoIterator<Item = DesiredService>) -> Result<SyncReport, Error> {
+        let mut report = SyncReport::default();
+        let mut wanted = std::collections::BTreeSet::new();
+        for service in desired {
+            wanted.insert(service.frontend);
+            let current = self.services.get(&service.frontend);
+            let backends = stable_order(
+                current.map(|c| c.backends.as_slice()).unwrap_or_default(),
+                &service.backends,
+            );
+            match current {
+                Some(c) if c.spec == service.spec && c.backends == backends => {
+                    report.unchanged += 1;
+                    continue;
+                }
+                Some(_) => report.updated += 1,
+                None => report.created += 1,
+            }
+            self.publish(service.frontend, service.spec, backends)?;
+        }
+        let extra: Vec<Frontend> = self.services.keys().filter(|f| !wanted.contains(f)).copied().collect();
+        for frontend in extra {
+            self.delete_service(frontend)?;
+            report.deleted += 1;
+        }
+        Ok(report)
     }
 
     /// Removes a service. Established TCP flows to its backends keep working (as with
@@ -743,30 +809,30 @@ impl Dataplane {
 }
 
 /// The order backends take in their slots: a backend that stays keeps its slot if the slot
-/// still exists; newcomers (in the order given) fill the remaining slots. Duplicates are dropped.
+/// still exists; newcomers (in the order given) fill the remaining slots. A backend listed k
+/// times holds k slots, so it gets k shares of new flows (a weight).
 fn stable_order(current: &[SocketAddrV4], wanted: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
-    let mut wanted_set: Vec<SocketAddrV4> = Vec::with_capacity(wanted.len());
+    let mut unplaced: std::collections::HashMap<SocketAddrV4, usize> = std::collections::HashMap::new();
     for &b in wanted {
-        if !wanted_set.contains(&b) {
-            wanted_set.push(b);
+        *unplaced.entry(b).or_default() += 1;
+    }
+    let mut take = |b: &SocketAddrV4| match unplaced.get_mut(b) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
+    };
+    let mut slots: Vec<Option<SocketAddrV4>> = vec![None; wanted.len()];
+    for (slot, b) in slots.iter_mut().zip(current) {
+        if take(b) {
+            *slot = Some(*b);
         }
     }
-    let n = wanted_set.len();
-    let mut slots: Vec<Option<SocketAddrV4>> = vec![None; n];
-    for (i, b) in current.iter().enumerate().take(n) {
-        if wanted_set.contains(b) {
-            slots[i] = Some(*b);
-        }
-    }
-    let newcomers: Vec<SocketAddrV4> = wanted_set
-        .iter()
-        .copied()
-        .filter(|b| !slots.contains(&Some(*b)))
-        .collect();
-    let mut newcomers = newcomers.into_iter();
+    let mut newcomers = wanted.iter().filter(|b| take(b));
     slots
         .into_iter()
-        .map(|slot| slot.unwrap_or_else(|| newcomers.next().expect("one newcomer per free slot")))
+        .map(|slot| slot.unwrap_or_else(|| *newcomers.next().expect("one newcomer per free slot")))
         .collect()
 }
 
@@ -941,8 +1007,9 @@ mod tests {
         assert_eq!(next, [addr(1), addr(4), addr(3)]);
         // Same set in another order: nothing moves.
         assert_eq!(stable_order(&current, &[addr(4), addr(3), addr(2), addr(1)]), current);
-        // Duplicates collapse.
-        assert_eq!(stable_order(&[], &[addr(1), addr(1)]), [addr(1)]);
+        // A backend listed twice holds two slots (a weight of two).
+        assert_eq!(stable_order(&[], &[addr(1), addr(2), addr(1)]), [addr(1), addr(2), addr(1)]);
+        assert_eq!(stable_order(&[addr(1), addr(2), addr(1)], &[addr(2), addr(1)]), [addr(1), addr(2)]);
     }
 
     #[test]

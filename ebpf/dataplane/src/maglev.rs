@@ -16,8 +16,8 @@ pub const MAX_TABLE_SIZE: u32 = 131_071;
 /// `i % m`. Positions are assigned from the backends' addresses alone, so the same backend set
 /// yields the same table whatever order it is listed in (only the indices differ).
 ///
-/// `m` must be a prime larger than the number of backends (checked by the caller);
-/// `backends` must be non-empty and hold no duplicates.
+/// `m` must be a prime larger than the number of backends (checked by the caller) and
+/// `backends` non-empty. A backend listed k times claims k times as many positions.
 pub fn table(backends: &[SocketAddrV4], m: u32) -> Vec<u16> {
     assert!(!backends.is_empty() && backends.len() < m as usize);
     // Claim in a canonical order so the table depends on the set, not on the slot order.

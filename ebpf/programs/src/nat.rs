@@ -1,7 +1,7 @@
 //! Address and port rewrites with their checksum fix-ups.
 //!
-//! The kernel's csum helpers are used rather than hand-folded sums: they do the right thing for
-//! every `ip_summed` state. A locally sent packet is CHECKSUM_PARTIAL, its L4 checksum field
+//! For the L4 checksum the kernel's csum helpers are used rather than hand-folded sums: they do
+//! the right thing for every `ip_summed` state. A locally sent packet is CHECKSUM_PARTIAL, its L4 checksum field
 //! holds only the pseudo-header sum, so an address change must be folded in but a port change
 //! must not; CHECKSUM_COMPLETE packets need `skb->csum` kept in step.
 
@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use ebpf_common::IPPROTO_TCP;
 
-use crate::parse::{ETH_HLEN, IP_CSUM_OFF, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at};
+use crate::parse::{ETH_HLEN, Ipv4Hdr, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -32,17 +32,23 @@ pub fn rewrite(
     old: (u32, u16),
     new: (u32, u16),
 ) -> Result<(), ()> {
-    let (ip_off, port_off) = match end {
-        End::Destination => (ETH_HLEN + 16, pkt.l4_off + 2),
-        End::Source => (ETH_HLEN + 12, pkt.l4_off),
+    let port_off = match end {
+        End::Destination => pkt.l4_off + 2,
+        End::Source => pkt.l4_off,
     };
-    let ip = ptr_at::<u32>(ctx, ip_off).ok_or(())?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(())?;
     let port = ptr_at::<u16>(ctx, port_off).ok_or(())?;
     // SAFETY: ptr_at checked the bounds; the helpers below may move the data, so every direct
-    // write happens before the first of them.
+    // access happens before the first of them.
     unsafe {
-        *ip = new.0;
+        match end {
+            End::Destination => (*ip).daddr = new.0,
+            End::Source => (*ip).saddr = new.0,
+        }
         *port = new.1;
+        // The IP header checksum is always software's: fold the change in by hand (RFC 1624),
+        // which keeps the header's sum, and so any CHECKSUM_COMPLETE skb->csum, unchanged.
+        (*ip).check = csum_replace4((*ip).check, old.0, new.0);
     }
     let (csum_off, mangled) = if pkt.flow.proto == IPPROTO_TCP {
         (pkt.l4_off + TCP_CSUM_OFF, 0)
@@ -57,11 +63,19 @@ pub fn rewrite(
         mangled | BPF_F_PSEUDO_HDR as u64 | 4,
     )
     .map_err(|_| ())?;
-    if old.1 != new.1 {
-        ctx.l4_csum_replace(csum_off, old.1 as u64, new.1 as u64, mangled | 2)
-            .map_err(|_| ())?;
-    }
-    ctx.l3_csum_replace(IP_CSUM_OFF, old.0 as u64, new.0 as u64, 4)
+    ctx.l4_csum_replace(csum_off, old.1 as u64, new.1 as u64, mangled | 2)
         .map_err(|_| ())?;
     Ok(())
+}
+
+/// `check` updated for a 32-bit field changing from `from` to `to`: ~(~check + ~from + to) in
+/// one's complement arithmetic. Works on native-order words whatever the byte order, as long
+/// as all three are read from the packet the same way.
+#[inline(always)]
+fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!from & 0xffff) + (!from >> 16) + (to & 0xffff) + (to >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }

@@ -8,8 +8,6 @@ use ebpf_common::{Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
-/// Offset of the IPv4 header checksum from the start of the frame.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 /// Offset of the checksum within the TCP and UDP headers.
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;

@@ -2,7 +2,7 @@
 //! ICMP port unreachable from the service address (a TCP connect fails at once with
 //! ECONNREFUSED) instead of a silent black hole.
 //!
-//! The packet itself becomes the reply: trimmed to its IP header plus 8 bytes, 28 bytes pushed
+//! The packet itself becomes the reply: trimmed to its IP and L4 headers, 28 bytes pushed
 //! in front for the new IP and ICMP headers, and sent back out of the interface it came in on.
 
 use aya_ebpf::{
@@ -11,18 +11,16 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use ebpf_common::Counter;
+use ebpf_common::{Counter, IPPROTO_TCP};
 
-use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, ptr_at};
+use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, TCP_HLEN, UDP_HLEN, ptr_at};
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const IPPROTO_ICMP: u8 = 1;
-/// Bytes of the offending datagram's payload quoted after its IP header (RFC 792).
-const QUOTED_L4: usize = 8;
 const NEW_HEADERS: usize = 20 + 8;
-/// The quoted part is the IP header (at most 60 bytes) plus 8: at most 17 words.
-const MAX_QUOTED_WORDS: usize = (60 + QUOTED_L4) / 4;
+/// The quote is the IP header (at most 60 bytes) and the L4 header (at most 20 used).
+const MAX_QUOTED_WORDS: usize = (60 + TCP_HLEN) / 4;
 
 /// Turns the packet into an ICMP port unreachable to its sender and redirects it back out of
 /// the interface it arrived on. Returns the tc verdict.
@@ -33,8 +31,12 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     let (client_mac, our_mac) = unsafe { ((*eth).src, (*eth).dst) };
     let skb = ctx.as_ptr() as *mut __sk_buff;
 
-    let quoted = pkt.l4_off - ETH_HLEN + QUOTED_L4;
-    let keep = pkt.l4_off + QUOTED_L4;
+    // RFC 792 asks for the IP header and 8 bytes of payload; the whole TCP header is quoted
+    // because the kernel will not trim a CHECKSUM_PARTIAL skb (a locally sent segment) before
+    // the end of its checksum field.
+    let l4_quoted = if pkt.flow.proto == IPPROTO_TCP { TCP_HLEN } else { UDP_HLEN };
+    let quoted = pkt.l4_off - ETH_HLEN + l4_quoted;
+    let keep = pkt.l4_off + l4_quoted;
     if (ctx.len() as usize) > keep {
         // SAFETY: skb is this program's context.
         if unsafe { bpf_skb_change_tail(skb, keep as u32, 0) } != 0 {

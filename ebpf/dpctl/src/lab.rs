@@ -1,0 +1,85 @@
+//! A node with a client pod and backend pods, each a network namespace:
+//!
+//! ```text
+//!   client ns               node ns (ip_forward)                backend ns i
+//!   eth0 10.244.0.2 ── veth ── cli0 10.244.0.1                                
+//!                              be<i> 10.244.<i>.1 ── veth ── eth0 10.244.<i>.2 (echo server)
+//! ```
+//!
+//! The data plane attaches to `cli0`, the host side of the client's veth, as it would to a pod
+//! of a real node. Service addresses are routed nowhere: only the data plane makes them work.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    echo::EchoServer,
+    netns::{Netns, veth},
+};
+
+/// The host side of the client's veth, where the data plane attaches.
+pub const CLIENT_HOST_IF: &str = "cli0";
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// Port every backend serves TCP and UDP on.
+pub const BACKEND_PORT: u16 = 8080;
+
+pub struct LabBackend {
+    pub name: String,
+    pub addr: SocketAddrV4,
+    pub ns: Netns,
+    server: Option<EchoServer>,
+}
+
+impl LabBackend {
+    /// Stops the backend's servers (connections to it are then refused).
+    pub fn stop(&mut self) {
+        self.server = None;
+    }
+}
+
+pub struct Lab {
+    pub node: Netns,
+    pub client: Netns,
+    pub backends: Vec<LabBackend>,
+}
+
+impl Lab {
+    /// Builds the topology with `backends` backends; namespaces are named `<prefix>-node`,
+    /// `<prefix>-client`, `<prefix>-b<i>`, so concurrent labs need distinct prefixes.
+    pub fn new(prefix: &str, backends: u8) -> Result<Self> {
+        let node = Netns::new(&format!("{prefix}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        let client = Netns::new(&format!("{prefix}-client"))?;
+        veth(&node, CLIENT_HOST_IF, &client, "eth0")?;
+        node.ip(&["addr", "add", "10.244.0.1/24", "dev", CLIENT_HOST_IF])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        client.ip(&["route", "add", "default", "via", "10.244.0.1"])?;
+        let mut lab = Self { node, client, backends: Vec::new() };
+        for i in 1..=backends {
+            let ns = Netns::new(&format!("{prefix}-b{i}"))?;
+            let host_if = format!("be{i}");
+            veth(&lab.node, &host_if, &ns, "eth0")?;
+            lab.node.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &host_if])?;
+            ns.ip(&["addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"])?;
+            ns.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")])?;
+            let addr = SocketAddrV4::new(Ipv4Addr::new(10, 244, i, 2), BACKEND_PORT);
+            let name = format!("backend-{i}");
+            let server_name = name.clone();
+            let server = ns
+                .run(move || EchoServer::start(addr, &server_name))?
+                .with_context(|| format!("start {name}"))?;
+            lab.backends.push(LabBackend { name, addr, ns, server: Some(server) });
+        }
+        Ok(lab)
+    }
+
+    pub fn backend_addrs(&self) -> Vec<SocketAddrV4> {
+        self.backends.iter().map(|b| b.addr).collect()
+    }
+
+    /// The backend's name for its address.
+    pub fn backend_name(&self, addr: SocketAddrV4) -> Option<&str> {
+        self.backends.iter().find(|b| b.addr == addr).map(|b| b.name.as_str())
+    }
+}

@@ -1,0 +1,126 @@
+//! Network namespaces as hosts: created with iproute2, joined by veth pairs, removed when
+//! dropped (also when a test panics). Code runs inside one on a thread of its own, since a
+//! network namespace is a per-thread property.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    process::{Command, Output},
+    thread,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A named network namespace (`ip netns`), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace with its loopback up. A stale one of the same name (left by a
+    /// killed run) is replaced.
+    pub fn new(name: &str) -> Result<Self> {
+        if File::open(format!("/run/netns/{name}")).is_ok() {
+            let _ = ip(&["netns", "del", name]);
+        }
+        ip(&["netns", "add", name])?;
+        let ns = Self { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip <args>` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward`, ...).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.run(move || std::fs::write(&path, value).with_context(|| format!("write {path}")))?
+    }
+
+    /// A command that runs inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs `f` on a thread inside the namespace and waits for it.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        let fd = self.fd()?;
+        thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    enter(&fd).expect("setns into a namespace we opened");
+                    f()
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+        })
+    }
+
+    /// Starts `f` on a thread inside the namespace.
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<thread::JoinHandle<R>> {
+        let fd = self.fd()?;
+        Ok(thread::spawn(move || {
+            enter(&fd).expect("setns into a namespace we opened");
+            f()
+        }))
+    }
+
+    fn fd(&self) -> Result<File> {
+        File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("open namespace {}", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its interfaces, and with them their veth peers.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn enter(ns: &File) -> io::Result<()> {
+    // SAFETY: setns on an fd we own; affects only the calling thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates a veth pair: `a_if` in `a`, `b_if` in `b`, both up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<Output> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("run ip (iproute2; `cargo xtask setup` installs it)")?;
+    if !output.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}

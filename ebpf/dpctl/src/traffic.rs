@@ -1,0 +1,56 @@
+//! Client side of the lab's traffic: short TCP connections, persistent ones, UDP requests. Each
+//! answer is the name of the backend that served it.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects, asks once, closes; returns the backend's name.
+pub fn tcp_request(to: SocketAddrV4) -> Result<String> {
+    Connection::open(to)?.ask()
+}
+
+/// Sends one datagram and returns the backend's name from the answer.
+pub fn udp_request(to: SocketAddrV4) -> Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(to).with_context(|| format!("connect udp {to}"))?;
+    socket.send(b"hello\n").context("send")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).with_context(|| format!("no answer from udp {to}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// A persistent TCP connection that can ask many times.
+pub struct Connection {
+    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+    pub local: SocketAddr,
+}
+
+impl Connection {
+    pub fn open(to: SocketAddrV4) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&to.into(), TIMEOUT)
+            .with_context(|| format!("connect tcp {to}"))?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let local = stream.local_addr()?;
+        Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, local })
+    }
+
+    /// Sends a line and returns the answer line (the backend's name).
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream.write_all(b"hello\n").context("send")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).context("receive")? == 0 {
+            bail!("connection closed by the peer");
+        }
+        Ok(line.trim().to_owned())
+    }
+}
