@@ -30,7 +30,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
 
     /// Every map the data plane pins, in a stable order.
-    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, MAGLEV, CONNTRACK, REVNAT, AFFINITY, COUNTERS];
+    pub const ALL: [&str; 7] = [
+        SERVICES, BACKENDS, MAGLEV, CONNTRACK, REVNAT, AFFINITY, COUNTERS,
+    ];
 }
 
 /// Default map sizes: enough for 100,000+ services and 1,000,000+ backends without tuning.

@@ -123,11 +123,19 @@ mod tests {
         let c = alloc.allocate(40).expect("100 of 100 fit");
         let mut ranges = [(a, 30), (b, 30), (c, 40)];
         ranges.sort();
-        assert_eq!(ranges, [(0, 30), (30, 30), (60, 40)], "ranges tile the space");
+        assert_eq!(
+            ranges,
+            [(0, 30), (30, 30), (60, 40)],
+            "ranges tile the space"
+        );
         assert_eq!(alloc.allocate(1), None, "a full allocator refuses");
         alloc.release(b, 30);
         alloc.release(a, 30);
-        assert_eq!(alloc.allocate(60), Some(0), "two freed neighbours merge into one range");
+        assert_eq!(
+            alloc.allocate(60),
+            Some(0),
+            "two freed neighbours merge into one range"
+        );
         alloc.release(0, 60);
         alloc.release(c, 40);
         assert_eq!(alloc.used(), 0);
@@ -142,7 +150,11 @@ mod tests {
         alloc.release(small, 10);
         // Free now: [0,10) and [20,100). A 5-unit range should come from the 10-unit hole.
         assert_eq!(alloc.allocate(5), Some(0));
-        assert_eq!(alloc.allocate(80), Some(20), "the large range is still whole");
+        assert_eq!(
+            alloc.allocate(80),
+            Some(20),
+            "the large range is still whole"
+        );
     }
 
     #[test]
@@ -150,10 +162,17 @@ mod tests {
         let mut alloc = RangeAllocator::new(50);
         assert!(alloc.reserve(10, 5));
         assert!(alloc.reserve(40, 10));
-        assert!(!alloc.reserve(12, 2), "overlap with a reserved range is refused");
+        assert!(
+            !alloc.reserve(12, 2),
+            "overlap with a reserved range is refused"
+        );
         assert!(!alloc.reserve(45, 10), "a range past the end is refused");
         assert_eq!(alloc.used(), 15);
-        assert_eq!(alloc.allocate(25), Some(15), "best fit between the reserved ranges");
+        assert_eq!(
+            alloc.allocate(25),
+            Some(15),
+            "best fit between the reserved ranges"
+        );
         assert_eq!(alloc.allocate(10), Some(0));
         assert_eq!(alloc.allocate(1), None);
     }

@@ -30,7 +30,9 @@ pub enum Error {
     },
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
-    #[error("pinned map {name} has another layout than this build ({detail}); remove the pin directory to start afresh")]
+    #[error(
+        "pinned map {name} has another layout than this build ({detail}); remove the pin directory to start afresh"
+    )]
     LayoutMismatch { name: &'static str, detail: String },
     #[error("pinned state is inconsistent: {0}")]
     Inconsistent(String),
@@ -52,7 +54,9 @@ pub enum Error {
     NoSuchInterface(String),
     #[error("no service {0}")]
     NoSuchService(Frontend),
-    #[error("service {0} has too many backends (Maglev needs fewer than its table size and at most 65535)")]
+    #[error(
+        "service {0} has too many backends (Maglev needs fewer than its table size and at most 65535)"
+    )]
     TooManyBackends(Frontend),
     #[error("Maglev table size {0} is not a prime of at most 131071")]
     InvalidMaglevSize(u32),

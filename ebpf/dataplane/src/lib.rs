@@ -20,8 +20,7 @@ pub mod packet;
 use std::{
     collections::BTreeMap,
     ffi::CString,
-    fmt,
-    io,
+    fmt, io,
     net::{Ipv4Addr, SocketAddrV4},
     os::{fd::AsFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
@@ -37,12 +36,12 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-pub use ebpf_common::{Counter, CounterKind, defaults};
 use ebpf_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
-    ServiceKey, ServiceValue, map_names, program_names, setting_names,
+    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_LANES, MaglevLanes, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey,
+    ServiceValue, map_names, program_names, setting_names,
 };
+pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
 
 use crate::{alloc::RangeAllocator, mmap::MmapArray};
@@ -115,7 +114,10 @@ impl Frontend {
             _ => return None,
         };
         let ip = Ipv4Addr::from(key.vip.to_ne_bytes());
-        Some(Self::new(SocketAddrV4::new(ip, u16::from_be(key.port)), proto))
+        Some(Self::new(
+            SocketAddrV4::new(ip, u16::from_be(key.port)),
+            proto,
+        ))
     }
 }
 
@@ -352,17 +354,31 @@ impl Dataplane {
             .load(PROGRAMS)?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| Error::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
         }
         let name = program_names::XDP_FLOOR;
         let program: &mut Xdp = program_mut(&mut ebpf, name)?;
-        program.load().map_err(|source| Error::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| Error::Program { name, source })?;
 
         check_layout(&ebpf)?;
-        let services_map = HashMap::try_from(take_map(&mut ebpf, map_names::SERVICES)?)
-            .map_err(|source| Error::Map { name: map_names::SERVICES, source })?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, map_names::COUNTERS)?)
-            .map_err(|source| Error::Map { name: map_names::COUNTERS, source })?;
+        let services_map =
+            HashMap::try_from(take_map(&mut ebpf, map_names::SERVICES)?).map_err(|source| {
+                Error::Map {
+                    name: map_names::SERVICES,
+                    source,
+                }
+            })?;
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, map_names::COUNTERS)?).map_err(|source| {
+                Error::Map {
+                    name: map_names::COUNTERS,
+                    source,
+                }
+            })?;
         let (backends, backend_slots) = mmap_array::<Backend>(&ebpf, map_names::BACKENDS)?;
         let (maglev, maglev_elements) = mmap_array::<MaglevLanes>(&ebpf, map_names::MAGLEV)?;
 
@@ -388,27 +404,44 @@ impl Dataplane {
             .services_map
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|source| Error::Map { name: map_names::SERVICES, source })?;
+            .map_err(|source| Error::Map {
+                name: map_names::SERVICES,
+                source,
+            })?;
         for (key, value) in entries {
             let inconsistent = |why: &str| Error::Inconsistent(format!("service {key:?}: {why}"));
-            let frontend = Frontend::from_key(&key).ok_or_else(|| inconsistent("unknown protocol"))?;
-            if !self.backend_alloc.reserve(value.backend_first, value.backend_count) {
-                return Err(inconsistent("backend range overlaps another or is out of bounds"));
+            let frontend =
+                Frontend::from_key(&key).ok_or_else(|| inconsistent("unknown protocol"))?;
+            if !self
+                .backend_alloc
+                .reserve(value.backend_first, value.backend_count)
+            {
+                return Err(inconsistent(
+                    "backend range overlaps another or is out of bounds",
+                ));
             }
             let backends: Vec<SocketAddrV4> = self
                 .backends
                 .read(value.backend_first, value.backend_count)
                 .iter()
-                .map(|b| SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port)))
+                .map(|b| {
+                    SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port))
+                })
                 .collect();
             let scheduler = if value.flags & SVC_FLAG_MAGLEV != 0 {
                 let elements = maglev_elements(value.maglev_size);
                 if value.maglev_first % MAGLEV_LANES as u32 != 0
-                    || !self.maglev_alloc.reserve(value.maglev_first / MAGLEV_LANES as u32, elements)
+                    || !self
+                        .maglev_alloc
+                        .reserve(value.maglev_first / MAGLEV_LANES as u32, elements)
                 {
-                    return Err(inconsistent("Maglev range overlaps another or is out of bounds"));
+                    return Err(inconsistent(
+                        "Maglev range overlaps another or is out of bounds",
+                    ));
                 }
-                Scheduler::Maglev { table_size: value.maglev_size }
+                Scheduler::Maglev {
+                    table_size: value.maglev_size,
+                }
             } else {
                 Scheduler::Random
             };
@@ -418,7 +451,10 @@ impl Dataplane {
             self.services.insert(
                 frontend,
                 ServiceState {
-                    spec: ServiceSpec { scheduler, affinity_timeout },
+                    spec: ServiceSpec {
+                        scheduler,
+                        affinity_timeout,
+                    },
                     backends,
                     value,
                 },
@@ -432,7 +468,12 @@ impl Dataplane {
     /// already on the interface (a restart), their programs are replaced atomically.
     pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
-        self.attach_program(iface, ifindex, program_names::FROM_POD, TcAttachType::Ingress)?;
+        self.attach_program(
+            iface,
+            ifindex,
+            program_names::FROM_POD,
+            TcAttachType::Ingress,
+        )?;
         self.attach_program(iface, ifindex, program_names::TO_POD, TcAttachType::Egress)
     }
 
@@ -447,8 +488,12 @@ impl Dataplane {
         let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
         let program_error = |source| Error::Program { name, source };
         if let Ok(pinned) = PinnedLink::from_pin(&pin) {
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                .map_err(|source| Error::Link { path: pin.clone(), source })?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                Error::Link {
+                    path: pin.clone(),
+                    source,
+                }
+            })?;
             match program.attach_to_link(link) {
                 Ok(id) => {
                     // The pin keeps the link attached; our handle can go.
@@ -465,9 +510,15 @@ impl Dataplane {
             .map_err(program_error)?;
         let link = program.take_link(id).map_err(program_error)?;
         FdLink::try_from(link)
-            .map_err(|source| Error::Link { path: pin.clone(), source })?
+            .map_err(|source| Error::Link {
+                path: pin.clone(),
+                source,
+            })?
             .pin(&pin)
-            .map_err(|source| Error::Pin { path: pin.clone(), source: io::Error::other(source) })?;
+            .map_err(|source| Error::Pin {
+                path: pin.clone(),
+                source: io::Error::other(source),
+            })?;
         Ok(())
     }
 
@@ -488,7 +539,9 @@ impl Dataplane {
             TcAttachType::Ingress => "ingress",
             _ => "egress",
         };
-        self.pin_dir.join("links").join(format!("if{ifindex}-{dir}"))
+        self.pin_dir
+            .join("links")
+            .join(format!("if{ifindex}-{dir}"))
     }
 
     /// Creates a service with no backends (new flows are rejected until some are set), or
@@ -505,7 +558,11 @@ impl Dataplane {
     /// Sets a service's backends. Backends that stay keep their slot, so their session
     /// affinity survives; an unchanged set changes nothing. A backend listed k times gets k
     /// shares of new flows. The service must exist.
-    pub fn set_backends(&mut self, frontend: Frontend, backends: &[SocketAddrV4]) -> Result<(), Error> {
+    pub fn set_backends(
+        &mut self,
+        frontend: Frontend,
+        backends: &[SocketAddrV4],
+    ) -> Result<(), Error> {
         let current = self
             .services
             .get(&frontend)
@@ -520,7 +577,10 @@ impl Dataplane {
 
     /// Makes the data plane hold exactly `desired`: creates, changes and deletes services as
     /// needed, one map update per changed service; unchanged services are not touched.
-    pub fn sync(&mut self, desired: impl IntoIterator<Item = DesiredService>) -> Result<SyncReport, Error> {
+    pub fn sync(
+        &mut self,
+        desired: impl IntoIterator<Item = DesiredService>,
+    ) -> Result<SyncReport, Error> {
         let mut report = SyncReport::default();
         let mut wanted = std::collections::BTreeSet::new();
         for service in desired {
@@ -540,7 +600,12 @@ impl Dataplane {
             }
             self.publish(service.frontend, service.spec, backends)?;
         }
-        let extra: Vec<Frontend> = self.services.keys().filter(|f| !wanted.contains(f)).copied().collect();
+        let extra: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|f| !wanted.contains(f))
+            .copied()
+            .collect();
         for frontend in extra {
             self.delete_service(frontend)?;
             report.deleted += 1;
@@ -556,7 +621,10 @@ impl Dataplane {
         };
         self.services_map
             .remove(&frontend.key())
-            .map_err(|source| Error::Map { name: map_names::SERVICES, source })?;
+            .map_err(|source| Error::Map {
+                name: map_names::SERVICES,
+                source,
+            })?;
         self.release_ranges(&state.value);
         Ok(())
     }
@@ -591,7 +659,10 @@ impl Dataplane {
             Some(current) => current.value.id,
             None => {
                 if self.services.len() as u64 >= u64::from(self.services_map_capacity()) {
-                    return Err(Error::Full { what: "services", wanted: 1 });
+                    return Err(Error::Full {
+                        what: "services",
+                        wanted: 1,
+                    });
                 }
                 let id = self.next_id;
                 self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -599,10 +670,10 @@ impl Dataplane {
             }
         };
 
-        let backend_first = self
-            .backend_alloc
-            .allocate(count)
-            .ok_or(Error::Full { what: "backend slots", wanted: count })?;
+        let backend_first = self.backend_alloc.allocate(count).ok_or(Error::Full {
+            what: "backend slots",
+            wanted: count,
+        })?;
         let slots: Vec<Backend> = backends
             .iter()
             .map(|b| Backend {
@@ -618,7 +689,10 @@ impl Dataplane {
             let elements = maglev_elements(maglev_size);
             let Some(first) = self.maglev_alloc.allocate(elements) else {
                 self.backend_alloc.release(backend_first, count);
-                return Err(Error::Full { what: "Maglev table space", wanted: elements });
+                return Err(Error::Full {
+                    what: "Maglev table space",
+                    wanted: elements,
+                });
             };
             let table = maglev::table(&backends, maglev_size);
             let lanes: Vec<MaglevLanes> = table
@@ -645,16 +719,27 @@ impl Dataplane {
         };
         if let Err(source) = self.services_map.insert(frontend.key(), value, 0) {
             self.release_ranges(&value);
-            return Err(Error::Map { name: map_names::SERVICES, source });
+            return Err(Error::Map {
+                name: map_names::SERVICES,
+                source,
+            });
         }
-        if let Some(old) = self.services.insert(frontend, ServiceState { spec, backends, value }) {
+        if let Some(old) = self.services.insert(
+            frontend,
+            ServiceState {
+                spec,
+                backends,
+                value,
+            },
+        ) {
             self.release_ranges(&old.value);
         }
         Ok(())
     }
 
     fn release_ranges(&mut self, value: &ServiceValue) {
-        self.backend_alloc.release(value.backend_first, value.backend_count);
+        self.backend_alloc
+            .release(value.backend_first, value.backend_count);
         if value.flags & SVC_FLAG_MAGLEV != 0 && value.maglev_size != 0 {
             self.maglev_alloc.release(
                 value.maglev_first / MAGLEV_LANES as u32,
@@ -687,7 +772,10 @@ impl Dataplane {
             let per_cpu = self
                 .counters
                 .get(&(index as u32), 0)
-                .map_err(|source| Error::Map { name: map_names::COUNTERS, source })?;
+                .map_err(|source| Error::Map {
+                    name: map_names::COUNTERS,
+                    source,
+                })?;
             *value = per_cpu.iter().sum();
         }
         Ok(Stats { values })
@@ -705,9 +793,15 @@ impl Dataplane {
             let fd = match name {
                 map_names::SERVICES => self.services_map.map().fd().as_fd().try_clone_to_owned(),
                 map_names::COUNTERS => self.counters.map().fd().as_fd().try_clone_to_owned(),
-                _ => map_data(&self.ebpf, name)?.fd().as_fd().try_clone_to_owned(),
+                _ => map_data(&self.ebpf, name)?
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned(),
             }
-            .map_err(|source| Error::Pin { path: PathBuf::from(name), source })?;
+            .map_err(|source| Error::Pin {
+                path: PathBuf::from(name),
+                source,
+            })?;
             maps.push((name, memlock(&fd)?));
         }
         Ok(MapMemory { maps })
@@ -715,7 +809,12 @@ impl Dataplane {
 
     /// Runs a program once or `repeat` times on `frame` with BPF_PROG_TEST_RUN. Map updates the
     /// program makes are real (a test run of a new flow creates its conntrack entry).
-    pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunOutput, Error> {
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutput, Error> {
         let name = hook.program_name();
         // Room for what the programs may add (the ICMP reject pushes 28 bytes).
         let mut out = vec![0u8; frame.len() + 256];
@@ -740,19 +839,33 @@ impl Dataplane {
 
     /// The backend the kernel's Maglev lookup gives `client` for a Maglev service (what a new
     /// flow without session affinity will get). `None` for other services or without backends.
-    pub fn maglev_backend(&self, frontend: &Frontend, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    pub fn maglev_backend(
+        &self,
+        frontend: &Frontend,
+        client: SocketAddrV4,
+    ) -> Option<SocketAddrV4> {
         let state = self.services.get(frontend)?;
         if state.value.flags & SVC_FLAG_MAGLEV == 0 || state.backends.is_empty() {
             return None;
         }
-        let hash = ebpf_common::flow_hash(u32::from_ne_bytes(client.ip().octets()), client.port().to_be());
+        let hash = ebpf_common::flow_hash(
+            u32::from_ne_bytes(client.ip().octets()),
+            client.port().to_be(),
+        );
         let lane = state.value.maglev_first + hash % state.value.maglev_size;
         let lanes = self.maglev.read(lane / MAGLEV_LANES as u32, 1)[0];
-        state.backends.get(usize::from(lanes[(lane % MAGLEV_LANES as u32) as usize])).copied()
+        state
+            .backends
+            .get(usize::from(lanes[(lane % MAGLEV_LANES as u32) as usize]))
+            .copied()
     }
 
     /// Reads the conntrack entry of a flow (client -> service), if any.
-    pub fn conntrack(&self, client: SocketAddrV4, service: Frontend) -> Result<Option<SocketAddrV4>, Error> {
+    pub fn conntrack(
+        &self,
+        client: SocketAddrV4,
+        service: Frontend,
+    ) -> Result<Option<SocketAddrV4>, Error> {
         let name = map_names::CONNTRACK;
         let map: HashMap<&MapData, FlowKey, CtEntry> =
             HashMap::try_from(self.ebpf.map(name).ok_or(Error::MissingMap(name))?)
@@ -771,13 +884,21 @@ impl Dataplane {
                 u16::from_be(entry.backend.port),
             ))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(Error::Map { name: map_names::CONNTRACK, source }),
+            Err(source) => Err(Error::Map {
+                name: map_names::CONNTRACK,
+                source,
+            }),
         }
     }
 
     /// Ages a client's session affinity entry for a service by `by` (tests of the timeout
     /// without waiting for it). False if there is no entry.
-    pub fn age_affinity(&mut self, client: Ipv4Addr, service: Frontend, by: Duration) -> Result<bool, Error> {
+    pub fn age_affinity(
+        &mut self,
+        client: Ipv4Addr,
+        service: Frontend,
+        by: Duration,
+    ) -> Result<bool, Error> {
         let Some(state) = self.services.get(&service) else {
             return Err(Error::NoSuchService(service));
         };
@@ -795,7 +916,8 @@ impl Dataplane {
             Err(source) => return Err(Error::Map { name, source }),
         };
         entry.last_used_ns = entry.last_used_ns.wrapping_sub(by.as_nanos() as u64);
-        map.insert(key, entry, 0).map_err(|source| Error::Map { name, source })?;
+        map.insert(key, entry, 0)
+            .map_err(|source| Error::Map { name, source })?;
         Ok(true)
     }
 
@@ -812,7 +934,8 @@ impl Dataplane {
 /// still exists; newcomers (in the order given) fill the remaining slots. A backend listed k
 /// times holds k slots, so it gets k shares of new flows (a weight).
 fn stable_order(current: &[SocketAddrV4], wanted: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
-    let mut unplaced: std::collections::HashMap<SocketAddrV4, usize> = std::collections::HashMap::new();
+    let mut unplaced: std::collections::HashMap<SocketAddrV4, usize> =
+        std::collections::HashMap::new();
     for &b in wanted {
         *unplaced.entry(b).or_default() += 1;
     }
@@ -856,8 +979,12 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
 
 fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
     match ebpf.map(name).ok_or(Error::MissingMap(name))? {
-        Map::Array(data) | Map::LruHashMap(data) | Map::HashMap(data) | Map::PerCpuArray(data) => Ok(data),
-        _ => Err(Error::Inconsistent(format!("map {name} has an unexpected type"))),
+        Map::Array(data) | Map::LruHashMap(data) | Map::HashMap(data) | Map::PerCpuArray(data) => {
+            Ok(data)
+        }
+        _ => Err(Error::Inconsistent(format!(
+            "map {name} has an unexpected type"
+        ))),
     }
 }
 
@@ -865,8 +992,11 @@ fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error
 fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>, u32), Error> {
     let data = map_data(ebpf, name)?;
     let info = data.info().map_err(|source| Error::Map { name, source })?;
-    let array = MmapArray::new(data.fd().as_fd(), info.max_entries())
-        .map_err(|source| Error::Pin { path: PathBuf::from(name), source })?;
+    let array =
+        MmapArray::new(data.fd().as_fd(), info.max_entries()).map_err(|source| Error::Pin {
+            path: PathBuf::from(name),
+            source,
+        })?;
     Ok((array, info.max_entries()))
 }
 
@@ -875,12 +1005,32 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
     use std::mem::size_of;
     const MMAPABLE: u32 = 1 << 10;
     let expected: [(&'static str, usize, usize, u32); 7] = [
-        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), 0),
+        (
+            map_names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            0,
+        ),
         (map_names::BACKENDS, 4, size_of::<Backend>(), MMAPABLE),
         (map_names::MAGLEV, 4, size_of::<MaglevLanes>(), MMAPABLE),
-        (map_names::CONNTRACK, size_of::<FlowKey>(), size_of::<CtEntry>(), 0),
-        (map_names::REVNAT, size_of::<FlowKey>(), size_of::<RevNat>(), 0),
-        (map_names::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityEntry>(), 0),
+        (
+            map_names::CONNTRACK,
+            size_of::<FlowKey>(),
+            size_of::<CtEntry>(),
+            0,
+        ),
+        (
+            map_names::REVNAT,
+            size_of::<FlowKey>(),
+            size_of::<RevNat>(),
+            0,
+        ),
+        (
+            map_names::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityEntry>(),
+            0,
+        ),
         (map_names::COUNTERS, 4, 8, 0),
     ];
     for (name, key, value, flags) in expected {
@@ -902,7 +1052,12 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
             });
         }
     }
-    if map_data(ebpf, map_names::COUNTERS)?.info().map(|i| i.max_entries()).ok() != Some(COUNTER_COUNT) {
+    if map_data(ebpf, map_names::COUNTERS)?
+        .info()
+        .map(|i| i.max_entries())
+        .ok()
+        != Some(COUNTER_COUNT)
+    {
         return Err(Error::LayoutMismatch {
             name: map_names::COUNTERS,
             detail: format!("expected {COUNTER_COUNT} counters"),
@@ -931,7 +1086,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
         let target = CString::new("/sys/fs/bpf").expect("no NUL");
         // SAFETY: plain mount(2) of a pseudo filesystem with NUL-terminated strings.
         let rc = unsafe {
-            libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                source.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(Error::Pin {
@@ -966,7 +1127,10 @@ fn ifindex(iface: &str) -> Result<u32, Error> {
 fn memlock(fd: &std::os::fd::OwnedFd) -> Result<u64, Error> {
     use std::os::fd::AsRawFd;
     let path = PathBuf::from(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Pin { path: path.clone(), source })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Pin {
+        path: path.clone(),
+        source,
+    })?;
     text.lines()
         .find_map(|l| l.strip_prefix("memlock:"))
         .and_then(|v| v.trim().parse().ok())
@@ -974,16 +1138,25 @@ fn memlock(fd: &std::os::fd::OwnedFd) -> Result<u64, Error> {
 }
 
 fn create_dir(path: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(path).map_err(|source| Error::Pin { path: path.to_path_buf(), source })
+    std::fs::create_dir_all(path).map_err(|source| Error::Pin {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn remove_file(path: &Path) -> Result<(), Error> {
-    std::fs::remove_file(path).map_err(|source| Error::Pin { path: path.to_path_buf(), source })
+    std::fs::remove_file(path).map_err(|source| Error::Pin {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn remove_dir_all(path: &Path) -> Result<(), Error> {
     match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::Pin { path: path.to_path_buf(), source: e }),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::Pin {
+            path: path.to_path_buf(),
+            source: e,
+        }),
         _ => Ok(()),
     }
 }
@@ -1006,18 +1179,35 @@ mod tests {
         let next = stable_order(&current, &[addr(1), addr(3), addr(4)]);
         assert_eq!(next, [addr(1), addr(4), addr(3)]);
         // Same set in another order: nothing moves.
-        assert_eq!(stable_order(&current, &[addr(4), addr(3), addr(2), addr(1)]), current);
+        assert_eq!(
+            stable_order(&current, &[addr(4), addr(3), addr(2), addr(1)]),
+            current
+        );
         // A backend listed twice holds two slots (a weight of two).
-        assert_eq!(stable_order(&[], &[addr(1), addr(2), addr(1)]), [addr(1), addr(2), addr(1)]);
-        assert_eq!(stable_order(&[addr(1), addr(2), addr(1)], &[addr(2), addr(1)]), [addr(1), addr(2)]);
+        assert_eq!(
+            stable_order(&[], &[addr(1), addr(2), addr(1)]),
+            [addr(1), addr(2), addr(1)]
+        );
+        assert_eq!(
+            stable_order(&[addr(1), addr(2), addr(1)], &[addr(2), addr(1)]),
+            [addr(1), addr(2)]
+        );
     }
 
     #[test]
     fn frontend_keys_round_trip() {
         let f = Frontend::udp(SocketAddrV4::new(Ipv4Addr::new(10, 96, 3, 7), 53));
         let key = f.key();
-        assert_eq!(key.vip.to_ne_bytes(), [10, 96, 3, 7], "VIP is stored in network order");
-        assert_eq!(key.port.to_ne_bytes(), 53u16.to_be_bytes(), "port is stored in network order");
+        assert_eq!(
+            key.vip.to_ne_bytes(),
+            [10, 96, 3, 7],
+            "VIP is stored in network order"
+        );
+        assert_eq!(
+            key.port.to_ne_bytes(),
+            53u16.to_be_bytes(),
+            "port is stored in network order"
+        );
         assert_eq!(Frontend::from_key(&key), Some(f));
         assert_eq!(f.to_string(), "udp/10.96.3.7:53");
     }

@@ -24,7 +24,12 @@ unsafe impl<T: Send> Send for MmapArray<T> {}
 impl<T: Copy> MmapArray<T> {
     /// Maps `len` elements of the array map behind `fd`.
     pub fn new(fd: BorrowedFd<'_>, len: u32) -> io::Result<Self> {
-        const { assert!(size_of::<T>() % 8 == 0, "array elements are 8-byte multiples") };
+        const {
+            assert!(
+                size_of::<T>().is_multiple_of(8),
+                "array elements are 8-byte multiples"
+            )
+        };
         let bytes = (len as usize * size_of::<T>()).next_multiple_of(page_size());
         // SAFETY: mapping a bpf map fd; the kernel checks the size against the map.
         let ptr = unsafe {

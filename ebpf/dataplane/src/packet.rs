@@ -87,7 +87,7 @@ impl Builder {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        assert!(self.ip_options.len() % 4 == 0 && self.ip_options.len() <= 40);
+        assert!(self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40);
         let ihl = 20 + self.ip_options.len();
         let l4_len = match self.proto {
             IPPROTO_TCP => 20,
@@ -119,7 +119,11 @@ impl Builder {
         match self.proto {
             IPPROTO_TCP => {
                 f.extend_from_slice(&1000u32.to_be_bytes()); // seq
-                let ack = if self.tcp_flags & TCP_ACK != 0 { 2000u32 } else { 0 };
+                let ack = if self.tcp_flags & TCP_ACK != 0 {
+                    2000u32
+                } else {
+                    0
+                };
                 f.extend_from_slice(&ack.to_be_bytes());
                 f.push(5 << 4);
                 f.push(self.tcp_flags);
@@ -139,7 +143,12 @@ impl Builder {
             _ => None,
         };
         if let Some(at) = csum_at {
-            let pseudo = pseudo_header_sum(*self.src.ip(), *self.dst.ip(), self.proto, f.len() - l4_start);
+            let pseudo = pseudo_header_sum(
+                *self.src.ip(),
+                *self.dst.ip(),
+                self.proto,
+                f.len() - l4_start,
+            );
             let mut csum = checksum(&f[l4_start..], pseudo);
             if csum == 0 && self.proto == IPPROTO_UDP {
                 csum = 0xffff;
@@ -162,11 +171,26 @@ pub struct Frame {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, payload: Vec<u8> },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: Vec<u8>,
+    },
     /// `checksum` is false when the datagram carries none (zero).
-    Udp { sport: u16, dport: u16, checksum: bool, payload: Vec<u8> },
+    Udp {
+        sport: u16,
+        dport: u16,
+        checksum: bool,
+        payload: Vec<u8>,
+    },
     /// ICMP destination unreachable quoting the offending datagram.
-    Unreachable { code: u8, quoted_src: SocketAddrV4, quoted_dst: SocketAddrV4, quoted_proto: u8 },
+    Unreachable {
+        code: u8,
+        quoted_src: SocketAddrV4,
+        quoted_dst: SocketAddrV4,
+        quoted_proto: u8,
+    },
     Other(u8),
 }
 
@@ -174,7 +198,9 @@ impl Frame {
     /// Source address and port (TCP/UDP).
     pub fn src(&self) -> Option<SocketAddrV4> {
         match self.l4 {
-            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => Some(SocketAddrV4::new(self.src_ip, sport)),
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => {
+                Some(SocketAddrV4::new(self.src_ip, sport))
+            }
             _ => None,
         }
     }
@@ -182,7 +208,9 @@ impl Frame {
     /// Destination address and port (TCP/UDP).
     pub fn dst(&self) -> Option<SocketAddrV4> {
         match self.l4 {
-            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => Some(SocketAddrV4::new(self.dst_ip, dport)),
+            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => {
+                Some(SocketAddrV4::new(self.dst_ip, dport))
+            }
             _ => None,
         }
     }
@@ -192,7 +220,10 @@ impl Frame {
 /// ICMP checksum. `Err` says what is wrong.
 pub fn read(frame: &[u8]) -> Result<Frame, String> {
     if frame.len() < ETH_HLEN + 20 {
-        return Err(format!("{} bytes: too short for Ethernet and IPv4", frame.len()));
+        return Err(format!(
+            "{} bytes: too short for Ethernet and IPv4",
+            frame.len()
+        ));
     }
     if frame[12..14] != [0x08, 0x00] {
         return Err("not IPv4".into());
@@ -201,7 +232,10 @@ pub fn read(frame: &[u8]) -> Result<Frame, String> {
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > ip.len() {
-        return Err(format!("bad IPv4 header: version/ihl {:#x}, total length {total}", ip[0]));
+        return Err(format!(
+            "bad IPv4 header: version/ihl {:#x}, total length {total}",
+            ip[0]
+        ));
     }
     if checksum(&ip[..ihl], 0) != 0 {
         return Err("IPv4 header checksum is wrong".into());
@@ -221,7 +255,12 @@ pub fn read(frame: &[u8]) -> Result<Frame, String> {
                 return Err("TCP checksum is wrong".into());
             }
             let data_off = usize::from(l4[12] >> 4) * 4;
-            L4::Tcp { sport: port(0), dport: port(2), flags: l4[13], payload: l4[data_off..].to_vec() }
+            L4::Tcp {
+                sport: port(0),
+                dport: port(2),
+                flags: l4[13],
+                payload: l4[data_off..].to_vec(),
+            }
         }
         IPPROTO_UDP => {
             if l4.len() < 8 {
@@ -231,7 +270,12 @@ pub fn read(frame: &[u8]) -> Result<Frame, String> {
             if has_checksum && !l4_csum_ok() {
                 return Err("UDP checksum is wrong".into());
             }
-            L4::Udp { sport: port(0), dport: port(2), checksum: has_checksum, payload: l4[8..].to_vec() }
+            L4::Udp {
+                sport: port(0),
+                dport: port(2),
+                checksum: has_checksum,
+                payload: l4[8..].to_vec(),
+            }
         }
         IPPROTO_ICMP => {
             if l4.len() < 8 + 20 + 8 {
@@ -245,11 +289,18 @@ pub fn read(frame: &[u8]) -> Result<Frame, String> {
             } else {
                 let quoted = &l4[8..];
                 let qihl = usize::from(quoted[0] & 0x0f) * 4;
-                let qport = |at: usize| u16::from_be_bytes([quoted[qihl + at], quoted[qihl + at + 1]]);
+                let qport =
+                    |at: usize| u16::from_be_bytes([quoted[qihl + at], quoted[qihl + at + 1]]);
                 L4::Unreachable {
                     code: l4[1],
-                    quoted_src: SocketAddrV4::new(Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]), qport(0)),
-                    quoted_dst: SocketAddrV4::new(Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]), qport(2)),
+                    quoted_src: SocketAddrV4::new(
+                        Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]),
+                        qport(0),
+                    ),
+                    quoted_dst: SocketAddrV4::new(
+                        Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]),
+                        qport(2),
+                    ),
                     quoted_proto: quoted[9],
                 }
             }
@@ -257,7 +308,13 @@ pub fn read(frame: &[u8]) -> Result<Frame, String> {
         other => L4::Other(other),
     };
     let mac = |at: usize| <[u8; 6]>::try_from(&frame[at..at + 6]).expect("6 bytes");
-    Ok(Frame { dst_mac: mac(0), src_mac: mac(6), src_ip, dst_ip, l4 })
+    Ok(Frame {
+        dst_mac: mac(0),
+        src_mac: mac(6),
+        src_ip,
+        dst_ip,
+        l4,
+    })
 }
 
 fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
@@ -299,10 +356,15 @@ mod tests {
         let read = read(&frame).expect("valid frame");
         assert_eq!((read.src(), read.dst()), (Some(a), Some(b)));
         let frame = udp(a, b, b"hello").build();
-        assert!(matches!(read_l4(&frame), L4::Udp { checksum: true, ref payload, .. } if payload == b"hello"));
+        assert!(
+            matches!(read_l4(&frame), L4::Udp { checksum: true, ref payload, .. } if payload == b"hello")
+        );
         let mut corrupted = frame.clone();
         *corrupted.last_mut().unwrap() ^= 0xff;
-        assert_eq!(super::read(&corrupted), Err("UDP checksum is wrong".to_string()));
+        assert_eq!(
+            super::read(&corrupted),
+            Err("UDP checksum is wrong".to_string())
+        );
     }
 
     fn read_l4(frame: &[u8]) -> L4 {

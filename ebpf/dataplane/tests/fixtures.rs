@@ -41,10 +41,13 @@ fn dns_backend() -> SocketAddrV4 {
 fn dataplane(test: &str) -> TestDataplane {
     let mut dp = TestDataplane::open(test);
     for frontend in [web(), dns(), empty_tcp(), empty_udp()] {
-        dp.upsert_service(frontend, ServiceSpec::default()).expect("upsert");
+        dp.upsert_service(frontend, ServiceSpec::default())
+            .expect("upsert");
     }
-    dp.set_backends(web(), &web_backends()).expect("set backends");
-    dp.set_backends(dns(), &[dns_backend()]).expect("set backends");
+    dp.set_backends(web(), &web_backends())
+        .expect("set backends");
+    dp.set_backends(dns(), &[dns_backend()])
+        .expect("set backends");
     dp
 }
 
@@ -87,7 +90,9 @@ fn fixtures() -> Vec<Fixture> {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let mut icmp_echo = syn(client(40012), web()).build();
     icmp_echo[14 + 9] = packet::IPPROTO_ICMP;
-    let full = syn(client(40013), web()).payload(b"GET / HTTP/1.1\r\n\r\n").build();
+    let full = syn(client(40013), web())
+        .payload(b"GET / HTTP/1.1\r\n\r\n")
+        .build();
     // Cut inside the TCP header, with an IP total length that says so.
     let mut truncated_tcp = full[..14 + 20 + 10].to_vec();
     truncated_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
@@ -256,7 +261,9 @@ fn packet_fixtures() {
     let mut failures = Vec::new();
     for fixture in fixtures() {
         let before = dp.stats().expect("stats");
-        let out = dp.test_run(fixture.hook, &fixture.frame, 1).unwrap_or_else(|e| panic!("{}: {e:?}", fixture.name));
+        let out = dp
+            .test_run(fixture.hook, &fixture.frame, 1)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", fixture.name));
         let delta = dp.stats().expect("stats").since(&before);
         if let Err(why) = check(&fixture, out.verdict, &out.frame) {
             failures.push(format!("{}: {why}", fixture.name));
@@ -272,7 +279,11 @@ fn packet_fixtures() {
             ));
         }
     }
-    assert!(failures.is_empty(), "fixtures failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "fixtures failed:\n{}",
+        failures.join("\n")
+    );
 }
 
 fn check(fixture: &Fixture, verdict: u32, out: &[u8]) -> Result<(), String> {
@@ -299,7 +310,9 @@ fn check(fixture: &Fixture, verdict: u32, out: &[u8]) -> Result<(), String> {
                 return Err(format!("translated to {dst}, expected one of {backends:?}"));
             }
             if got.src() != sent.src() || l4_rest(&got.l4) != l4_rest(&sent.l4) {
-                return Err(format!("more than the destination changed: {sent:?} -> {got:?}"));
+                return Err(format!(
+                    "more than the destination changed: {sent:?} -> {got:?}"
+                ));
             }
             if out.len() != fixture.frame.len() {
                 return Err("the frame changed length".into());
@@ -319,15 +332,26 @@ fn check(fixture: &Fixture, verdict: u32, out: &[u8]) -> Result<(), String> {
             expect_verdict(TC_ACT_REDIRECT)?;
             let sent = packet::read(&fixture.frame)?;
             let got = packet::read(out)?;
-            let L4::Unreachable { code, quoted_src, quoted_dst, quoted_proto } = got.l4 else {
+            let L4::Unreachable {
+                code,
+                quoted_src,
+                quoted_dst,
+                quoted_proto,
+            } = got.l4
+            else {
                 return Err(format!("expected ICMP unreachable, got {:?}", got.l4));
             };
             let quoted_ok = Some(quoted_src) == sent.src() && Some(quoted_dst) == sent.dst();
             if code != 3 || !quoted_ok || quoted_proto != fixture.frame[14 + 9] {
-                return Err(format!("wrong ICMP: code {code}, quoting {quoted_src} -> {quoted_dst}"));
+                return Err(format!(
+                    "wrong ICMP: code {code}, quoting {quoted_src} -> {quoted_dst}"
+                ));
             }
             if got.src_ip != sent.dst_ip || got.dst_ip != sent.src_ip {
-                return Err(format!("ICMP goes {} -> {}, expected service -> client", got.src_ip, got.dst_ip));
+                return Err(format!(
+                    "ICMP goes {} -> {}, expected service -> client",
+                    got.src_ip, got.dst_ip
+                ));
             }
             if got.dst_mac != sent.src_mac || got.src_mac != sent.dst_mac {
                 return Err("MAC addresses are not swapped".into());
@@ -341,16 +365,23 @@ fn check(fixture: &Fixture, verdict: u32, out: &[u8]) -> Result<(), String> {
 fn l4_rest(l4: &L4) -> (u8, bool, Vec<u8>) {
     match l4 {
         L4::Tcp { flags, payload, .. } => (*flags, true, payload.clone()),
-        L4::Udp { checksum, payload, .. } => (0, *checksum, payload.clone()),
+        L4::Udp {
+            checksum, payload, ..
+        } => (0, *checksum, payload.clone()),
         _ => (0, false, Vec::new()),
     }
 }
 
 /// Sends one packet client -> service and returns the backend it was translated to.
 fn send(dp: &mut TestDataplane, frame: &Builder) -> SocketAddrV4 {
-    let out = dp.test_run(Hook::FromPod, &frame.build(), 1).expect("test run");
+    let out = dp
+        .test_run(Hook::FromPod, &frame.build(), 1)
+        .expect("test run");
     assert_eq!(out.verdict, TC_ACT_OK, "verdict for a packet to a service");
-    packet::read(&out.frame).expect("valid checksums").dst().expect("ports")
+    packet::read(&out.frame)
+        .expect("valid checksums")
+        .dst()
+        .expect("ports")
 }
 
 #[test]
@@ -358,14 +389,33 @@ fn a_flow_sticks_to_its_backend() {
     let mut dp = dataplane("sticky");
     let from = client(41000);
     let first = send(&mut dp, &tcp(from, web().addr, TCP_SYN));
-    for flags in [TCP_ACK, TCP_ACK | TCP_PSH, TCP_ACK, TCP_ACK | TCP_PSH, TCP_FIN | TCP_ACK] {
+    for flags in [
+        TCP_ACK,
+        TCP_ACK | TCP_PSH,
+        TCP_ACK,
+        TCP_ACK | TCP_PSH,
+        TCP_FIN | TCP_ACK,
+    ] {
         for _ in 0..10 {
-            assert_eq!(send(&mut dp, &tcp(from, web().addr, flags)), first, "every packet of a flow goes to its backend");
+            assert_eq!(
+                send(&mut dp, &tcp(from, web().addr, flags)),
+                first,
+                "every packet of a flow goes to its backend"
+            );
         }
     }
-    assert_eq!(dp.conntrack(from, web()).expect("read conntrack"), Some(first));
+    assert_eq!(
+        dp.conntrack(from, web()).expect("read conntrack"),
+        Some(first)
+    );
     let stats = dp.stats().expect("stats");
-    assert_eq!((stats.get(Counter::DnatNew), stats.get(Counter::DnatEstablished)), (1, 50));
+    assert_eq!(
+        (
+            stats.get(Counter::DnatNew),
+            stats.get(Counter::DnatEstablished)
+        ),
+        (1, 50)
+    );
 }
 
 #[test]
@@ -373,9 +423,18 @@ fn random_selection_uses_every_backend() {
     let mut dp = dataplane("spread");
     let mut hits: BTreeMap<SocketAddrV4, u32> = BTreeMap::new();
     for port in 0..300 {
-        *hits.entry(send(&mut dp, &tcp(client(20000 + port), web().addr, TCP_SYN))).or_default() += 1;
+        *hits
+            .entry(send(
+                &mut dp,
+                &tcp(client(20000 + port), web().addr, TCP_SYN),
+            ))
+            .or_default() += 1;
     }
-    assert_eq!(hits.keys().copied().collect::<Vec<_>>(), web_backends(), "every backend is used");
+    assert_eq!(
+        hits.keys().copied().collect::<Vec<_>>(),
+        web_backends(),
+        "every backend is used"
+    );
     for (backend, n) in &hits {
         // 300 flows over 3 backends: 100 each on average; 50 is ~6 standard deviations away.
         assert!(*n >= 50, "{backend} got only {n} of 300 flows");
@@ -387,14 +446,22 @@ fn a_retransmitted_syn_keeps_its_backend_and_a_reused_tuple_chooses_again() {
     let mut dp = dataplane("reuse");
     let from = client(42000);
     let first = send(&mut dp, &tcp(from, web().addr, TCP_SYN));
-    assert_eq!(send(&mut dp, &tcp(from, web().addr, TCP_SYN)), first, "a SYN retransmit keeps the backend");
+    assert_eq!(
+        send(&mut dp, &tcp(from, web().addr, TCP_SYN)),
+        first,
+        "a SYN retransmit keeps the backend"
+    );
     assert_eq!(dp.stats().unwrap().get(Counter::Reselected), 0);
     send(&mut dp, &tcp(from, web().addr, TCP_ACK));
     send(&mut dp, &tcp(from, web().addr, TCP_FIN | TCP_ACK));
     // The connection closed; the same tuple opens a new one.
     send(&mut dp, &tcp(from, web().addr, TCP_SYN));
     let stats = dp.stats().unwrap();
-    assert_eq!(stats.get(Counter::Reselected), 1, "a SYN on a closed flow chooses a backend afresh");
+    assert_eq!(
+        stats.get(Counter::Reselected),
+        1,
+        "a SYN on a closed flow chooses a backend afresh"
+    );
     assert_eq!(stats.get(Counter::DnatNew), 2);
 }
 
@@ -431,7 +498,10 @@ fn maglev_chooses_the_backend_userspace_predicts() {
         .iter()
         .filter(|(c, b)| *b != removed && dp.maglev_backend(&service, *c) != Some(*b))
         .count();
-    assert!(moved <= 10, "{moved} of the clients of staying backends moved");
+    assert!(
+        moved <= 10,
+        "{moved} of the clients of staying backends moved"
+    );
     for (c, _) in &before {
         let now = dp.maglev_backend(&service, *c).unwrap();
         assert_ne!(now, removed, "no client maps to the removed backend");
@@ -452,28 +522,52 @@ fn session_affinity_keeps_a_client_on_its_backend_until_it_times_out() {
     let from = |port| addr(10, 0, 7, 7, port);
     let first = send(&mut dp, &tcp(from(50000), service.addr, TCP_SYN));
     for port in 50001..50050 {
-        assert_eq!(send(&mut dp, &tcp(from(port), service.addr, TCP_SYN)), first, "new flows of the client keep its backend");
+        assert_eq!(
+            send(&mut dp, &tcp(from(port), service.addr, TCP_SYN)),
+            first,
+            "new flows of the client keep its backend"
+        );
     }
     assert_eq!(dp.stats().unwrap().get(Counter::AffinityHit), 49);
     // Another client is free to go elsewhere: across many clients every backend is used.
     let mut used = std::collections::BTreeSet::new();
     for i in 1..=60 {
-        used.insert(send(&mut dp, &tcp(addr(10, 0, 8, i, 50000), service.addr, TCP_SYN)));
+        used.insert(send(
+            &mut dp,
+            &tcp(addr(10, 0, 8, i, 50000), service.addr, TCP_SYN),
+        ));
     }
     assert_eq!(used.len(), 3, "affinity is per client");
 
     // Once the timeout has passed, the next flow chooses afresh (and starts a new affinity).
-    assert!(dp.age_affinity(*from(0).ip(), service, Duration::from_secs(10_801)).unwrap());
+    assert!(
+        dp.age_affinity(*from(0).ip(), service, Duration::from_secs(10_801))
+            .unwrap()
+    );
     let hits = dp.stats().unwrap().get(Counter::AffinityHit);
     let chosen = send(&mut dp, &tcp(from(50100), service.addr, TCP_SYN));
-    assert_eq!(dp.stats().unwrap().get(Counter::AffinityHit), hits, "an expired affinity is not used");
-    assert_eq!(send(&mut dp, &tcp(from(50101), service.addr, TCP_SYN)), chosen, "the new choice sticks");
+    assert_eq!(
+        dp.stats().unwrap().get(Counter::AffinityHit),
+        hits,
+        "an expired affinity is not used"
+    );
+    assert_eq!(
+        send(&mut dp, &tcp(from(50101), service.addr, TCP_SYN)),
+        chosen,
+        "the new choice sticks"
+    );
 
     // A backend that leaves releases its clients.
-    let rest: Vec<_> = web_backends().into_iter().filter(|&b| b != chosen).collect();
+    let rest: Vec<_> = web_backends()
+        .into_iter()
+        .filter(|&b| b != chosen)
+        .collect();
     dp.set_backends(service, &rest).unwrap();
     for port in 50200..50220 {
-        assert_ne!(send(&mut dp, &tcp(from(port), service.addr, TCP_SYN)), chosen);
+        assert_ne!(
+            send(&mut dp, &tcp(from(port), service.addr, TCP_SYN)),
+            chosen
+        );
     }
 }
 
@@ -499,7 +593,11 @@ fn removing_a_backend_keeps_its_tcp_flows_and_moves_its_udp_flows() {
         "an established TCP flow to a removed backend keeps working"
     );
     for port in 44000..44100 {
-        assert_ne!(send(&mut dp, &tcp(client(port), web().addr, TCP_SYN)), removed, "no new flow goes to a removed backend");
+        assert_ne!(
+            send(&mut dp, &tcp(client(port), web().addr, TCP_SYN)),
+            removed,
+            "no new flow goes to a removed backend"
+        );
     }
 
     // UDP: a single backend replaced; the flow follows.
@@ -507,7 +605,11 @@ fn removing_a_backend_keeps_its_tcp_flows_and_moves_its_udp_flows() {
     assert_eq!(send(&mut dp, &udp(from, dns().addr, b"q")), dns_backend());
     let replacement = addr(10, 1, 0, 5, 5353);
     dp.set_backends(dns(), &[replacement]).unwrap();
-    assert_eq!(send(&mut dp, &udp(from, dns().addr, b"q")), replacement, "a UDP flow leaves a removed backend");
+    assert_eq!(
+        send(&mut dp, &udp(from, dns().addr, b"q")),
+        replacement,
+        "a UDP flow leaves a removed backend"
+    );
     assert_eq!(dp.stats().unwrap().get(Counter::Reselected), 1);
 }
 
@@ -517,7 +619,11 @@ fn a_deleted_service_stops_translating_new_flows() {
     dp.delete_service(web()).unwrap();
     let frame = tcp(client(46000), web().addr, TCP_SYN).build();
     let out = dp.test_run(Hook::FromPod, &frame, 1).unwrap();
-    assert_eq!((out.verdict, out.frame), (TC_ACT_OK, frame), "passes untouched");
+    assert_eq!(
+        (out.verdict, out.frame),
+        (TC_ACT_OK, frame),
+        "passes untouched"
+    );
     assert!(dp.service(&web()).is_none());
 }
 
@@ -532,7 +638,9 @@ fn garbage_never_crashes_and_is_always_accounted_for() {
         state ^= state << 17;
         state
     };
-    let template = tcp(client(47000), web().addr, TCP_SYN).payload(&[0xab; 40]).build();
+    let template = tcp(client(47000), web().addr, TCP_SYN)
+        .payload(&[0xab; 40])
+        .build();
     let (mut translated, mut dropped) = (0, 0);
     for round in 0..2000 {
         // Cut somewhere past the IPv4 header (BPF_PROG_TEST_RUN refuses IPv4 frames shorter
@@ -548,12 +656,25 @@ fn garbage_never_crashes_and_is_always_accounted_for() {
             let at = next() as usize % frame.len();
             frame[at] = next() as u8;
         }
-        let hook = if round % 2 == 0 { Hook::FromPod } else { Hook::ToPod };
+        let hook = if round % 2 == 0 {
+            Hook::FromPod
+        } else {
+            Hook::ToPod
+        };
         let before = dp.stats().unwrap();
-        let out = dp.test_run(hook, &frame, 1).expect("the program runs on any input");
+        let out = dp
+            .test_run(hook, &frame, 1)
+            .expect("the program runs on any input");
         let delta = dp.stats().unwrap().since(&before);
-        let counted: u64 = delta.iter().map(|(_, v)| v).sum::<u64>() - delta.get(Counter::Reselected) - delta.get(Counter::AffinityHit);
-        assert_eq!(counted, 1, "round {round}: exactly one verdict or drop reason per packet ({:?})", delta.iter().filter(|(_, v)| *v > 0).collect::<Vec<_>>());
+        let counted: u64 = delta.iter().map(|(_, v)| v).sum::<u64>()
+            - delta.get(Counter::Reselected)
+            - delta.get(Counter::AffinityHit);
+        assert_eq!(
+            counted,
+            1,
+            "round {round}: exactly one verdict or drop reason per packet ({:?})",
+            delta.iter().filter(|(_, v)| *v > 0).collect::<Vec<_>>()
+        );
         match out.verdict {
             TC_ACT_SHOT => dropped += 1,
             TC_ACT_OK if out.frame != frame => {
@@ -561,8 +682,11 @@ fn garbage_never_crashes_and_is_always_accounted_for() {
                 // Translated: a packet that was valid stays valid (one that was not stays
                 // invalid: incremental checksum updates keep a wrong sum wrong).
                 if packet::read(&frame).is_ok() {
-                    packet::read(&out.frame)
-                        .unwrap_or_else(|e| panic!("round {round}: a valid packet was translated into a broken one: {e}"));
+                    packet::read(&out.frame).unwrap_or_else(|e| {
+                        panic!(
+                            "round {round}: a valid packet was translated into a broken one: {e}"
+                        )
+                    });
                 }
             }
             TC_ACT_OK | TC_ACT_REDIRECT => {}
@@ -570,15 +694,24 @@ fn garbage_never_crashes_and_is_always_accounted_for() {
         }
     }
     // The damage must have reached both paths, or this test proves nothing.
-    assert!(translated > 50 && dropped > 50, "{translated} translated, {dropped} dropped of 2000");
+    assert!(
+        translated > 50 && dropped > 50,
+        "{translated} translated, {dropped} dropped of 2000"
+    );
 }
 
 #[test]
 fn services_survive_a_restart_of_the_owner() {
     let mut dp = dataplane("adopt");
     let maglev = Frontend::tcp(addr(10, 96, 9, 9, 80));
-    dp.upsert_service(maglev, ServiceSpec { scheduler: Scheduler::Maglev { table_size: 251 }, affinity_timeout: Some(Duration::from_secs(60)) })
-        .unwrap();
+    dp.upsert_service(
+        maglev,
+        ServiceSpec {
+            scheduler: Scheduler::Maglev { table_size: 251 },
+            affinity_timeout: Some(Duration::from_secs(60)),
+        },
+    )
+    .unwrap();
     dp.set_backends(maglev, &web_backends()).unwrap();
     let from = client(48000);
     let backend = send(&mut dp, &tcp(from, web().addr, TCP_SYN));
@@ -588,11 +721,25 @@ fn services_survive_a_restart_of_the_owner() {
     dp.restart();
 
     let services_after: Vec<_> = dp.services().map(|(f, s)| (*f, s.clone())).collect();
-    assert_eq!(services_after, services_before, "the services are adopted as they were");
-    assert_eq!(dp.backend_slots(), slots_before, "slot accounting is rebuilt");
-    assert_eq!(dp.conntrack(from, web()).unwrap(), Some(backend), "flows survive");
+    assert_eq!(
+        services_after, services_before,
+        "the services are adopted as they were"
+    );
+    assert_eq!(
+        dp.backend_slots(),
+        slots_before,
+        "slot accounting is rebuilt"
+    );
+    assert_eq!(
+        dp.conntrack(from, web()).unwrap(),
+        Some(backend),
+        "flows survive"
+    );
     assert_eq!(send(&mut dp, &tcp(from, web().addr, TCP_ACK)), backend);
     // Adopted state is live: it can be changed.
     dp.set_backends(web(), &web_backends()[..1]).unwrap();
-    assert_eq!(send(&mut dp, &tcp(client(48001), web().addr, TCP_SYN)), web_backends()[0]);
+    assert_eq!(
+        send(&mut dp, &tcp(client(48001), web().addr, TCP_SYN)),
+        web_backends()[0]
+    );
 }

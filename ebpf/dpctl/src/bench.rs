@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use ebpf_dataplane::{
-    Config, Dataplane, DesiredService, Frontend, Hook, ServiceSpec,
+    Config, Counter, Dataplane, DesiredService, Frontend, Hook, ServiceSpec,
     packet::{TCP_ACK, TCP_SYN, tcp},
     verdict::{TC_ACT_OK, XDP_PASS},
 };
@@ -53,65 +53,153 @@ pub fn bench(rounds: usize, mut progress: impl FnMut(&str)) -> Result<Report> {
     let mut results = Vec::new();
     for services in SERVICE_COUNTS {
         progress(&format!("{services} services: programming"));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/keel-bench-{}-{services}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&pin_dir);
-        let result = measure(&pin_dir, services, rounds, &mut floors, &mut progress);
-        let _ = std::fs::remove_dir_all(&pin_dir);
-        results.push(result?);
+        let mut setup = Setup::new(services)?;
+        let (mut est, mut new) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            progress(&format!("{services} services: round {round}/{rounds}"));
+            floors.push(nanos(setup.floor(REPEAT)?));
+            est.push(nanos(setup.established(REPEAT)?));
+            new.push(nanos(setup.new_flow(REPEAT)?));
+        }
+        results.push(Row {
+            services,
+            established_ns: median(&mut est),
+            new_flow_ns: median(&mut new),
+        });
     }
-    Ok(Report { floor_ns: median(&mut floors), results })
+    Ok(Report {
+        floor_ns: median(&mut floors),
+        results,
+    })
 }
 
-fn measure(
-    pin_dir: &std::path::Path,
-    services: u32,
-    rounds: usize,
-    floors: &mut Vec<f64>,
-    progress: &mut impl FnMut(&str),
-) -> Result<Row> {
-    let config = Config::with_pin_dir(pin_dir);
-    let mut established = Dataplane::open(&config).context("open the data plane")?;
-    let last = measured(services - 1);
-    established.sync((0..services - 1).map(service).chain([last.clone()]))?;
-    // The same maps, with programs that always miss conntrack.
-    let mut new_flow = Dataplane::open(&Config { force_ct_miss: true, ..config.clone() })
+/// `services` services programmed, a flow to the last one open, and two sets of programs on
+/// the same maps: the normal ones and ones that always miss conntrack. Pins are removed on drop.
+pub struct Setup {
+    established: Dataplane,
+    new_flow: Dataplane,
+    packet: Vec<u8>,
+    pin_dir: PathBuf,
+}
+
+impl Setup {
+    pub fn new(services: u32) -> Result<Self> {
+        ensure!(services >= 1, "at least one service");
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/keel-bench-{}-{services}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let config = Config::with_pin_dir(&pin_dir);
+        let mut established = Dataplane::open(&config).context("open the data plane")?;
+        let last = measured(services - 1);
+        established.sync((0..services - 1).map(service).chain([last.clone()]))?;
+        let new_flow = Dataplane::open(&Config {
+            force_ct_miss: true,
+            ..config.clone()
+        })
         .context("open the forced-miss data plane")?;
-    ensure!(new_flow.services().count() == services as usize, "the second loader adopts the services");
-
-    let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000);
-    let open = tcp(client, last.frontend.addr, TCP_SYN).frame_len(FRAME_LEN).build();
-    let packet = tcp(client, last.frontend.addr, TCP_ACK).frame_len(FRAME_LEN).build();
-    ensure!(packet.len() == FRAME_LEN);
-    let out = established.test_run(Hook::FromPod, &open, 1)?;
-    ensure!(out.verdict == TC_ACT_OK, "the flow opens (verdict {})", out.verdict);
-    ensure!(established.conntrack(client, last.frontend)?.is_some(), "the flow has a conntrack entry");
-
-    let (mut est, mut new) = (Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        progress(&format!("{services} services: round {round}/{rounds}"));
-        floors.push(run(&mut established, Hook::XdpFloor, &packet, XDP_PASS)?);
-        let before = established.stats()?;
-        est.push(run(&mut established, Hook::FromPod, &packet, TC_ACT_OK)?);
-        let delta = established.stats()?.since(&before);
         ensure!(
-            delta.get(ebpf_dataplane::Counter::DnatEstablished) >= u64::from(REPEAT),
-            "every repetition took the established path: {:?}", delta.iter().filter(|(_, v)| *v > 0).collect::<Vec<_>>()
+            new_flow.services().count() == services as usize,
+            "the second loader adopts the services"
         );
-        let before = new_flow.stats()?;
-        new.push(run(&mut new_flow, Hook::FromPod, &packet, TC_ACT_OK)?);
-        let delta = new_flow.stats()?.since(&before);
+
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000);
+        let open = tcp(client, last.frontend.addr, TCP_SYN)
+            .frame_len(FRAME_LEN)
+            .build();
+        let packet = tcp(client, last.frontend.addr, TCP_ACK)
+            .frame_len(FRAME_LEN)
+            .build();
+        ensure!(packet.len() == FRAME_LEN);
+        let out = established.test_run(Hook::FromPod, &open, 1)?;
         ensure!(
-            delta.get(ebpf_dataplane::Counter::DnatNew) >= u64::from(REPEAT),
-            "every repetition took the new-flow path"
+            out.verdict == TC_ACT_OK,
+            "the flow opens (verdict {})",
+            out.verdict
         );
+        ensure!(
+            established.conntrack(client, last.frontend)?.is_some(),
+            "the flow has a conntrack entry"
+        );
+        Ok(Self {
+            established,
+            new_flow,
+            packet,
+            pin_dir,
+        })
     }
-    Ok(Row { services, established_ns: median(&mut est), new_flow_ns: median(&mut new) })
+
+    /// Per-packet time of the XDP_PASS floor over `repeat` runs.
+    pub fn floor(&mut self, repeat: u32) -> Result<Duration> {
+        run(
+            &mut self.established,
+            Hook::XdpFloor,
+            &self.packet,
+            repeat,
+            XDP_PASS,
+            None,
+        )
+    }
+
+    /// Per-packet time of the established path; checks every run took it.
+    pub fn established(&mut self, repeat: u32) -> Result<Duration> {
+        let counter = Some(Counter::DnatEstablished);
+        run(
+            &mut self.established,
+            Hook::FromPod,
+            &self.packet,
+            repeat,
+            TC_ACT_OK,
+            counter,
+        )
+    }
+
+    /// Per-packet time of the new-flow path; checks every run took it.
+    pub fn new_flow(&mut self, repeat: u32) -> Result<Duration> {
+        let counter = Some(Counter::DnatNew);
+        run(
+            &mut self.new_flow,
+            Hook::FromPod,
+            &self.packet,
+            repeat,
+            TC_ACT_OK,
+            counter,
+        )
+    }
 }
 
-fn run(dataplane: &mut Dataplane, hook: Hook, packet: &[u8], verdict: u32) -> Result<f64> {
-    let out = dataplane.test_run(hook, packet, REPEAT)?;
-    ensure!(out.verdict == verdict, "{hook:?} returned {}, expected {verdict}", out.verdict);
-    Ok(nanos(out.per_run))
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn run(
+    dataplane: &mut Dataplane,
+    hook: Hook,
+    packet: &[u8],
+    repeat: u32,
+    verdict: u32,
+    counter: Option<Counter>,
+) -> Result<Duration> {
+    let before = dataplane.stats()?;
+    let out = dataplane.test_run(hook, packet, repeat)?;
+    ensure!(
+        out.verdict == verdict,
+        "{hook:?} returned {}, expected {verdict}",
+        out.verdict
+    );
+    if let Some(counter) = counter {
+        let delta = dataplane.stats()?.since(&before);
+        ensure!(
+            delta.get(counter) >= u64::from(repeat),
+            "not every run took the {} path: {:?}",
+            counter.name(),
+            delta.iter().filter(|(_, v)| *v > 0).collect::<Vec<_>>()
+        );
+    }
+    Ok(out.per_run)
 }
 
 /// The measured service: its ten backend slots hold its own address (see the module docs).
@@ -122,11 +210,13 @@ fn measured(i: u32) -> DesiredService {
 }
 
 /// Service `i`: VIP 10.96.0.0 + i, port 80, ten backends of its own.
-fn service(i: u32) -> DesiredService {
+pub fn service(i: u32) -> DesiredService {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
     let backends = (0..BACKENDS_PER_SERVICE)
         .map(|j| {
-            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * BACKENDS_PER_SERVICE + j);
+            let ip = Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * BACKENDS_PER_SERVICE + j,
+            );
             SocketAddrV4::new(ip, 8080)
         })
         .collect();

@@ -55,12 +55,17 @@ impl Lab {
         node.ip(&["addr", "add", "10.244.0.1/24", "dev", CLIENT_HOST_IF])?;
         client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
         client.ip(&["route", "add", "default", "via", "10.244.0.1"])?;
-        let mut lab = Self { node, client, backends: Vec::new() };
+        let mut lab = Self {
+            node,
+            client,
+            backends: Vec::new(),
+        };
         for i in 1..=backends {
             let ns = Netns::new(&format!("{prefix}-b{i}"))?;
             let host_if = format!("be{i}");
             veth(&lab.node, &host_if, &ns, "eth0")?;
-            lab.node.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &host_if])?;
+            lab.node
+                .ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &host_if])?;
             ns.ip(&["addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"])?;
             ns.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")])?;
             let addr = SocketAddrV4::new(Ipv4Addr::new(10, 244, i, 2), BACKEND_PORT);
@@ -69,7 +74,12 @@ impl Lab {
             let server = ns
                 .run(move || EchoServer::start(addr, &server_name))?
                 .with_context(|| format!("start {name}"))?;
-            lab.backends.push(LabBackend { name, addr, ns, server: Some(server) });
+            lab.backends.push(LabBackend {
+                name,
+                addr,
+                ns,
+                server: Some(server),
+            });
         }
         Ok(lab)
     }
@@ -80,6 +90,9 @@ impl Lab {
 
     /// The backend's name for its address.
     pub fn backend_name(&self, addr: SocketAddrV4) -> Option<&str> {
-        self.backends.iter().find(|b| b.addr == addr).map(|b| b.name.as_str())
+        self.backends
+            .iter()
+            .find(|b| b.addr == addr)
+            .map(|b| b.name.as_str())
     }
 }

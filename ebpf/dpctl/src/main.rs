@@ -61,16 +61,24 @@ fn main() -> Result<()> {
         Command::List { pin_dir } => {
             let dataplane = Dataplane::open(&Config::with_pin_dir(pin_dir))?;
             for (frontend, state) in dataplane.services() {
-                let backends: Vec<String> = state.backends.iter().map(ToString::to_string).collect();
-                println!("{frontend:<26} {:?} affinity {:?} -> [{}]", state.spec.scheduler, state.spec.affinity_timeout, backends.join(", "));
+                let backends: Vec<String> =
+                    state.backends.iter().map(ToString::to_string).collect();
+                println!(
+                    "{frontend:<26} {:?} affinity {:?} -> [{}]",
+                    state.spec.scheduler,
+                    state.spec.affinity_timeout,
+                    backends.join(", ")
+                );
             }
             Ok(())
         }
         Command::Stats { pin_dir, json } => {
             let stats = Dataplane::open(&Config::with_pin_dir(pin_dir))?.stats()?;
             if json {
-                let map: serde_json::Map<String, serde_json::Value> =
-                    stats.iter().map(|(c, v)| (c.name().to_owned(), v.into())).collect();
+                let map: serde_json::Map<String, serde_json::Value> = stats
+                    .iter()
+                    .map(|(c, v)| (c.name().to_owned(), v.into()))
+                    .collect();
                 println!("{}", serde_json::Value::Object(map));
             } else {
                 for (counter, value) in stats.iter() {
@@ -79,7 +87,9 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Destroy { pin_dir } => Ok(Dataplane::open(&Config::with_pin_dir(pin_dir))?.destroy()?),
+        Command::Destroy { pin_dir } => {
+            Ok(Dataplane::open(&Config::with_pin_dir(pin_dir))?.destroy()?)
+        }
         Command::Bench { quick, json } => {
             let rounds = if quick { 3 } else { 9 };
             let report = bench::bench(rounds, |step| {

@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Command, Output},
     thread,
 };
@@ -26,7 +26,9 @@ impl Netns {
             let _ = ip(&["netns", "del", name]);
         }
         ip(&["netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -48,11 +50,16 @@ impl Netns {
         self.run(move || std::fs::write(&path, value).with_context(|| format!("write {path}")))?
     }
 
-    /// A command that runs inside the namespace (`ip netns exec`).
-    pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
+    /// A command that runs inside the namespace. Only the network namespace changes (unlike
+    /// `ip netns exec`, which also remounts /sys and would hide bpffs pins from the command).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let fd = self.fd()?;
+        let mut cmd = Command::new(program);
+        // SAFETY: the hook only calls setns(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || enter(&fd));
+        }
+        Ok(cmd)
     }
 
     /// Runs `f` on a thread inside the namespace and waits for it.
@@ -104,7 +111,18 @@ fn enter(ns: &File) -> io::Result<()> {
 
 /// Creates a veth pair: `a_if` in `a`, `b_if` in `b`, both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
     Ok(())

@@ -22,9 +22,14 @@ pub fn run(config: &Config, state_path: &Path) -> Result<()> {
         if Some(modified) != seen {
             seen = Some(modified);
             match apply(&mut dataplane, state_path) {
-                Ok(summary) => println!("dpctl: ready: {summary} (adopted {adopted} services from pins)"),
+                Ok(summary) => {
+                    println!("dpctl: ready: {summary} (adopted {adopted} services from pins)")
+                }
                 // A bad file is reported and the data plane keeps its last good state.
-                Err(e) => eprintln!("dpctl: {}: {e:#}; keeping the current state", state_path.display()),
+                Err(e) => eprintln!(
+                    "dpctl: {}: {e:#}; keeping the current state",
+                    state_path.display()
+                ),
             }
             std::io::stdout().flush()?;
         }
@@ -36,7 +41,9 @@ fn apply(dataplane: &mut Dataplane, state_path: &Path) -> Result<String> {
     let state = State::load(state_path)?;
     let desired = state.desired()?;
     for iface in &state.interfaces {
-        dataplane.attach(iface).with_context(|| format!("attach to {iface}"))?;
+        dataplane
+            .attach(iface)
+            .with_context(|| format!("attach to {iface}"))?;
     }
     let report = dataplane.sync(desired)?;
     Ok(format!(

@@ -44,7 +44,8 @@ pub struct ServiceEntry {
 
 impl State {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
     }
 
@@ -60,7 +61,11 @@ impl State {
     pub fn desired(&self) -> Result<Vec<DesiredService>> {
         self.services
             .iter()
-            .map(|entry| entry.desired().with_context(|| format!("service {}", entry.frontend)))
+            .map(|entry| {
+                entry
+                    .desired()
+                    .with_context(|| format!("service {}", entry.frontend))
+            })
             .collect()
     }
 }
@@ -71,7 +76,9 @@ impl ServiceEntry {
         let scheduler = match self.scheduler.as_deref() {
             None | Some("random") => Scheduler::Random,
             Some("maglev") => Scheduler::Maglev {
-                table_size: self.maglev_table_size.unwrap_or(defaults::MAGLEV_TABLE_SIZE),
+                table_size: self
+                    .maglev_table_size
+                    .unwrap_or(defaults::MAGLEV_TABLE_SIZE),
             },
             Some(other) => bail!("unknown scheduler {other:?} (random or maglev)"),
         };

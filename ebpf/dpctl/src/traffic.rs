@@ -20,10 +20,14 @@ pub fn tcp_request(to: SocketAddrV4) -> Result<String> {
 pub fn udp_request(to: SocketAddrV4) -> Result<String> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;
     socket.set_read_timeout(Some(TIMEOUT))?;
-    socket.connect(to).with_context(|| format!("connect udp {to}"))?;
+    socket
+        .connect(to)
+        .with_context(|| format!("connect udp {to}"))?;
     socket.send(b"hello\n").context("send")?;
     let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf).with_context(|| format!("no answer from udp {to}"))?;
+    let n = socket
+        .recv(&mut buf)
+        .with_context(|| format!("no answer from udp {to}"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
 }
 
@@ -41,7 +45,11 @@ impl Connection {
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.set_nodelay(true)?;
         let local = stream.local_addr()?;
-        Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, local })
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+            local,
+        })
     }
 
     /// Sends a line and returns the answer line (the backend's name).

@@ -41,7 +41,7 @@ pub fn choose(svc: &ServiceValue, flow: &FlowKey) -> Option<Choice> {
         client: flow.saddr,
         service_id: svc.id,
     };
-    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+    if let Some(entry) = AFFINITY.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; a concurrent update can only
         // make the values read here stale, which the checks below tolerate.
         let entry = unsafe { &mut *entry };
@@ -66,7 +66,7 @@ pub fn choose(svc: &ServiceValue, flow: &FlowKey) -> Option<Choice> {
         last_used_ns: now,
     };
     // Affinity is best effort: a failed insert only means the next flow chooses afresh.
-    let _ = AFFINITY.insert(&key, &entry, 0);
+    let _ = AFFINITY.insert(key, entry, 0);
     Some(choice)
 }
 

@@ -97,7 +97,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     // SAFETY: a read-only global, set by the loader before the program is loaded.
     let force_miss = unsafe { core::ptr::read_volatile(&FORCE_CT_MISS) } != 0;
     let mut reselect = false;
-    if !force_miss && let Some(ct) = CONNTRACK.get_ptr_mut(&flow) {
+    if !force_miss && let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: the pointer comes from a successful lookup; LRU entries can be recycled under
         // us, which at worst sends one packet of a flow evicted this instant to a stale backend.
         let ct = unsafe { &mut *ct };
@@ -106,7 +106,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         } else {
             // UDP has no connection to close: revalidate that the backend is still in the
             // service, so a removed backend's flows move on (kube-proxy clears their conntrack).
-            match SERVICES.get_ptr(&svc_key) {
+            match SERVICES.get_ptr(svc_key) {
                 // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
                 Some(svc) => backend_at(unsafe { &*svc }, ct.backend_index) == Some(ct.backend),
                 None => false,
@@ -114,15 +114,21 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         };
         if keep {
             let backend = ct.backend;
-            rewrite(ctx, &pkt, End::Destination, (flow.daddr, flow.dport), (backend.ip, backend.port))
-                .map_err(|()| Counter::DropRewrite)?;
+            rewrite(
+                ctx,
+                &pkt,
+                End::Destination,
+                (flow.daddr, flow.dport),
+                (backend.ip, backend.port),
+            )
+            .map_err(|()| Counter::DropRewrite)?;
             count(Counter::DnatEstablished);
             return Ok(TC_ACT_OK);
         }
         reselect = true;
     }
 
-    let Some(svc) = SERVICES.get_ptr(&svc_key) else {
+    let Some(svc) = SERVICES.get_ptr(svc_key) else {
         count(Counter::PassNotService);
         return Ok(TC_ACT_OK);
     };
@@ -141,11 +147,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let entry = CtEntry {
         backend: choice.backend,
         backend_index: choice.index,
-        state: if syn_only { CT_STATE_SYN_SENT } else { CT_STATE_ESTABLISHED },
+        state: if syn_only {
+            CT_STATE_SYN_SENT
+        } else {
+            CT_STATE_ESTABLISHED
+        },
         _pad: [0; 3],
     };
     CONNTRACK
-        .insert(&flow, &entry, 0)
+        .insert(flow, entry, 0)
         .map_err(|_| Counter::DropCtInsert)?;
     let reply = FlowKey {
         saddr: choice.backend.ip,
@@ -161,7 +171,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         _pad: 0,
     };
     REVNAT
-        .insert(&reply, &revnat, 0)
+        .insert(reply, revnat, 0)
         .map_err(|_| Counter::DropCtInsert)?;
     rewrite(
         ctx,
@@ -202,7 +212,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Counter> {
         Ok(pkt) => pkt,
         Err(verdict) => return Ok(verdict),
     };
-    let Some(revnat) = REVNAT.get_ptr(&pkt.flow) else {
+    let Some(revnat) = REVNAT.get_ptr(pkt.flow) else {
         count(Counter::PassNotService);
         return Ok(TC_ACT_OK);
     };

@@ -34,7 +34,11 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     // RFC 792 asks for the IP header and 8 bytes of payload; the whole TCP header is quoted
     // because the kernel will not trim a CHECKSUM_PARTIAL skb (a locally sent segment) before
     // the end of its checksum field.
-    let l4_quoted = if pkt.flow.proto == IPPROTO_TCP { TCP_HLEN } else { UDP_HLEN };
+    let l4_quoted = if pkt.flow.proto == IPPROTO_TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
     let quoted = pkt.l4_off - ETH_HLEN + l4_quoted;
     let keep = pkt.l4_off + l4_quoted;
     if (ctx.len() as usize) > keep {
@@ -50,7 +54,8 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
 
     // The new frame: [eth][ip 20][icmp 8][quoted ip header + 8 bytes].
     let quoted_off = ETH_HLEN + NEW_HEADERS;
-    let mut sum: u64 = (((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be()) as u64;
+    let mut sum: u64 =
+        (((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be()) as u64;
     for i in 0..MAX_QUOTED_WORDS {
         if i * 4 >= quoted {
             break;

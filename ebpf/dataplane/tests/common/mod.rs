@@ -16,12 +16,18 @@ use ebpf_dataplane::{Config, Dataplane};
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "kernel tests must run as root (BPF programs, bpffs, network namespaces)");
+    assert_eq!(
+        euid, 0,
+        "kernel tests must run as root (BPF programs, bpffs, network namespaces)"
+    );
 }
 
 /// A unique pin directory for one test.
 pub fn pin_dir(test: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/fs/bpf/keel-test-{test}-{}", std::process::id()))
+    PathBuf::from(format!(
+        "/sys/fs/bpf/keel-test-{test}-{}",
+        std::process::id()
+    ))
 }
 
 /// A data plane that destroys its pins when dropped.
@@ -38,15 +44,20 @@ impl TestDataplane {
     pub fn with_config(config: Config) -> Self {
         require_root();
         let _ = std::fs::remove_dir_all(&config.pin_dir);
-        let dataplane = Dataplane::open(&config).unwrap_or_else(|e| panic!("open data plane: {}", chain(&e)));
-        Self { dataplane: Some(dataplane), config }
+        let dataplane =
+            Dataplane::open(&config).unwrap_or_else(|e| panic!("open data plane: {}", chain(&e)));
+        Self {
+            dataplane: Some(dataplane),
+            config,
+        }
     }
 
     /// Drops the data plane without removing its pins (a crashed or stopped owner), and opens
     /// it again from the pins.
     pub fn restart(&mut self) {
         drop(self.dataplane.take());
-        self.dataplane = Some(Dataplane::open(&self.config).unwrap_or_else(|e| panic!("reopen: {}", chain(&e))));
+        self.dataplane =
+            Some(Dataplane::open(&self.config).unwrap_or_else(|e| panic!("reopen: {}", chain(&e))));
     }
 }
 

@@ -1,0 +1,447 @@
+//! Real sockets through the data plane: a client namespace reaches backend namespaces running
+//! real TCP and UDP servers through service addresses that only the eBPF programs make work.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader},
+    net::SocketAddrV4,
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use ebpf_dataplane::{Config, Dataplane, Frontend, ServiceSpec};
+use ebpf_dpctl::{
+    lab::{CLIENT_HOST_IF, Lab},
+    state::{ServiceEntry, State},
+    traffic::{Connection, tcp_request, udp_request},
+};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network tests must run as root"
+    );
+}
+
+/// A lab and a data plane attached to it, both removed when the test ends (also on failure).
+struct Setup {
+    dataplane: Option<Dataplane>,
+    pin_dir: PathBuf,
+    lab: Lab,
+}
+
+impl Setup {
+    fn new(test: &str) -> Self {
+        require_root();
+        let lab = Lab::new(&format!("kt-{}-{test}", std::process::id()), 3).expect("build the lab");
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/keel-test-{test}-{}",
+            std::process::id()
+        ));
+        let mut dataplane =
+            Dataplane::open(&Config::with_pin_dir(&pin_dir)).expect("open the data plane");
+        lab.node
+            .run(|| dataplane.attach(CLIENT_HOST_IF))
+            .unwrap()
+            .expect("attach");
+        Self {
+            dataplane: Some(dataplane),
+            pin_dir,
+            lab,
+        }
+    }
+
+    fn dataplane(&mut self) -> &mut Dataplane {
+        self.dataplane.as_mut().expect("open")
+    }
+
+    fn backend_name(&self, addr: SocketAddrV4) -> String {
+        self.lab
+            .backend_name(addr)
+            .expect("a lab backend")
+            .to_owned()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        drop(self.dataplane.take());
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn web() -> Frontend {
+    Frontend::tcp("10.96.0.10:80".parse().unwrap())
+}
+
+fn dns() -> Frontend {
+    Frontend::udp("10.96.0.10:53".parse().unwrap())
+}
+
+fn serve(setup: &mut Setup, frontend: Frontend, backends: Vec<SocketAddrV4>) {
+    let dp = setup.dataplane();
+    dp.upsert_service(frontend, ServiceSpec::default()).unwrap();
+    dp.set_backends(frontend, &backends).unwrap();
+}
+
+#[test]
+fn every_connection_completes_and_every_backend_is_used() {
+    let mut setup = Setup::new("all");
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, web(), backends.clone());
+    serve(&mut setup, dns(), backends.clone());
+    let (tcp, udp) = setup
+        .lab
+        .client
+        .run(|| {
+            let mut tcp: BTreeMap<String, u32> = BTreeMap::new();
+            let mut udp: BTreeMap<String, u32> = BTreeMap::new();
+            for i in 0..300 {
+                let name =
+                    tcp_request(web().addr).unwrap_or_else(|e| panic!("TCP connection {i}: {e:#}"));
+                *tcp.entry(name).or_default() += 1;
+                let name =
+                    udp_request(dns().addr).unwrap_or_else(|e| panic!("UDP request {i}: {e:#}"));
+                *udp.entry(name).or_default() += 1;
+            }
+            (tcp, udp)
+        })
+        .unwrap();
+    let all: BTreeSet<String> = backends.iter().map(|&b| setup.backend_name(b)).collect();
+    assert_eq!(
+        tcp.keys().cloned().collect::<BTreeSet<_>>(),
+        all,
+        "TCP reached every backend: {tcp:?}"
+    );
+    assert_eq!(
+        udp.keys().cloned().collect::<BTreeSet<_>>(),
+        all,
+        "UDP reached every backend: {udp:?}"
+    );
+    let stats = setup.dataplane().stats().unwrap();
+    assert_eq!(
+        stats.drops(),
+        0,
+        "no packet was dropped: {:?}",
+        stats.iter().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn removing_a_backend_stops_new_connections_but_keeps_established_ones() {
+    let mut setup = Setup::new("remove");
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, web(), backends.clone());
+    let removed = backends[0];
+    let removed_name = setup.backend_name(removed);
+    let mut conns = setup
+        .lab
+        .client
+        .run(|| {
+            (0..30)
+                .map(|_| {
+                    let mut c = Connection::open(web().addr).expect("connect");
+                    let name = c.ask().expect("first answer");
+                    (c, name)
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert!(
+        conns.iter().any(|(_, name)| *name == removed_name),
+        "30 connections reach backend-1"
+    );
+
+    setup
+        .dataplane()
+        .set_backends(web(), &backends[1..])
+        .unwrap();
+
+    let removed_again = removed_name.clone();
+    let new_ones = setup
+        .lab
+        .client
+        .run(move || {
+            (0..100)
+                .map(|i| {
+                    tcp_request(web().addr).unwrap_or_else(|e| panic!("new connection {i}: {e:#}"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert!(
+        !new_ones.contains(&removed_again),
+        "no new connection reaches the removed backend"
+    );
+    for (i, (conn, name)) in conns.iter_mut().enumerate() {
+        for _ in 0..3 {
+            let again = conn
+                .ask()
+                .unwrap_or_else(|e| panic!("established connection {i} to {name}: {e:#}"));
+            assert_eq!(
+                &again, name,
+                "an established connection stays on its backend"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once() {
+    let mut setup = Setup::new("refuse");
+    setup
+        .dataplane()
+        .upsert_service(web(), ServiceSpec::default())
+        .unwrap();
+    setup
+        .dataplane()
+        .upsert_service(dns(), ServiceSpec::default())
+        .unwrap();
+    let (tcp, udp, elapsed) = setup
+        .lab
+        .client
+        .run(|| {
+            let start = Instant::now();
+            let tcp = tcp_request(web().addr).map_err(|e| e.root_cause().to_string());
+            let udp = udp_request(dns().addr).map_err(|e| e.root_cause().to_string());
+            (tcp, udp, start.elapsed())
+        })
+        .unwrap();
+    assert!(
+        tcp.as_ref().is_err_and(|e| e.contains("refused")),
+        "TCP is refused: {tcp:?}"
+    );
+    assert!(
+        udp.as_ref().is_err_and(|e| e.contains("refused")),
+        "UDP is refused: {udp:?}"
+    );
+    // Timeouts would take seconds; a refusal is immediate. (Not a timing benchmark: 2 s is
+    // far beyond any refusal and below two connect timeouts.)
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "refused without waiting for timeouts ({elapsed:?})"
+    );
+    assert_eq!(
+        setup
+            .dataplane()
+            .stats()
+            .unwrap()
+            .get(ebpf_dataplane::Counter::RejectNoBackend),
+        2
+    );
+}
+
+/// `dpctl run` in the node's namespace, reading a state file.
+struct Owner {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The line saying it is ready.
+    ready: String,
+}
+
+impl Owner {
+    fn start(lab: &Lab, pin_dir: &std::path::Path, state: &std::path::Path) -> Self {
+        let mut child = lab
+            .node
+            .command(env!("CARGO_BIN_EXE_dpctl"))
+            .unwrap()
+            .args(["run", "--pin-dir"])
+            .arg(pin_dir)
+            .arg("--state")
+            .arg(state)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start dpctl run");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut owner = Self {
+            child,
+            lines,
+            ready: String::new(),
+        };
+        owner.ready = owner.wait_for("ready");
+        owner
+    }
+
+    fn wait_for(&mut self, text: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "dpctl run never said {text:?}: {e} (exit: {:?})",
+                    self.child.try_wait()
+                ),
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn state_file(backends: &[SocketAddrV4]) -> State {
+    State {
+        interfaces: vec![CLIENT_HOST_IF.to_owned()],
+        services: vec![ServiceEntry {
+            frontend: web().to_string(),
+            backends: backends.to_vec(),
+            scheduler: None,
+            maglev_table_size: None,
+            affinity_timeout_s: None,
+        }],
+    }
+}
+
+#[test]
+fn restarting_the_owner_mid_traffic_fails_no_connection() {
+    require_root();
+    let lab = Lab::new(&format!("kt-{}-restart", std::process::id()), 3).expect("build the lab");
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/keel-test-restart-{}",
+        std::process::id()
+    ));
+    let dir = std::env::temp_dir().join(format!("keel-test-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state_path = dir.join("state.json");
+    let backends = lab.backend_addrs();
+    state_file(&backends).save(&state_path).unwrap();
+    let _cleanup = Cleanup(vec![pin_dir.clone(), dir.clone()]);
+
+    let mut owner = Owner::start(&lab, &pin_dir, &state_path);
+
+    // Traffic: a stream of short connections and a few persistent ones, from the client.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        workers.push(
+            lab.client
+                .spawn(move || {
+                    let mut persistent =
+                        Connection::open(web().addr).expect("persistent connection");
+                    let first = persistent.ask().expect("first answer");
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        match tcp_request(web().addr) {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("worker {w} connection {i}: {e:#}")),
+                        }
+                        if i.is_multiple_of(10) {
+                            match persistent.ask() {
+                                Ok(name) if name == first => {}
+                                other => failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("worker {w} persistent: {other:?}")),
+                            }
+                        }
+                        i += 1;
+                    }
+                })
+                .unwrap(),
+        );
+    }
+    let wait_for_more = |ok: &AtomicU64, n: u64| {
+        let target = ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ok.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "traffic stalled");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    wait_for_more(&ok, 200);
+    owner.kill();
+    // Nobody owns the data plane now: 200 more connections must complete.
+    wait_for_more(&ok, 200);
+    let mut owner = Owner::start(&lab, &pin_dir, &state_path);
+    assert!(
+        owner.ready.contains("adopted 1 services"),
+        "the new owner adopted the pins: {}",
+        owner.ready
+    );
+    wait_for_more(&ok, 200);
+    // The restarted owner adopted the data plane and can change it.
+    state_file(&backends[..2]).save(&state_path).unwrap();
+    owner.wait_for("1 updated");
+    wait_for_more(&ok, 200);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed connections, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+
+    // After the change, new connections avoid the removed backend.
+    let removed = lab.backend_name(backends[2]).unwrap().to_owned();
+    let names = lab
+        .client
+        .run(|| {
+            (0..50)
+                .map(|_| tcp_request(web().addr).expect("connection"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert!(
+        !names.contains(&removed),
+        "the restarted owner's change took effect"
+    );
+    owner.kill();
+}
+
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+#[test]
+fn the_desired_state_file_reports_bad_entries() {
+    let state: State =
+        serde_json::from_str(r#"{"services":[{"frontend":"sctp/10.0.0.1:80"}]}"#).unwrap();
+    let err = state.desired().unwrap_err();
+    assert!(format!("{err:#}").contains("unknown protocol"), "{err:#}");
+    let err = serde_json::from_str::<State>(
+        r#"{"services":[{"frontend":"tcp/10.0.0.1:80","backend":[]}]}"#,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("unknown field"), "{err}");
+}
