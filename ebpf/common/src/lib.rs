@@ -11,6 +11,14 @@ use core::mem::size_of;
 /// IP protocol numbers the data plane load balances.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// TCP header flags (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Map names, as the kernel and bpffs see them (the kernel keeps 15 characters).
 pub mod map_names {

@@ -3,14 +3,8 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+pub use ebpf_common::{IPPROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
 use ebpf_common::{IPPROTO_TCP, IPPROTO_UDP};
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
 
 const ETH_HLEN: usize = 14;
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

@@ -24,14 +24,14 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey,
-    IPPROTO_TCP, RevNat, ServiceKey,
+    IPPROTO_TCP, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     lb::backend_at,
     maps::{CONNTRACK, REVNAT, SERVICES},
     nat::{End, rewrite},
-    parse::{Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
+    parse::{Packet, Parsed, parse},
     stats::count,
 };
 

@@ -12,11 +12,6 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 #[repr(C)]
 pub struct EthHdr {
     pub dst: [u8; 6],

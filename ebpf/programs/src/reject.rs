@@ -11,13 +11,12 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use ebpf_common::{Counter, IPPROTO_TCP};
+use ebpf_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, TCP_HLEN, UDP_HLEN, ptr_at};
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const IPPROTO_ICMP: u8 = 1;
 const NEW_HEADERS: usize = 20 + 8;
 /// The quote is the IP header (at most 60 bytes) and the L4 header (at most 20 used).
 const MAX_QUOTED_WORDS: usize = (60 + TCP_HLEN) / 4;
