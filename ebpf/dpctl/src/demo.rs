@@ -7,8 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use ebpf_dataplane::{Config, Dataplane, DesiredService, Frontend, Scheduler, ServiceSpec};
-
-use crate::{
+use node_agent_netns::{
     lab::{CLIENT_ADDR, CLIENT_HOST_IF, Lab},
     traffic::{tcp_request, udp_request},
 };

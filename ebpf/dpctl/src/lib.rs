@@ -1,11 +1,7 @@
-//! `dpctl`'s commands, and the lab they share with the kernel tests: network namespaces as
-//! pods and nodes, backends that say who they are, and client traffic.
+//! `dpctl`'s commands: own a data plane from a desired-state file, show it carrying real
+//! traffic, measure its per-packet cost.
 
 pub mod bench;
 pub mod demo;
-pub mod echo;
-pub mod lab;
-pub mod netns;
 pub mod run;
 pub mod state;
-pub mod traffic;

@@ -16,9 +16,9 @@ use std::{
 };
 
 use ebpf_dataplane::{Config, Dataplane, Frontend, ServiceSpec};
-use ebpf_dpctl::{
+use ebpf_dpctl::state::{ServiceEntry, State};
+use node_agent_netns::{
     lab::{CLIENT_HOST_IF, Lab},
-    state::{ServiceEntry, State},
     traffic::{Connection, tcp_request, udp_request},
 };
 

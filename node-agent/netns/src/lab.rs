@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The data plane attaches to `cli0`, the host side of the client's veth, as it would to a pod
-//! of a real node. Service addresses are routed nowhere: only the data plane makes them work.
+//! of a real node. Service addresses lead nowhere (the node's default route is a dummy uplink):
+//! only a proxy makes them work.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -41,6 +42,8 @@ impl LabBackend {
 pub struct Lab {
     pub node: Netns,
     pub client: Netns,
+    /// The node's uplink peer.
+    pub wan: Netns,
     pub backends: Vec<LabBackend>,
 }
 
@@ -50,6 +53,14 @@ impl Lab {
     pub fn new(prefix: &str, backends: u8) -> Result<Self> {
         let node = Netns::new(&format!("{prefix}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
+        // An uplink with the default route, as a real node has: traffic to a service address
+        // that no proxy translated is forwarded (where kube-proxy's filter rules meet it), not
+        // refused by routing. The far end is a namespace that forwards nothing.
+        let wan = Netns::new(&format!("{prefix}-wan"))?;
+        veth(&node, "uplink0", &wan, "eth0")?;
+        node.ip(&["addr", "add", "192.168.255.1/30", "dev", "uplink0"])?;
+        wan.ip(&["addr", "add", "192.168.255.2/30", "dev", "eth0"])?;
+        node.ip(&["route", "add", "default", "via", "192.168.255.2"])?;
         let client = Netns::new(&format!("{prefix}-client"))?;
         veth(&node, CLIENT_HOST_IF, &client, "eth0")?;
         node.ip(&["addr", "add", "10.244.0.1/24", "dev", CLIENT_HOST_IF])?;
@@ -58,6 +69,7 @@ impl Lab {
         let mut lab = Self {
             node,
             client,
+            wan,
             backends: Vec::new(),
         };
         for i in 1..=backends {

@@ -1,0 +1,141 @@
+//! The kube-proxy replacement. It takes one desired state (services, their ports and ready
+//! endpoints) and programs it in one of three modes:
+//!
+//! - [`Mode::Ebpf`] (the default): the eBPF data plane's maps, through `ebpf-dataplane`;
+//! - [`Mode::Iptables`]: the rules kube-proxy's iptables mode writes (KUBE-SERVICES,
+//!   KUBE-SVC-*, KUBE-SEP-* with the `statistic` match), applied with `iptables-restore` as
+//!   kube-proxy applies them: a full sync, then partial syncs of the chains that changed;
+//! - [`Mode::Nftables`]: the rules kube-proxy's nftables mode writes (table `ip kube-proxy`,
+//!   a `service-ips` verdict map, per-service chains choosing endpoints with
+//!   `numgen random mod N vmap`), applied with `nft -f` in transactions.
+//!
+//! The last two exist so benchmarks compare data planes on the same machine, services and
+//! traffic. Like kube-proxy, a proxy programs the network namespace of the thread that calls it,
+//! and starting one mode removes whatever the other modes left behind.
+
+mod ebpf;
+mod exec;
+mod iptables;
+mod model;
+mod nftables;
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use anyhow::Result;
+pub use ebpf::EbpfProxier;
+pub use iptables::IptablesProxier;
+pub use model::{Protocol, ProxyState, Service, ServicePort};
+pub use nftables::NftablesProxier;
+
+/// How services are programmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    #[default]
+    Ebpf,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Ebpf, Mode::Iptables, Mode::Nftables];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown proxy mode {s:?} (ebpf, iptables or nftables)"))
+    }
+}
+
+/// Settings shared by the modes.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Pod network; traffic to a service from outside it is masqueraded (kube-proxy's
+    /// `--cluster-cidr`). The eBPF mode serves pod clients only and does not masquerade.
+    pub cluster_cidr: String,
+    /// eBPF mode: the host-side veths of the pods whose traffic is translated.
+    pub interfaces: Vec<String>,
+    /// eBPF mode: where maps and links are pinned.
+    pub pin_dir: std::path::PathBuf,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: "10.244.0.0/16".into(),
+            interfaces: Vec::new(),
+            pin_dir: "/sys/fs/bpf/keel".into(),
+        }
+    }
+}
+
+/// What a sync did.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    /// A full sync (everything rewritten) rather than a partial one.
+    pub full: bool,
+    /// Chains or services written.
+    pub written: usize,
+    /// Wall time of programming the kernel (the restore, the transaction, the map updates).
+    pub duration: Duration,
+}
+
+/// What a mode holds in the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelUsage {
+    /// Bytes the kernel accounts to the mode's objects when it says (eBPF map memlock); `None`
+    /// when it does not tell per object (iptables and nftables rules).
+    pub bytes: Option<u64>,
+    /// Rules (iptables), rules and map/set elements (nftables), map entries (eBPF).
+    pub objects: u64,
+}
+
+/// A proxy mode.
+pub trait Proxier: Send {
+    fn mode(&self) -> Mode;
+    /// Makes the kernel serve exactly `state`.
+    fn sync(&mut self, state: &ProxyState) -> Result<SyncReport>;
+    /// What the mode holds in the kernel now.
+    fn kernel_usage(&self) -> Result<KernelUsage>;
+    /// Removes everything the mode installed.
+    fn cleanup(self: Box<Self>) -> Result<()>;
+}
+
+/// Starts a proxy in `mode`, after removing what any other mode left in this network namespace
+/// (as kube-proxy cleans up other modes' rules when it starts).
+pub fn start(mode: Mode, config: &ProxyConfig) -> Result<Box<dyn Proxier>> {
+    for other in Mode::ALL.into_iter().filter(|m| *m != mode) {
+        cleanup_leftovers(other, config)?;
+    }
+    Ok(match mode {
+        Mode::Ebpf => Box::new(EbpfProxier::new(config)?),
+        Mode::Iptables => Box::new(IptablesProxier::new(config)?),
+        Mode::Nftables => Box::new(NftablesProxier::new(config)?),
+    })
+}
+
+/// Removes what `mode` may have installed, whether or not a proxier of that mode is running.
+pub fn cleanup_leftovers(mode: Mode, config: &ProxyConfig) -> Result<()> {
+    match mode {
+        Mode::Ebpf => ebpf::cleanup(config),
+        Mode::Iptables => iptables::cleanup(),
+        Mode::Nftables => nftables::cleanup(),
+    }
+}

@@ -1,0 +1,359 @@
+//! kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go), object for object: a table
+//! `ip kube-proxy` whose `services` chain looks the destination up in the `service-ips`
+//! verdict map; each service port's chain picks an endpoint chain with
+//! `numgen random mod N vmap { ... }`, the endpoint chain DNATs. Services without endpoints are
+//! rejected through the `no-endpoint-services` map. Applied with `nft -f`, one transaction per
+//! sync: the first writes the whole table, later ones only what changed.
+
+use std::{collections::BTreeMap, fmt::Write, time::Instant};
+
+use anyhow::Result;
+
+use crate::{
+    KernelUsage, Mode, Proxier, ProxyConfig, ProxyState, SyncReport,
+    exec::{hash, output, run_with_input},
+    model::{Service, ServicePort},
+};
+
+const TABLE: &str = "ip kube-proxy";
+
+/// The table's fixed part: base chains, masquerading, maps, the reject path.
+fn skeleton() -> String {
+    let t = TABLE;
+    format!(
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
+         add chain {t} mark-for-masquerade\n\
+         add rule {t} mark-for-masquerade mark set mark or 0x4000\n\
+         add chain {t} masquerading\n\
+         add rule {t} masquerading mark and 0x4000 == 0 return\n\
+         add rule {t} masquerading mark set mark xor 0x4000\n\
+         add rule {t} masquerading masquerade fully-random\n\
+         add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}\n\
+         add chain {t} services\n\
+         add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips\n\
+         add chain {t} nat-prerouting {{ type nat hook prerouting priority dstnat ; }}\n\
+         add rule {t} nat-prerouting jump services\n\
+         add chain {t} nat-output {{ type nat hook output priority -100 ; }}\n\
+         add rule {t} nat-output jump services\n\
+         add chain {t} nat-postrouting {{ type nat hook postrouting priority srcnat ; }}\n\
+         add rule {t} nat-postrouting jump masquerading\n\
+         add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}\n\
+         add chain {t} reject-chain {{ comment \"helper for @no-endpoint-services\" ; }}\n\
+         add rule {t} reject-chain reject\n\
+         add chain {t} service-endpoints-check\n\
+         add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n\
+         add chain {t} filter-input {{ type filter hook input priority -110 ; }}\n\
+         add rule {t} filter-input ct state new jump service-endpoints-check\n\
+         add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}\n\
+         add rule {t} filter-forward ct state new jump service-endpoints-check\n\
+         add chain {t} filter-output {{ type filter hook output priority -110 ; }}\n\
+         add rule {t} filter-output ct state new jump service-endpoints-check\n"
+    )
+}
+
+/// Everything per service that a sync writes.
+#[derive(Default)]
+struct Rendered {
+    /// `service-ips` elements: key -> verdict.
+    service_ips: BTreeMap<String, String>,
+    /// `no-endpoint-services` elements: key -> verdict.
+    no_endpoints: BTreeMap<String, String>,
+    /// Service and endpoint chains: name -> their `add rule` lines.
+    chains: BTreeMap<String, String>,
+    /// Affinity sets: name -> timeout in seconds.
+    sets: BTreeMap<String, u64>,
+}
+
+impl Rendered {
+    fn objects(&self) -> u64 {
+        let rules: usize = self.chains.values().map(|r| r.lines().count()).sum();
+        (rules + self.service_ips.len() + self.no_endpoints.len()) as u64
+    }
+}
+
+pub struct NftablesProxier {
+    cluster_cidr: String,
+    last: Option<Rendered>,
+}
+
+impl NftablesProxier {
+    pub fn new(config: &ProxyConfig) -> Result<Self> {
+        Ok(Self {
+            cluster_cidr: config.cluster_cidr.clone(),
+            last: None,
+        })
+    }
+
+    fn render(&self, state: &ProxyState) -> Rendered {
+        let mut out = Rendered::default();
+        for service in &state.services {
+            for port in &service.ports {
+                self.render_port(service, port, &mut out);
+            }
+        }
+        out
+    }
+
+    fn render_port(&self, service: &Service, port: &ServicePort, out: &mut Rendered) {
+        let t = TABLE;
+        let proto = port.protocol.name();
+        let spn = service.port_name(port);
+        let key = format!("{} . {proto} . {}", service.cluster_ip, port.port);
+        if service.endpoints.is_empty() {
+            out.no_endpoints.insert(key, "goto reject-chain".into());
+            return;
+        }
+        // kube-proxy: "service-<hash>-<namespace>/<name>/<protocol>/<port name>".
+        let base = format!(
+            "{}/{}/{proto}/{}",
+            service.namespace, service.name, port.name
+        );
+        let chain = format!("service-{}-{base}", hash(&format!("{spn}{proto}"), 8));
+        let mut rules = format!(
+            "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {} jump mark-for-masquerade\n",
+            service.cluster_ip, port.port, self.cluster_cidr
+        );
+        let mut vmap = Vec::new();
+        for (i, ip) in service.endpoints.iter().enumerate() {
+            let ep = format!("{ip}/{}", port.target_port);
+            let ep_hash = hash(&format!("{spn}{proto}{ep}"), 8);
+            let ep_chain = format!("endpoint-{ep_hash}-{base}__{ep}");
+            let mut ep_rules =
+                format!("add rule {t} {ep_chain} ip saddr {ip} jump mark-for-masquerade\n");
+            if let Some(timeout) = service.session_affinity {
+                let set = format!("affinity-{ep_hash}-{base}__{ep}");
+                let _ = writeln!(
+                    rules,
+                    "add rule {t} {chain} ip saddr @{set} goto {ep_chain}"
+                );
+                let _ = writeln!(
+                    ep_rules,
+                    "add rule {t} {ep_chain} update @{set} {{ ip saddr }}"
+                );
+                out.sets.insert(set, timeout.as_secs());
+            }
+            let _ = writeln!(
+                ep_rules,
+                "add rule {t} {ep_chain} meta l4proto {proto} dnat to {ip}:{}",
+                port.target_port
+            );
+            vmap.push(format!("{i} : goto {ep_chain}"));
+            out.chains.insert(ep_chain, ep_rules);
+        }
+        let _ = writeln!(
+            rules,
+            "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
+            vmap.len(),
+            vmap.join(", ")
+        );
+        out.service_ips.insert(key, format!("goto {chain}"));
+        out.chains.insert(chain, rules);
+    }
+}
+
+/// The transaction that takes the table from `old` (None: nothing) to `new`.
+fn transaction(old: Option<&Rendered>, new: &Rendered) -> (String, usize) {
+    let t = TABLE;
+    let mut script = String::new();
+    let empty = Rendered::default();
+    let old = match old {
+        Some(old) => old,
+        None => {
+            // From scratch: whatever is there goes, in the same transaction.
+            let _ = writeln!(script, "add table {t}\ndelete table {t}");
+            script.push_str(&skeleton());
+            &empty
+        }
+    };
+    for (map, old_elems, new_elems) in [
+        ("service-ips", &old.service_ips, &new.service_ips),
+        ("no-endpoint-services", &old.no_endpoints, &new.no_endpoints),
+    ] {
+        for (key, verdict) in old_elems {
+            if new_elems.get(key) != Some(verdict) {
+                let _ = writeln!(script, "delete element {t} {map} {{ {key} }}");
+            }
+        }
+    }
+    for (set, timeout) in &new.sets {
+        if old.sets.get(set) != Some(timeout) {
+            let _ = writeln!(
+                script,
+                "add set {t} {set} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}"
+            );
+        }
+    }
+    let changed: Vec<&String> = new
+        .chains
+        .iter()
+        .filter(|(name, rules)| old.chains.get(*name) != Some(*rules))
+        .map(|(name, _)| name)
+        .collect();
+    let stale: Vec<&String> = old
+        .chains
+        .keys()
+        .filter(|n| !new.chains.contains_key(*n))
+        .collect();
+    for name in &changed {
+        let verb = if old.chains.contains_key(*name) {
+            "flush"
+        } else {
+            "add"
+        };
+        let _ = writeln!(script, "{verb} chain {t} {name}");
+    }
+    for name in &stale {
+        let _ = writeln!(script, "flush chain {t} {name}");
+    }
+    for name in &changed {
+        script.push_str(&new.chains[*name]);
+    }
+    for (map, old_elems, new_elems) in [
+        ("service-ips", &old.service_ips, &new.service_ips),
+        ("no-endpoint-services", &old.no_endpoints, &new.no_endpoints),
+    ] {
+        for (key, verdict) in new_elems {
+            if old_elems.get(key) != Some(verdict) {
+                let _ = writeln!(script, "add element {t} {map} {{ {key} : {verdict} }}");
+            }
+        }
+    }
+    // Service chains first: they are what jumps to endpoint chains.
+    let (services, endpoints): (Vec<&String>, Vec<&String>) =
+        stale.iter().partition(|n| n.starts_with("service-"));
+    for name in services.iter().chain(&endpoints) {
+        let _ = writeln!(script, "delete chain {t} {name}");
+    }
+    for set in old.sets.keys().filter(|s| !new.sets.contains_key(*s)) {
+        let _ = writeln!(script, "delete set {t} {set}");
+    }
+    (script, changed.len())
+}
+
+impl Proxier for NftablesProxier {
+    fn mode(&self) -> Mode {
+        Mode::Nftables
+    }
+
+    fn sync(&mut self, state: &ProxyState) -> Result<SyncReport> {
+        let new = self.render(state);
+        let full = self.last.is_none();
+        let (script, written) = transaction(self.last.as_ref(), &new);
+        let start = Instant::now();
+        run_with_input("nft", &["-f", "-"], &script)?;
+        let duration = start.elapsed();
+        self.last = Some(new);
+        Ok(SyncReport {
+            full,
+            written,
+            duration,
+        })
+    }
+
+    fn kernel_usage(&self) -> Result<KernelUsage> {
+        let skeleton_rules = skeleton()
+            .lines()
+            .filter(|l| l.starts_with("add rule"))
+            .count() as u64;
+        let objects = self.last.as_ref().map_or(0, Rendered::objects) + skeleton_rules;
+        Ok(KernelUsage {
+            bytes: None,
+            objects,
+        })
+    }
+
+    fn cleanup(self: Box<Self>) -> Result<()> {
+        cleanup()
+    }
+}
+
+/// Deletes the kube-proxy table if there is one.
+pub fn cleanup() -> Result<()> {
+    if output("nft", &["list", "table", "ip", "kube-proxy"])?.is_some() {
+        run_with_input("nft", &["delete", "table", "ip", "kube-proxy"], "")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    fn state(endpoints: &[&str]) -> ProxyState {
+        ProxyState {
+            services: vec![Service {
+                namespace: "ns1".into(),
+                name: "svc1".into(),
+                cluster_ip: "172.30.0.41".parse().unwrap(),
+                ports: vec![ServicePort {
+                    name: "p80".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: 80,
+                }],
+                endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+                session_affinity: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn layout_matches_kube_proxys() {
+        let proxier = NftablesProxier {
+            cluster_cidr: "10.0.0.0/8".into(),
+            last: None,
+        };
+        let r = proxier.render(&state(&["10.180.0.1", "10.180.0.2"]));
+        let chain = format!("service-{}-ns1/svc1/tcp/p80", hash("ns1/svc1:p80tcp", 8));
+        assert_eq!(
+            r.service_ips["172.30.0.41 . tcp . 80"],
+            format!("goto {chain}")
+        );
+        let rules = &r.chains[&chain];
+        assert!(rules.contains(
+            "ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 jump mark-for-masquerade"
+        ));
+        assert!(
+            rules.contains("numgen random mod 2 vmap { 0 : goto endpoint-"),
+            "{rules}"
+        );
+        let ep = format!(
+            "endpoint-{}-ns1/svc1/tcp/p80__10.180.0.1/80",
+            hash("ns1/svc1:p80tcp10.180.0.1/80", 8)
+        );
+        assert!(r.chains[&ep].contains("meta l4proto tcp dnat to 10.180.0.1:80"));
+    }
+
+    #[test]
+    fn partial_syncs_touch_only_what_changed() {
+        let proxier = NftablesProxier {
+            cluster_cidr: "10.0.0.0/8".into(),
+            last: None,
+        };
+        let before = proxier.render(&state(&["10.180.0.1", "10.180.0.2"]));
+        let after = proxier.render(&state(&["10.180.0.1", "10.180.0.3"]));
+        let (script, written) = transaction(Some(&before), &after);
+        assert_eq!(
+            written, 2,
+            "the service chain and the new endpoint chain:\n{script}"
+        );
+        assert!(script.contains("flush chain ip kube-proxy service-"));
+        assert!(script.contains("__10.180.0.2/80\n") && script.contains("delete chain"));
+        assert!(
+            !script.contains("10.180.0.1/80\n"),
+            "the unchanged endpoint is left alone:\n{script}"
+        );
+        assert!(
+            !script.contains("element"),
+            "the service's map element is unchanged"
+        );
+        // No endpoints left: the element moves to the reject map.
+        let none = proxier.render(&state(&[]));
+        let (script, _) = transaction(Some(&after), &none);
+        assert!(
+            script.contains("delete element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 }")
+        );
+        assert!(script.contains("add element ip kube-proxy no-endpoint-services { 172.30.0.41 . tcp . 80 : goto reject-chain }"));
+    }
+}
