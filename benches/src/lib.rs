@@ -1,3 +1,8 @@
-//! Criterion benchmarks live in `benches/benches/`; run them with `cargo bench -p benches` (as
-//! root: they load eBPF programs). `cargo xtask bench dataplane` prints the same per-packet
-//! figures as a table and JSON.
+//! Benchmark tools: the cluster benchmark (`bench-cluster`, the three proxy modes side by side),
+//! its load generator and backends, and its report. The criterion benchmarks live in
+//! `benches/benches/` (`cargo bench -p benches`, as root: they load eBPF programs).
+
+pub mod cluster;
+pub mod loadgen;
+pub mod report;
+pub mod servers;

@@ -5,6 +5,8 @@
 //! - `demo`: the main job: the data plane carrying real traffic between network namespaces.
 //! - `test`: every test (unit, kernel, network namespace), as root.
 //! - `bench dataplane [--quick] [--json]`: per-packet cost under BPF_PROG_TEST_RUN.
+//! - `bench cluster [--quick] [--json]`: the eBPF data plane against kube-proxy's iptables and
+//!   nftables rules on the same topology and traffic, one run.
 //!
 //! xtask itself depends on nothing that needs the set-up (no protoc, no eBPF build), so it
 //! compiles on a bare machine.
@@ -26,6 +28,7 @@ commands:
   demo                               show the eBPF data plane carrying real traffic
   test                               run every test (as root)
   bench dataplane [--quick] [--json] per-packet cost of the data path, 1 to 100,000 services
+  bench cluster [--quick] [--json]   eBPF vs kube-proxy iptables and nftables, side by side
 ";
 
 fn main() -> ExitCode {
@@ -52,6 +55,21 @@ fn run(args: Vec<String>) -> Result<()> {
             setup::setup()?;
             require_root()?;
             test(rest)
+        }
+        ["bench", "cluster", flags @ ..] => {
+            for flag in flags {
+                if !matches!(*flag, "--quick" | "--json") {
+                    bail!("unknown flag {flag}\n\n{USAGE}");
+                }
+            }
+            setup::setup()?;
+            require_root()?;
+            let bench = build_release("benches", "bench-cluster")?;
+            status(
+                Command::new(bench)
+                    .args(flags)
+                    .current_dir(workspace_root()),
+            )
         }
         ["bench", "dataplane", flags @ ..] => {
             for flag in flags {

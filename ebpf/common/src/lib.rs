@@ -37,9 +37,28 @@ pub mod map_names {
     /// `u32 counter index -> u64` per CPU: verdicts and drop reasons.
     pub const COUNTERS: &str = "COUNTERS";
 
+    /// `u64 netns cookie -> u32`: network namespaces (pods) whose sockets are load balanced at
+    /// connect/sendmsg time.
+    pub const SOCK_NETNS: &str = "SOCK_NETNS";
+    /// `SockRevKey (socket, backend) -> RevNat` (LRU): the service a socket's backend stands for,
+    /// for getpeername and recvmsg.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// `SockFwdKey (socket, service) -> CtEntry` (LRU): the backend an unconnected UDP socket's
+    /// datagrams to a service stick to.
+    pub const SOCK_FWD: &str = "SOCK_FWD";
+
     /// Every map the data plane pins, in a stable order.
-    pub const ALL: [&str; 7] = [
-        SERVICES, BACKENDS, MAGLEV, CONNTRACK, REVNAT, AFFINITY, COUNTERS,
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        BACKENDS,
+        MAGLEV,
+        CONNTRACK,
+        REVNAT,
+        AFFINITY,
+        COUNTERS,
+        SOCK_NETNS,
+        SOCK_REVNAT,
+        SOCK_FWD,
     ];
 }
 
@@ -60,6 +79,12 @@ pub mod defaults {
     pub const CT_ENTRIES: u32 = 262_144;
     /// Session affinity entries (LRU).
     pub const AFFINITY_ENTRIES: u32 = 65_536;
+    /// Network namespaces with socket-level load balancing.
+    pub const SOCK_NETNS_ENTRIES: u32 = 65_536;
+    /// Sockets' service translations remembered for getpeername/recvmsg (LRU).
+    pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
+    /// Unconnected UDP sockets' backends, per service (LRU).
+    pub const SOCK_FWD_ENTRIES: u32 = 65_536;
 }
 
 /// Program names (the Rust function names of the entry points).
@@ -70,6 +95,12 @@ pub mod program_names {
     pub const TO_POD: &str = "to_pod";
     /// Minimal XDP program returning XDP_PASS: the floor that per-packet costs are compared with.
     pub const XDP_FLOOR: &str = "xdp_floor";
+    /// cgroup hooks of socket-level load balancing: connect(), sendmsg() (unconnected UDP),
+    /// recvmsg() and getpeername() (which show the service address, not the backend).
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }
 
 /// Names of load-time settings (read-only globals overridden by the loader).
@@ -81,7 +112,7 @@ pub mod setting_names {
 
 /// A service frontend as clients address it: virtual IP, port and protocol.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
     /// Virtual IP, network byte order.
     pub vip: u32,
@@ -202,6 +233,24 @@ pub struct AffinityEntry {
 }
 const _: () = assert!(size_of::<AffinityEntry>() == 24);
 
+/// A socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend: Backend,
+}
+const _: () = assert!(size_of::<SockRevKey>() == 16);
+
+/// A socket and the service it addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockFwdKey {
+    pub cookie: u64,
+    pub service: ServiceKey,
+}
+const _: () = assert!(size_of::<SockFwdKey>() == 16);
+
 /// Defines the counter indices together with their names, so userspace prints exactly what
 /// the kernel counts.
 macro_rules! counters {
@@ -266,10 +315,15 @@ counters! {
     DropRewrite = 13, "drop_rewrite", Drop;
     /// The ICMP reject could not be built.
     DropReject = 14, "drop_reject", Drop;
+    /// A connect() or an unconnected UDP sendmsg() to a service went straight to a backend
+    /// (socket-level load balancing: no per-packet translation for that flow).
+    SockLbForward = 15, "sock_lb_forward", Verdict;
+    /// A recvmsg() or getpeername() showed the service address instead of the backend's.
+    SockLbReverse = 16, "sock_lb_reverse", Verdict;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 17;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the
@@ -299,4 +353,6 @@ mod user {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockFwdKey {}
 }

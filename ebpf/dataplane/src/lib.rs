@@ -31,7 +31,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, IterableMap, Map, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, TestRun,
+        TestRunOptions, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -39,7 +40,7 @@ use aya::{
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
     MAGLEV_LANES, MaglevLanes, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey,
-    ServiceValue, map_names, program_names, setting_names,
+    ServiceValue, SockFwdKey, SockRevKey, map_names, program_names, setting_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
@@ -49,9 +50,17 @@ use crate::{alloc::RangeAllocator, mmap::MmapArray};
 /// The compiled kernel programs (built by build.rs from `ebpf/programs`).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ebpf-programs"));
 
+/// The cgroup hooks of socket-level load balancing.
+const SOCK_PROGRAMS: [&str; 4] = [
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_SENDMSG4,
+    program_names::SOCK_RECVMSG4,
+    program_names::SOCK_GETPEERNAME4,
+];
+
 /// Bumped whenever a map's key or value layout changes: maps pinned by an incompatible build
 /// live in another directory and are never adopted by mistake.
-const MAPS_LAYOUT: u32 = 1;
+const MAPS_LAYOUT: u32 = 2;
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -363,6 +372,12 @@ impl Dataplane {
         program
             .load()
             .map_err(|source| Error::Program { name, source })?;
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
 
         check_layout(&ebpf)?;
         let services_map =
@@ -544,6 +559,85 @@ impl Dataplane {
             .join(format!("if{ifindex}-{dir}"))
     }
 
+    /// Attaches the socket-level load-balancing hooks (connect, sendmsg, recvmsg, getpeername)
+    /// to a cgroup v2 directory, usually the root: every socket below it is checked, and the
+    /// ones in namespaces enabled with [`Dataplane::enable_socket_lb`] are load balanced at
+    /// connect time. Pinned like the tc links; attaching again (a restart) replaces them.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), Error> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| Error::Pin {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            dir.metadata()
+                .map_err(|source| Error::Pin {
+                    path: cgroup.to_path_buf(),
+                    source,
+                })?
+                .ino()
+        };
+        for name in SOCK_PROGRAMS {
+            let pin = self.pin_dir.join("links").join(format!("cg{inode}-{name}"));
+            let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
+            let program_error = |source| Error::Program { name, source };
+            let id = program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            // The new link runs beside the old one until the old pin goes: a socket translated
+            // by the first is no longer a service socket for the second, so both is harmless.
+            // bpffs refuses dots in names.
+            let fresh = self
+                .pin_dir
+                .join("links")
+                .join(format!("cg{inode}-{name}-new"));
+            let _ = std::fs::remove_file(&fresh);
+            FdLink::try_from(link)
+                .map_err(|source| Error::Link {
+                    path: fresh.clone(),
+                    source,
+                })?
+                .pin(&fresh)
+                .map_err(|source| Error::Pin {
+                    path: fresh.clone(),
+                    source: io::Error::other(source),
+                })?;
+            if pin.exists() {
+                remove_file(&pin)?;
+            }
+            std::fs::rename(&fresh, &pin).map_err(|source| Error::Pin {
+                path: pin.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Load balances the sockets of the network namespace with this cookie (a pod's) at
+    /// connect/sendmsg time. See [`netns_cookie`].
+    pub fn enable_socket_lb(&mut self, netns_cookie: u64) -> Result<(), Error> {
+        let name = map_names::SOCK_NETNS;
+        let mut map: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
+                .map_err(|source| Error::Map { name, source })?;
+        map.insert(netns_cookie, 1, 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
+    /// Stops socket-level load balancing for a namespace (its flows fall back to the
+    /// per-packet path where it is attached).
+    pub fn disable_socket_lb(&mut self, netns_cookie: u64) -> Result<(), Error> {
+        let name = map_names::SOCK_NETNS;
+        let mut map: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
+                .map_err(|source| Error::Map { name, source })?;
+        match map.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map { name, source }),
+        }
+    }
+
     /// Creates a service with no backends (new flows are rejected until some are set), or
     /// changes an existing service's settings, keeping its backends.
     pub fn upsert_service(&mut self, frontend: Frontend, spec: ServiceSpec) -> Result<(), Error> {
@@ -586,6 +680,11 @@ impl Dataplane {
         for service in desired {
             wanted.insert(service.frontend);
             let current = self.services.get(&service.frontend);
+            // Most services are unchanged from one sync to the next: compare before computing.
+            if current.is_some_and(|c| c.spec == service.spec && c.backends == service.backends) {
+                report.unchanged += 1;
+                continue;
+            }
             let backends = stable_order(
                 current.map(|c| c.backends.as_slice()).unwrap_or_default(),
                 &service.backends,
@@ -930,6 +1029,29 @@ impl Dataplane {
     }
 }
 
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14), the
+/// key [`Dataplane::enable_socket_lb`] takes. Call it from a thread inside the pod's namespace.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The order backends take in their slots: a backend that stays keeps its slot if the slot
 /// still exists; newcomers (in the order given) fill the remaining slots. A backend listed k
 /// times holds k slots, so it gets k shares of new flows (a weight).
@@ -1004,7 +1126,7 @@ fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>,
 fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
     use std::mem::size_of;
     const MMAPABLE: u32 = 1 << 10;
-    let expected: [(&'static str, usize, usize, u32); 7] = [
+    let expected: [(&'static str, usize, usize, u32); 10] = [
         (
             map_names::SERVICES,
             size_of::<ServiceKey>(),
@@ -1032,6 +1154,19 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
             0,
         ),
         (map_names::COUNTERS, 4, 8, 0),
+        (map_names::SOCK_NETNS, 8, 4, 0),
+        (
+            map_names::SOCK_REVNAT,
+            size_of::<SockRevKey>(),
+            size_of::<RevNat>(),
+            0,
+        ),
+        (
+            map_names::SOCK_FWD,
+            size_of::<SockFwdKey>(),
+            size_of::<CtEntry>(),
+            0,
+        ),
     ];
     for (name, key, value, flags) in expected {
         let info = map_data(ebpf, name)?

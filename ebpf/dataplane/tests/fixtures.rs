@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 use common::{TestDataplane, addr};
 use ebpf_dataplane::{
     Counter, Frontend, Hook, Scheduler, ServiceSpec,
-    packet::{self, Builder, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, tcp, udp},
+    packet::{self, Builder, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, tcp, udp},
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 
@@ -611,6 +611,30 @@ fn removing_a_backend_keeps_its_tcp_flows_and_moves_its_udp_flows() {
         "a UDP flow leaves a removed backend"
     );
     assert_eq!(dp.stats().unwrap().get(Counter::Reselected), 1);
+}
+
+#[test]
+fn a_direct_flow_reusing_an_ended_service_flows_tuple_is_not_reverse_translated() {
+    let mut dp = dataplane("reuse-direct");
+    let from = client(49000);
+    let backend = send(&mut dp, &tcp(from, web().addr, TCP_SYN));
+    let reply = tcp(backend, from, TCP_SYN | TCP_ACK).build();
+    let out = dp.test_run(Hook::ToPod, &reply, 1).unwrap();
+    assert_eq!(
+        packet::read(&out.frame).unwrap().src(),
+        Some(web().addr),
+        "the service flow's reply is translated"
+    );
+    send(&mut dp, &tcp(from, web().addr, TCP_RST));
+    // The client now connects to the backend directly, from the same port.
+    let direct = tcp(from, backend, TCP_SYN).build();
+    let out = dp.test_run(Hook::FromPod, &direct, 1).unwrap();
+    assert_eq!(out.frame, direct, "a direct SYN passes untouched");
+    let out = dp.test_run(Hook::ToPod, &reply, 1).unwrap();
+    assert_eq!(
+        out.frame, reply,
+        "the direct flow's SYN-ACK keeps the backend's address"
+    );
 }
 
 #[test]

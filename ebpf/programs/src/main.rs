@@ -6,6 +6,9 @@
 //!   backend (session affinity, Maglev or random) and records the flow in both directions;
 //! - `to_pod` (egress: packets entering the pod) restores the service address on replies.
 //!
+//! And cgroup hooks (`sock`) that load balance pods' sockets at connect time, so their flows
+//! need no per-packet translation at all.
+//!
 //! Userspace (`ebpf-dataplane`) owns every decision that is not per packet.
 #![no_std]
 #![no_main]
@@ -15,12 +18,13 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ebpf_common::{
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey,
@@ -59,6 +63,26 @@ pub fn to_pod(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
 }
 
 /// The per-packet cost floor: the least a program can do.
@@ -129,6 +153,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
 
     let Some(svc) = SERVICES.get_ptr(svc_key) else {
+        // A flow not to a service. If it opens on the tuple an ended service flow left behind
+        // (the client reused its port towards that backend directly), that flow's reverse NAT
+        // must go, or the direct flow's replies would come back from the service address.
+        if flow.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            let _ = REVNAT.remove(reversed(&flow));
+        }
         count(Counter::PassNotService);
         return Ok(TC_ACT_OK);
     };
@@ -157,14 +187,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     CONNTRACK
         .insert(flow, entry, 0)
         .map_err(|_| Counter::DropCtInsert)?;
-    let reply = FlowKey {
-        saddr: choice.backend.ip,
-        daddr: flow.saddr,
-        sport: choice.backend.port,
-        dport: flow.sport,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let reply = reversed(&FlowKey {
+        daddr: choice.backend.ip,
+        dport: choice.backend.port,
+        ..flow
+    });
     let revnat = RevNat {
         vip: flow.daddr,
         port: flow.dport,
@@ -186,6 +213,19 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
     count(Counter::DnatNew);
     Ok(TC_ACT_OK)
+}
+
+/// The tuple of the packets going the other way.
+#[inline(always)]
+fn reversed(flow: &FlowKey) -> FlowKey {
+    FlowKey {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// Advances a TCP flow's state; false when a SYN opens a new connection on the tuple of one

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, MaglevLanes, RevNat,
-    ServiceKey, ServiceValue, defaults,
+    ServiceKey, ServiceValue, SockFwdKey, SockRevKey, defaults,
 };
 
 /// ServiceKey (VIP, port, proto) -> ServiceValue. Not preallocated: memory grows with services,
@@ -45,3 +45,18 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
 /// Counter index -> packets, per CPU.
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// Netns cookie -> enabled: the pods whose sockets are load balanced at connect/sendmsg time.
+#[map(name = "SOCK_NETNS")]
+pub static SOCK_NETNS: HashMap<u64, u32> =
+    HashMap::pinned(defaults::SOCK_NETNS_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// SockRevKey (socket cookie, backend) -> RevNat: what getpeername and recvmsg must show.
+#[map(name = "SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> =
+    LruHashMap::pinned(defaults::SOCK_REVNAT_ENTRIES, 0);
+
+/// SockFwdKey (socket cookie, service) -> CtEntry: an unconnected UDP socket's backend.
+#[map(name = "SOCK_FWD")]
+pub static SOCK_FWD: LruHashMap<SockFwdKey, CtEntry> =
+    LruHashMap::pinned(defaults::SOCK_FWD_ENTRIES, 0);

@@ -13,6 +13,9 @@ use ebpf_common::IPPROTO_TCP;
 
 use crate::parse::{ETH_HLEN, Ipv4Hdr, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at};
 
+/// The IPv4 checksum, source and destination: 10 contiguous bytes from here.
+const IP_CHECK_OFF: usize = ETH_HLEN + 10;
+
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
 pub enum End {
@@ -37,19 +40,24 @@ pub fn rewrite(
         End::Source => pkt.l4_off,
     };
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(())?;
-    let port = ptr_at::<u16>(ctx, port_off).ok_or(())?;
-    // SAFETY: ptr_at checked the bounds; the helpers below may move the data, so every direct
-    // access happens before the first of them.
-    unsafe {
-        match end {
-            End::Destination => (*ip).daddr = new.0,
-            End::Source => (*ip).saddr = new.0,
-        }
-        *port = new.1;
-        // The IP header checksum is always software's: fold the change in by hand (RFC 1624),
-        // which keeps the header's sum, and so any CHECKSUM_COMPLETE skb->csum, unchanged.
-        (*ip).check = csum_replace4((*ip).check, old.0, new.0);
+    // SAFETY: ptr_at checked the bounds; a read only.
+    let (check, mut saddr, mut daddr) = unsafe { ((*ip).check, (*ip).saddr, (*ip).daddr) };
+    match end {
+        End::Destination => daddr = new.0,
+        End::Source => saddr = new.0,
     }
+    // The IP header checksum is always software's: fold the change in by hand (RFC 1624),
+    // which keeps the header's sum, and so any CHECKSUM_COMPLETE skb->csum, unchanged.
+    let check = csum_replace4(check, old.0, new.0);
+    // Written with bpf_skb_store_bytes, never through packet pointers: a program that writes
+    // packets directly makes the kernel unclone every skb it sees on entry, translated or not,
+    // and most packets a pod sends are clones (TCP keeps the original for retransmission).
+    let mut header = [0u8; 10];
+    header[..2].copy_from_slice(&check.to_ne_bytes());
+    header[2..6].copy_from_slice(&saddr.to_ne_bytes());
+    header[6..].copy_from_slice(&daddr.to_ne_bytes());
+    ctx.store(IP_CHECK_OFF, &header, 0).map_err(|_| ())?;
+    ctx.store(port_off, &new.1, 0).map_err(|_| ())?;
     let (csum_off, mangled) = if pkt.flow.proto == IPPROTO_TCP {
         (pkt.l4_off + TCP_CSUM_OFF, 0)
     } else {

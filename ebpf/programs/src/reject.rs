@@ -82,29 +82,37 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     };
     ip.check = fold(ip_header_sum(&ip));
 
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropReject)?;
-    let new_ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::DropReject)?;
-    let icmp = ptr_at::<[u16; 4]>(ctx, ETH_HLEN + 20).ok_or(Counter::DropReject)?;
-    // SAFETY: ptr_at checked the bounds of all three.
-    unsafe {
-        *eth = EthHdr {
+    // The new headers go in with one bpf_skb_store_bytes (no direct packet writes: see
+    // nat.rs for why).
+    let headers = NewHeaders {
+        eth: EthHdr {
             dst: client_mac,
             src: our_mac,
             proto: ETH_P_IP.to_be(),
-        };
-        *new_ip = ip;
-        *icmp = [
+        },
+        ip,
+        icmp: [
             ((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be(),
             icmp_csum,
             0,
             0,
-        ];
-    }
+        ],
+    };
+    ctx.store(0, &headers, 0).map_err(|_| Counter::DropReject)?;
     // SAFETY: skb is this program's context.
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: no pointers.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
+
+/// Ethernet, IPv4 and ICMP headers of the reply, as they lie in the frame (42 bytes).
+#[repr(C, packed)]
+struct NewHeaders {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    icmp: [u16; 4],
+}
+const _: () = assert!(core::mem::size_of::<NewHeaders>() == ETH_HLEN + NEW_HEADERS);
 
 #[inline(always)]
 fn ip_header_sum(ip: &Ipv4Hdr) -> u64 {

@@ -48,9 +48,10 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the topology with `backends` backends; namespaces are named `<prefix>-node`,
-    /// `<prefix>-client`, `<prefix>-b<i>`, so concurrent labs need distinct prefixes.
-    pub fn new(prefix: &str, backends: u8) -> Result<Self> {
+    /// Builds the topology with `backends` backends and no servers; namespaces are named
+    /// `<prefix>-node`, `<prefix>-client`, `<prefix>-wan`, `<prefix>-b<i>`, so concurrent labs need
+    /// distinct prefixes.
+    pub fn bare(prefix: &str, backends: u8) -> Result<Self> {
         let node = Netns::new(&format!("{prefix}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         // An uplink with the default route, as a real node has: traffic to a service address
@@ -82,18 +83,42 @@ impl Lab {
             ns.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")])?;
             let addr = SocketAddrV4::new(Ipv4Addr::new(10, 244, i, 2), BACKEND_PORT);
             let name = format!("backend-{i}");
-            let server_name = name.clone();
-            let server = ns
-                .run(move || EchoServer::start(addr, &server_name))?
-                .with_context(|| format!("start {name}"))?;
             lab.backends.push(LabBackend {
                 name,
                 addr,
                 ns,
-                server: Some(server),
+                server: None,
             });
         }
         Ok(lab)
+    }
+
+    /// The topology with an echo server (TCP and UDP, answering with its name) on every
+    /// backend.
+    pub fn new(prefix: &str, backends: u8) -> Result<Self> {
+        let mut lab = Self::bare(prefix, backends)?;
+        for backend in &mut lab.backends {
+            let (addr, name) = (backend.addr, backend.name.clone());
+            let server = backend
+                .ns
+                .run(move || EchoServer::start(addr, &name))?
+                .with_context(|| format!("start {}", backend.name))?;
+            backend.server = Some(server);
+        }
+        Ok(lab)
+    }
+
+    /// Gives the client `count` more addresses (10.244.0.10 on), to spread connections over
+    /// more source addresses; returns all of the client's addresses.
+    pub fn add_client_addrs(&self, count: u8) -> Result<Vec<Ipv4Addr>> {
+        let mut addrs = vec![CLIENT_ADDR];
+        for i in 0..count {
+            let addr = Ipv4Addr::new(10, 244, 0, 10 + i);
+            self.client
+                .ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            addrs.push(addr);
+        }
+        Ok(addrs)
     }
 
     pub fn backend_addrs(&self) -> Vec<SocketAddrV4> {

@@ -37,6 +37,11 @@ impl Netns {
         &self.name
     }
 
+    /// The namespace's file (`/run/netns/<name>`), for setns(2) by other code.
+    pub fn path(&self) -> std::path::PathBuf {
+        format!("/run/netns/{}", self.name).into()
+    }
+
     /// Runs `ip <args>` inside the namespace.
     pub fn ip(&self, args: &[&str]) -> Result<Output> {
         let mut all = vec!["-n", &self.name];

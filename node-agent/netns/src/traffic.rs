@@ -16,6 +16,29 @@ pub fn tcp_request(to: SocketAddrV4) -> Result<String> {
     Connection::open(to)?.ask()
 }
 
+/// Connects from `local` (a fixed address and port), asks once, closes with RST so the port
+/// is free again at once; returns the backend's name. For tests that reuse a tuple on purpose.
+pub fn tcp_request_from(local: SocketAddrV4, to: SocketAddrV4) -> Result<String> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&local.into())
+        .with_context(|| format!("bind {local}"))?;
+    socket
+        .connect_timeout(&to.into(), TIMEOUT)
+        .with_context(|| format!("connect tcp {to} from {local}"))?;
+    socket.set_linger(Some(std::time::Duration::ZERO))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut conn = Connection {
+        reader: BufReader::new(stream.try_clone()?),
+        local: stream.local_addr()?,
+        stream,
+    };
+    conn.ask()
+}
+
 /// Sends one datagram and returns the backend's name from the answer.
 pub fn udp_request(to: SocketAddrV4) -> Result<String> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;
@@ -29,6 +52,19 @@ pub fn udp_request(to: SocketAddrV4) -> Result<String> {
         .recv(&mut buf)
         .with_context(|| format!("no answer from udp {to}"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// Sends one datagram from an unconnected socket and returns the backend's name and the
+/// address the answer came from (what a resolver checks against where it sent the query).
+pub fn udp_request_unconnected(to: SocketAddrV4) -> Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send_to(b"hello\n", to).context("send")?;
+    let mut buf = [0u8; 256];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no answer from udp {to}"))?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
 }
 
 /// A persistent TCP connection that can ask many times.
@@ -50,6 +86,11 @@ impl Connection {
             stream,
             local,
         })
+    }
+
+    /// The peer as the socket reports it (getpeername).
+    pub fn peer(&self) -> Result<SocketAddr> {
+        Ok(self.stream.peer_addr()?)
     }
 
     /// Sends a line and returns the answer line (the backend's name).

@@ -1,7 +1,11 @@
 //! The eBPF mode: services become `ebpf-dataplane` frontends (one per service port), endpoints
 //! become backends on the target port. One map update per changed service port.
 
-use std::time::Instant;
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::{Context, Result};
 use ebpf_dataplane::{Config, Dataplane, DesiredService, Frontend, Scheduler, ServiceSpec};
@@ -21,6 +25,16 @@ impl EbpfProxier {
             dataplane
                 .attach(iface)
                 .with_context(|| format!("attach to {iface}"))?;
+        }
+        if !config.pod_netns.is_empty() {
+            let cgroup = cgroup2_root()?;
+            dataplane
+                .attach_cgroup(&cgroup)
+                .with_context(|| format!("attach the socket hooks to {}", cgroup.display()))?;
+            for netns in &config.pod_netns {
+                let cookie = cookie_of(netns)?;
+                dataplane.enable_socket_lb(cookie)?;
+            }
         }
         Ok(Self {
             dataplane,
@@ -106,4 +120,37 @@ pub fn cleanup(config: &ProxyConfig) -> Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Where cgroup v2 is mounted (the root of the unified hierarchy).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (fields, fs) = line.split_once(" - ")?;
+            if !fs.starts_with("cgroup2 ") {
+                return None;
+            }
+            fields.split(' ').nth(4).map(PathBuf::from)
+        })
+        .context("no cgroup2 file system is mounted (socket-level load balancing needs one)")
+}
+
+/// The cookie of the network namespace at `path`, read from a thread inside it.
+fn cookie_of(path: &Path) -> Result<u64> {
+    let ns = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on an fd we own, on a thread of our own.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns");
+                }
+                Ok(ebpf_dataplane::netns_cookie()?)
+            })
+            .join()
+            .expect("cookie thread")
+    })
+    .with_context(|| format!("the netns cookie of {}", path.display()))
 }

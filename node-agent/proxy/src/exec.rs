@@ -3,12 +3,28 @@
 use std::{
     io::Write,
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-/// Runs `program args` with `input` on stdin; fails with its stderr.
-pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
+/// A rule tool ran past the sync timeout and was killed; the kernel kept its previous state
+/// (iptables-restore and nft commit all or nothing).
+#[derive(Debug, thiserror::Error)]
+#[error("{program} ran past the {timeout:?} sync timeout and was stopped; nothing was applied")]
+pub struct SyncTimedOut {
+    pub program: String,
+    pub timeout: Duration,
+}
+
+/// Runs `program args` with `input` on stdin; fails with its stderr, or with [`SyncTimedOut`]
+/// if it runs longer than `timeout`.
+pub fn run_with_input(
+    program: &str,
+    args: &[&str],
+    input: &str,
+    timeout: Option<Duration>,
+) -> Result<()> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
@@ -20,6 +36,22 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<()> {
     // Write on another thread: a tool that fails early stops reading and would block us.
     let input = input.to_owned();
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    if let Some(timeout) = timeout {
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = writer.join();
+                return Err(SyncTimedOut {
+                    program: program.to_owned(),
+                    timeout,
+                }
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let output = child.wait_with_output()?;
     let written = writer.join().expect("writer thread");
     if !output.status.success() {

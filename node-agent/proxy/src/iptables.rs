@@ -54,6 +54,7 @@ const JUMPS: [(&str, &str, &str); 6] = [
 
 pub struct IptablesProxier {
     cluster_cidr: String,
+    sync_timeout: Option<std::time::Duration>,
     /// Per-service chains (`KUBE-SVC-*`, `KUBE-SEP-*`) as last written: name -> rules.
     chains: BTreeMap<String, String>,
     rules: u64,
@@ -67,12 +68,14 @@ impl IptablesProxier {
             "iptables-restore",
             &["-w", "--noflush"],
             "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n",
+            None,
         )?;
         for (table, chain, rule) in JUMPS {
             ensure_rule(table, chain, rule)?;
         }
         Ok(Self {
             cluster_cidr: config.cluster_cidr.clone(),
+            sync_timeout: config.sync_timeout,
             chains: BTreeMap::new(),
             rules: 0,
             synced: false,
@@ -214,7 +217,12 @@ impl Proxier for IptablesProxier {
         input.push_str("COMMIT\n");
 
         let start = Instant::now();
-        run_with_input("iptables-restore", &["-w", "--noflush"], &input)?;
+        run_with_input(
+            "iptables-restore",
+            &["-w", "--noflush"],
+            &input,
+            self.sync_timeout,
+        )?;
         let duration = start.elapsed();
         let written = changed.len();
         let lines = |text: &str| text.lines().count() as u64;
@@ -227,6 +235,37 @@ impl Proxier for IptablesProxier {
             written,
             duration,
         })
+    }
+
+    fn load_in_steps(&mut self, state: &ProxyState, step: usize) -> Result<()> {
+        anyhow::ensure!(
+            !self.synced,
+            "load_in_steps needs a proxy that holds nothing yet"
+        );
+        // The fixed chains first; then each step declares its own chains and appends to
+        // KUBE-SERVICES (restore --noflush leaves undeclared chains as they are).
+        self.sync(&ProxyState::default())?;
+        for chunk in state.services.chunks(step.max(1)) {
+            let (filter, services, chains) = self.render(&ProxyState {
+                services: chunk.to_vec(),
+            });
+            let mut input = format!("*filter\n{filter}COMMIT\n*nat\n");
+            for name in chains.keys() {
+                let _ = writeln!(input, ":{name} - [0:0]");
+            }
+            input.push_str(&services);
+            for rules in chains.values() {
+                input.push_str(rules);
+            }
+            input.push_str("COMMIT\n");
+            run_with_input("iptables-restore", &["-w", "--noflush"], &input, None)?;
+        }
+        let (filter, services, chains) = self.render(state);
+        let lines = |text: &str| text.lines().count() as u64;
+        self.rules =
+            lines(&filter) + lines(&services) + chains.values().map(|r| lines(r)).sum::<u64>() + 4;
+        self.chains = chains;
+        Ok(())
     }
 
     fn kernel_usage(&self) -> Result<KernelUsage> {
@@ -251,7 +290,7 @@ fn ensure_rule(table: &str, chain: &str, rule: &str) -> Result<()> {
     }
     let mut insert = vec!["-w", "-t", table, "-I", chain];
     insert.extend(args.iter().map(String::as_str));
-    run_with_input("iptables", &insert, "")
+    run_with_input("iptables", &insert, "", None)
 }
 
 /// Splits a rule into arguments, keeping quoted comments whole.
@@ -305,7 +344,7 @@ pub fn cleanup() -> Result<()> {
         input.push_str("COMMIT\n");
     }
     if !input.is_empty() {
-        run_with_input("iptables-restore", &["-w", "--noflush"], &input)?;
+        run_with_input("iptables-restore", &["-w", "--noflush"], &input, None)?;
     }
     Ok(())
 }
@@ -337,6 +376,7 @@ mod tests {
     fn rules_follow_kube_proxys_layout() {
         let proxier = IptablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            sync_timeout: None,
             chains: BTreeMap::new(),
             rules: 0,
             synced: false,
@@ -384,6 +424,7 @@ mod tests {
     fn services_without_endpoints_are_rejected_in_the_filter_table() {
         let proxier = IptablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            sync_timeout: None,
             chains: BTreeMap::new(),
             rules: 0,
             synced: false,

@@ -23,6 +23,7 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use anyhow::Result;
 pub use ebpf::EbpfProxier;
+pub use exec::SyncTimedOut;
 pub use iptables::IptablesProxier;
 pub use model::{Protocol, ProxyState, Service, ServicePort};
 pub use nftables::NftablesProxier;
@@ -74,6 +75,12 @@ pub struct ProxyConfig {
     pub interfaces: Vec<String>,
     /// eBPF mode: where maps and links are pinned.
     pub pin_dir: std::path::PathBuf,
+    /// eBPF mode: network namespaces of pods (e.g. `/run/netns/<name>`) whose sockets are
+    /// load balanced when they connect, so their flows need no per-packet translation.
+    pub pod_netns: Vec<std::path::PathBuf>,
+    /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
+    /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
+    pub sync_timeout: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -82,6 +89,8 @@ impl Default for ProxyConfig {
             cluster_cidr: "10.244.0.0/16".into(),
             interfaces: Vec::new(),
             pin_dir: "/sys/fs/bpf/keel".into(),
+            pod_netns: Vec::new(),
+            sync_timeout: None,
         }
     }
 }
@@ -112,6 +121,13 @@ pub trait Proxier: Send {
     fn mode(&self) -> Mode;
     /// Makes the kernel serve exactly `state`.
     fn sync(&mut self, state: &ProxyState) -> Result<SyncReport>;
+    /// Loads `state` into a proxy that holds nothing yet, `step` services at a time: the same
+    /// kernel state as one [`Proxier::sync`], without one giant restore or transaction.
+    /// Benchmarks use it to set up big rule sets when the faithful sync would take too long.
+    fn load_in_steps(&mut self, state: &ProxyState, step: usize) -> Result<()> {
+        let _ = step;
+        self.sync(state).map(drop)
+    }
     /// What the mode holds in the kernel now.
     fn kernel_usage(&self) -> Result<KernelUsage>;
     /// Removes everything the mode installed.

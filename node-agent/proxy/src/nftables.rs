@@ -73,6 +73,7 @@ impl Rendered {
 
 pub struct NftablesProxier {
     cluster_cidr: String,
+    sync_timeout: Option<std::time::Duration>,
     last: Option<Rendered>,
 }
 
@@ -80,6 +81,7 @@ impl NftablesProxier {
     pub fn new(config: &ProxyConfig) -> Result<Self> {
         Ok(Self {
             cluster_cidr: config.cluster_cidr.clone(),
+            sync_timeout: config.sync_timeout,
             last: None,
         })
     }
@@ -240,7 +242,7 @@ impl Proxier for NftablesProxier {
         let full = self.last.is_none();
         let (script, written) = transaction(self.last.as_ref(), &new);
         let start = Instant::now();
-        run_with_input("nft", &["-f", "-"], &script)?;
+        run_with_input("nft", &["-f", "-"], &script, self.sync_timeout)?;
         let duration = start.elapsed();
         self.last = Some(new);
         Ok(SyncReport {
@@ -248,6 +250,27 @@ impl Proxier for NftablesProxier {
             written,
             duration,
         })
+    }
+
+    fn load_in_steps(&mut self, state: &ProxyState, step: usize) -> Result<()> {
+        anyhow::ensure!(
+            self.last.is_none(),
+            "load_in_steps needs a proxy that holds nothing yet"
+        );
+        if state.services.is_empty() {
+            return self.sync(state).map(drop);
+        }
+        let empty = Rendered::default();
+        for (i, chunk) in state.services.chunks(step.max(1)).enumerate() {
+            // The first step creates the table; later ones only add (nothing to delete).
+            let rendered = self.render(&ProxyState {
+                services: chunk.to_vec(),
+            });
+            let (script, _) = transaction((i > 0).then_some(&empty), &rendered);
+            run_with_input("nft", &["-f", "-"], &script, None)?;
+        }
+        self.last = Some(self.render(state));
+        Ok(())
     }
 
     fn kernel_usage(&self) -> Result<KernelUsage> {
@@ -270,7 +293,7 @@ impl Proxier for NftablesProxier {
 /// Deletes the kube-proxy table if there is one.
 pub fn cleanup() -> Result<()> {
     if output("nft", &["list", "table", "ip", "kube-proxy"])?.is_some() {
-        run_with_input("nft", &["delete", "table", "ip", "kube-proxy"], "")?;
+        run_with_input("nft", &["delete", "table", "ip", "kube-proxy"], "", None)?;
     }
     Ok(())
 }
@@ -302,6 +325,7 @@ mod tests {
     fn layout_matches_kube_proxys() {
         let proxier = NftablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            sync_timeout: None,
             last: None,
         };
         let r = proxier.render(&state(&["10.180.0.1", "10.180.0.2"]));
@@ -329,6 +353,7 @@ mod tests {
     fn partial_syncs_touch_only_what_changed() {
         let proxier = NftablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            sync_timeout: None,
             last: None,
         };
         let before = proxier.render(&state(&["10.180.0.1", "10.180.0.2"]));

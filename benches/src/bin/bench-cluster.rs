@@ -1,0 +1,62 @@
+//! `bench-cluster [--quick] [--json]`: the eBPF data plane against kube-proxy's iptables and
+//! nftables rules, side by side in one run (see `benches::cluster`). Run as root; `cargo xtask
+//! bench cluster` builds and runs it.
+
+use std::{io::Write, path::PathBuf, time::Instant};
+
+use anyhow::{Result, bail};
+use benches::{cluster, report};
+
+fn main() -> Result<()> {
+    let mut quick = false;
+    let mut json = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--json" => json = true,
+            other => bail!("unknown argument {other}; usage: bench-cluster [--quick] [--json]"),
+        }
+    }
+    let opts = if quick {
+        cluster::Options::quick()
+    } else {
+        cluster::Options::full()
+    };
+    let started = Instant::now();
+    let mut progress = |step: &str| {
+        eprint!("\r\x1b[2K[{:>4}s] {step}", started.elapsed().as_secs());
+        let _ = std::io::stderr().flush();
+    };
+    let rows = cluster::run(&opts, &mut progress)?;
+    eprintln!("\r\x1b[2K[{:>4}s] done", started.elapsed().as_secs());
+    let machine = machine();
+    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("bench");
+    let json_text = report::write(&dir, &rows, &machine)?;
+    print!("{}", report::markdown(&rows, &machine));
+    println!(
+        "\nWritten: {}/cluster.md, cluster.json, cps.svg, cps_p99.svg, program.svg",
+        dir.display()
+    );
+    if json {
+        println!("{json_text}");
+    }
+    Ok(())
+}
+
+/// CPU model, cores, kernel: what the figures were measured on.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown CPU");
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} x {model}, kernel {}", kernel.trim())
+}

@@ -1,0 +1,164 @@
+//! Socket-level load balancing: cgroup hooks that translate a service address to a backend when
+//! a pod's socket connects (or, for unconnected UDP, sends), so the flow's packets go to the
+//! backend directly: no per-packet translation, no conntrack, nothing to undo on replies. The
+//! reverse hooks make recvmsg() and getpeername() show the service address, as the application
+//! expects.
+//!
+//! Only the network namespaces userspace enables are translated (the node's own processes and
+//! other data planes' pods are not). Services with Maglev or session affinity are left to the
+//! per-packet path, which keys them by the client address and port that a socket does not have
+//! yet at connect time; so are services without backends, which the per-packet path rejects.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use ebpf_common::{
+    Counter, CtEntry, FlowKey, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, SockFwdKey,
+    SockRevKey,
+};
+
+use crate::{
+    lb::{self, backend_at},
+    maps::{SERVICES, SOCK_FWD, SOCK_NETNS, SOCK_REVNAT},
+    stats::count,
+};
+
+/// cgroup sock_addr verdict: let the call proceed.
+pub const ALLOW: i32 = 1;
+
+/// The service a socket address names, if the socket's namespace is load balanced here and
+/// the service is one this path handles.
+#[inline(always)]
+fn service_of(ctx: &SockAddrContext) -> Option<(ServiceKey, ebpf_common::ServiceValue)> {
+    // SAFETY: the context pointer is the kernel's bpf_sock_addr for this call.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    SOCK_NETNS.get_ptr(netns)?;
+    // SAFETY: as above; reading fields the kernel lets sock_addr programs read.
+    let key = unsafe {
+        let sa = &*ctx.sock_addr;
+        ServiceKey {
+            vip: sa.user_ip4,
+            port: sa.user_port as u16,
+            proto: sa.protocol as u8,
+            _pad: 0,
+        }
+    };
+    // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
+    let svc = unsafe { *SERVICES.get_ptr(key)? };
+    if svc.backend_count == 0 || svc.flags & (SVC_FLAG_MAGLEV | SVC_FLAG_AFFINITY) != 0 {
+        return None;
+    }
+    Some((key, svc))
+}
+
+#[inline(always)]
+fn set_destination(ctx: &SockAddrContext, ip: u32, port: u16) {
+    // SAFETY: user_ip4/user_port are writable in connect4/sendmsg4/recvmsg4/getpeername4.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = ip;
+        (*ctx.sock_addr).user_port = port as u32;
+    }
+}
+
+#[inline(always)]
+fn remember_service(cookie: u64, key: &ServiceKey, choice: &lb::Choice) {
+    let rev = SockRevKey {
+        cookie,
+        backend: choice.backend,
+    };
+    let value = RevNat {
+        vip: key.vip,
+        port: key.port,
+        _pad: 0,
+    };
+    // Best effort: without it getpeername/recvmsg show the backend, the flow still works.
+    let _ = SOCK_REVNAT.insert(rev, value, 0);
+}
+
+/// connect(): TCP sockets and connected UDP sockets go to a backend from the start.
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    let Some((key, svc)) = service_of(ctx) else {
+        return ALLOW;
+    };
+    let flow = FlowKey::default();
+    let Some(choice) = lb::choose(&svc, &flow) else {
+        return ALLOW;
+    };
+    // SAFETY: a socket cookie of the call's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    remember_service(cookie, &key, &choice);
+    set_destination(ctx, choice.backend.ip, choice.backend.port);
+    count(Counter::SockLbForward);
+    ALLOW
+}
+
+/// sendmsg() on an unconnected UDP socket: each datagram to a service goes to the socket's
+/// backend for that service, chosen once and kept while the backend stays in the service.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    let Some((key, svc)) = service_of(ctx) else {
+        return ALLOW;
+    };
+    // SAFETY: a socket cookie of the call's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let fwd = SockFwdKey {
+        cookie,
+        service: key,
+    };
+    let kept = SOCK_FWD
+        .get_ptr(fwd)
+        // SAFETY: copied out at once from a successful lookup.
+        .map(|e| unsafe { *e })
+        .filter(|e| backend_at(&svc, e.backend_index) == Some(e.backend));
+    let choice = match kept {
+        Some(e) => lb::Choice {
+            backend: e.backend,
+            index: e.backend_index,
+        },
+        None => {
+            let Some(choice) = lb::choose(&svc, &FlowKey::default()) else {
+                return ALLOW;
+            };
+            let entry = CtEntry {
+                backend: choice.backend,
+                backend_index: choice.index,
+                state: 0,
+                _pad: [0; 3],
+            };
+            let _ = SOCK_FWD.insert(fwd, entry, 0);
+            remember_service(cookie, &key, &choice);
+            choice
+        }
+    };
+    set_destination(ctx, choice.backend.ip, choice.backend.port);
+    count(Counter::SockLbForward);
+    ALLOW
+}
+
+/// recvmsg() and getpeername(): a backend this socket was sent to shows as its service.
+#[inline(always)]
+pub fn reverse4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: a socket cookie of the call's socket; fields readable in these hooks.
+    let (cookie, ip, port) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            sa.user_ip4,
+            sa.user_port as u16,
+        )
+    };
+    let key = SockRevKey {
+        cookie,
+        backend: ebpf_common::Backend { ip, port, _pad: 0 },
+    };
+    if let Some(rev) = SOCK_REVNAT.get_ptr(key) {
+        // SAFETY: copied out at once from a successful lookup.
+        let rev = unsafe { *rev };
+        set_destination(ctx, rev.vip, rev.port);
+        count(Counter::SockLbReverse);
+    }
+    ALLOW
+}
