@@ -69,10 +69,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Short connections to `target` for `duration` with `concurrency` in flight: connect, send a
-/// line, read the answer line, close with RST. Latency is from connect to answer.
+/// Short connections for `duration` with `concurrency` in flight, spread over `targets` and
+/// `sources`: connect, send a line, read the answer line, close with RST. Latency is from
+/// connect to answer.
 pub fn connections(
-    target: SocketAddrV4,
+    targets: &[SocketAddrV4],
     sources: &[Ipv4Addr],
     concurrency: usize,
     duration: Duration,
@@ -83,6 +84,7 @@ pub fn connections(
         let tasks: Vec<_> = (0..concurrency)
             .map(|i| {
                 let source = sources[i % sources.len()];
+                let target = targets[i % targets.len()];
                 tokio::spawn(async move {
                     let mut run = Run::default();
                     while Instant::now() < deadline {

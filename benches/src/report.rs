@@ -272,6 +272,14 @@ fn human(v: f64) -> String {
     }
 }
 
+fn program_title(rows: &[Row]) -> String {
+    if rows.iter().any(|r| r.program_over_budget) {
+        "Programming from scratch (points at the time budget are lower bounds)".into()
+    } else {
+        "Programming the services from scratch".into()
+    }
+}
+
 /// Writes cluster.md, cluster.json and the plots under `dir`; returns the JSON object.
 pub fn write(dir: &Path, rows: &[Row], machine: &str) -> Result<String> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
