@@ -307,7 +307,7 @@ pub fn write(dir: &Path, rows: &[Row], machine: &str) -> Result<String> {
             "program.svg",
             svg(
                 rows,
-                "Programming the services from scratch",
+                &program_title(rows),
                 "ms (log)",
                 true,
                 |r| r.program_ms,
