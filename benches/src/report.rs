@@ -305,13 +305,9 @@ pub fn write(dir: &Path, rows: &[Row], machine: &str) -> Result<String> {
         ),
         (
             "program.svg",
-            svg(
-                rows,
-                &program_title(rows),
-                "ms (log)",
-                true,
-                |r| r.program_ms,
-            ),
+            svg(rows, &program_title(rows), "ms (log)", true, |r| {
+                r.program_ms
+            }),
         ),
     ];
     for (name, content) in files {

@@ -151,7 +151,8 @@ fn cleanup_leftovers() {
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("kt") && !alive(&name) {
+            let ours = ["kt-", "kb-", "keel-"].iter().any(|p| name.starts_with(p));
+            if ours && !alive(&name) {
                 let _ = Command::new("ip").args(["netns", "del", &name]).status();
             }
         }
@@ -185,7 +186,7 @@ fn nightly_cargo() -> Command {
     cmd
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

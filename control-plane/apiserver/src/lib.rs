@@ -1,0 +1,17 @@
+//! The Kubernetes-compatible API server: what real clients (kubectl, client-go, the official
+//! Python client) need of it, over a store with etcd's semantics (embedded SQLite or etcd).
+
+pub mod alloc;
+pub mod discovery;
+pub mod error;
+pub mod handlers;
+pub mod object;
+pub mod openapi;
+pub mod patch;
+pub mod registry;
+pub mod resources;
+pub mod selector;
+pub mod server;
+pub mod strategy;
+pub mod table;
+pub mod watch;

@@ -1,0 +1,791 @@
+//! The API's storage semantics over the store: objects kept one key per object, the
+//! resourceVersion as the store's mod revision, optimistic concurrency, metadata the server
+//! owns (uid, creationTimestamp, generation), namespace lifecycle, ClusterIP/NodePort
+//! allocation, graceful deletion, finalizers and propagation policies.
+
+use std::{net::Ipv4Addr, sync::Arc};
+
+use base64::Engine;
+use control_plane_store::{KeyValue, ListOptions, Store, StoreError};
+use serde_json::{Value, json};
+
+use crate::{
+    alloc::{AllocError, Allocator},
+    error::{ApiError, ApiResult, Cause, Subject},
+    object::{
+        meta_mut, meta_str, name, namespace, now, random_suffix, resource_version,
+        set_resource_version,
+    },
+    resources::{ResourceDef, Subresource, by_kind},
+    selector::{FieldSelector, LabelSelector},
+    strategy,
+};
+
+/// How a list reads the store.
+#[derive(Clone, Debug, Default)]
+pub struct ListParams {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    pub limit: Option<usize>,
+    pub continue_token: Option<String>,
+    pub resource_version: Option<String>,
+    pub resource_version_match: Option<String>,
+}
+
+/// What a list returns beside its items.
+#[derive(Clone, Debug, Default)]
+pub struct ListMeta {
+    pub resource_version: i64,
+    pub continue_token: Option<String>,
+}
+
+impl ListMeta {
+    pub fn to_json(&self) -> Value {
+        let mut meta = json!({"resourceVersion": self.resource_version.to_string()});
+        if let Some(token) = &self.continue_token {
+            meta["continue"] = json!(token);
+        }
+        meta
+    }
+}
+
+/// How a DELETE asks for the object to go.
+#[derive(Clone, Debug, Default)]
+pub struct DeleteParams {
+    pub grace_period_seconds: Option<i64>,
+    pub propagation_policy: Option<String>,
+    pub precondition_uid: Option<String>,
+    pub precondition_resource_version: Option<String>,
+}
+
+pub struct Registry<S: Store> {
+    pub store: Arc<S>,
+    pub cluster_ips: Allocator<S>,
+    pub node_ports: Allocator<S>,
+}
+
+fn subject<'a>(def: &'a ResourceDef, name: &'a str) -> Subject<'a> {
+    Subject {
+        group: def.group,
+        resource: def.plural,
+        name,
+    }
+}
+
+/// An object from the store, with its resourceVersion.
+pub fn decode(kv: &KeyValue) -> ApiResult<Value> {
+    let mut obj: Value = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+    set_resource_version(&mut obj, kv.mod_revision);
+    Ok(obj)
+}
+
+/// An object for the store: without its resourceVersion (the store's revision is).
+pub fn encode(obj: &Value) -> Vec<u8> {
+    let mut obj = obj.clone();
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    serde_json::to_vec(&obj).expect("objects serialize")
+}
+
+fn parse_rv(rv: &str) -> ApiResult<i64> {
+    rv.parse::<i64>().map_err(|_| {
+        ApiError::bad_request(format!("invalid resource version {rv:?}: not an integer"))
+    })
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContinueToken {
+    v: String,
+    rv: i64,
+    start: String,
+}
+
+fn encode_continue(rv: i64, last_key: &str) -> String {
+    let token = ContinueToken {
+        v: "meta.k8s.io/v1".into(),
+        rv,
+        start: last_key.to_owned(),
+    };
+    base64::engine::general_purpose::STANDARD
+        .encode(serde_json::to_vec(&token).expect("serializes"))
+}
+
+fn decode_continue(token: &str) -> ApiResult<ContinueToken> {
+    let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .map_err(|_| bad())?;
+    serde_json::from_slice(&bytes).map_err(|_| bad())
+}
+
+impl<S: Store> Registry<S> {
+    pub async fn get(&self, def: &ResourceDef, ns: Option<&str>, name: &str) -> ApiResult<Value> {
+        let kv = self
+            .store
+            .get(&def.key(ns, name))
+            .await
+            .map_err(|e| ApiError::from_store(e, subject(def, name)))?
+            .ok_or_else(|| ApiError::not_found(subject(def, name)))?;
+        decode(&kv)
+    }
+
+    async fn get_kv(&self, def: &ResourceDef, ns: Option<&str>, name: &str) -> ApiResult<KeyValue> {
+        self.store
+            .get(&def.key(ns, name))
+            .await
+            .map_err(|e| ApiError::from_store(e, subject(def, name)))?
+            .ok_or_else(|| ApiError::not_found(subject(def, name)))
+    }
+
+    /// Lists a collection: selectors applied, `limit`/`continue` paging over a consistent
+    /// revision.
+    pub async fn list(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        params: &ListParams,
+    ) -> ApiResult<(Vec<Value>, ListMeta)> {
+        let prefix = def.prefix(ns);
+        let (mut revision, mut start_after) = (None, None);
+        if let Some(token) = &params.continue_token {
+            let token = decode_continue(token)?;
+            revision = Some(token.rv);
+            start_after = Some(token.start);
+        } else if let Some(rv) = params
+            .resource_version
+            .as_deref()
+            .filter(|rv| !rv.is_empty() && *rv != "0")
+        {
+            let rv = parse_rv(rv)?;
+            // NotOlderThan (the default) is served from the latest state; Exact from `rv`.
+            if params.resource_version_match.as_deref() == Some("Exact") || params.limit.is_some() {
+                revision = Some(rv);
+            } else if rv > self.store.revision().await.map_err(ApiError::internal)? {
+                return Err(ApiError::timeout(format!(
+                    "Too large resource version: {rv}, current resource version is lower"
+                )));
+            }
+        }
+        let filtered = !params.labels.is_empty() || !params.fields.is_empty();
+        let mut items = Vec::new();
+        let (mut read_revision, mut more);
+        loop {
+            let want = params.limit.map(|l| {
+                if filtered {
+                    (l - items.len()).max(100)
+                } else {
+                    l - items.len()
+                }
+            });
+            let page = self
+                .store
+                .list(&prefix, ListOptions { start_after: start_after.clone(), limit: want, revision })
+                .await
+                .map_err(|e| match e {
+                    StoreError::Compacted { .. } if params.continue_token.is_some() => ApiError::gone(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    ),
+                    e => ApiError::from_store(e, subject(def, "")),
+                })?;
+            read_revision = page.revision;
+            revision = Some(page.revision);
+            more = page.more;
+            let mut last_key = None;
+            for kv in &page.kvs {
+                last_key = Some(kv.key.clone());
+                let obj = decode(kv)?;
+                if params.labels.matches(&obj) && params.fields.matches(&obj) {
+                    items.push(obj);
+                    if params.limit.is_some_and(|l| items.len() >= l) {
+                        // Stop at this key; the rest of the page is for the next one.
+                        more = more || page.kvs.last().map(|k| &k.key) != Some(&kv.key);
+                        break;
+                    }
+                }
+            }
+            if let Some(k) = last_key {
+                start_after = Some(k);
+            }
+            let full = params.limit.is_some_and(|l| items.len() >= l);
+            if !more || full || params.limit.is_none() {
+                break;
+            }
+        }
+        let continue_token = if more && params.limit.is_some() {
+            let last = items
+                .last()
+                .map(|o| def.key(namespace(o), name(o).unwrap_or_default()));
+            last.or(start_after)
+                .map(|k| encode_continue(read_revision, &k))
+        } else {
+            None
+        };
+        Ok((
+            items,
+            ListMeta {
+                resource_version: read_revision,
+                continue_token,
+            },
+        ))
+    }
+
+    /// Namespaced objects need a namespace that exists and is not terminating.
+    async fn check_namespace(&self, ns: &str) -> ApiResult<()> {
+        let def = by_kind("", "Namespace").expect("namespaces are served");
+        let namespace = self.get(def, None, ns).await?;
+        if meta_str(&namespace, "deletionTimestamp").is_some() {
+            return Err(ApiError::forbidden(format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates an object; `obj` has been decoded and checked against its type.
+    pub async fn create(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        mut obj: Value,
+    ) -> ApiResult<Value> {
+        if def.namespaced {
+            let ns = ns.ok_or_else(|| ApiError::bad_request("a namespace is required"))?;
+            self.check_namespace(ns).await?;
+            meta_mut(&mut obj).insert("namespace".into(), json!(ns));
+        } else if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("namespace");
+        }
+        if name(&obj).is_none()
+            && let Some(prefix) = meta_str(&obj, "generateName")
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+        {
+            meta_mut(&mut obj).insert("name".into(), json!(format!("{prefix}{}", random_suffix())));
+        }
+        {
+            let meta = meta_mut(&mut obj);
+            meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            meta.insert("creationTimestamp".into(), json!(now()));
+            meta.insert("generation".into(), json!(1));
+            for field in [
+                "resourceVersion",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "selfLink",
+                "managedFields",
+            ] {
+                meta.remove(field);
+            }
+        }
+        strategy::default(def, &mut obj);
+        let obj_name = name(&obj).unwrap_or_default().to_owned();
+        let causes = strategy::validate(def, &obj);
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(def.group, def.kind, &obj_name, causes));
+        }
+        let allocated = if def.kind == "Service" {
+            self.allocate_service(&mut obj).await?
+        } else {
+            Vec::new()
+        };
+        match self
+            .store
+            .create(&def.key(ns, &obj_name), encode(&obj))
+            .await
+        {
+            Ok(kv) => {
+                set_resource_version(&mut obj, kv.mod_revision);
+                Ok(obj)
+            }
+            Err(e) => {
+                self.release(&allocated).await;
+                Err(ApiError::from_store(e, subject(def, &obj_name)))
+            }
+        }
+    }
+
+    /// Allocates a service's ClusterIP (unless headless or ExternalName) and NodePorts (for
+    /// NodePort and LoadBalancer services); returns what to release if the create fails.
+    async fn allocate_service(&self, svc: &mut Value) -> ApiResult<Vec<Allocation>> {
+        let name = name(svc).unwrap_or_default().to_owned();
+        let kind = svc
+            .pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_owned();
+        let invalid = |field: &str, value: String, why: String| {
+            ApiError::invalid(
+                "",
+                "Service",
+                &name,
+                vec![Cause::invalid(field, value, why)],
+            )
+        };
+        let mut done = Vec::new();
+        if kind != "ExternalName" {
+            let wanted = svc
+                .pointer("/spec/clusterIP")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if wanted != "None" {
+                let requested = if wanted.is_empty() {
+                    None
+                } else {
+                    let ip: Ipv4Addr = wanted.parse().map_err(|_| {
+                        invalid(
+                            "spec.clusterIPs",
+                            format!("[]string{{\"{wanted}\"}}"),
+                            "must be a valid IP address".into(),
+                        )
+                    })?;
+                    Some(u32::from(ip))
+                };
+                let ip = match self.cluster_ips.allocate(requested).await {
+                    Ok(ip) => Ipv4Addr::from(ip),
+                    Err(e) => {
+                        let why = match e {
+                            AllocError::OutOfRange => format!(
+                                "failed to allocate IP {wanted}: provided IP is not in the valid range"
+                            ),
+                            AllocError::Taken => format!(
+                                "failed to allocate IP {wanted}: provided IP is already allocated"
+                            ),
+                            AllocError::Full => {
+                                "failed to allocate a serviceIP: range is full".into()
+                            }
+                            AllocError::Store(e) => return Err(ApiError::internal(e)),
+                        };
+                        return Err(invalid(
+                            "spec.clusterIPs",
+                            format!("[]string{{\"{wanted}\"}}"),
+                            why,
+                        ));
+                    }
+                };
+                done.push(Allocation::Ip(u32::from(ip)));
+                svc["spec"]["clusterIP"] = json!(ip.to_string());
+                svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
+            } else {
+                svc["spec"]["clusterIPs"] = json!(["None"]);
+            }
+        }
+        if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
+            let count = svc
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            for i in 0..count {
+                let wanted = svc["spec"]["ports"][i]
+                    .get("nodePort")
+                    .and_then(Value::as_u64)
+                    .filter(|p| *p != 0)
+                    .map(|p| p as u32);
+                match self.node_ports.allocate(wanted).await {
+                    Ok(port) => {
+                        done.push(Allocation::Port(port));
+                        svc["spec"]["ports"][i]["nodePort"] = json!(port);
+                    }
+                    Err(e) => {
+                        self.release(&done).await;
+                        let range = self.node_ports.range();
+                        let why = match e {
+                            AllocError::OutOfRange => format!(
+                                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                                range.first,
+                                range.first + range.size - 1
+                            ),
+                            AllocError::Taken => "provided port is already allocated".into(),
+                            AllocError::Full => "range is full".into(),
+                            AllocError::Store(e) => return Err(ApiError::internal(e)),
+                        };
+                        return Err(invalid(
+                            &format!("spec.ports[{i}].nodePort"),
+                            wanted.unwrap_or(0).to_string(),
+                            why,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    async fn release(&self, allocations: &[Allocation]) {
+        for a in allocations {
+            let _ = match a {
+                Allocation::Ip(ip) => self.cluster_ips.release(*ip).await,
+                Allocation::Port(port) => self.node_ports.release(*port).await,
+            };
+        }
+    }
+
+    /// What a deleted service held.
+    fn service_allocations(svc: &Value) -> Vec<Allocation> {
+        let mut out = Vec::new();
+        if let Some(ip) = svc
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+        {
+            out.push(Allocation::Ip(u32::from(ip)));
+        }
+        for p in svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(port) = p.get("nodePort").and_then(Value::as_u64) {
+                out.push(Allocation::Port(port as u32));
+            }
+        }
+        out
+    }
+
+    /// Replaces an object (PUT), or its status (`sub` = status). With a resourceVersion in the
+    /// body the update is conditional on it (409 if stale); without, it applies to the latest.
+    pub async fn update(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        obj_name: &str,
+        obj: Value,
+        sub: Option<&Subresource>,
+    ) -> ApiResult<Value> {
+        if name(&obj).is_some_and(|n| n != obj_name) {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({obj_name})",
+                name(&obj).unwrap_or_default()
+            )));
+        }
+        let precondition = resource_version(&obj).map(parse_rv).transpose()?;
+        loop {
+            let current = self.get_kv(def, ns, obj_name).await?;
+            if let Some(rv) = precondition
+                && rv != current.mod_revision
+            {
+                return Err(ApiError::conflict(subject(def, obj_name)));
+            }
+            let old = decode(&current)?;
+            let mut candidate = obj.clone();
+            self.apply_update_rules(def, &old, &mut candidate, sub)?;
+            match self
+                .commit_update(def, ns, obj_name, &old, candidate, current.mod_revision)
+                .await
+            {
+                Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Applies `f` to the latest object and stores the result, retrying on concurrent changes
+    /// (kube-apiserver's GuaranteedUpdate). Used by PATCH, bindings and scale.
+    pub async fn guaranteed_update(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        obj_name: &str,
+        sub: Option<&Subresource>,
+        f: impl Fn(&Value) -> ApiResult<Value>,
+    ) -> ApiResult<Value> {
+        loop {
+            let current = self.get_kv(def, ns, obj_name).await?;
+            let old = decode(&current)?;
+            let mut candidate = f(&old)?;
+            let precondition = resource_version(&candidate).map(parse_rv).transpose()?;
+            if let Some(rv) = precondition
+                && rv != current.mod_revision
+            {
+                return Err(ApiError::conflict(subject(def, obj_name)));
+            }
+            self.apply_update_rules(def, &old, &mut candidate, sub)?;
+            match self
+                .commit_update(def, ns, obj_name, &old, candidate, current.mod_revision)
+                .await
+            {
+                Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Metadata the server owns, status/spec separation, validation, generation.
+    fn apply_update_rules(
+        &self,
+        def: &ResourceDef,
+        old: &Value,
+        new: &mut Value,
+        sub: Option<&Subresource>,
+    ) -> ApiResult<()> {
+        let obj_name = name(old).unwrap_or_default().to_owned();
+        for field in ["apiVersion", "kind"] {
+            if new.get(field).is_none() {
+                new[field] = old[field].clone();
+            }
+        }
+        let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
+        {
+            let meta = meta_mut(new);
+            for field in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
+                match old_meta.get(field) {
+                    Some(v) => {
+                        meta.insert(field.into(), v.clone());
+                    }
+                    None => {
+                        meta.remove(field);
+                    }
+                }
+            }
+            meta.remove("managedFields");
+        }
+        match sub.map(|s| s.name) {
+            Some("status") => strategy::prepare_status_update(old, new),
+            Some("finalize") => {
+                let finalizers = new
+                    .pointer("/spec/finalizers")
+                    .cloned()
+                    .unwrap_or(json!([]));
+                let rv = new.pointer("/metadata/resourceVersion").cloned();
+                *new = old.clone();
+                new["spec"]["finalizers"] = finalizers;
+                if let Some(rv) = rv {
+                    new["metadata"]["resourceVersion"] = rv;
+                }
+            }
+            _ => {
+                strategy::default(def, new);
+                let mut causes = strategy::prepare_update(def, old, new);
+                causes.extend(strategy::validate(def, new));
+                if !causes.is_empty() {
+                    return Err(ApiError::invalid(def.group, def.kind, &obj_name, causes));
+                }
+            }
+        }
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let generation = if strategy::spec_changed(old, new) {
+            generation + 1
+        } else {
+            generation
+        };
+        meta_mut(new).insert("generation".into(), json!(generation));
+        Ok(())
+    }
+
+    /// Stores an update (or, when the last finalizer went, the deletion).
+    async fn commit_update(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        obj_name: &str,
+        old: &Value,
+        mut new: Value,
+        expected: i64,
+    ) -> ApiResult<Value> {
+        let key = def.key(ns, obj_name);
+        let deleting = meta_str(&new, "deletionTimestamp").is_some();
+        if deleting && finalizers_done(&new) && !graceful_pending(def, &new) {
+            let kv = self
+                .store
+                .delete(&key, Some(expected))
+                .await
+                .map_err(|e| ApiError::from_store(e, subject(def, obj_name)))?;
+            self.after_delete(def, old).await;
+            set_resource_version(&mut new, kv.mod_revision);
+            return Ok(new);
+        }
+        if new == *old {
+            // Nothing changes: no new revision (kube-apiserver skips no-op writes too).
+            return Ok(new);
+        }
+        let kv = self
+            .store
+            .update(&key, encode(&new), expected)
+            .await
+            .map_err(|e| ApiError::from_store(e, subject(def, obj_name)))?;
+        set_resource_version(&mut new, kv.mod_revision);
+        Ok(new)
+    }
+
+    async fn after_delete(&self, def: &ResourceDef, obj: &Value) {
+        if def.kind == "Service" {
+            self.release(&Self::service_allocations(obj)).await;
+        }
+    }
+
+    /// Deletes an object: at once, or by marking it (`deletionTimestamp`) when finalizers, a
+    /// pod's grace period or a namespace's cleanup must come first. Returns the object and
+    /// whether it is gone.
+    pub async fn delete(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        obj_name: &str,
+        params: &DeleteParams,
+    ) -> ApiResult<(Value, bool)> {
+        loop {
+            let current = self.get_kv(def, ns, obj_name).await?;
+            let mut obj = decode(&current)?;
+            if let Some(uid) = &params.precondition_uid
+                && meta_str(&obj, "uid") != Some(uid)
+            {
+                return Err(ApiError::conflict_message(
+                    subject(def, obj_name),
+                    format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta_str(&obj, "uid").unwrap_or_default()
+                    ),
+                ));
+            }
+            if let Some(rv) = &params.precondition_resource_version
+                && *rv != current.mod_revision.to_string()
+            {
+                return Err(ApiError::conflict_message(
+                    subject(def, obj_name),
+                    format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        current.mod_revision
+                    ),
+                ));
+            }
+            let mut finalizers: Vec<Value> = obj
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let policy = params.propagation_policy.as_deref();
+            for (wanted, finalizer) in [
+                (Some("Orphan"), "orphan"),
+                (Some("Foreground"), "foregroundDeletion"),
+            ] {
+                if policy == wanted && !finalizers.contains(&json!(finalizer)) {
+                    finalizers.push(json!(finalizer));
+                }
+            }
+            let grace = match def.kind {
+                "Pod" => {
+                    let scheduled = obj
+                        .pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| !n.is_empty());
+                    let finished = matches!(
+                        obj.pointer("/status/phase").and_then(Value::as_str),
+                        Some("Succeeded" | "Failed")
+                    );
+                    let default = obj
+                        .pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(30);
+                    if scheduled && !finished {
+                        params.grace_period_seconds.unwrap_or(default).max(0)
+                    } else {
+                        0
+                    }
+                }
+                _ => 0,
+            };
+            let namespace_cleanup = def.kind == "Namespace"
+                && obj
+                    .pointer("/spec/finalizers")
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| !f.is_empty());
+            let already = meta_str(&obj, "deletionTimestamp").is_some();
+            if finalizers.is_empty() && grace == 0 && !namespace_cleanup {
+                match self
+                    .store
+                    .delete(&current.key, Some(current.mod_revision))
+                    .await
+                {
+                    Ok(kv) => {
+                        self.after_delete(def, &obj).await;
+                        set_resource_version(&mut obj, kv.mod_revision);
+                        return Ok((obj, true));
+                    }
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(ApiError::from_store(e, subject(def, obj_name))),
+                }
+            }
+            if already && def.kind != "Pod" {
+                return Ok((obj, false));
+            }
+            {
+                let meta = meta_mut(&mut obj);
+                let when = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
+                meta.insert(
+                    "deletionTimestamp".into(),
+                    json!(when.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+                );
+                meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+                if !finalizers.is_empty() {
+                    meta.insert("finalizers".into(), Value::Array(finalizers));
+                }
+            }
+            if def.kind == "Namespace" {
+                obj["status"]["phase"] = json!("Terminating");
+            }
+            match self
+                .store
+                .update(&current.key, encode(&obj), current.mod_revision)
+                .await
+            {
+                Ok(kv) => {
+                    set_resource_version(&mut obj, kv.mod_revision);
+                    return Ok((obj, false));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(ApiError::from_store(e, subject(def, obj_name))),
+            }
+        }
+    }
+
+    /// Makes sure an object exists (server bootstrap: default namespaces).
+    pub async fn ensure(&self, def: &ResourceDef, obj: Value) -> ApiResult<()> {
+        match self.create(def, None, obj).await {
+            Err(e) if e.reason == "AlreadyExists" => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+fn finalizers_done(obj: &Value) -> bool {
+    let meta_empty = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty);
+    let spec_empty = obj.get("kind").and_then(Value::as_str) != Some("Namespace")
+        || obj
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+    meta_empty && spec_empty
+}
+
+/// A scheduled pod waits for its kubelet within the grace period.
+fn graceful_pending(def: &ResourceDef, obj: &Value) -> bool {
+    def.kind == "Pod"
+        && obj
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            > 0
+}
+
+/// Something a service holds.
+#[derive(Clone, Copy, Debug)]
+enum Allocation {
+    Ip(u32),
+    Port(u32),
+}

