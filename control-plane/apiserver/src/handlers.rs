@@ -648,7 +648,7 @@ async fn resource<S: Store>(
                     )
                 })?
                 .to_owned();
-            reg.guaranteed_update(def, ns, name, None, |pod| {
+            reg.guaranteed_update(def, ns, name, Some(sub), |pod| {
                 if let Some(bound) = pod.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
                     return Err(ApiError::conflict_message(
                         crate::error::Subject { group: "", resource: "pods", name },

@@ -551,6 +551,9 @@ impl<S: Store> Registry<S> {
         }
         match sub.map(|s| s.name) {
             Some("status") => strategy::prepare_status_update(old, new),
+            // The binding is built here from the stored pod: only nodeName and the
+            // PodScheduled condition change, which a client's update may not do.
+            Some("binding") => {}
             Some("finalize") => {
                 let finalizers = new
                     .pointer("/spec/finalizers")

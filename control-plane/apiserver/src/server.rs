@@ -232,11 +232,15 @@ pub async fn serve<S: Store>(store: Arc<S>, config: Config) -> Result<()> {
     )
     .await
     .context("TLS configuration")?;
+    // Bound before saying so: whoever waits for the line can connect at once.
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("listen on {}", config.listen))?;
+    listener.set_nonblocking(true)?;
     println!(
         "control-plane: serving the Kubernetes API on {server_url}; kubeconfig: {}",
         config.kubeconfig.display()
     );
-    axum_server::bind_rustls(config.listen, tls)
+    axum_server::from_tcp_rustls(listener, tls)
         .serve(app.into_make_service())
         .await
         .with_context(|| format!("serve on {}", config.listen))

@@ -1,0 +1,240 @@
+//! A control-plane process for tests: free port, its own state directory, killed on drop; and
+//! an HTTPS client that trusts its CA and presents its token.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use base64::Engine;
+
+pub fn venv_bin(tool: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/venv/bin")
+        .join(tool);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs kubectl and the Python client)",
+        path.display()
+    );
+    path
+}
+
+fn spawn(args: &[String]) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start control-plane");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) if line.contains("serving") => child,
+        other => {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the control plane did not start: {other:?}\n{err}");
+        }
+    }
+}
+
+/// A control plane on a free port with its own state directory; killed on drop.
+pub struct ControlPlane {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    args: Vec<String>,
+}
+
+impl ControlPlane {
+    /// Starts a control plane; `{dir}` in `store` becomes a directory of the test's own.
+    pub fn start(store: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let kubeconfig = dir.path().join("kubeconfig");
+        let store = store.replace("{dir}", &dir.path().join("store").display().to_string());
+        let mut args: Vec<String> = vec![
+            "--store".into(),
+            store,
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
+        args.extend([
+            "--state-dir".into(),
+            dir.path().join("state").display().to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let child = spawn(&args);
+        Self {
+            child,
+            dir,
+            kubeconfig,
+            args,
+        }
+    }
+
+    /// Stops the process (as a crash would) and starts it again on the same state and port.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.args);
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(venv_bin("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// Runs kubectl, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success(),
+            "kubectl {} failed:\n{stdout}\n{stderr}",
+            args.join(" ")
+        );
+        stdout.into_owned()
+    }
+
+    /// Runs kubectl, which must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {} should have failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn file(&self, name: &str, content: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `f` with the endpoint of an etcd started for it (Debian's etcd-server, installed by
+/// `cargo xtask setup`) and stops etcd afterwards.
+pub fn with_etcd<T>(f: impl FnOnce(&str) -> T) -> T {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = runtime
+        .block_on(control_plane_store::etcd_process::EtcdProcess::start())
+        .expect("start etcd");
+    let result = f(&etcd.endpoint);
+    drop(etcd);
+    result
+}
+
+/// Runs a scenario `fn(store: &str)` once on the embedded store and once on etcd, as two tests.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(#[test]
+            fn $scenario() {
+                super::$scenario("embedded:{dir}");
+            })*
+        }
+        mod etcd {
+            $(#[test]
+            fn $scenario() {
+                $crate::common::with_etcd(|endpoint| super::$scenario(&format!("etcd:{endpoint}")));
+            })*
+        }
+    };
+}
+
+/// An HTTPS client of a control plane, from its kubeconfig.
+pub struct Api {
+    pub http: reqwest::Client,
+    pub server: String,
+    pub token: String,
+}
+
+fn kubeconfig_field<'a>(text: &'a str, field: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{field}: ")))
+        .unwrap_or_else(|| panic!("no {field} in the kubeconfig"))
+}
+
+impl Api {
+    pub fn new(cp: &ControlPlane) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let text = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(kubeconfig_field(&text, "certificate-authority-data"))
+            .unwrap();
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .build()
+            .unwrap();
+        Self {
+            http,
+            server: kubeconfig_field(&text, "server").to_owned(),
+            token: kubeconfig_field(&text, "token").to_owned(),
+        }
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.server))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends and returns (status, JSON body).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.request(method, path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
