@@ -28,7 +28,7 @@ use node_agent_proxy::{
 use serde::Serialize;
 
 use crate::{
-    loadgen::{self, Run},
+    loadgen::{self, Run, median},
     servers::{BenchBackend, IPERF_PORT},
 };
 
@@ -424,14 +424,6 @@ fn measure_round(lab: &ModeLab, opts: &Options, direct: bool, samples: &mut Samp
             .push(loadgen::iperf(&lab.lab.client, pod_iperf, iperf_secs)?);
     }
     Ok(())
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// The median run of those without errors (all of them if every run had some).

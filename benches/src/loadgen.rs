@@ -26,11 +26,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Latencies(Vec<u32>);
 
 impl Latencies {
-    fn push(&mut self, d: Duration) {
+    pub fn push(&mut self, d: Duration) {
         self.0.push(d.as_micros().min(u128::from(u32::MAX)) as u32);
     }
 
-    fn merge(&mut self, other: Latencies) {
+    pub fn merge(&mut self, other: Latencies) {
         self.0.extend(other.0);
     }
 
@@ -43,6 +43,15 @@ impl Latencies {
         let i = ((self.0.len() - 1) as f64 * q).round() as usize;
         f64::from(self.0[i])
     }
+}
+
+/// The median of `values` (0 for none); sorts them.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// What a timed run did.

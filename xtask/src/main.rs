@@ -7,6 +7,7 @@
 //! - `bench dataplane [--quick] [--json]`: per-packet cost under BPF_PROG_TEST_RUN.
 //! - `bench cluster [--quick] [--json]`: the eBPF data plane against kube-proxy's iptables and
 //!   nftables rules on the same topology and traffic, one run.
+//! - `bench control-plane [--quick] [--json]`: the API server on the embedded store and on etcd.
 //!
 //! xtask itself depends on nothing that needs the set-up (no protoc, no eBPF build), so it
 //! compiles on a bare machine.
@@ -29,6 +30,8 @@ commands:
   test                               run every test (as root)
   bench dataplane [--quick] [--json] per-packet cost of the data path, 1 to 100,000 services
   bench cluster [--quick] [--json]   eBPF vs kube-proxy iptables and nftables, side by side
+  bench control-plane [--quick] [--json]
+                                     API creates/s and watch latency, embedded store and etcd
 ";
 
 fn main() -> ExitCode {
@@ -57,11 +60,7 @@ fn run(args: Vec<String>) -> Result<()> {
             test(rest)
         }
         ["bench", "cluster", flags @ ..] => {
-            for flag in flags {
-                if !matches!(*flag, "--quick" | "--json") {
-                    bail!("unknown flag {flag}\n\n{USAGE}");
-                }
-            }
+            check_flags(flags)?;
             setup::setup()?;
             require_root()?;
             let bench = build_release("benches", "bench-cluster")?;
@@ -71,12 +70,19 @@ fn run(args: Vec<String>) -> Result<()> {
                     .current_dir(workspace_root()),
             )
         }
+        ["bench", "control-plane", flags @ ..] => {
+            check_flags(flags)?;
+            setup::setup()?;
+            status(cargo().args(["build", "--release", "--package", "control-plane"]))?;
+            let bench = build_release("benches", "bench-control-plane")?;
+            status(
+                Command::new(bench)
+                    .args(flags)
+                    .current_dir(workspace_root()),
+            )
+        }
         ["bench", "dataplane", flags @ ..] => {
-            for flag in flags {
-                if !matches!(*flag, "--quick" | "--json") {
-                    bail!("unknown flag {flag}\n\n{USAGE}");
-                }
-            }
+            check_flags(flags)?;
             setup::setup()?;
             require_root()?;
             let dpctl = build_release("ebpf-dpctl", "dpctl")?;
@@ -87,6 +93,16 @@ fn run(args: Vec<String>) -> Result<()> {
             bail!("unknown command {:?}", args.join(" "));
         }
     }
+}
+
+/// The benchmarks take `--quick` and `--json`, nothing else.
+fn check_flags(flags: &[&str]) -> Result<()> {
+    for flag in flags {
+        if !matches!(*flag, "--quick" | "--json") {
+            bail!("unknown flag {flag}\n\n{USAGE}");
+        }
+    }
+    Ok(())
 }
 
 /// Runs the whole suite: unit tests, kernel tests (BPF_PROG_TEST_RUN) and network tests in

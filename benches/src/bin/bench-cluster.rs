@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     };
     let rows = cluster::run(&opts, &mut progress)?;
     eprintln!("\r\x1b[2K[{:>4}s] done", started.elapsed().as_secs());
-    let machine = machine();
+    let machine = report::machine();
     let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
         .join("bench");
     let json_text = report::write(&dir, &rows, &machine)?;
@@ -42,21 +42,4 @@ fn main() -> Result<()> {
         println!("{json_text}");
     }
     Ok(())
-}
-
-/// CPU model, cores, kernel: what the figures were measured on.
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(str::trim)
-        .unwrap_or("unknown CPU");
-    let cores = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} x {model}, kernel {}", kernel.trim())
 }

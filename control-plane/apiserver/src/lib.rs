@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod discovery;
 pub mod error;
 pub mod handlers;
+pub mod kubeconfig;
 pub mod object;
 pub mod openapi;
 pub mod patch;

@@ -6,7 +6,6 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use axum::Router;
-use base64::Engine;
 use control_plane_store::Store;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -16,6 +15,7 @@ use serde_json::json;
 use crate::{
     alloc::{Allocator, Range},
     handlers::{App, handle},
+    kubeconfig::Kubeconfig,
     registry::Registry,
     resources::by_kind,
 };
@@ -108,12 +108,12 @@ impl Credentials {
     }
 
     /// A kubeconfig for an admin client of `server`.
-    pub fn kubeconfig(&self, server: &str) -> String {
-        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: keel\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {}\ncontexts:\n- name: keel\n  context:\n    cluster: keel\n    user: admin\n    namespace: default\ncurrent-context: keel\n",
-            self.token
-        )
+    pub fn kubeconfig(&self, server: &str) -> Kubeconfig {
+        Kubeconfig {
+            server: server.to_owned(),
+            ca_pem: self.ca_pem.clone(),
+            token: self.token.clone(),
+        }
     }
 }
 
@@ -218,7 +218,10 @@ pub async fn serve<S: Store>(store: Arc<S>, config: Config) -> Result<()> {
     if let Some(dir) = config.kubeconfig.parent() {
         std::fs::create_dir_all(dir).ok();
     }
-    write_private(&config.kubeconfig, &credentials.kubeconfig(&server_url))?;
+    write_private(
+        &config.kubeconfig,
+        &credentials.kubeconfig(&server_url).render(),
+    )?;
     let registry = registry(store.clone(), &config).await?;
     spawn_compactor(store, config.compaction_interval);
     let app = router(

@@ -4,15 +4,11 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
-    time::Duration,
+    process::{Command, Output},
 };
 
-use base64::Engine;
+use control_plane::launch::Process;
 
 pub fn venv_bin(tool: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -26,76 +22,36 @@ pub fn venv_bin(tool: &str) -> PathBuf {
     path
 }
 
-fn spawn(args: &[String]) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start control-plane");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) if line.contains("serving") => child,
-        other => {
-            let _ = child.kill();
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("the control plane did not start: {other:?}\n{err}");
-        }
-    }
-}
-
 /// A control plane on a free port with its own state directory; killed on drop.
 pub struct ControlPlane {
-    child: Child,
+    process: Process,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
-    args: Vec<String>,
 }
 
 impl ControlPlane {
     /// Starts a control plane; `{dir}` in `store` becomes a directory of the test's own.
     pub fn start(store: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let kubeconfig = dir.path().join("kubeconfig");
         let store = store.replace("{dir}", &dir.path().join("store").display().to_string());
-        let mut args: Vec<String> = vec![
-            "--store".into(),
-            store,
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-        ];
-        args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
-        args.extend([
-            "--state-dir".into(),
-            dir.path().join("state").display().to_string(),
-        ]);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let child = spawn(&args);
+        let process = Process::start(
+            Path::new(env!("CARGO_BIN_EXE_control-plane")),
+            &store,
+            dir.path(),
+            extra,
+        )
+        .unwrap();
+        let kubeconfig = process.kubeconfig.clone();
         Self {
-            child,
+            process,
             dir,
             kubeconfig,
-            args,
         }
     }
 
     /// Stops the process (as a crash would) and starts it again on the same state and port.
     pub fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn(&self.args);
+        self.process.restart().unwrap();
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
@@ -140,13 +96,6 @@ impl ControlPlane {
     }
 }
 
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs `f` with the endpoint of an etcd started for it (Debian's etcd-server, installed by
 /// `cargo xtask setup`) and stops etcd afterwards.
 pub fn with_etcd<T>(f: impl FnOnce(&str) -> T) -> T {
@@ -188,27 +137,18 @@ pub struct Api {
     pub token: String,
 }
 
-fn kubeconfig_field<'a>(text: &'a str, field: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("{field}: ")))
-        .unwrap_or_else(|| panic!("no {field} in the kubeconfig"))
-}
-
 impl Api {
     pub fn new(cp: &ControlPlane) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let text = std::fs::read_to_string(&cp.kubeconfig).unwrap();
-        let ca = base64::engine::general_purpose::STANDARD
-            .decode(kubeconfig_field(&text, "certificate-authority-data"))
-            .unwrap();
+        let config = cp.process.config().unwrap();
         let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .tls_certs_only([reqwest::Certificate::from_pem(config.ca_pem.as_bytes()).unwrap()])
             .build()
             .unwrap();
         Self {
             http,
-            server: kubeconfig_field(&text, "server").to_owned(),
-            token: kubeconfig_field(&text, "token").to_owned(),
+            server: config.server,
+            token: config.token,
         }
     }
 

@@ -1,0 +1,52 @@
+//! `bench-control-plane [--quick] [--json]`: the API server on the embedded store and on etcd,
+//! driven over HTTPS by concurrent clients (see `benches::control_plane`). `cargo xtask bench
+//! control-plane` builds it with the `control-plane` binary it starts, and runs it.
+
+use std::{io::Write, path::PathBuf, time::Instant};
+
+use anyhow::{Result, bail};
+use benches::{control_plane, report};
+use serde_json::json;
+
+fn main() -> Result<()> {
+    let mut quick = false;
+    let mut json = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--json" => json = true,
+            other => {
+                bail!("unknown argument {other}; usage: bench-control-plane [--quick] [--json]")
+            }
+        }
+    }
+    let opts = if quick {
+        control_plane::Options::quick()
+    } else {
+        control_plane::Options::full()
+    };
+    let started = Instant::now();
+    let mut progress = |step: &str| {
+        eprint!("\r\x1b[2K[{:>4}s] {step}", started.elapsed().as_secs());
+        let _ = std::io::stderr().flush();
+    };
+    let results = control_plane::run(&opts, &mut progress)?;
+    eprintln!("\r\x1b[2K[{:>4}s] done", started.elapsed().as_secs());
+    let machine = report::machine();
+    let table = control_plane::markdown(&results, opts.clients, &machine);
+    let json_text = json!({ "results": results }).to_string();
+    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("control-plane.md"), &table)?;
+    std::fs::write(dir.join("control-plane.json"), &json_text)?;
+    print!("{table}");
+    println!(
+        "\nWritten: {}/control-plane.md, control-plane.json",
+        dir.display()
+    );
+    if json {
+        println!("{json_text}");
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Starting a `control-plane` process and waiting until it serves, with its own state
+//! directory and a free loopback port; stopped on drop.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use control_plane_apiserver::kubeconfig::Kubeconfig;
+
+pub struct Process {
+    child: Child,
+    binary: PathBuf,
+    args: Vec<String>,
+    /// Where it writes its kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// `host:port` of the API.
+    pub listen: String,
+}
+
+impl Process {
+    /// Starts `binary` on `store` (`embedded:<dir>` or `etcd:<endpoints>`), keeping its state
+    /// under `state_dir`, with `extra` arguments.
+    pub fn start(binary: &Path, store: &str, state_dir: &Path, extra: &[&str]) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let listen = format!("127.0.0.1:{port}");
+        let kubeconfig = state_dir.join("kubeconfig");
+        let mut args: Vec<String> = vec![
+            "--store".into(),
+            store.into(),
+            "--listen".into(),
+            listen.clone(),
+        ];
+        args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
+        args.extend([
+            "--state-dir".into(),
+            state_dir.join("state").display().to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let child = spawn(binary, &args)?;
+        Ok(Self {
+            child,
+            binary: binary.to_owned(),
+            args,
+            kubeconfig,
+            listen,
+        })
+    }
+
+    /// Kills the process (as a crash would) and starts it again on the same state and port.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.binary, &self.args)?;
+        Ok(())
+    }
+
+    pub fn config(&self) -> Result<Kubeconfig> {
+        Kubeconfig::read(&self.kubeconfig)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Spawns and waits for the "serving" line (printed once the port is bound). Both outputs are
+/// drained for the life of the process, so its logs can never block it.
+fn spawn(binary: &Path, args: &[String]) -> Result<Child> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {}", binary.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let recent = Arc::new(Mutex::new(VecDeque::new()));
+    let lines = recent.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("control-plane: {line}");
+            let mut lines = lines.lock().expect("not poisoned");
+            if lines.len() == 50 {
+                lines.pop_front();
+            }
+            lines.push_back(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) if line.contains("serving") => Ok(child),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            let err = Vec::from(recent.lock().expect("not poisoned").clone()).join("\n");
+            bail!("the control plane did not start ({other:?}):\n{err}");
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
