@@ -22,14 +22,19 @@ pub struct Process {
     pub kubeconfig: PathBuf,
     /// `host:port` of the API.
     pub listen: String,
+    /// `https://host:port` of the node feed.
+    pub feed_url: String,
+    /// The node token's file.
+    pub node_token: PathBuf,
 }
 
 impl Process {
     /// Starts `binary` on `store` (`embedded:<dir>` or `etcd:<endpoints>`), keeping its state
     /// under `state_dir`, with `extra` arguments.
     pub fn start(binary: &Path, store: &str, state_dir: &Path, extra: &[&str]) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = format!("127.0.0.1:{port}");
+        let free = || -> Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        let listen = format!("127.0.0.1:{}", free()?);
+        let feed = format!("127.0.0.1:{}", free()?);
         let kubeconfig = state_dir.join("kubeconfig");
         let mut args: Vec<String> = vec![
             "--store".into(),
@@ -42,6 +47,7 @@ impl Process {
             "--state-dir".into(),
             state_dir.join("state").display().to_string(),
         ]);
+        args.extend(["--feed-listen".into(), feed.clone()]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let child = spawn(binary, &args)?;
         Ok(Self {
@@ -50,6 +56,8 @@ impl Process {
             args,
             kubeconfig,
             listen,
+            feed_url: format!("https://{feed}"),
+            node_token: state_dir.join("state").join("node-token"),
         })
     }
 
@@ -63,6 +71,13 @@ impl Process {
 
     pub fn config(&self) -> Result<Kubeconfig> {
         Kubeconfig::read(&self.kubeconfig)
+    }
+
+    /// A client of the node feed, as a node agent connects (the CA, the node token).
+    pub async fn node_feed(&self) -> Result<control_plane_api::FeedClient> {
+        let token = std::fs::read_to_string(&self.node_token)
+            .with_context(|| format!("read {}", self.node_token.display()))?;
+        control_plane_api::connect(&self.feed_url, &self.config()?.ca_pem, token.trim()).await
     }
 
     pub fn pid(&self) -> u32 {
@@ -99,16 +114,23 @@ fn spawn(binary: &Path, args: &[String]) -> Result<Child> {
             lines.push_back(line);
         }
     });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) if line.contains("serving") => Ok(child),
-        other => {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-            let err = Vec::from(recent.lock().expect("not poisoned").clone()).join("\n");
-            bail!("the control plane did not start ({other:?}):\n{err}");
+    // The API's line comes last: the feed is up by then too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let outcome = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(line) if line.contains("serving the Kubernetes API") => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
         }
+    };
+    if let Err(e) = outcome {
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        let err = Vec::from(recent.lock().expect("not poisoned").clone()).join("\n");
+        bail!("the control plane did not start ({e}):\n{err}");
     }
+    Ok(child)
 }
 
 impl Drop for Process {

@@ -1,15 +1,18 @@
-//! `control-plane`: the Kubernetes API server in one binary.
+//! `control-plane`: the whole control plane in one binary: the Kubernetes API server, the
+//! scheduler and controllers, and the gRPC feed to node agents.
 //!
 //! ```text
 //! control-plane --store embedded:/var/lib/keel/store --listen 127.0.0.1:6443 --kubeconfig ./kubeconfig
-//! control-plane --store etcd:http://127.0.0.1:2379
+//! control-plane --store etcd:http://127.0.0.1:2379 --feed-listen 0.0.0.0:6444
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use control_plane_apiserver::server::{Config, serve};
+use control_plane_apiserver::server::{Config, Credentials, registry, serve, spawn_compactor};
+use control_plane_controllers::Settings;
+use control_plane_feed::{FeedService, hub::Hub};
 use control_plane_store::{AnyStore, StoreSpec};
 
 #[derive(Parser)]
@@ -21,10 +24,13 @@ struct Args {
     /// Address and port of the HTTPS API.
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
+    /// Address and port of the node agents' gRPC feed (TLS, node token).
+    #[arg(long, default_value = "127.0.0.1:6444")]
+    feed_listen: SocketAddr,
     /// Where to write a kubeconfig (server, CA, admin token) that kubectl uses as it is.
     #[arg(long, default_value = "/var/lib/keel/control-plane/admin.kubeconfig")]
     kubeconfig: PathBuf,
-    /// Where the CA, its key and the admin token are kept across restarts.
+    /// Where the CA, its key, the admin token and the node token are kept across restarts.
     #[arg(long, default_value = "/var/lib/keel/control-plane")]
     state_dir: PathBuf,
     /// ClusterIPs are allocated from this range.
@@ -33,6 +39,25 @@ struct Args {
     /// NodePorts are allocated from this range.
     #[arg(long, default_value = "30000-32767")]
     service_node_port_range: String,
+    /// Pod CIDRs of nodes are cut from this range.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value = "24")]
+    node_cidr_mask_size: u8,
+    /// A node whose lease is not renewed for this long turns NotReady.
+    #[arg(long, default_value = "40", value_name = "SECONDS")]
+    node_monitor_grace_period: f64,
+    /// How often the ClusterIP and NodePort allocations are checked against the services.
+    #[arg(long, default_value = "180", value_name = "SECONDS")]
+    repair_interval: f64,
+    /// Changes the feed keeps for agents to resume from after a reconnect.
+    #[arg(long, default_value = "20000")]
+    feed_history: usize,
+    /// Serve the API and the feed only: no scheduler, no controllers (for API conformance
+    /// tests, or when the control loops run elsewhere).
+    #[arg(long)]
+    disable_controllers: bool,
     /// Extra names or addresses the serving certificate is valid for (repeatable).
     #[arg(long = "tls-san")]
     tls_sans: Vec<String>,
@@ -41,11 +66,16 @@ struct Args {
     compaction_interval: u64,
 }
 
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.001))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -64,8 +94,40 @@ fn main() -> Result<()> {
             tls_sans: args.tls_sans,
             compaction_interval: Duration::from_secs(args.compaction_interval.max(1)),
         };
+        let credentials = Credentials::load_or_create(&config)?;
+        let registry = registry(store.clone(), &config).await?;
+        spawn_compactor(store.clone(), config.compaction_interval);
+        let settings = Settings {
+            cluster_cidr: args.cluster_cidr,
+            node_cidr_mask_size: args.node_cidr_mask_size,
+            node_monitor_grace_period: seconds(args.node_monitor_grace_period),
+            repair_interval: seconds(args.repair_interval),
+        };
+        let client = if args.disable_controllers {
+            control_plane_controllers::client_only(registry.clone())
+        } else {
+            control_plane_controllers::start(registry.clone(), &settings)?
+        };
+        let hub = Hub::new(args.feed_history);
+        tokio::spawn(hub.clone().run(store.clone()));
+        let token = control_plane_feed::load_or_create_token(&config.state_dir)?;
+        let feed = control_plane_feed::serve(
+            args.feed_listen,
+            &credentials.cert_pem,
+            &credentials.key_pem,
+            token,
+            FeedService::new(client, hub),
+        )
+        .await?;
+        println!(
+            "control-plane: serving the node feed on https://{}; node token: {}",
+            args.feed_listen,
+            config.state_dir.join("node-token").display()
+        );
+        let api = serve(registry, &credentials, &config).await?;
         tokio::select! {
-            result = serve(store, config) => result,
+            result = api => result,
+            result = feed => result,
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })

@@ -1,6 +1,7 @@
 //! The API's semantics over HTTPS, as a client sees them: Status errors with reasons and codes,
 //! optimistic concurrency, allocation of ClusterIPs and NodePorts, watches, pagination,
-//! subresources, graceful deletion.
+//! subresources, graceful deletion. The control loops are off (`--disable-controllers`): these
+//! tests are about what the API does with a client's writes, with nobody writing beside it.
 
 mod common;
 
@@ -43,7 +44,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn errors_are_statuses_with_reasons_and_writes_are_optimistic(store: &str) {
-    let cp = ControlPlane::start(store, &[]);
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
     let api = Api::new(&cp);
     runtime().block_on(async {
         let (code, body) = api.call(Method::GET, "/api/v1/namespaces", None).await;
@@ -110,6 +111,7 @@ fn cluster_ips_and_node_ports_are_unique_under_concurrency_and_across_restarts(s
             "10.100.0.0/24",
             "--service-node-port-range",
             "30000-30099",
+            "--disable-controllers",
         ],
     );
     let rt = runtime();
@@ -233,7 +235,10 @@ async fn events(resp: reqwest::Response, n: usize, secs: u64) -> Vec<Value> {
 }
 
 fn watches_replay_follow_filter_bookmark_and_report_compaction(store: &str) {
-    let cp = ControlPlane::start(store, &["--compaction-interval", "1"]);
+    let cp = ControlPlane::start(
+        store,
+        &["--compaction-interval", "1", "--disable-controllers"],
+    );
     let api = Api::new(&cp);
     runtime().block_on(async {
         api.call(Method::POST, PODS, Some(pod("a", json!({"app": "web"}))))
@@ -370,7 +375,7 @@ fn watches_replay_follow_filter_bookmark_and_report_compaction(store: &str) {
 }
 
 fn lists_page_selectors_subresources_and_deletion(store: &str) {
-    let cp = ControlPlane::start(store, &[]);
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
     let api = Api::new(&cp);
     runtime().block_on(async {
         for i in 0..7 {
@@ -460,7 +465,7 @@ fn lists_page_selectors_subresources_and_deletion(store: &str) {
 }
 
 fn discovery_answers_in_both_forms(store: &str) {
-    let cp = ControlPlane::start(store, &[]);
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
     let api = Api::new(&cp);
     runtime().block_on(async {
         let accept =

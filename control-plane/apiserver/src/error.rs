@@ -296,3 +296,17 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.reason,
+            self.code.as_u16(),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -648,31 +648,8 @@ async fn resource<S: Store>(
                     )
                 })?
                 .to_owned();
-            reg.guaranteed_update(def, ns, name, Some(sub), |pod| {
-                if let Some(bound) = pod.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
-                    return Err(ApiError::conflict_message(
-                        crate::error::Subject { group: "", resource: "pods", name },
-                        format!("pod {name} is already assigned to node \"{bound}\""),
-                    ));
-                }
-                if pod.pointer("/metadata/deletionTimestamp").is_some() {
-                    return Err(ApiError::conflict_message(
-                        crate::error::Subject { group: "", resource: "pods", name },
-                        format!("pod {name} is being deleted, cannot be assigned to a host"),
-                    ));
-                }
-                let mut pod = pod.clone();
-                pod["spec"]["nodeName"] = json!(node);
-                let mut conditions: Vec<Value> = pod.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
-                conditions.retain(|c| c.get("type") != Some(&json!("PodScheduled")));
-                conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": crate::object::now()}));
-                pod["status"]["conditions"] = json!(conditions);
-                if let Some(m) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
-                    m.remove("resourceVersion");
-                }
-                Ok(pod)
-            })
-            .await
+            reg.bind(def, ns, name, sub, &node)
+                .await
             .map(|_| json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
         }
         (Method::PUT, Some(name), sub) => {
@@ -725,17 +702,21 @@ async fn resource<S: Store>(
                     name,
                     sub.filter(|s| s.name != "scale"),
                     |current| {
+                        let unconditional =
+                            patch_body.pointer("/metadata/resourceVersion").is_none();
                         if is_scale {
-                            let scale = apply_patch(
-                                "Scale",
-                                &content_type,
-                                &scale_of(current),
-                                &patch_body,
-                            )?;
+                            let mut scale = scale_of(current);
+                            if unconditional
+                                && let Some(m) =
+                                    scale.get_mut("metadata").and_then(Value::as_object_mut)
+                            {
+                                m.remove("resourceVersion");
+                            }
+                            let scale = apply_patch("Scale", &content_type, &scale, &patch_body)?;
                             return apply_scale(current, &scale);
                         }
                         let mut current = current.clone();
-                        if patch_body.pointer("/metadata/resourceVersion").is_none()
+                        if unconditional
                             && let Some(m) =
                                 current.get_mut("metadata").and_then(Value::as_object_mut)
                         {

@@ -721,7 +721,12 @@ impl<S: Store> Registry<S> {
                     Err(e) => return Err(ApiError::from_store(e, subject(def, obj_name))),
                 }
             }
-            if already && def.kind != "Pod" {
+            // Deleting again can shorten a pod's grace period, never lengthen it.
+            let current_grace = obj
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            if already && (def.kind != "Pod" || grace >= current_grace) {
                 return Ok((obj, false));
             }
             {
@@ -752,6 +757,59 @@ impl<S: Store> Registry<S> {
                 Err(e) => return Err(ApiError::from_store(e, subject(def, obj_name))),
             }
         }
+    }
+
+    /// Assigns a pod to a node (the `binding` subresource): once, and not while it is being
+    /// deleted.
+    pub async fn bind(
+        &self,
+        def: &ResourceDef,
+        ns: Option<&str>,
+        pod_name: &str,
+        binding: &Subresource,
+        node: &str,
+    ) -> ApiResult<Value> {
+        let conflict = |message: String| {
+            ApiError::conflict_message(
+                Subject {
+                    group: "",
+                    resource: "pods",
+                    name: pod_name,
+                },
+                message,
+            )
+        };
+        self.guaranteed_update(def, ns, pod_name, Some(binding), |pod| {
+            if let Some(bound) = pod
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+            {
+                return Err(conflict(format!(
+                    "pod {pod_name} is already assigned to node \"{bound}\""
+                )));
+            }
+            if pod.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(conflict(format!(
+                    "pod {pod_name} is being deleted, cannot be assigned to a host"
+                )));
+            }
+            let mut pod = pod.clone();
+            pod["spec"]["nodeName"] = json!(node);
+            let mut conditions: Vec<Value> = pod
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            conditions.retain(|c| c.get("type") != Some(&json!("PodScheduled")));
+            conditions.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now()}));
+            pod["status"]["conditions"] = json!(conditions);
+            if let Some(m) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            Ok(pod)
+        })
+        .await
     }
 
     /// Makes sure an object exists (server bootstrap: default namespaces).

@@ -205,10 +205,13 @@ pub fn spawn_compactor<S: Store>(store: Arc<S>, interval: Duration) {
     });
 }
 
-/// Serves the API over TLS until the process ends. Writes the kubeconfig first.
-pub async fn serve<S: Store>(store: Arc<S>, config: Config) -> Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let credentials = Credentials::load_or_create(&config)?;
+/// Binds the API's port, writes the kubeconfig, and says where it serves; the returned future
+/// serves the API over TLS until the process ends.
+pub async fn serve<S: Store>(
+    registry: Arc<Registry<S>>,
+    credentials: &Credentials,
+    config: &Config,
+) -> Result<impl Future<Output = Result<()>> + use<S>> {
     let host = if config.listen.ip().is_unspecified() {
         "127.0.0.1".to_owned()
     } else {
@@ -222,16 +225,14 @@ pub async fn serve<S: Store>(store: Arc<S>, config: Config) -> Result<()> {
         &config.kubeconfig,
         &credentials.kubeconfig(&server_url).render(),
     )?;
-    let registry = registry(store.clone(), &config).await?;
-    spawn_compactor(store, config.compaction_interval);
     let app = router(
         registry,
         credentials.token.clone(),
         format!("{host}:{}", config.listen.port()),
     );
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-        credentials.cert_pem.into_bytes(),
-        credentials.key_pem.into_bytes(),
+        credentials.cert_pem.clone().into_bytes(),
+        credentials.key_pem.clone().into_bytes(),
     )
     .await
     .context("TLS configuration")?;
@@ -243,8 +244,11 @@ pub async fn serve<S: Store>(store: Arc<S>, config: Config) -> Result<()> {
         "control-plane: serving the Kubernetes API on {server_url}; kubeconfig: {}",
         config.kubeconfig.display()
     );
-    axum_server::from_tcp_rustls(listener, tls)
-        .serve(app.into_make_service())
-        .await
-        .with_context(|| format!("serve on {}", config.listen))
+    let listen = config.listen;
+    Ok(async move {
+        axum_server::from_tcp_rustls(listener, tls)
+            .serve(app.into_make_service())
+            .await
+            .with_context(|| format!("serve on {listen}"))
+    })
 }

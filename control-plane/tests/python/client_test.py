@@ -20,9 +20,14 @@ def check(cond, what):
 
 
 def pod(name, labels):
+    # Left to a scheduler that does not run here, the pods stay as this test writes them: no
+    # control loop writes beside it (the same as kube-scheduler ignoring another's pods).
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name=name, labels=labels),
-        spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox:1.36")]),
+        spec=client.V1PodSpec(
+            containers=[client.V1Container(name="c", image="busybox:1.36")],
+            scheduler_name="py-test-scheduler",
+        ),
     )
 
 

@@ -1,0 +1,80 @@
+//! The control loops of the control plane (kube-controller-manager's and kube-scheduler's jobs),
+//! running in the control-plane process on shared informers and writing through the API
+//! server's registry (see [`client`]): the scheduler, the Deployment, ReplicaSet and
+//! EndpointSlice controllers, node IPAM and lifecycle, namespace deletion, garbage collection,
+//! and the repair of ClusterIP and NodePort allocations. All are level-triggered: each
+//! reconciles one object from the cache's current state, however many events led there.
+
+pub mod client;
+pub mod deployment;
+pub mod endpointslice;
+pub mod events;
+pub mod gc;
+pub mod informer;
+pub mod namespace;
+pub mod nodes;
+pub mod quantity;
+pub mod queue;
+pub mod repair;
+pub mod replicaset;
+pub mod scheduler;
+pub mod util;
+
+use std::{sync::Arc, time::Duration};
+
+use control_plane_apiserver::registry::Registry;
+use control_plane_store::AnyStore;
+
+/// How the loops are set up.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Pod CIDRs for nodes are cut from this range...
+    pub cluster_cidr: String,
+    /// ...in blocks of this prefix length.
+    pub node_cidr_mask_size: u8,
+    /// A node whose lease is older than this turns NotReady.
+    pub node_monitor_grace_period: Duration,
+    /// How often the ClusterIP/NodePort allocations are checked against the services.
+    pub repair_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: "10.244.0.0/16".into(),
+            node_cidr_mask_size: 24,
+            node_monitor_grace_period: Duration::from_secs(40),
+            repair_interval: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Starts every loop and the informers they share; returns the client they use.
+pub fn start(
+    registry: Arc<Registry<AnyStore>>,
+    settings: &Settings,
+) -> anyhow::Result<client::Client> {
+    let cidrs = nodes::PodCidrs::new(&settings.cluster_cidr, settings.node_cidr_mask_size)
+        .map_err(anyhow::Error::msg)?;
+    let informers = Arc::new(informer::Informers::default());
+    let client = client::Client::new(registry.clone(), informers.clone());
+    scheduler::Scheduler::start(client.clone());
+    replicaset::ReplicaSetController::start(client.clone(), 2);
+    deployment::DeploymentController::start(client.clone(), 2);
+    endpointslice::EndpointSliceController::start(client.clone(), 2);
+    nodes::start_ipam(client.clone(), cidrs);
+    nodes::Lifecycle::start(client.clone(), settings.node_monitor_grace_period);
+    namespace::start(client.clone());
+    gc::GarbageCollector::start(client.clone());
+    repair::start(client.clone(), settings.repair_interval);
+    informers.start(registry.store.clone());
+    Ok(client)
+}
+
+/// A client for the feed without any loop (`--disable-controllers`).
+pub fn client_only(registry: Arc<Registry<AnyStore>>) -> client::Client {
+    let informers = Arc::new(informer::Informers::default());
+    let client = client::Client::new(registry.clone(), informers.clone());
+    informers.start(registry.store.clone());
+    client
+}
