@@ -430,6 +430,11 @@ fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteP
             .and_then(Value::as_str)
             .map(str::to_owned);
     }
+    if params.propagation_policy.is_none()
+        && let Some(orphan) = orphan_dependents(q, body)
+    {
+        params.propagation_policy = Some(if orphan { "Orphan" } else { "Background" }.into());
+    }
     if let Some(p) = &params.propagation_policy
         && !["Orphan", "Background", "Foreground"].contains(&p.as_str())
     {
@@ -438,6 +443,18 @@ fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteP
         )));
     }
     Ok(params)
+}
+
+/// The deprecated `orphanDependents` delete option, from the query or the body.
+fn orphan_dependents(q: &HashMap<String, String>, body: &Bytes) -> Option<bool> {
+    q.get("orphanDependents")
+        .and_then(|v| v.parse().ok())
+        .or_else(|| {
+            serde_json::from_slice::<Value>(body)
+                .ok()?
+                .get("orphanDependents")?
+                .as_bool()
+        })
 }
 
 fn success_status(def: &ResourceDef, name: &str) -> Value {
@@ -754,10 +771,12 @@ async fn resource<S: Store>(
                 return Ok(json_response(StatusCode::OK, &obj));
             }
             let (obj, gone) = reg.delete(def, ns, name, &params).await?;
-            let code = if gone {
-                StatusCode::OK
-            } else {
+            // As kube-apiserver: 200 also when the object is only marked (graceful deletion,
+            // finalizers, a namespace's cleanup); 202 only for the legacy orphanDependents=false.
+            let code = if !gone && orphan_dependents(q, &body) == Some(false) {
                 StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
             };
             Ok(json_response(code, &obj))
         }

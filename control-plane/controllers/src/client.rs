@@ -99,6 +99,8 @@ impl Client {
             .guaranteed_update(def, ns, name, sub, |current| {
                 let mut obj: K = from_value(current.clone())?;
                 if change(&mut obj) {
+                    // Unconditional: a concurrent write makes it apply `change` again.
+                    obj.metadata_mut().resource_version = None;
                     to_value(&obj)
                 } else {
                     Ok(current.clone())

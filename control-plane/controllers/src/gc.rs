@@ -184,7 +184,7 @@ impl GarbageCollector {
             .client
             .registry
             .guaranteed_update(r.def, r.namespace.as_deref(), &r.name, None, |obj| {
-                let mut obj = obj.clone();
+                let mut obj = unconditional(obj);
                 if let Some(list) = obj
                     .pointer_mut("/metadata/finalizers")
                     .and_then(Value::as_array_mut)
@@ -216,7 +216,7 @@ impl GarbageCollector {
                     .client
                     .registry
                     .guaranteed_update(d.def, d.namespace.as_deref(), &d.name, None, |obj| {
-                        let mut obj = obj.clone();
+                        let mut obj = unconditional(obj);
                         if let Some(list) = obj
                             .pointer_mut("/metadata/ownerReferences")
                             .and_then(Value::as_array_mut)
@@ -275,6 +275,16 @@ impl GarbageCollector {
             .await;
         ignore_not_found(result.map(drop))
     }
+}
+
+/// A copy without its resourceVersion: the update applies to the latest version (retried on
+/// concurrent writes).
+fn unconditional(obj: &Value) -> Value {
+    let mut obj = obj.clone();
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    obj
 }
 
 fn ignore_not_found(result: Result<(), ApiError>) -> Result<(), ApiError> {

@@ -481,6 +481,10 @@ impl NodeFeed for FeedService {
         let (tx, rx) = mpsc::channel::<Result<FeedMessage, Status>>(16);
         tokio::spawn(async move {
             let mut changed = hub.subscribe();
+            // Not before the hub has loaded (a snapshot of nothing would be followed by another).
+            if changed.wait_for(|v| *v > 0).await.is_err() {
+                return;
+            }
             let mut cursor = resume_from;
             let mut need_snapshot = !hub.can_resume(resume_from);
             let mut last_sent = Instant::now();

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod agent;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -47,6 +49,10 @@ impl ControlPlane {
             dir,
             kubeconfig,
         }
+    }
+
+    pub fn process(&self) -> &Process {
+        &self.process
     }
 
     /// Stops the process (as a crash would) and starts it again on the same state and port.

@@ -1,0 +1,638 @@
+//! The control loops end to end, against the real API server and store, with node agents played
+//! by feed clients (`common::agent`): scheduling, readiness through the feed, EndpointSlices,
+//! rolling updates within their bounds, node failure, cascading deletion; and the feed itself:
+//! snapshot, deltas, resume after a dropped connection (and after a control-plane restart)
+//! without a resync, a clean snapshot once the history is gone, and authentication.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use common::{Api, ControlPlane, agent::Agent};
+use control_plane_api::feed::{WatchRequest, feed_message};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const NS: &str = "default";
+const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
+const PODS: &str = "/api/v1/namespaces/default/pods";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Polls `check` until it returns `Some` (or panics with `what` after `secs`).
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn deployment(name: &str, replicas: u32, image: &str, surge: u32, unavailable: u32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "web", "image": image, "ports": [{"name": "http", "containerPort": 8080}],
+                                          "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
+            }
+        }
+    })
+}
+
+fn service(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+    })
+}
+
+async fn items(api: &Api, path: &str) -> Vec<Value> {
+    let (code, list) = api.call(Method::GET, path, None).await;
+    assert_eq!(code, 200, "{list}");
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// The service's endpoints as the API has them: address to ready.
+async fn slice_endpoints(api: &Api, svc: &str) -> BTreeMap<String, bool> {
+    let path = format!(
+        "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3D{svc}"
+    );
+    let mut out = BTreeMap::new();
+    for slice in items(api, &path).await {
+        for e in slice["endpoints"].as_array().into_iter().flatten() {
+            out.insert(
+                e["addresses"][0].as_str().unwrap().to_owned(),
+                e["conditions"]["ready"] == json!(true),
+            );
+        }
+    }
+    out
+}
+
+fn ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+async fn agents(cp: &ControlPlane, n: usize, ready_after: Duration) -> Vec<Agent> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            Agent::start(
+                cp.process(),
+                &format!("node-{i}"),
+                Duration::from_millis(200),
+                ready_after,
+            )
+            .await,
+        );
+    }
+    out
+}
+
+fn a_deployment_gets_scheduled_made_ready_and_its_service_filled_and_failures_are_reported(
+    store: &str,
+) {
+    let cp = ControlPlane::start(store, &[]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let agents = agents(&cp, 3, Duration::from_millis(20)).await;
+        let (code, body) = api.call(Method::POST, DEPLOYS, Some(deployment("web", 5, "nginx:1.27", 1, 0))).await;
+        assert_eq!(code, 201, "{body}");
+        let (code, body) = api.call(Method::POST, "/api/v1/namespaces/default/services", Some(service("web"))).await;
+        assert_eq!(code, 201, "{body}");
+
+        let endpoints = eventually(30, "5 ready endpoints", || async {
+            let e = slice_endpoints(&api, "web").await;
+            (e.len() == 5 && e.values().all(|r| *r)).then_some(e)
+        })
+        .await;
+        let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dweb")).await;
+        assert_eq!(pods.len(), 5);
+        let mut per_node: HashMap<String, usize> = HashMap::new();
+        for p in &pods {
+            let node = p["spec"]["nodeName"].as_str().expect("scheduled").to_owned();
+            *per_node.entry(node).or_default() += 1;
+            assert!(ready(p), "ready through the feed's status call");
+            assert!(endpoints.contains_key(p["status"]["podIP"].as_str().unwrap()));
+        }
+        assert_eq!(per_node.len(), 3, "least allocated spreads 5 pods over 3 nodes: {per_node:?}");
+        // Each node has its own pod CIDR.
+        let nodes = items(&api, "/api/v1/nodes").await;
+        let mut cidrs: Vec<&str> = nodes.iter().map(|n| n["spec"]["podCIDR"].as_str().expect("a pod CIDR")).collect();
+        cidrs.sort();
+        cidrs.dedup();
+        assert_eq!(cidrs.len(), 3);
+        // Every agent received the same endpoints through its stream.
+        for agent in &agents {
+            let want: Vec<(String, bool)> = endpoints.iter().map(|(a, r)| (a.clone(), *r)).collect();
+            eventually(10, "the feed to carry the endpoints", || async { (agent.view.lock().unwrap().endpoints("default/web") == want).then_some(()) }).await;
+            let view = agent.view.lock().unwrap();
+            assert_eq!(view.snapshots, 1);
+            assert!(view.services.contains_key("default/web"));
+            let own = per_node.get(&agent.name).copied().unwrap_or(0);
+            assert_eq!(view.pods.len(), own, "an agent gets the pods bound to its node only");
+        }
+        // The deployment reports what kubectl rollout status reads.
+        let (_, d) = api.call(Method::GET, &format!("{DEPLOYS}/web"), None).await;
+        assert_eq!((d["status"]["updatedReplicas"].as_i64(), d["status"]["availableReplicas"].as_i64()), (Some(5), Some(5)), "{}", d["status"]);
+        assert_eq!(d["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "1");
+
+        // A pod that fits nowhere: a condition and an event say why.
+        let huge = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "huge"},
+            "spec": {"containers": [{"name": "c", "image": "x", "resources": {"requests": {"cpu": "1000"}}}]}});
+        api.call(Method::POST, PODS, Some(huge)).await;
+        let message = eventually(10, "an Unschedulable condition", || async {
+            let (_, p) = api.call(Method::GET, &format!("{PODS}/huge"), None).await;
+            p["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable").map(|c| c["message"].as_str().unwrap().to_owned())
+        })
+        .await;
+        assert_eq!(message, "0/3 nodes are available: 3 Insufficient cpu.");
+        eventually(10, "a FailedScheduling event", || async {
+            let events = items(&api, "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dhuge").await;
+            events.iter().any(|e| e["reason"] == "FailedScheduling").then_some(())
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_rolling_update_stays_within_max_surge_and_max_unavailable_at_every_step() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let _agents = agents(&cp, 3, Duration::from_millis(80)).await;
+        let (replicas, surge, unavailable) = (5usize, 2usize, 1usize);
+        api.call(Method::POST, DEPLOYS, Some(deployment("roll", replicas as u32, "app:v1", surge as u32, unavailable as u32))).await;
+        eventually(30, "5 ready pods of v1", || async {
+            let pods = items(&api, &format!("{PODS}?labelSelector=app%3Droll")).await;
+            (pods.len() == replicas && pods.iter().all(ready)).then_some(())
+        })
+        .await;
+
+        // Follow every pod change from here, checking the bounds after each.
+        let (_, list) = api.call(Method::GET, &format!("{PODS}?labelSelector=app%3Droll"), None).await;
+        let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+        let mut state: HashMap<String, (bool, bool, String)> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["metadata"]["name"].as_str().unwrap().to_owned(), (false, ready(p), p["spec"]["containers"][0]["image"].as_str().unwrap().to_owned())))
+            .collect();
+        let resp = api
+            .request(Method::GET, &format!("{PODS}?watch=1&labelSelector=app%3Droll&resourceVersion={rv}"))
+            .send()
+            .await
+            .unwrap();
+        let patch = api
+            .request(Method::PATCH, &format!("{DEPLOYS}/roll"))
+            .header("content-type", "application/strategic-merge-patch+json")
+            .body(r#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"app:v2"}]}}}}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(patch.status().as_u16(), 200);
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        let (mut max_active, mut events) = (0, 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        'watch: loop {
+            let chunk = tokio::time::timeout_at(deadline, stream.next()).await.expect("the rollout finishes").unwrap().unwrap();
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let e: Value = serde_json::from_slice(&line).unwrap();
+                let p = &e["object"];
+                let name = p["metadata"]["name"].as_str().unwrap().to_owned();
+                if e["type"] == "DELETED" {
+                    state.remove(&name);
+                } else {
+                    let terminating = p["metadata"]["deletionTimestamp"].is_string();
+                    state.insert(name, (terminating, ready(p), p["spec"]["containers"][0]["image"].as_str().unwrap().to_owned()));
+                }
+                events += 1;
+                let active = state.values().filter(|(t, _, _)| !t).count();
+                let available = state.values().filter(|(t, r, _)| !t && *r).count();
+                max_active = max_active.max(active);
+                assert!(active <= replicas + surge, "{active} pods at once exceed replicas + maxSurge: {state:?}");
+                assert!(available >= replicas - unavailable, "only {available} ready pods, below replicas - maxUnavailable: {state:?}");
+                let done = state.len() == replicas && state.values().all(|(t, r, image)| !t && *r && image == "app:v2");
+                if done {
+                    break 'watch;
+                }
+            }
+        }
+        assert!(events > 10, "the rollout went through steps: {events} events");
+        assert_eq!(max_active, replicas + surge, "the surge was used");
+        let (_, d) = api.call(Method::GET, &format!("{DEPLOYS}/roll"), None).await;
+        assert_eq!(d["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "2");
+        let sets = items(&api, "/apis/apps/v1/namespaces/default/replicasets?labelSelector=app%3Droll").await;
+        let mut replicas_by_image: Vec<(String, i64)> = sets
+            .iter()
+            .map(|rs| (rs["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().to_owned(), rs["spec"]["replicas"].as_i64().unwrap()))
+            .collect();
+        replicas_by_image.sort();
+        assert_eq!(replicas_by_image, vec![("app:v1".to_owned(), 0), ("app:v2".to_owned(), 5)], "the old set is kept, scaled to 0, as history");
+    });
+}
+
+#[test]
+fn a_node_that_stops_heartbeating_turns_not_ready_and_its_endpoints_stop_being_ready() {
+    let cp = ControlPlane::start("embedded:{dir}", &["--node-monitor-grace-period", "1.5"]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let mut agents = agents(&cp, 3, Duration::from_millis(10)).await;
+        api.call(
+            Method::POST,
+            DEPLOYS,
+            Some(deployment("svc", 6, "nginx", 1, 0)),
+        )
+        .await;
+        api.call(
+            Method::POST,
+            "/api/v1/namespaces/default/services",
+            Some(service("svc")),
+        )
+        .await;
+        eventually(30, "6 ready endpoints", || async {
+            let e = slice_endpoints(&api, "svc").await;
+            (e.len() == 6 && e.values().all(|r| *r)).then_some(())
+        })
+        .await;
+        let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dsvc")).await;
+        let on = |node: &str| -> Vec<String> {
+            pods.iter()
+                .filter(|p| p["spec"]["nodeName"] == node)
+                .map(|p| p["status"]["podIP"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let dead = on("node-0");
+        assert!(!dead.is_empty(), "node-0 runs some of the pods");
+
+        agents[0].alive.store(false, Ordering::SeqCst);
+        eventually(15, "node-0 NotReady, tainted", || async {
+            let (_, n) = api.call(Method::GET, "/api/v1/nodes/node-0", None).await;
+            let unknown = n["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "Unknown");
+            let tainted = n["spec"]["taints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|t| {
+                    t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute"
+                });
+            (unknown && tainted).then_some(())
+        })
+        .await;
+        eventually(
+            15,
+            "node-0's endpoints not ready, the others still ready",
+            || async {
+                let e = slice_endpoints(&api, "svc").await;
+                (e.len() == 6 && e.iter().all(|(ip, r)| *r != dead.contains(ip))).then_some(())
+            },
+        )
+        .await;
+        // The other agents see it through the feed.
+        eventually(10, "the feed to carry the change", || async {
+            let seen = agents[1].view.lock().unwrap().endpoints("default/svc");
+            (seen.len() == 6 && seen.iter().all(|(ip, r)| *r != dead.contains(ip))).then_some(())
+        })
+        .await;
+        // A pod created now does not go to the tainted node.
+        let resp = api
+            .request(Method::PATCH, &format!("{DEPLOYS}/svc/scale"))
+            .header("content-type", "application/merge-patch+json")
+            .body(r#"{"spec":{"replicas":7}}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let nodes = eventually(15, "a 7th pod scheduled", || async {
+            let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dsvc")).await;
+            let nodes: Vec<String> = pods
+                .iter()
+                .filter_map(|p| p["spec"]["nodeName"].as_str().map(str::to_owned))
+                .collect();
+            (nodes.len() == 7).then_some(nodes)
+        })
+        .await;
+        assert_eq!(
+            nodes.iter().filter(|n| *n == "node-0").count(),
+            dead.len(),
+            "nothing new on the unreachable node"
+        );
+
+        // It comes back: Ready again, untainted, its pods reported ready again.
+        agents[0].alive.store(true, Ordering::SeqCst);
+        agents[0].report_all().await;
+        eventually(
+            15,
+            "node-0 Ready and untainted, all endpoints ready",
+            || async {
+                let (_, n) = api.call(Method::GET, "/api/v1/nodes/node-0", None).await;
+                let ready_node = n["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                let tainted = n["spec"]["taints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["key"] == "node.kubernetes.io/unreachable");
+                let e = slice_endpoints(&api, "svc").await;
+                (ready_node && !tainted && e.values().all(|r| *r)).then_some(())
+            },
+        )
+        .await;
+    });
+}
+
+#[test]
+fn deleting_a_deployment_removes_its_replicasets_and_pods() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let _agents = agents(&cp, 2, Duration::from_millis(10)).await;
+        for name in ["bg", "fg"] {
+            api.call(
+                Method::POST,
+                DEPLOYS,
+                Some(deployment(name, 3, "nginx", 1, 0)),
+            )
+            .await;
+        }
+        for name in ["bg", "fg"] {
+            eventually(30, "3 ready pods each", || async {
+                let pods = items(&api, &format!("{PODS}?labelSelector=app%3D{name}")).await;
+                (pods.len() == 3 && pods.iter().all(ready)).then_some(())
+            })
+            .await;
+        }
+        // Background (kubectl's default): the deployment goes at once, then its dependents.
+        let (code, _) = api
+            .call(Method::DELETE, &format!("{DEPLOYS}/bg"), None)
+            .await;
+        assert_eq!(code, 200);
+        // Foreground: the deployment stays, marked, until its dependents are gone.
+        let (code, marked) = api
+            .call(
+                Method::DELETE,
+                &format!("{DEPLOYS}/fg?propagationPolicy=Foreground"),
+                None,
+            )
+            .await;
+        assert_eq!(code, 200, "{marked}");
+        assert!(
+            marked["metadata"]["deletionTimestamp"].is_string(),
+            "marked, not gone: {marked}"
+        );
+        for name in ["bg", "fg"] {
+            eventually(30, "the ReplicaSets and pods to go", || async {
+                let sets = items(
+                    &api,
+                    &format!(
+                        "/apis/apps/v1/namespaces/default/replicasets?labelSelector=app%3D{name}"
+                    ),
+                )
+                .await;
+                let pods = items(&api, &format!("{PODS}?labelSelector=app%3D{name}")).await;
+                (sets.is_empty() && pods.is_empty()).then_some(())
+            })
+            .await;
+        }
+        eventually(
+            10,
+            "the foreground-deleted deployment to go last",
+            || async {
+                let (code, _) = api.call(Method::GET, &format!("{DEPLOYS}/fg"), None).await;
+                (code == 404).then_some(())
+            },
+        )
+        .await;
+
+        // Deleting a namespace deletes what is in it, then the namespace.
+        api.call(
+            Method::POST,
+            "/api/v1/namespaces",
+            Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "doomed"}})),
+        )
+        .await;
+        let (code, body) = api
+            .call(
+                Method::POST,
+                "/apis/apps/v1/namespaces/doomed/deployments",
+                Some(deployment("x", 2, "nginx", 1, 0)),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        eventually(30, "pods in doomed", || async {
+            (items(&api, "/api/v1/namespaces/doomed/pods").await.len() == 2).then_some(())
+        })
+        .await;
+        let (code, _) = api
+            .call(Method::DELETE, "/api/v1/namespaces/doomed", None)
+            .await;
+        assert_eq!(code, 200);
+        eventually(30, "the namespace to go", || async {
+            let (code, _) = api
+                .call(Method::GET, "/api/v1/namespaces/doomed", None)
+                .await;
+            (code == 404).then_some(())
+        })
+        .await;
+    });
+}
+
+/// Opens a Watch and reads until a whole snapshot or a delta message arrived; returns whether
+/// it was a snapshot, the version it brought, the services it named, and the stream.
+async fn first_message(
+    client: &mut control_plane_api::FeedClient,
+    node: &str,
+    resume_from: u64,
+) -> (
+    bool,
+    u64,
+    Vec<String>,
+    tonic::Streaming<control_plane_api::feed::FeedMessage>,
+) {
+    let mut stream = client
+        .watch(WatchRequest {
+            node_name: node.into(),
+            resume_from,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("a message")
+            .unwrap()
+            .unwrap();
+        match m.kind.unwrap() {
+            feed_message::Kind::Snapshot(c) => {
+                names.extend(c.services.into_iter().map(|s| s.name));
+                if c.last {
+                    return (true, c.version, names, stream);
+                }
+            }
+            feed_message::Kind::Deltas(d) => {
+                names.extend(service_names(&d));
+                return (false, d.version, names, stream);
+            }
+        }
+    }
+}
+
+fn service_names(d: &control_plane_api::feed::Deltas) -> Vec<String> {
+    d.deltas
+        .iter()
+        .filter_map(|d| match &d.change {
+            Some(control_plane_api::feed::delta::Change::Service(s)) => Some(s.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn plain_service(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": {"ports": [{"port": 80}]}})
+}
+
+#[test]
+fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
+    let mut cp = ControlPlane::start("embedded:{dir}", &["--feed-history", "50"]);
+    let api = Api::new(&cp);
+    let rt = runtime();
+    let version = rt.block_on(async {
+        let mut client = cp.process().node_feed().await.unwrap();
+        let (snapshot, v0, _, mut stream) = first_message(&mut client, "n1", 0).await;
+        assert!(snapshot, "a first watch starts with a snapshot");
+        api.call(Method::POST, "/api/v1/namespaces/default/services", Some(plain_service("one"))).await;
+        let mut version = v0;
+        let mut seen_one = false;
+        while !seen_one {
+            let m = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+            if let Some(feed_message::Kind::Deltas(d)) = m.kind {
+                version = d.version;
+                seen_one = d.deltas.iter().any(|d| matches!(&d.change, Some(control_plane_api::feed::delta::Change::Service(s)) if s.name == "one"));
+            }
+        }
+        drop(stream); // the connection drops
+
+        for name in ["two", "three"] {
+            api.call(Method::POST, "/api/v1/namespaces/default/services", Some(plain_service(name))).await;
+        }
+        let (snapshot, mut last, mut names, mut stream) = first_message(&mut client, "n1", version).await;
+        assert!(!snapshot, "resuming within the history needs no snapshot");
+        // What was missed arrives as deltas (possibly over more than one message).
+        while names.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the missed changes").unwrap().unwrap();
+            if let Some(feed_message::Kind::Deltas(d)) = m.kind {
+                last = d.version;
+                names.extend(service_names(&d));
+            }
+        }
+        assert_eq!(names, ["two", "three"]);
+
+        // A token that is not the node token is refused.
+        let ca = cp.process().config().unwrap().ca_pem;
+        let mut intruder = control_plane_api::connect(&cp.process().feed_url, &ca, "not-the-token").await.unwrap();
+        let err = intruder.watch(WatchRequest { node_name: "n1".into(), resume_from: 0 }).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        last
+    });
+
+    // The control plane restarts: its history is in the store, agents resume without a resync.
+    cp.restart();
+    rt.block_on(async {
+        let mut client = cp.process().node_feed().await.unwrap();
+        api.call(
+            Method::POST,
+            "/api/v1/namespaces/default/services",
+            Some(plain_service("four")),
+        )
+        .await;
+        let (snapshot, _, names, _) = first_message(&mut client, "n1", version).await;
+        assert!(
+            !snapshot,
+            "after a control-plane restart, resuming needs no snapshot"
+        );
+        assert_eq!(names, ["four"]);
+
+        // More changes than the history holds: a reconnect from the old version gets a snapshot
+        // with everything.
+        for i in 0..60 {
+            api.call(
+                Method::POST,
+                "/api/v1/namespaces/default/services",
+                Some(plain_service(&format!("bulk{i}"))),
+            )
+            .await;
+        }
+        let mut stream = client
+            .watch(WatchRequest {
+                node_name: "n1".into(),
+                resume_from: version,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut services = 0;
+        loop {
+            let m = stream.message().await.unwrap().unwrap();
+            match m.kind.unwrap() {
+                feed_message::Kind::Snapshot(c) => {
+                    services += c.services.len();
+                    if c.last {
+                        break;
+                    }
+                }
+                feed_message::Kind::Deltas(_) => {
+                    panic!("the history is gone: a snapshot must come first")
+                }
+            }
+        }
+        assert_eq!(services, 64, "the snapshot holds every service");
+    });
+}
+
+on_both_stores!(
+    a_deployment_gets_scheduled_made_ready_and_its_service_filled_and_failures_are_reported
+);

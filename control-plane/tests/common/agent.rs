@@ -1,0 +1,311 @@
+//! A node agent played by the tests, over the real feed: it registers its node, heartbeats,
+//! keeps what the Watch stream delivers, and acts as a kubelet would for the pods bound to it:
+//! gives each an IP from the node's pod CIDR, reports it running and ready (after a delay), and
+//! confirms deletions.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use control_plane::launch::Process;
+use control_plane_api::{
+    FeedClient,
+    feed::{
+        self, FeedMessage, HeartbeatRequest, PodPhase, PodStatusReport, RegisterRequest, Resources,
+        WatchRequest, delta::Change, feed_message,
+    },
+};
+use tokio::task::JoinHandle;
+
+/// What the agent holds from the feed.
+#[derive(Default, Debug)]
+pub struct View {
+    pub version: u64,
+    /// Snapshots received (the first, and any resync).
+    pub snapshots: u32,
+    /// Delta messages received.
+    pub delta_messages: u32,
+    pub services: HashMap<String, feed::Service>,
+    pub slices: HashMap<String, feed::EndpointSlice>,
+    pub nodes: HashMap<String, feed::Node>,
+    pub pods: HashMap<String, feed::Pod>,
+    partial: Option<feed::SnapshotChunk>,
+}
+
+fn key(ns: &str, name: &str) -> String {
+    if ns.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{ns}/{name}")
+    }
+}
+
+impl View {
+    /// Applies one message; returns the pods that changed (for the kubelet part).
+    pub fn apply(&mut self, message: FeedMessage) -> Vec<feed::Pod> {
+        let mut changed = Vec::new();
+        match message.kind {
+            Some(feed_message::Kind::Snapshot(chunk)) => {
+                let mut acc = self.partial.take().unwrap_or_default();
+                acc.version = chunk.version;
+                acc.services.extend(chunk.services);
+                acc.endpoint_slices.extend(chunk.endpoint_slices);
+                acc.nodes.extend(chunk.nodes);
+                acc.pods.extend(chunk.pods);
+                if !chunk.last {
+                    self.partial = Some(acc);
+                    return changed;
+                }
+                self.snapshots += 1;
+                self.version = acc.version;
+                self.services = acc
+                    .services
+                    .into_iter()
+                    .map(|s| (key(&s.namespace, &s.name), s))
+                    .collect();
+                self.slices = acc
+                    .endpoint_slices
+                    .into_iter()
+                    .map(|s| (key(&s.namespace, &s.name), s))
+                    .collect();
+                self.nodes = acc.nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+                self.pods = acc
+                    .pods
+                    .iter()
+                    .cloned()
+                    .map(|p| (key(&p.namespace, &p.name), p))
+                    .collect();
+                changed.extend(acc.pods);
+            }
+            Some(feed_message::Kind::Deltas(deltas)) => {
+                self.delta_messages += 1;
+                for d in deltas.deltas {
+                    assert!(
+                        d.version > self.version || d.version == 0,
+                        "deltas come in order: {} after {}",
+                        d.version,
+                        self.version
+                    );
+                    match d.change {
+                        Some(Change::Service(s)) => {
+                            drop(self.services.insert(key(&s.namespace, &s.name), s))
+                        }
+                        Some(Change::ServiceDeleted(r)) => {
+                            drop(self.services.remove(&key(&r.namespace, &r.name)))
+                        }
+                        Some(Change::EndpointSlice(s)) => {
+                            drop(self.slices.insert(key(&s.namespace, &s.name), s))
+                        }
+                        Some(Change::EndpointSliceDeleted(r)) => {
+                            drop(self.slices.remove(&key(&r.namespace, &r.name)))
+                        }
+                        Some(Change::Node(n)) => drop(self.nodes.insert(n.name.clone(), n)),
+                        Some(Change::NodeDeleted(r)) => drop(self.nodes.remove(&r.name)),
+                        Some(Change::Pod(p)) => {
+                            self.pods.insert(key(&p.namespace, &p.name), p.clone());
+                            changed.push(p);
+                        }
+                        Some(Change::PodDeleted(r)) => {
+                            drop(self.pods.remove(&key(&r.namespace, &r.name)))
+                        }
+                        None => {}
+                    }
+                }
+                self.version = deltas.version;
+            }
+            None => {}
+        }
+        changed
+    }
+
+    /// Endpoints of a service (namespace/name) as the agent sees them: (address, ready).
+    pub fn endpoints(&self, service: &str) -> Vec<(String, bool)> {
+        let (ns, name) = service.split_once('/').expect("namespace/name");
+        let mut out: Vec<(String, bool)> = self
+            .slices
+            .values()
+            .filter(|s| s.namespace == ns && s.service_name == name)
+            .flat_map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| (e.addresses[0].clone(), e.ready))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+pub struct Agent {
+    pub name: String,
+    pub client: FeedClient,
+    pub view: Arc<Mutex<View>>,
+    /// Heartbeats stop while false (the node looks dead).
+    pub alive: Arc<AtomicBool>,
+    /// The IP given to each pod (by uid).
+    ips: Arc<Mutex<HashMap<String, String>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Registers `name`, heartbeats every `heartbeat`, and runs pods, reporting them ready
+    /// `ready_after` after they arrive.
+    pub async fn start(
+        cp: &Process,
+        name: &str,
+        heartbeat: Duration,
+        ready_after: Duration,
+    ) -> Self {
+        let mut client = cp.node_feed().await.expect("connect to the feed");
+        client
+            .register(RegisterRequest {
+                node_name: name.into(),
+                internal_ip: "192.0.2.10".into(),
+                capacity: Some(Resources {
+                    cpu_millis: 8000,
+                    memory_bytes: 16 << 30,
+                    pods: 110,
+                }),
+                labels: [(
+                    "topology.kubernetes.io/zone".to_owned(),
+                    format!("zone-{name}"),
+                )]
+                .into_iter()
+                .collect(),
+            })
+            .await
+            .expect("register");
+        let view = Arc::new(Mutex::new(View::default()));
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut tasks = Vec::new();
+        let ips: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        {
+            let (mut client, alive, name) = (client.clone(), alive.clone(), name.to_owned());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    if alive.load(Ordering::SeqCst) {
+                        let _ = client
+                            .heartbeat(HeartbeatRequest {
+                                node_name: name.clone(),
+                            })
+                            .await;
+                    }
+                    tokio::time::sleep(heartbeat).await;
+                }
+            }));
+        }
+        {
+            let (mut client, view, name, alive, ips) = (
+                client.clone(),
+                view.clone(),
+                name.to_owned(),
+                alive.clone(),
+                ips.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut stream = client
+                    .watch(WatchRequest {
+                        node_name: name.clone(),
+                        resume_from: 0,
+                    })
+                    .await
+                    .expect("watch")
+                    .into_inner();
+                let next_ip = Arc::new(AtomicU32::new(2));
+                while let Ok(Some(message)) = stream.message().await {
+                    let pods = view.lock().unwrap().apply(message);
+                    let cidr = view
+                        .lock()
+                        .unwrap()
+                        .nodes
+                        .get(&name)
+                        .and_then(|n| n.pod_cidrs.first().cloned());
+                    for pod in pods {
+                        let mut client = client.clone();
+                        let name = name.clone();
+                        let alive = alive.clone();
+                        let ip = ips
+                            .lock()
+                            .unwrap()
+                            .entry(pod.uid.clone())
+                            .or_insert_with(|| {
+                                pod_ip(cidr.as_deref(), next_ip.fetch_add(1, Ordering::SeqCst))
+                            })
+                            .clone();
+                        tokio::spawn(async move {
+                            if !pod.deleting {
+                                tokio::time::sleep(ready_after).await;
+                            }
+                            if !alive.load(Ordering::SeqCst) {
+                                return; // a dead node reports nothing
+                            }
+                            let _ = client.report_pod_status(report(&name, &pod, &ip)).await;
+                        });
+                    }
+                }
+            }));
+        }
+        Self {
+            name: name.into(),
+            client,
+            view,
+            alive,
+            ips,
+            tasks,
+        }
+    }
+
+    /// Reports every pod it runs again (what a kubelet does after it comes back).
+    pub async fn report_all(&mut self) {
+        let pods: Vec<feed::Pod> = self.view.lock().unwrap().pods.values().cloned().collect();
+        for pod in &pods {
+            let ip = self.ips.lock().unwrap().get(&pod.uid).cloned();
+            if let Some(ip) = ip {
+                let _ = self
+                    .client
+                    .report_pod_status(report(&self.name, pod, &ip))
+                    .await;
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn pod_ip(cidr: Option<&str>, n: u32) -> String {
+    let base = cidr
+        .and_then(|c| c.split('/').next())
+        .unwrap_or("10.255.0.0");
+    let mut octets: Vec<u32> = base.split('.').map(|o| o.parse().unwrap()).collect();
+    octets[3] += n;
+    octets
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn report(node: &str, pod: &feed::Pod, ip: &str) -> PodStatusReport {
+    PodStatusReport {
+        node_name: node.into(),
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+        phase: PodPhase::Running as i32,
+        pod_ip: ip.into(),
+        ready: true,
+        containers: Vec::new(),
+        deleted: pod.deleting,
+    }
+}
