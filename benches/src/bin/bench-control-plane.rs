@@ -6,7 +6,6 @@ use std::{io::Write, path::PathBuf, time::Instant};
 
 use anyhow::{Result, bail};
 use benches::{control_plane, report};
-use serde_json::json;
 
 fn main() -> Result<()> {
     let mut quick = false;
@@ -30,11 +29,11 @@ fn main() -> Result<()> {
         eprint!("\r\x1b[2K[{:>4}s] {step}", started.elapsed().as_secs());
         let _ = std::io::stderr().flush();
     };
-    let results = control_plane::run(&opts, &mut progress)?;
+    let report = control_plane::run(&opts, &mut progress)?;
     eprintln!("\r\x1b[2K[{:>4}s] done", started.elapsed().as_secs());
     let machine = report::machine();
-    let table = control_plane::markdown(&results, opts.clients, &machine);
-    let json_text = json!({ "results": results }).to_string();
+    let table = control_plane::markdown(&report, opts.clients, &machine);
+    let json_text = serde_json::to_string(&report)?;
     let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
         .join("bench");
     std::fs::create_dir_all(&dir)?;

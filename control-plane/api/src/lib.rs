@@ -6,6 +6,8 @@ pub mod feed {
     tonic::include_proto!("keel.feed.v1");
 }
 
+pub mod view;
+
 use anyhow::{Context, Result};
 use tonic::{
     metadata::AsciiMetadataValue,
