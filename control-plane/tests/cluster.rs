@@ -148,6 +148,14 @@ fn a_deployment_gets_scheduled_made_ready_and_its_service_filled_and_failures_ar
             assert!(endpoints.contains_key(p["status"]["podIP"].as_str().unwrap()));
         }
         assert_eq!(per_node.len(), 3, "least allocated spreads 5 pods over 3 nodes: {per_node:?}");
+        // Endpoints carry their node and its zone.
+        let path = format!("/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dweb");
+        for e in items(&api, &path).await.iter().flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default()) {
+            let node = e["nodeName"].as_str().expect("a node name");
+            assert_eq!(e["zone"].as_str(), Some(format!("zone-{node}").as_str()));
+            assert_eq!(e["conditions"]["serving"], true);
+            assert_eq!(e["conditions"]["terminating"], false);
+        }
         // Each node has its own pod CIDR.
         let nodes = items(&api, "/api/v1/nodes").await;
         let mut cidrs: Vec<&str> = nodes.iter().map(|n| n["spec"]["podCIDR"].as_str().expect("a pod CIDR")).collect();
