@@ -73,8 +73,20 @@ fn run(args: Vec<String>) -> Result<()> {
         ["bench", "control-plane", flags @ ..] => {
             check_flags(flags)?;
             setup::setup()?;
-            status(cargo().args(["build", "--release", "--package", "control-plane"]))?;
-            let bench = build_release("benches", "bench-control-plane")?;
+            // One build for both binaries: their dependencies' features unify once.
+            status(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "control-plane",
+                "--package",
+                "benches",
+                "--bin",
+                "control-plane",
+                "--bin",
+                "bench-control-plane",
+            ]))?;
+            let bench = workspace_root().join("target/release/bench-control-plane");
             status(
                 Command::new(bench)
                     .args(flags)

@@ -6,17 +6,18 @@
 //! the Python client relist on it). Selectors apply to transitions too: an object that stops
 //! matching is sent as DELETED, one that starts matching as ADDED. Bookmarks on request.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
     http::{HeaderValue, StatusCode, header::CONTENT_TYPE},
     response::Response,
 };
-use bytes::Bytes;
-use control_plane_store::{EventKind, Store, StoreError};
+use bytes::{Bytes, BytesMut};
+use control_plane_store::{Event, EventKind, Store, StoreError, Watch};
+use futures::FutureExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::time::{Interval, Sleep};
 
 use crate::{
     error::ApiError,
@@ -44,11 +45,11 @@ fn line(value: &Value) -> Bytes {
     Bytes::from(bytes)
 }
 
-fn streaming(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    let mut response = Response::new(Body::from_stream(stream));
+/// Most bytes of events that were already waiting sent in one write.
+const MAX_BATCH: usize = 256 * 1024;
+
+fn respond(body: Body) -> Response {
+    let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     response
         .headers_mut()
@@ -64,7 +65,7 @@ struct Encoder {
 
 impl Encoder {
     fn event(&mut self, kind: &str, obj: &Value) -> Bytes {
-        let object = if self.table && kind != "BOOKMARK" && kind != "ERROR" {
+        if self.table && kind != "BOOKMARK" && kind != "ERROR" {
             let rv = obj
                 .pointer("/metadata/resourceVersion")
                 .cloned()
@@ -76,11 +77,13 @@ impl Encoder {
                 self.first,
             );
             self.first = false;
-            t
+            line(&json!({"type": kind, "object": t}))
         } else {
-            obj.clone()
-        };
-        line(&json!({"type": kind, "object": object}))
+            let mut bytes = format!(r#"{{"type":"{kind}","object":"#).into_bytes();
+            serde_json::to_writer(&mut bytes, obj).expect("serializes");
+            bytes.extend_from_slice(b"}\n");
+            Bytes::from(bytes)
+        }
     }
 
     fn bookmark(&self, revision: i64, initial_end: bool) -> Bytes {
@@ -127,26 +130,22 @@ pub async fn watch<S: Store>(
             (Vec::new(), rv)
         }
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let mut encoder = Encoder {
+    let encoder = Encoder {
         def,
         table: params.table,
         first: true,
     };
     let prefix = def.prefix(ns.as_deref());
-    let watch = registry.store.watch(&prefix, from).await;
-    let mut watch = match watch {
+    let watch = match registry.store.watch(&prefix, from).await {
         Ok(w) => w,
         Err(StoreError::Compacted {
             requested,
             compacted,
         }) => {
-            let _ = tx
-                .send(gone_event(format!(
-                    "too old resource version: {requested} ({compacted})"
-                )))
-                .await;
-            return Ok(streaming(rx));
+            let gone = gone_event(format!(
+                "too old resource version: {requested} ({compacted})"
+            ));
+            return Ok(respond(Body::from(gone)));
         }
         Err(e) => {
             return Err(ApiError::from_store(
@@ -160,58 +159,144 @@ pub async fn watch<S: Store>(
         }
     };
     let timeout = params.timeout.unwrap_or(MAX_TIMEOUT).min(MAX_TIMEOUT);
-    tokio::spawn(async move {
-        for obj in &initial {
-            if tx.send(encoder.event("ADDED", obj)).await.is_err() {
-                return;
-            }
-        }
-        if params.allow_bookmarks
-            && params.send_initial_events
-            && tx.send(encoder.bookmark(from, true)).await.is_err()
-        {
-            return;
-        }
-        let selected = |o: &Value| params.list.labels.matches(o) && params.list.fields.matches(o);
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut bookmarks = tokio::time::interval(BOOKMARK_EVERY);
-        bookmarks.tick().await;
-        let mut last = from;
-        loop {
-            let out = tokio::select! {
-                _ = &mut deadline => return,
-                _ = bookmarks.tick(), if params.allow_bookmarks => encoder.bookmark(last, false),
-                event = watch.next() => match event {
-                    None => return,
-                    Some(Err(StoreError::Compacted { requested, compacted })) => {
-                        let _ = tx.send(gone_event(format!("too old resource version: {requested} ({compacted})"))).await;
-                        return;
-                    }
-                    Some(Err(e)) => {
-                        let _ = tx.send(line(&json!({"type": "ERROR", "object": ApiError::internal(format!("{e:#}")).status()}))).await;
-                        return;
-                    }
-                    Some(Ok(event)) => {
-                        last = event.kv.mod_revision;
-                        let Ok(new) = decode(&event.kv) else { continue };
-                        let old = event.prev.as_ref().and_then(|p| decode(p).ok());
-                        let kind = match (event.kind, old.as_ref().map(selected), selected(&new)) {
-                            (EventKind::Delete, _, true) => "DELETED",
-                            (EventKind::Delete, _, false) => continue,
-                            (EventKind::Put, None | Some(false), true) => "ADDED",
-                            (EventKind::Put, Some(true), true) => "MODIFIED",
-                            (EventKind::Put, Some(true), false) => "DELETED",
-                            (EventKind::Put, _, false) => continue,
-                        };
-                        encoder.event(kind, &new)
-                    }
-                },
-            };
-            if tx.send(out).await.is_err() {
-                return;
-            }
-        }
+    let mut bookmarks =
+        tokio::time::interval_at(tokio::time::Instant::now() + BOOKMARK_EVERY, BOOKMARK_EVERY);
+    bookmarks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let follow = Follow {
+        initial: initial.into_iter(),
+        initial_end: (params.allow_bookmarks && params.send_initial_events)
+            .then(|| encoder.bookmark(from, true)),
+        watch,
+        encoder,
+        list: params.list,
+        allow_bookmarks: params.allow_bookmarks,
+        deadline: Box::pin(tokio::time::sleep(timeout)),
+        bookmarks,
+        last: from,
+        ended: false,
+    };
+    let stream = futures::stream::unfold(follow, |mut follow| async move {
+        let chunk = follow.next_chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), follow))
     });
-    Ok(streaming(rx))
+    Ok(respond(Body::from_stream(stream)))
+}
+
+/// A watch being followed. The response body polls it, so a store event goes from the store's
+/// stream to the client's connection without waiting for another task to be scheduled.
+struct Follow {
+    initial: std::vec::IntoIter<Value>,
+    /// The bookmark that ends the initial events, when asked for.
+    initial_end: Option<Bytes>,
+    watch: Watch,
+    encoder: Encoder,
+    list: ListParams,
+    allow_bookmarks: bool,
+    deadline: Pin<Box<Sleep>>,
+    bookmarks: Interval,
+    /// The revision of the last event read.
+    last: i64,
+    /// The stream has carried its last event (an ERROR).
+    ended: bool,
+}
+
+/// What one store event becomes.
+enum Outcome {
+    Send(Bytes),
+    /// Not selected.
+    Skip,
+    /// The watch is over, with a last event to send if any.
+    End(Option<Bytes>),
+}
+
+impl Follow {
+    /// The next bytes for the client (events that are already waiting are sent together);
+    /// `None` ends the response.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        for obj in self.initial.by_ref() {
+            out.extend_from_slice(&self.encoder.event("ADDED", &obj));
+            if out.len() >= MAX_BATCH {
+                return Some(out.freeze());
+            }
+        }
+        if let Some(bookmark) = self.initial_end.take() {
+            out.extend_from_slice(&bookmark);
+        }
+        if !out.is_empty() {
+            return Some(out.freeze());
+        }
+        if self.ended {
+            return None;
+        }
+        loop {
+            let event = tokio::select! {
+                _ = &mut self.deadline => return None,
+                _ = self.bookmarks.tick(), if self.allow_bookmarks => {
+                    return Some(self.encoder.bookmark(self.last, false));
+                }
+                event = self.watch.next() => event,
+            };
+            match self.outcome(event) {
+                Outcome::Skip => continue,
+                Outcome::End(last) => {
+                    self.ended = true;
+                    return last;
+                }
+                Outcome::Send(bytes) => out.extend_from_slice(&bytes),
+            }
+            // `next` is cancel safe: polling it once loses nothing when nothing is waiting.
+            while out.len() < MAX_BATCH {
+                let Some(event) = self.watch.next().now_or_never() else {
+                    break;
+                };
+                match self.outcome(event) {
+                    Outcome::Skip => {}
+                    Outcome::Send(bytes) => out.extend_from_slice(&bytes),
+                    Outcome::End(last) => {
+                        self.ended = true;
+                        if let Some(last) = last {
+                            out.extend_from_slice(&last);
+                        }
+                        break;
+                    }
+                }
+            }
+            return Some(out.freeze());
+        }
+    }
+
+    fn outcome(&mut self, event: Option<Result<Event, StoreError>>) -> Outcome {
+        let event = match event {
+            None => return Outcome::End(None),
+            Some(Err(StoreError::Compacted {
+                requested,
+                compacted,
+            })) => {
+                return Outcome::End(Some(gone_event(format!(
+                    "too old resource version: {requested} ({compacted})"
+                ))));
+            }
+            Some(Err(e)) => {
+                let status = ApiError::internal(format!("{e:#}")).status();
+                return Outcome::End(Some(line(&json!({"type": "ERROR", "object": status}))));
+            }
+            Some(Ok(event)) => event,
+        };
+        self.last = event.kv.mod_revision;
+        let Ok(new) = decode(&event.kv) else {
+            return Outcome::Skip;
+        };
+        let selected = |o: &Value| self.list.labels.matches(o) && self.list.fields.matches(o);
+        let old = event.prev.as_ref().and_then(|p| decode(p).ok());
+        let kind = match (event.kind, old.as_ref().map(selected), selected(&new)) {
+            (EventKind::Delete, _, true) => "DELETED",
+            (EventKind::Delete, _, false) => return Outcome::Skip,
+            (EventKind::Put, None | Some(false), true) => "ADDED",
+            (EventKind::Put, Some(true), true) => "MODIFIED",
+            (EventKind::Put, Some(true), false) => "DELETED",
+            (EventKind::Put, _, false) => return Outcome::Skip,
+        };
+        Outcome::Send(self.encoder.event(kind, &new))
+    }
 }

@@ -1,12 +1,13 @@
 //! The etcd store: one key per object, resourceVersion = etcd revision, compare-and-swap with
 //! etcd transactions on mod revision, watch from a revision with previous values.
 
+use std::collections::VecDeque;
+
 use anyhow::anyhow;
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
 };
-use tokio::sync::mpsc;
 
 use crate::{
     Event, EventKind, KeyValue, ListOptions, ListResult, Result, Store, StoreError, Watch,
@@ -15,6 +16,80 @@ use crate::{
 
 pub struct EtcdStore {
     client: Client,
+}
+
+/// An etcd watch read in the caller's task: events are converted as they arrive, with no task
+/// or channel between etcd's stream and the watcher (each hop costs a scheduling delay when
+/// the machine is busy).
+pub(crate) struct EtcdWatch {
+    stream: WatchStream,
+    after: i64,
+    /// Events of the last response not yet handed out.
+    pending: VecDeque<Result<Event>>,
+    /// The watch has ended with an error; nothing more after `pending`.
+    ended: bool,
+}
+
+impl EtcdWatch {
+    /// Cancel safe: tonic's `Streaming::message` only polls the stream, whose state lives in
+    /// it, so nothing is lost if the caller stops waiting (e.g. in `select!`).
+    pub(crate) async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            match self.stream.message().await {
+                Ok(Some(resp)) => self.take(&resp),
+                Ok(None) => return None,
+                Err(e) => self.end(backend(e)),
+            }
+        }
+    }
+
+    fn end(&mut self, error: StoreError) {
+        self.pending.push_back(Err(error));
+        self.ended = true;
+    }
+
+    fn take(&mut self, resp: &WatchResponse) {
+        if resp.compact_revision() > 0 {
+            let compacted = resp.compact_revision();
+            return self.end(StoreError::Compacted {
+                requested: self.after,
+                compacted,
+            });
+        }
+        if resp.canceled() {
+            let reason = resp.cancel_reason().to_owned();
+            return self.end(StoreError::Backend(anyhow!("watch canceled: {reason}")));
+        }
+        for event in resp.events() {
+            let Some(current) = event.kv() else { continue };
+            let prev = event.prev_kv().map(kv).transpose();
+            let converted = match (event.event_type(), kv(current), prev) {
+                (EventType::Put, Ok(kv), Ok(prev)) => Event {
+                    kind: EventKind::Put,
+                    kv,
+                    prev,
+                },
+                // A delete event's kv has no value: the last value is the previous one.
+                (EventType::Delete, Ok(deleted), Ok(prev)) => Event {
+                    kind: EventKind::Delete,
+                    kv: KeyValue {
+                        value: prev.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
+                        create_revision: prev.as_ref().map_or(0, |p| p.create_revision),
+                        ..deleted
+                    },
+                    prev,
+                },
+                (_, Err(e), _) | (_, _, Err(e)) => return self.end(e),
+            };
+            self.pending.push_back(Ok(converted));
+        }
+    }
 }
 
 fn backend(e: etcd_client::Error) -> StoreError {
@@ -229,70 +304,18 @@ impl Store for EtcdStore {
             .with_range(prefix_end(prefix))
             .with_start_revision(after + 1)
             .with_prev_key();
-        let mut stream = self
+        let stream = self
             .client
             .clone()
             .watch(prefix, Some(options))
             .await
             .map_err(backend)?;
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            loop {
-                let resp = match stream.message().await {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx.send(Err(backend(e))).await;
-                        return;
-                    }
-                };
-                if resp.compact_revision() > 0 {
-                    let compacted = resp.compact_revision();
-                    let _ = tx
-                        .send(Err(StoreError::Compacted {
-                            requested: after,
-                            compacted,
-                        }))
-                        .await;
-                    return;
-                }
-                if resp.canceled() {
-                    let reason = resp.cancel_reason().to_owned();
-                    let _ = tx
-                        .send(Err(StoreError::Backend(anyhow!(
-                            "watch canceled: {reason}"
-                        ))))
-                        .await;
-                    return;
-                }
-                for event in resp.events() {
-                    let Some(current) = event.kv() else { continue };
-                    let prev = event.prev_kv().map(kv).transpose();
-                    let converted = match (event.event_type(), kv(current), prev) {
-                        (EventType::Put, Ok(kv), Ok(prev)) => Ok(Event {
-                            kind: EventKind::Put,
-                            kv,
-                            prev,
-                        }),
-                        // A delete event's kv has no value: the last value is the previous one.
-                        (EventType::Delete, Ok(deleted), Ok(prev)) => Ok(Event {
-                            kind: EventKind::Delete,
-                            kv: KeyValue {
-                                value: prev.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
-                                create_revision: prev.as_ref().map_or(0, |p| p.create_revision),
-                                ..deleted
-                            },
-                            prev,
-                        }),
-                        (_, Err(e), _) | (_, _, Err(e)) => Err(e),
-                    };
-                    if tx.send(converted).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Watch::new(rx))
+        Ok(Watch::etcd(EtcdWatch {
+            stream,
+            after,
+            pending: VecDeque::new(),
+            ended: false,
+        }))
     }
 
     async fn revision(&self) -> Result<i64> {

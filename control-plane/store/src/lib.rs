@@ -99,17 +99,34 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The changes to a prefix, in revision order. Ends with an error (e.g. compaction) or when the
 /// store goes away.
 pub struct Watch {
-    rx: mpsc::Receiver<Result<Event>>,
+    source: Source,
+}
+
+enum Source {
+    /// Fed by a task of the backend (SQLite's fan-out).
+    Channel(mpsc::Receiver<Result<Event>>),
+    Etcd(Box<etcd::EtcdWatch>),
 }
 
 impl Watch {
     fn new(rx: mpsc::Receiver<Result<Event>>) -> Self {
-        Self { rx }
+        Self {
+            source: Source::Channel(rx),
+        }
     }
 
-    /// The next change; `None` once the watch has ended.
+    fn etcd(watch: etcd::EtcdWatch) -> Self {
+        Self {
+            source: Source::Etcd(Box::new(watch)),
+        }
+    }
+
+    /// The next change; `None` once the watch has ended. Cancel safe.
     pub async fn next(&mut self) -> Option<Result<Event>> {
-        self.rx.recv().await
+        match &mut self.source {
+            Source::Channel(rx) => rx.recv().await,
+            Source::Etcd(watch) => watch.next().await,
+        }
     }
 }
 
