@@ -333,3 +333,18 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} x {model}, kernel {}", kernel.trim())
 }
+
+/// Where the benchmarks write their reports: `$CARGO_TARGET_DIR/bench` (`target/bench`).
+pub fn dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("bench")
+}
+
+/// A one-line progress display on stderr, each step stamped with the seconds since `started`.
+pub fn progress(started: std::time::Instant) -> impl FnMut(&str) {
+    move |step: &str| {
+        use std::io::Write;
+        eprint!("\r\x1b[2K[{:>4}s] {step}", started.elapsed().as_secs());
+        let _ = std::io::stderr().flush();
+    }
+}

@@ -7,7 +7,7 @@ mod common;
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
-use common::{Api, ControlPlane};
+use common::{Api, ControlPlane, runtime};
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -34,14 +34,6 @@ fn service(name: &str, kind: &str, cluster_ip: Option<&str>) -> Value {
 
 const PODS: &str = "/api/v1/namespaces/default/pods";
 const SERVICES: &str = "/api/v1/namespaces/default/services";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn errors_are_statuses_with_reasons_and_writes_are_optimistic(store: &str) {
     let cp = ControlPlane::start(store, &["--disable-controllers"]);

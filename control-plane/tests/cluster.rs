@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Api, ControlPlane, agent::Agent};
+use common::{Api, ControlPlane, agent::Agent, runtime};
 use control_plane_api::feed::{WatchRequest, feed_message};
 use futures::StreamExt;
 use reqwest::Method;
@@ -22,14 +22,6 @@ use serde_json::{Value, json};
 const NS: &str = "default";
 const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
 const PODS: &str = "/api/v1/namespaces/default/pods";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Polls `check` until it returns `Some` (or panics with `what` after `secs`).
 async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T

@@ -2,7 +2,7 @@
 //! nftables rules, side by side in one run (see `benches::cluster`). Run as root; `cargo xtask
 //! bench cluster` builds and runs it.
 
-use std::{io::Write, path::PathBuf, time::Instant};
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 use benches::{cluster, report};
@@ -23,15 +23,11 @@ fn main() -> Result<()> {
         cluster::Options::full()
     };
     let started = Instant::now();
-    let mut progress = |step: &str| {
-        eprint!("\r\x1b[2K[{:>4}s] {step}", started.elapsed().as_secs());
-        let _ = std::io::stderr().flush();
-    };
+    let mut progress = report::progress(started);
     let rows = cluster::run(&opts, &mut progress)?;
     eprintln!("\r\x1b[2K[{:>4}s] done", started.elapsed().as_secs());
     let machine = report::machine();
-    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("bench");
+    let dir = report::dir();
     let json_text = report::write(&dir, &rows, &machine)?;
     print!("{}", report::markdown(&rows, &machine));
     println!(

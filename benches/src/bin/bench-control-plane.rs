@@ -2,7 +2,7 @@
 //! driven over HTTPS by concurrent clients (see `benches::control_plane`). `cargo xtask bench
 //! control-plane` builds it with the `control-plane` binary it starts, and runs it.
 
-use std::{io::Write, path::PathBuf, time::Instant};
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 use benches::{control_plane, report};
@@ -25,17 +25,13 @@ fn main() -> Result<()> {
         control_plane::Options::full()
     };
     let started = Instant::now();
-    let mut progress = |step: &str| {
-        eprint!("\r\x1b[2K[{:>4}s] {step}", started.elapsed().as_secs());
-        let _ = std::io::stderr().flush();
-    };
+    let mut progress = report::progress(started);
     let report = control_plane::run(&opts, &mut progress)?;
     eprintln!("\r\x1b[2K[{:>4}s] done", started.elapsed().as_secs());
     let machine = report::machine();
     let table = control_plane::markdown(&report, opts.clients, &machine);
     let json_text = serde_json::to_string(&report)?;
-    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("bench");
+    let dir = report::dir();
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("control-plane.md"), &table)?;
     std::fs::write(dir.join("control-plane.json"), &json_text)?;

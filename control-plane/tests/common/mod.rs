@@ -184,3 +184,12 @@ impl Api {
         )
     }
 }
+
+/// The runtime the tests drive the control plane from.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
