@@ -1,17 +1,20 @@
 //! `cargo xtask`: sets a machine up and runs the project's jobs.
 //!
-//! - `setup`: installs what a fresh Debian machine lacks (apt packages, the nightly `rust-src`,
-//!   bpf-linker), idempotently; every other command runs it first (a quick check when done).
+//! - `setup [--check]`: installs what a fresh Debian machine lacks (apt packages, the nightly
+//!   `rust-src`, bpf-linker, the Python venv) and proves each tool works; every other command
+//!   runs it first (about a second when done). `--check` prints the table only.
 //! - `demo`: the main job: the data plane carrying real traffic between network namespaces.
 //! - `test`: every test (unit, kernel, network namespace), as root.
 //! - `bench dataplane [--quick] [--json]`: per-packet cost under BPF_PROG_TEST_RUN.
 //! - `bench cluster [--quick] [--json]`: the eBPF data plane against kube-proxy's iptables and
 //!   nftables rules on the same topology and traffic, one run.
 //! - `bench control-plane [--quick] [--json]`: the API server on the embedded store and on etcd.
+//! - `fresh`: the README's two commands in a throw-away Debian root, as a newcomer runs them.
 //!
 //! xtask itself depends on nothing that needs the set-up (no protoc, no eBPF build), so it
 //! compiles on a bare machine.
 
+mod fresh;
 mod setup;
 
 use std::{
@@ -21,21 +24,68 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
 
-const USAGE: &str = "usage: cargo xtask <command>
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Sets a machine up and runs the project's jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
 
-commands:
-  setup                              install what this machine lacks (idempotent)
-  demo                               show the eBPF data plane carrying real traffic
-  test                               run every test (as root)
-  bench dataplane [--quick] [--json] per-packet cost of the data path, 1 to 100,000 services
-  bench cluster [--quick] [--json]   eBPF vs kube-proxy iptables and nftables, side by side
-  bench control-plane [--quick] [--json]
-                                     API creates/s and watch latency, embedded store and etcd
-";
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks and prove every tool works (idempotent)
+    Setup {
+        /// Print what is found and what is missing; install nothing
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show the eBPF data plane carrying real traffic
+    Demo,
+    /// Run every test: lints, unit, kernel, network namespaces, control plane (as root)
+    Test {
+        /// Passed to the test binaries (a name filter, say)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: numbers, as Markdown tables (and one JSON line with --json)
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+        /// Fewer services and rounds
+        #[arg(long)]
+        quick: bool,
+        /// End stdout with one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the README's two commands in a throw-away Debian root, as on a fresh machine
+    Fresh {
+        /// Build the cached base root again (debootstrap)
+        #[arg(long)]
+        rebuild_base: bool,
+    },
+    /// `fresh`'s own second half, inside its mount and PID namespaces
+    #[command(hide = true)]
+    FreshInside(fresh::Inside),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    /// Per-packet cost of the data path under BPF_PROG_TEST_RUN, 1 to 100,000 services
+    Dataplane,
+    /// eBPF vs kube-proxy's iptables and nftables rules, side by side
+    Cluster,
+    /// API creates/s and watch latency on both stores; scheduler; feed
+    ControlPlane,
+}
 
 fn main() -> ExitCode {
-    match run(env::args().skip(1).collect()) {
+    match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtask: {e:#}");
@@ -44,84 +94,79 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Vec<String>) -> Result<()> {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match args.as_slice() {
-        ["setup"] => setup::setup(),
-        ["demo"] => {
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup { check: true } => setup::check(),
+        Task::Setup { check: false } => setup::setup(),
+        Task::Demo => {
             setup::setup()?;
             require_root()?;
             let dpctl = build_release("ebpf-dpctl", "dpctl")?;
             status(Command::new(dpctl).arg("demo"))
         }
-        ["test", rest @ ..] => {
+        Task::Test { args } => {
             setup::setup()?;
             require_root()?;
-            test(rest)
+            test(&args)
         }
-        ["bench", "cluster", flags @ ..] => {
-            check_flags(flags)?;
+        Task::Bench { which, quick, json } => {
             setup::setup()?;
-            require_root()?;
-            let bench = build_release("benches", "bench-cluster")?;
+            let flags: Vec<&str> = [(quick, "--quick"), (json, "--json")]
+                .into_iter()
+                .filter_map(|(on, flag)| on.then_some(flag))
+                .collect();
+            let binary = match which {
+                Bench::Dataplane => {
+                    require_root()?;
+                    return status(
+                        Command::new(build_release("ebpf-dpctl", "dpctl")?)
+                            .arg("bench")
+                            .args(&flags),
+                    );
+                }
+                Bench::Cluster => {
+                    require_root()?;
+                    build_release("benches", "bench-cluster")?
+                }
+                Bench::ControlPlane => {
+                    // One build for both binaries: their dependencies' features unify once.
+                    status(cargo().args([
+                        "build",
+                        "--release",
+                        "--package",
+                        "control-plane",
+                        "--package",
+                        "benches",
+                        "--bin",
+                        "control-plane",
+                        "--bin",
+                        "bench-control-plane",
+                    ]))?;
+                    workspace_root().join("target/release/bench-control-plane")
+                }
+            };
             status(
-                Command::new(bench)
-                    .args(flags)
+                Command::new(binary)
+                    .args(&flags)
                     .current_dir(workspace_root()),
             )
         }
-        ["bench", "control-plane", flags @ ..] => {
-            check_flags(flags)?;
-            setup::setup()?;
-            // One build for both binaries: their dependencies' features unify once.
-            status(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "control-plane",
-                "--package",
-                "benches",
-                "--bin",
-                "control-plane",
-                "--bin",
-                "bench-control-plane",
-            ]))?;
-            let bench = workspace_root().join("target/release/bench-control-plane");
-            status(
-                Command::new(bench)
-                    .args(flags)
-                    .current_dir(workspace_root()),
-            )
-        }
-        ["bench", "dataplane", flags @ ..] => {
-            check_flags(flags)?;
-            setup::setup()?;
+        Task::Fresh { rebuild_base } => {
             require_root()?;
-            let dpctl = build_release("ebpf-dpctl", "dpctl")?;
-            status(Command::new(dpctl).arg("bench").args(flags))
+            fresh::fresh(rebuild_base)
         }
-        _ => {
-            eprint!("{USAGE}");
-            bail!("unknown command {:?}", args.join(" "));
-        }
+        Task::FreshInside(args) => fresh::inside(args),
     }
-}
-
-/// The benchmarks take `--quick` and `--json`, nothing else.
-fn check_flags(flags: &[&str]) -> Result<()> {
-    for flag in flags {
-        if !matches!(*flag, "--quick" | "--json") {
-            bail!("unknown flag {flag}\n\n{USAGE}");
-        }
-    }
-    Ok(())
 }
 
 /// Runs the whole suite: unit tests, kernel tests (BPF_PROG_TEST_RUN) and network tests in
 /// throw-away namespaces. Extra arguments go to the test binaries (a filter, say).
-fn test(extra: &[&str]) -> Result<()> {
+fn test(extra: &[String]) -> Result<()> {
     cleanup_leftovers();
-    // Lints first: clippy-clean with -D warnings, kernel programs included.
+    // Lints first: formatting (stable rustfmt, rustfmt.toml), then clippy-clean with
+    // -D warnings, kernel programs included.
+    status(cargo().args(["fmt", "--all", "--check"]))
+        .context("formatting differs from rustfmt's: run `cargo fmt --all`")?;
     status(
         cargo()
             .args([
@@ -208,9 +253,8 @@ fn cargo() -> Command {
 
 /// Cargo of the nightly toolchain (through the rustup proxy), for the kernel programs.
 fn nightly_cargo() -> Command {
-    let mut cmd = Command::new("cargo");
-    cmd.arg("+nightly").current_dir(workspace_root());
-    cmd.env_remove("CARGO").env_remove("RUSTC");
+    let mut cmd = setup::nightly_cargo();
+    cmd.current_dir(workspace_root());
     cmd
 }
 
