@@ -224,6 +224,7 @@ fn run_logged(root: &Path, command: &str, log: &Path) -> Result<()> {
         .args(["/bin/bash", "-c"])
         .arg(format!("cd /{TREE_IN_ROOT} && exec {command} 2>&1"))
         .env_clear()
+        .envs(machine_network_env())
         .env("HOME", "/root")
         .env("USER", "root")
         .env(
@@ -279,7 +280,7 @@ fn mount_root(run_dir: &Path, base: &Path, root: &Path) -> Result<()> {
         root,
         "overlay",
         &format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
             base.display(),
             upper.display(),
             work.display()
@@ -299,13 +300,49 @@ fn mount_root(run_dir: &Path, base: &Path, root: &Path) -> Result<()> {
     )?;
     mount("/dev", &root.join("dev"), "", "", &["--rbind"])?;
     mount("tmpfs", &root.join("run"), "tmpfs", "mode=755", &[])?;
-    for file in ["etc/resolv.conf", "etc/hosts"] {
+    // The machine's network settings are the machine's, not the project's: name resolution,
+    // and the certificate authorities it trusts (an egress proxy's, say) with pip's pointer to
+    // them. A fresh machine of this kind has them too.
+    for file in MACHINE_FILES {
+        let from = Path::new("/").join(file);
+        if !from.exists() {
+            continue;
+        }
+        let to = root.join(file);
         // Never through a symlink the root holds: it would point at the host's file.
-        let _ = fs::remove_file(root.join(file));
-        fs::copy(Path::new("/").join(file), root.join(file))
-            .with_context(|| format!("copy /{file} into the root"))?;
+        let _ = fs::remove_file(&to);
+        fs::create_dir_all(to.parent().expect("a file has a parent"))?;
+        fs::copy(&from, &to).with_context(|| format!("copy {} into the root", from.display()))?;
+    }
+    if let Ok(entries) = fs::read_dir("/usr/local/share/ca-certificates") {
+        let dir = root.join("usr/local/share/ca-certificates");
+        fs::create_dir_all(&dir)?;
+        for entry in entries.flatten() {
+            fs::copy(entry.path(), dir.join(entry.file_name()))?;
+        }
     }
     Ok(())
+}
+
+/// Files that describe the machine's network rather than the project's needs.
+const MACHINE_FILES: &[&str] = &[
+    "etc/resolv.conf",
+    "etc/hosts",
+    "etc/ssl/certs/ca-certificates.crt",
+    "etc/pip.conf",
+];
+
+/// The machine's environment variables about its network (proxies, CA bundles), passed to the
+/// commands in the root; nothing else of xtask's environment is.
+fn machine_network_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(name, _)| {
+            let name = name.to_string_lossy().to_ascii_uppercase();
+            ["PROXY", "CERT", "CA_BUNDLE", "CAINFO"]
+                .iter()
+                .any(|part| name.contains(part))
+        })
+        .collect()
 }
 
 fn mount(source: &str, target: &Path, fstype: &str, options: &str, flags: &[&str]) -> Result<()> {
@@ -340,7 +377,7 @@ fn prepare_toolchains(root: &Path) -> Result<()> {
         &root.join("root/.rustup"),
         "overlay",
         &format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
             rustup_home.display(),
             upper.display(),
             work.display()
@@ -369,8 +406,9 @@ fn prepare_toolchains(root: &Path) -> Result<()> {
             .arg("/root/.cargo/bin/rustup")
             .args(args)
             .env_clear()
+            .envs(machine_network_env())
             .env("HOME", "/root")
-            .env("PATH", "/root/.cargo/bin:/usr/bin:/bin"))
+            .env("PATH", "/root/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
     };
     rustup(&[
         "component",

@@ -87,6 +87,10 @@ struct State<K> {
 pub struct Informer<K> {
     prefix: String,
     state: RwLock<State<K>>,
+    /// Held from a change to the cache until its handlers have run, so handlers see changes in
+    /// the order the cache took them (the watch task and writers reading their own writes
+    /// apply concurrently).
+    delivery: std::sync::Mutex<()>,
     handlers: RwLock<Vec<Handler<K>>>,
     synced: tokio::sync::watch::Sender<bool>,
     running: std::sync::atomic::AtomicBool,
@@ -114,6 +118,7 @@ impl<K: Object> Informer<K> {
                 tombstones: HashMap::new(),
                 revision: 0,
             }),
+            delivery: std::sync::Mutex::new(()),
             handlers: RwLock::new(Vec::new()),
             synced: tokio::sync::watch::channel(false).0,
             running: std::sync::atomic::AtomicBool::new(false),
@@ -182,13 +187,22 @@ impl<K: Object> Informer<K> {
     }
 
     /// Applies an object read or written at its resourceVersion, unless the cache holds a newer
-    /// state of its key.
+    /// state of its key. A revision the watch has already passed is never newer: the watch
+    /// delivered it (or what replaced it), so a writer reading its own write late cannot revive
+    /// an object deleted since.
     pub fn apply(&self, obj: K) {
+        self.apply_at(obj, false);
+    }
+
+    /// `from_store`: the object comes from the list or the watch, in the store's order.
+    fn apply_at(&self, obj: K, from_store: bool) {
         let key = key_of(obj.metadata());
         let rev = revision_of(obj.metadata());
+        let _delivery = self.delivery.lock().expect("not poisoned");
         let old = {
             let mut state = self.state.write().expect("not poisoned");
-            if state.tombstones.get(&key).is_some_and(|t| *t >= rev)
+            if (!from_store && rev <= state.revision)
+                || state.tombstones.get(&key).is_some_and(|t| *t >= rev)
                 || state
                     .objects
                     .get(&key)
@@ -206,6 +220,7 @@ impl<K: Object> Informer<K> {
 
     /// Applies the deletion of `key` at revision `rev`.
     pub fn apply_delete(&self, key: &str, rev: i64) {
+        let _delivery = self.delivery.lock().expect("not poisoned");
         let old = {
             let mut state = self.state.write().expect("not poisoned");
             if state
@@ -270,7 +285,7 @@ impl<K: Object> Informer<K> {
             self.apply_delete(&key, rev);
         }
         for obj in objects.into_values() {
-            self.apply(obj);
+            self.apply_at(obj, true);
         }
         self.advance(revision);
         Ok(revision)
@@ -302,7 +317,7 @@ impl<K: Object> Informer<K> {
                         match event.kind {
                             EventKind::Put => {
                                 if let Some(obj) = decode::<K>(&event.kv) {
-                                    self.apply(obj);
+                                    self.apply_at(obj, true);
                                 }
                             }
                             EventKind::Delete => {
