@@ -1,5 +1,5 @@
 //! The data path's per-packet cost under BPF_PROG_TEST_RUN (the same setup as
-//! `cargo xtask bench dataplane`: see `ebpf_dpctl::bench`), measured by criterion, plus the
+//! `cargo xtask bench dataplane`: see `benches::dataplane`), measured by criterion, plus the
 //! userspace work behind programming services: Maglev tables and syncing many services.
 
 use std::{
@@ -8,9 +8,9 @@ use std::{
     time::Duration,
 };
 
+use benches::dataplane::{Setup, service};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ebpf_dataplane::{Config, Dataplane, maglev};
-use ebpf_dpctl::bench::{Setup, service};
 
 /// Criterion asks for `iters` runs and gets the kernel's own per-run time back, so the syscall
 /// around BPF_PROG_TEST_RUN is not part of the figure.
@@ -63,11 +63,11 @@ fn programming(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(10));
     group.bench_function("sync_10000_services", |b| {
         b.iter(|| {
-            dataplane.sync(services.clone()).expect("sync");
-            dataplane.sync([]).expect("clear");
+            dataplane.sync(services.clone()).check().expect("sync");
+            dataplane.sync([]).check().expect("clear");
         })
     });
-    dataplane.sync(services.clone()).expect("sync");
+    dataplane.sync(services.clone()).check().expect("sync");
     let mut changed = services.clone();
     let one = &mut changed[5_000];
     let original = one.backends[0];

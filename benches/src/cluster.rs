@@ -145,7 +145,7 @@ impl ModeLab {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/keel-{run}-{}", mode.name())),
             // The client is a pod: its sockets are load balanced at connect time.
             pod_netns: vec![lab.client.path()],
-            sync_timeout: None,
+            ..ProxyConfig::default()
         };
         Ok(Self {
             mode,
@@ -234,58 +234,57 @@ impl Drop for ModeLab {
 
 /// The desired state for `n` services (see the module docs).
 pub fn workload(n: u32, endpoints: &[Ipv4Addr]) -> ProxyState {
-    let http = |target_port| ServicePort {
-        name: "http".into(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port,
+    let port = |name: &str, protocol, port, endpoints: &[Ipv4Addr], target| ServicePort {
+        name: name.into(),
+        protocol,
+        port,
+        endpoints: endpoints
+            .iter()
+            .map(|ip| SocketAddrV4::new(*ip, target))
+            .collect(),
     };
-    let mut services: Vec<Service> = (0..n.saturating_sub(1))
-        .map(|i| Service {
-            namespace: "bench".into(),
-            name: format!("filler-{i}"),
-            cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i),
-            ports: vec![http(8080)],
-            endpoints: (0..FILLER_ENDPOINTS)
+    let mut state: ProxyState = (0..n.saturating_sub(1))
+        .map(|i| {
+            let fillers: Vec<Ipv4Addr> = (0..FILLER_ENDPOINTS)
                 .map(|j| {
                     Ipv4Addr::from(
                         u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * FILLER_ENDPOINTS + j,
                     )
                 })
-                .collect(),
-            session_affinity: None,
+                .collect();
+            Service {
+                namespace: "bench".into(),
+                name: format!("filler-{i}"),
+                cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i),
+                ports: vec![port("http", Protocol::Tcp, 80, &fillers, 8080)],
+                session_affinity: None,
+            }
         })
         .collect();
-    services.push(Service {
+    state.insert(Service {
         namespace: "bench".into(),
         name: "iperf".into(),
         cluster_ip: IPERF_VIP,
-        ports: vec![ServicePort {
-            name: "iperf".into(),
-            protocol: Protocol::Tcp,
-            port: IPERF_PORT,
-            target_port: IPERF_PORT,
-        }],
-        endpoints: endpoints[..1].to_vec(),
+        ports: vec![port(
+            "iperf",
+            Protocol::Tcp,
+            IPERF_PORT,
+            &endpoints[..1],
+            IPERF_PORT,
+        )],
         session_affinity: None,
     });
-    services.push(Service {
+    state.insert(Service {
         namespace: "bench".into(),
         name: "web".into(),
         cluster_ip: MEASURED_VIP,
         ports: vec![
-            http(BACKEND_PORT),
-            ServicePort {
-                name: "udp".into(),
-                protocol: Protocol::Udp,
-                port: 53,
-                target_port: BACKEND_PORT,
-            },
+            port("http", Protocol::Tcp, 80, endpoints, BACKEND_PORT),
+            port("udp", Protocol::Udp, 53, endpoints, BACKEND_PORT),
         ],
-        endpoints: endpoints.to_vec(),
         session_affinity: None,
     });
-    ProxyState { services }
+    state
 }
 
 /// Kernel memory that rule sets and maps live in: slab, vmalloc and per-CPU, in bytes.
@@ -353,7 +352,8 @@ fn program(
     let kernel_bytes = kernel_memory()?.saturating_sub(before);
     let endpoint_change_ms = if n == 10_000 {
         let mut changed = state.clone();
-        changed.services[n as usize / 2].endpoints[0] = Ipv4Addr::new(10, 250, 0, 1);
+        changed.services[n as usize / 2].ports[0].endpoints[0] =
+            SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 1), 8080);
         Some(lab.sync(&changed)?.as_secs_f64() * 1e3)
     } else {
         None

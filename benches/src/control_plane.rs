@@ -20,11 +20,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use control_plane::launch::Process;
+use control_plane::launch::{Api, Process};
 use control_plane_api::{
     FeedClient,
-    feed::{HeartbeatRequest, PodPhase, PodStatusReport, RegisterRequest, Resources, WatchRequest},
-    view::View,
+    feed::{HeartbeatRequest, PodPhase, PodStatusReport, RegisterRequest, Resources},
+    session,
+    view::{Changes, View},
 };
 use control_plane_store::etcd_process::EtcdProcess;
 use futures::StreamExt;
@@ -32,7 +33,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::loadgen::{Latencies, median};
+use crate::{
+    agents,
+    loadgen::{Latencies, median},
+};
 
 pub struct Options {
     pub clients: usize,
@@ -43,6 +47,8 @@ pub struct Options {
     pub nodes: usize,
     /// Pods turning ready per feed measurement.
     pub feed_samples: usize,
+    /// Real node agents end to end.
+    pub agents: agents::Options,
 }
 
 impl Options {
@@ -54,6 +60,13 @@ impl Options {
             sched_pods: 5000,
             nodes: 100,
             feed_samples: 300,
+            agents: agents::Options {
+                agents: 10,
+                services: 10_000,
+                samples: 100,
+                changes: 1000,
+                change_rate: 100.0,
+            },
         }
     }
 
@@ -65,6 +78,13 @@ impl Options {
             sched_pods: 5000,
             nodes: 100,
             feed_samples: 100,
+            agents: agents::Options {
+                agents: 10,
+                services: 10_000,
+                samples: 30,
+                changes: 300,
+                change_rate: 100.0,
+            },
         }
     }
 }
@@ -85,29 +105,15 @@ pub struct StoreResult {
 
 /// An HTTPS client of one control plane, with a connection of its own.
 #[derive(Clone)]
-struct Client {
-    http: reqwest::Client,
-    server: String,
-    token: String,
-}
+struct Client(Api);
 
 impl Client {
     fn new(process: &Process) -> Result<Self> {
-        let config = process.config()?;
-        let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(config.ca_pem.as_bytes())?])
-            .build()?;
-        Ok(Self {
-            http,
-            server: config.server,
-            token: config.token,
-        })
+        Ok(Self(Api::new(process)?))
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(&self.token)
+        self.0.request(method, path)
     }
 
     /// Creates and returns the object as stored.
@@ -453,35 +459,30 @@ fn node_name(i: usize) -> String {
 /// An agent's endpoint changes: (agent, address, ready, when it held it).
 type EndpointChange = (usize, String, bool, Instant);
 
-/// Connects agent `i` and forwards the changes of the feed service's endpoints it receives.
+/// Connects agent `i` (the agents' own session code) and forwards the changes of the feed
+/// service's endpoints it receives.
 async fn connect_agent(
     process: &Process,
     i: usize,
     changes: mpsc::UnboundedSender<EndpointChange>,
 ) -> Result<()> {
-    let mut client = process.node_feed().await?;
-    let mut stream = client
-        .watch(WatchRequest {
-            node_name: node_name(i),
-            resume_from: 0,
-        })
-        .await?
-        .into_inner();
-    tokio::spawn(async move {
-        let mut view = View::default();
-        while let Ok(Some(message)) = stream.message().await {
-            let before: HashMap<String, bool> = view.endpoints(FEED_SERVICE).into_iter().collect();
-            view.apply(message);
-            let now = Instant::now();
-            for (address, ready) in view.endpoints(FEED_SERVICE) {
-                if before.get(&address) != Some(&ready)
-                    && changes.send((i, address, ready, now)).is_err()
-                {
-                    return;
-                }
+    let client = process.node_feed().await?;
+    let mut held: HashMap<String, bool> = HashMap::new();
+    let on_change = move |view: &View, _: Changes| {
+        let now = Instant::now();
+        for (address, ready) in view.endpoints(FEED_SERVICE) {
+            if held.insert(address.clone(), ready) != Some(ready) {
+                let _ = changes.send((i, address, ready, now));
             }
         }
-    });
+    };
+    tokio::spawn(session::follow(
+        client,
+        node_name(i),
+        Arc::default(),
+        Arc::default(),
+        on_change,
+    ));
     Ok(())
 }
 
@@ -706,12 +707,17 @@ struct Subject {
     _etcd: Option<EtcdProcess>,
 }
 
-/// The `control-plane` binary next to this one (`cargo xtask bench control-plane` builds both).
+/// The `control-plane` binary next to this one.
 fn binary() -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("control-plane");
+    sibling("control-plane")
+}
+
+/// A binary next to this one (`cargo xtask bench control-plane` builds them together).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
     if !path.exists() {
         bail!(
-            "{} is missing: build it with `cargo build --release -p control-plane`",
+            "{} is missing: build it with `cargo build --release -p {name}`",
             path.display()
         );
     }
@@ -725,6 +731,8 @@ pub struct Report {
     pub results: Vec<StoreResult>,
     #[serde(flatten)]
     pub loops: Loops,
+    #[serde(flatten)]
+    pub agents: agents::Figures,
 }
 
 /// Runs the benchmark: the API on both stores, then the control loops; `progress` hears what
@@ -737,65 +745,81 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let dir = tempfile::Builder::new()
         .prefix("keel-bench-cp-")
         .tempdir()?;
-    runtime.block_on(async {
-        let binary = binary()?;
-        progress("starting the control plane on the embedded store");
-        let embedded = Process::start(
-            &binary,
-            &format!("embedded:{}", dir.path().join("sqlite").display()),
-            &state(dir.path(), "embedded")?,
-            &["--disable-controllers"],
-        )?;
-        progress("starting etcd and the control plane on it");
-        let etcd = EtcdProcess::start().await?;
-        let on_etcd = Process::start(
-            &binary,
-            &format!("etcd:{}", etcd.endpoint),
-            &state(dir.path(), "etcd")?,
-            &["--disable-controllers"],
-        )?;
-        let mut subjects = [
-            Subject {
-                name: "embedded",
-                process: embedded,
-                rounds: Vec::new(),
-                _etcd: None,
-            },
-            Subject {
-                name: "etcd",
-                process: on_etcd,
-                rounds: Vec::new(),
-                _etcd: Some(etcd),
-            },
-        ];
-        for s in &subjects {
-            progress(&format!("{}: warming up", s.name));
-            round(
-                &s.process,
-                "warm-up",
-                opts.clients,
-                Duration::from_millis(500),
-            )
-            .await?;
-        }
-        for r in 0..opts.rounds {
-            for s in &mut subjects {
-                progress(&format!(
-                    "round {}/{}: {} store, {} clients creating pods",
-                    r + 1,
-                    opts.rounds,
-                    s.name,
-                    opts.clients
-                ));
-                let measured =
-                    round(&s.process, &format!("round-{r}"), opts.clients, opts.round).await?;
-                s.rounds.push(measured);
+    runtime
+        .block_on(async {
+            let binary = binary()?;
+            progress("starting the control plane on the embedded store");
+            let embedded = Process::start(
+                &binary,
+                &format!("embedded:{}", dir.path().join("sqlite").display()),
+                &state(dir.path(), "embedded")?,
+                &["--disable-controllers"],
+            )?;
+            progress("starting etcd and the control plane on it");
+            let etcd = EtcdProcess::start().await?;
+            let on_etcd = Process::start(
+                &binary,
+                &format!("etcd:{}", etcd.endpoint),
+                &state(dir.path(), "etcd")?,
+                &["--disable-controllers"],
+            )?;
+            let mut subjects = [
+                Subject {
+                    name: "embedded",
+                    process: embedded,
+                    rounds: Vec::new(),
+                    _etcd: None,
+                },
+                Subject {
+                    name: "etcd",
+                    process: on_etcd,
+                    rounds: Vec::new(),
+                    _etcd: Some(etcd),
+                },
+            ];
+            for s in &subjects {
+                progress(&format!("{}: warming up", s.name));
+                round(
+                    &s.process,
+                    "warm-up",
+                    opts.clients,
+                    Duration::from_millis(500),
+                )
+                .await?;
             }
-        }
-        let results = subjects.into_iter().map(summarize).collect();
-        let loops = loops(&binary, dir.path(), opts, progress).await?;
-        Ok(Report { results, loops })
-    })
+            for r in 0..opts.rounds {
+                for s in &mut subjects {
+                    progress(&format!(
+                        "round {}/{}: {} store, {} clients creating pods",
+                        r + 1,
+                        opts.rounds,
+                        s.name,
+                        opts.clients
+                    ));
+                    let measured =
+                        round(&s.process, &format!("round-{r}"), opts.clients, opts.round).await?;
+                    s.rounds.push(measured);
+                }
+            }
+            let results = subjects.into_iter().map(summarize).collect();
+            let loops = loops(&binary, dir.path(), opts, progress).await?;
+            Ok::<_, anyhow::Error>((results, loops))
+        })
+        .and_then(|(results, loops)| {
+            // Blocking (processes, namespaces, map reads): outside the runtime above.
+            let agents = agents::run(
+                &binary()?,
+                &sibling("node-agent")?,
+                dir.path(),
+                &opts.agents,
+                progress,
+            )?;
+            Ok(Report {
+                results,
+                loops,
+                agents,
+            })
+        })
 }
 
 fn state(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -858,6 +882,26 @@ pub fn markdown(report: &Report, clients: usize, machine: &str) -> String {
         l.sched_nodes,
         l.feed_p50_ms_100_nodes,
         l.feed_p99_ms_100_nodes
+    ));
+    let a = &report.agents;
+    out.push_str(&format!(
+        "\nNode agents end to end ({} real agents, each in its own network namespace with its own \
+         eBPF data plane; {} services)\n\n\
+         | measure | value |\n|---|---:|\n\
+         | pod readiness written through the API to every agent's data plane, p50 / p99 ms ({} samples) | {:.2} / {:.2} |\n\
+         | one agent's resident memory, MiB | {:.1} |\n\
+         | one agent's CPU per 1,000 endpoint changes ({} changes at {}/s), ms | {:.0} |\n\
+         | kube-proxy's nftables layout, `nft` CPU for the same changes (synced once a second), ms per 1,000 | {:.0} |\n",
+        a.e2e_agents,
+        a.e2e_services,
+        a.e2e_samples,
+        a.e2e_program_p50_ms,
+        a.e2e_program_p99_ms,
+        a.agent_rss_mib,
+        a.changes,
+        a.change_rate_per_s,
+        a.agent_cpu_ms_per_1k_changes,
+        a.nft_cpu_ms_per_1k_changes,
     ));
     out
 }

@@ -1,4 +1,4 @@
-//! `dpctl bench`: per-packet cost of the data path under BPF_PROG_TEST_RUN, for growing numbers
+//! `bench-dataplane`: per-packet cost of the data path under BPF_PROG_TEST_RUN, for growing numbers
 //! of services, next to the floor (a program that only returns XDP_PASS) measured in the same
 //! run. Figures are medians over rounds, the three programs interleaved in every round so
 //! machine noise hits them alike.
@@ -93,7 +93,9 @@ impl Setup {
         let config = Config::with_pin_dir(&pin_dir);
         let mut established = Dataplane::open(&config).context("open the data plane")?;
         let last = measured(services - 1);
-        established.sync((0..services - 1).map(service).chain([last.clone()]))?;
+        established
+            .sync((0..services - 1).map(service).chain([last.clone()]))
+            .check()?;
         let new_flow = Dataplane::open(&Config {
             force_ct_miss: true,
             ..config.clone()

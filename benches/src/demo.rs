@@ -1,4 +1,4 @@
-//! `dpctl demo`: the data plane carrying real traffic. Builds the lab (a client pod and three
+//! `demo-dataplane`: the data plane carrying real traffic. Builds the lab (a client pod and three
 //! backend pods on a node, each a network namespace), attaches the data plane to the client's
 //! veth, opens real TCP connections and sends real UDP datagrams to service addresses, and
 //! prints which backends answered and what the data plane counted.
@@ -40,28 +40,30 @@ fn run(lab: &Lab, dataplane: &mut Dataplane) -> Result<()> {
         scheduler: Scheduler::Maglev { table_size: 1021 },
         affinity_timeout: None,
     };
-    dataplane.sync([
-        DesiredService {
-            frontend: web,
-            spec: ServiceSpec::default(),
-            backends: backends.clone(),
-        },
-        DesiredService {
-            frontend: dns,
-            spec: ServiceSpec::default(),
-            backends: backends.clone(),
-        },
-        DesiredService {
-            frontend: sticky,
-            spec: maglev,
-            backends: backends.clone(),
-        },
-        DesiredService {
-            frontend: empty,
-            spec: ServiceSpec::default(),
-            backends: vec![],
-        },
-    ])?;
+    dataplane
+        .sync([
+            DesiredService {
+                frontend: web,
+                spec: ServiceSpec::default(),
+                backends: backends.clone(),
+            },
+            DesiredService {
+                frontend: dns,
+                spec: ServiceSpec::default(),
+                backends: backends.clone(),
+            },
+            DesiredService {
+                frontend: sticky,
+                spec: maglev,
+                backends: backends.clone(),
+            },
+            DesiredService {
+                frontend: empty,
+                spec: ServiceSpec::default(),
+                backends: vec![],
+            },
+        ])
+        .check()?;
     println!(
         "Data plane attached to {CLIENT_HOST_IF} (tc ingress and egress, TCX links pinned under bpffs)\n"
     );

@@ -341,6 +341,17 @@ pub fn dir() -> std::path::PathBuf {
 }
 
 /// A one-line progress display on stderr, each step stamped with the seconds since `started`.
+/// The flags every benchmark binary takes.
+#[derive(clap::Parser, Debug)]
+pub struct Flags {
+    /// Fewer services and rounds (a few minutes)
+    #[arg(long)]
+    pub quick: bool,
+    /// End stdout with one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn progress(started: std::time::Instant) -> impl FnMut(&str) {
     move |step: &str| {
         use std::io::Write;

@@ -1,10 +1,11 @@
 //! Starting a `control-plane` process and waiting until it serves, with its own state
-//! directory and a free loopback port; stopped on drop.
+//! directory and free ports; stopped on drop. And [`Api`], the HTTPS client tests and
+//! benchmarks talk to it with.
 
 use std::{
     collections::VecDeque,
     io::{BufRead, BufReader},
-    net::TcpListener,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -30,11 +31,23 @@ pub struct Process {
 
 impl Process {
     /// Starts `binary` on `store` (`embedded:<dir>` or `etcd:<endpoints>`), keeping its state
-    /// under `state_dir`, with `extra` arguments.
+    /// under `state_dir`, with `extra` arguments, serving on loopback.
     pub fn start(binary: &Path, store: &str, state_dir: &Path, extra: &[&str]) -> Result<Self> {
-        let free = || -> Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-        let listen = format!("127.0.0.1:{}", free()?);
-        let feed = format!("127.0.0.1:{}", free()?);
+        Self::start_on(binary, store, state_dir, Ipv4Addr::LOCALHOST.into(), extra)
+    }
+
+    /// As [`Process::start`], serving the API and the feed on free ports of `host` (an
+    /// address node agents in other network namespaces can reach).
+    pub fn start_on(
+        binary: &Path,
+        store: &str,
+        state_dir: &Path,
+        host: IpAddr,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let free = || -> Result<u16> { Ok(TcpListener::bind((host, 0))?.local_addr()?.port()) };
+        let listen = SocketAddr::new(host, free()?).to_string();
+        let feed = SocketAddr::new(host, free()?).to_string();
         let kubeconfig = state_dir.join("kubeconfig");
         let mut args: Vec<String> = vec![
             "--store".into(),
@@ -82,6 +95,76 @@ impl Process {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The control plane's CA, as node agents are given it (`--feed-ca`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.node_token.with_file_name("ca.crt")
+    }
+
+    /// Kills the process, as a crash would; [`Process::resume`] starts it again.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a killed process again on the same state and ports.
+    pub fn resume(&mut self) -> Result<()> {
+        self.child = spawn(&self.binary, &self.args)?;
+        Ok(())
+    }
+}
+
+/// An HTTPS client of a control plane, from the kubeconfig it wrote: it trusts the control
+/// plane's CA and presents the admin token.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub server: String,
+    pub token: String,
+}
+
+impl Api {
+    pub fn new(process: &Process) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = process.config()?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(config.ca_pem.as_bytes())?])
+            .build()?;
+        Ok(Self {
+            http,
+            server: config.server,
+            token: config.token,
+        })
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.server))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends `body` (JSON) and returns the status and the JSON answer (`null` if not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let mut req = self.request(method.clone(), path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
     }
 }
 

@@ -72,7 +72,12 @@ fn seconds(s: f64) -> Duration {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -85,13 +90,18 @@ fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("open the store {:?}", args.store))?,
         );
+        // The feed serves the same certificate: valid for its address too.
+        let mut tls_sans = args.tls_sans;
+        if !args.feed_listen.ip().is_unspecified() {
+            tls_sans.push(args.feed_listen.ip().to_string());
+        }
         let config = Config {
             listen: args.listen,
             state_dir: args.state_dir,
             kubeconfig: args.kubeconfig,
             service_cidr: args.service_cluster_ip_range,
             node_port_range: args.service_node_port_range,
-            tls_sans: args.tls_sans,
+            tls_sans,
             compaction_interval: Duration::from_secs(args.compaction_interval.max(1)),
         };
         let credentials = Credentials::load_or_create(&config)?;

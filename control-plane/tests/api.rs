@@ -43,7 +43,7 @@ fn errors_are_statuses_with_reasons_and_writes_are_optimistic(store: &str) {
         assert_eq!(code, 200);
         assert!(body["items"].as_array().unwrap().len() >= 4);
 
-        let (code, _) = api.http.get(format!("{}/api/v1/namespaces", api.server)).send().await.map(|r| (r.status().as_u16(), ())).unwrap();
+        let (code, _) = api.0.http.get(format!("{}/api/v1/namespaces", api.0.server)).send().await.map(|r| (r.status().as_u16(), ())).unwrap();
         assert_eq!(code, 401, "no token, no access");
 
         let (code, body) = api.call(Method::POST, "/api/v1/namespaces/nowhere/pods", Some(pod("p", json!({})))).await;
@@ -488,3 +488,129 @@ on_both_stores!(
     lists_page_selectors_subresources_and_deletion,
     discovery_answers_in_both_forms,
 );
+
+/// Reads one sample of the control plane's `/metrics` (0 when absent).
+fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("/metrics parses as Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => h.last().map_or(0.0, |b| b.count),
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_count_requests_watches_store_operations_and_agents() {
+    let cp = ControlPlane::start("embedded:{dir}", &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let metrics = || async {
+            let (code, text) = {
+                let resp = api.request(Method::GET, "/metrics").send().await.unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            };
+            assert_eq!(code, 200, "{text}");
+            text
+        };
+        let (code, _) = api
+            .0
+            .http
+            .get(format!("{}/metrics", api.0.server))
+            .send()
+            .await
+            .map(|r| (r.status().as_u16(), ()))
+            .unwrap();
+        assert_eq!(code, 401, "metrics need the token, as kube-apiserver's");
+
+        for i in 0..3 {
+            let (code, _) = api
+                .call(Method::POST, PODS, Some(pod(&format!("m{i}"), json!({}))))
+                .await;
+            assert_eq!(code, 201);
+        }
+        api.call(Method::GET, PODS, None).await;
+        let watch = api
+            .request(Method::GET, &format!("{PODS}?watch=true"))
+            .send()
+            .await
+            .unwrap();
+        let mut feed = cp.process().node_feed().await.unwrap();
+        let _stream = feed
+            .watch(control_plane_api::feed::WatchRequest {
+                node_name: "n1".into(),
+                resume_from: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+
+        let text = metrics().await;
+        let creates = sample(
+            &text,
+            "apiserver_request_total",
+            &[("verb", "CREATE"), ("resource", "pods"), ("code", "201")],
+        );
+        assert_eq!(creates, 3.0, "{text}");
+        assert!(
+            sample(
+                &text,
+                "apiserver_request_total",
+                &[("verb", "LIST"), ("resource", "pods")]
+            ) >= 1.0
+        );
+        assert!(
+            sample(
+                &text,
+                "apiserver_request_duration_seconds_count",
+                &[("verb", "CREATE"), ("resource", "pods")]
+            ) >= 3.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "apiserver_longrunning_requests",
+                &[("verb", "WATCH"), ("resource", "pods")]
+            ),
+            1.0,
+            "{text}"
+        );
+        assert!(
+            sample(
+                &text,
+                "keel_store_operation_duration_seconds_count",
+                &[("operation", "create"), ("store", "embedded")]
+            ) >= 3.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "keel_feed_agents_connected", &[]),
+            1.0,
+            "{text}"
+        );
+
+        drop(watch);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sample(
+            &metrics().await,
+            "apiserver_longrunning_requests",
+            &[("resource", "pods")],
+        ) != 0.0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a closed watch stops counting"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

@@ -159,7 +159,7 @@ fn a_deployment_gets_scheduled_made_ready_and_its_service_filled_and_failures_ar
             let want: Vec<(String, bool)> = endpoints.iter().map(|(a, r)| (a.clone(), *r)).collect();
             eventually(10, "the feed to carry the endpoints", || async { (agent.view.lock().unwrap().endpoints("default/web") == want).then_some(()) }).await;
             let view = agent.view.lock().unwrap();
-            assert_eq!((view.snapshots, view.out_of_order), (1, 0), "one snapshot, deltas in order");
+            assert_eq!((view.snapshots, view.refused), (1, 0), "one snapshot, every message fits");
             assert!(view.services.contains_key("default/web"));
             let own = per_node.get(&agent.name).copied().unwrap_or(0);
             assert_eq!(view.pods.len(), own, "an agent gets the pods bound to its node only");

@@ -101,8 +101,10 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => {
             setup::setup()?;
             require_root()?;
-            let dpctl = build_release("ebpf-dpctl", "dpctl")?;
-            status(Command::new(dpctl).arg("demo"))
+            status(&mut Command::new(build_release(
+                "benches",
+                "demo-dataplane",
+            )?))
         }
         Task::Test { args } => {
             setup::setup()?;
@@ -118,27 +120,29 @@ fn run(task: Task) -> Result<()> {
             let binary = match which {
                 Bench::Dataplane => {
                     require_root()?;
-                    return status(
-                        Command::new(build_release("ebpf-dpctl", "dpctl")?)
-                            .arg("bench")
-                            .args(&flags),
-                    );
+                    build_release("benches", "bench-dataplane")?
                 }
                 Bench::Cluster => {
                     require_root()?;
                     build_release("benches", "bench-cluster")?
                 }
                 Bench::ControlPlane => {
-                    // One build for both binaries: their dependencies' features unify once.
+                    // Real node agents too: eBPF data planes in network namespaces.
+                    require_root()?;
+                    // One build for the binaries: their dependencies' features unify once.
                     status(cargo().args([
                         "build",
                         "--release",
                         "--package",
                         "control-plane",
                         "--package",
+                        "node-agent",
+                        "--package",
                         "benches",
                         "--bin",
                         "control-plane",
+                        "--bin",
+                        "node-agent",
                         "--bin",
                         "bench-control-plane",
                     ]))?;
@@ -224,7 +228,9 @@ fn cleanup_leftovers() {
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = ["kt-", "kb-", "keel-"].iter().any(|p| name.starts_with(p));
+            let ours = ["kt-", "kb-", "ka-", "keel-"]
+                .iter()
+                .any(|p| name.starts_with(p));
             if ours && !alive(&name) {
                 let _ = Command::new("ip").args(["netns", "del", &name]).status();
             }

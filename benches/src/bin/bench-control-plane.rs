@@ -4,21 +4,12 @@
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use benches::{control_plane, report};
+use clap::Parser;
 
 fn main() -> Result<()> {
-    let mut quick = false;
-    let mut json = false;
-    for arg in std::env::args().skip(1) {
-        match arg.as_str() {
-            "--quick" => quick = true,
-            "--json" => json = true,
-            other => {
-                bail!("unknown argument {other}; usage: bench-control-plane [--quick] [--json]")
-            }
-        }
-    }
+    let report::Flags { quick, json } = report::Flags::parse();
     let opts = if quick {
         control_plane::Options::quick()
     } else {

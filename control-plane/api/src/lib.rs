@@ -1,11 +1,16 @@
 //! The gRPC feed between the control plane and node agents: the messages and services generated
-//! from `proto/feed.proto`, and [`connect`], which opens a TLS channel that presents the node
-//! token on every call.
+//! from `proto/feed.proto`; [`connect`], which opens a TLS channel that presents the node token
+//! on every call; the agent's side of the feed ([`session`]: register, heartbeat, follow the
+//! stream with resume) and what it holds ([`view`]); and the conversion of Kubernetes objects
+//! into the feed's types ([`convert`]), shared by the control plane and by agents that watch a
+//! Kubernetes API server instead.
 
 pub mod feed {
     tonic::include_proto!("keel.feed.v1");
 }
 
+pub mod convert;
+pub mod session;
 pub mod view;
 
 use anyhow::{Context, Result};

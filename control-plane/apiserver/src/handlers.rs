@@ -109,10 +109,69 @@ pub async fn handle<S: Store>(
     if !public && !authorized(&app, &headers) {
         return ApiError::unauthorized().into_response();
     }
-    match route(&app, &method, &uri, &path, &headers, body).await {
+    if method == Method::GET && path == "/metrics" {
+        return (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            crate::metrics::encode(),
+        )
+            .into_response();
+    }
+    let started = std::time::Instant::now();
+    let (verb, resource) = classify(&method, &uri, &path);
+    let response = match route(&app, &method, &uri, &path, &headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
-    }
+    };
+    crate::metrics::observe(
+        verb,
+        resource,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// kube-apiserver's verb and resource of a request, for the metrics.
+fn classify(method: &Method, uri: &Uri, path: &str) -> (&'static str, String) {
+    let segments: Vec<&str> = path
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let Some(target) = parse_target(&segments) else {
+        let verb = if *method == Method::GET {
+            "GET"
+        } else {
+            "OTHER"
+        };
+        // Discovery, OpenAPI, health: by their first segment, not every path.
+        let first = segments.first().copied().unwrap_or("");
+        return (verb, format!("/{first}"));
+    };
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let collection = target.name.is_none();
+    let verb = match *method {
+        Method::GET if watch => "WATCH",
+        Method::GET if collection => "LIST",
+        Method::GET => "GET",
+        Method::POST => "CREATE",
+        Method::PUT => "UPDATE",
+        Method::PATCH => "PATCH",
+        Method::DELETE if collection => "DELETECOLLECTION",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    };
+    let resource = match target.sub {
+        Some(sub) => format!("{}/{}", target.def.plural, sub.name),
+        None => target.def.plural.to_owned(),
+    };
+    (verb, resource)
 }
 
 fn authorized<S: Store>(app: &App<S>, headers: &HeaderMap) -> bool {

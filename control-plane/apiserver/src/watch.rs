@@ -174,6 +174,7 @@ pub async fn watch<S: Store>(
         bookmarks,
         last: from,
         ended: false,
+        _open: crate::metrics::OpenWatch::new(def.plural),
     };
     let stream = futures::stream::unfold(follow, |mut follow| async move {
         let chunk = follow.next_chunk().await?;
@@ -185,6 +186,8 @@ pub async fn watch<S: Store>(
 /// A watch being followed. The response body polls it, so a store event goes from the store's
 /// stream to the client's connection without waiting for another task to be scheduled.
 struct Follow {
+    /// Counted in `apiserver_longrunning_requests` while the body lives.
+    _open: crate::metrics::OpenWatch,
     initial: std::vec::IntoIter<Value>,
     /// The bookmark that ends the initial events, when asked for.
     initial_end: Option<Bytes>,

@@ -5,20 +5,18 @@
 //! and the repair of ClusterIP and NodePort allocations. All are level-triggered: each
 //! reconciles one object from the cache's current state, however many events led there.
 
-pub mod client;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
 pub mod gc;
-pub mod informer;
 pub mod namespace;
 pub mod nodes;
 pub mod quantity;
-pub mod queue;
 pub mod repair;
 pub mod replicaset;
 pub mod scheduler;
-pub mod util;
+
+pub use control_plane_client::{client, informer, queue, util};
 
 use std::{sync::Arc, time::Duration};
 

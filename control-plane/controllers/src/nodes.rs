@@ -21,7 +21,7 @@ use crate::{
     util::{pod_ready, set_condition},
 };
 
-pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+pub use control_plane_client::NODE_LEASE_NAMESPACE;
 pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 
 /// The cluster CIDR cut into per-node blocks.
@@ -176,6 +176,13 @@ pub struct Lifecycle {
     pods: Arc<Informer<Pod>>,
     grace: Duration,
     recorder: Recorder,
+    /// Per node: the last heartbeat seen, and when this controller saw it change (on its own
+    /// clock, as kube-controller-manager's probe timestamps). A node is silent for as long as
+    /// its heartbeat has not changed here, so a control plane that was down for longer than
+    /// the grace period gives every node a full grace period after it starts, instead of
+    /// declaring them all dead and withdrawing every endpoint of the cluster.
+    seen:
+        std::sync::Mutex<std::collections::HashMap<String, (jiff::Timestamp, std::time::Instant)>>,
 }
 
 impl Lifecycle {
@@ -188,6 +195,7 @@ impl Lifecycle {
             recorder: Recorder::new(client.clone(), "node-controller"),
             client,
             grace,
+            seen: Default::default(),
         });
         let period = (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         tokio::spawn(async move {
@@ -195,7 +203,9 @@ impl Lifecycle {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                for node in lifecycle.nodes.list() {
+                let nodes = lifecycle.nodes.list();
+                lifecycle.forget_gone(&nodes);
+                for node in nodes {
                     if let Err(e) = lifecycle.check(&node).await {
                         tracing::info!(
                             "node lifecycle: {}: {e}",
@@ -224,10 +234,31 @@ impl Lifecycle {
             .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
     }
 
+    /// How long the node's heartbeat has not changed, as this controller observed it.
+    fn silent_for(&self, name: &str, heartbeat: jiff::Timestamp) -> Duration {
+        let mut seen = self.seen.lock().expect("not poisoned");
+        let now = std::time::Instant::now();
+        let entry = seen.entry(name.to_owned()).or_insert((heartbeat, now));
+        if entry.0 != heartbeat {
+            *entry = (heartbeat, now);
+        }
+        entry.1.elapsed()
+    }
+
+    fn forget_gone(&self, nodes: &[Arc<Node>]) {
+        let names: std::collections::HashSet<&str> = nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .retain(|name, _| names.contains(name.as_str()));
+    }
+
     async fn check(&self, node: &Node) -> Result<(), ApiError> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let silent = jiff::Timestamp::now().duration_since(self.last_heartbeat(node));
-        let healthy = silent <= jiff::SignedDuration::try_from(self.grace).unwrap_or_default();
+        let healthy = self.silent_for(&name, self.last_heartbeat(node)) <= self.grace;
         let ready = ready_condition(node).map(|c| c.status.as_str());
         if !healthy {
             if ready != Some("Unknown") {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use control_plane_api::feed::{self, delta::Change};
-use control_plane_controllers::informer::def;
+use control_plane_client::informer::def;
 use control_plane_store::{AnyStore, EventKind, KeyValue, ListOptions, Store};
 use k8s_openapi::api::{
     core::v1::{Node, Pod, Service},

@@ -22,9 +22,9 @@ use control_plane_api::feed::{
     node_feed_server::{NodeFeed, NodeFeedServer},
 };
 use control_plane_apiserver::{error::ApiError, registry::DeleteParams};
-use control_plane_controllers::{
+use control_plane_client::{
+    NODE_LEASE_NAMESPACE,
     client::Client,
-    nodes::NODE_LEASE_NAMESPACE,
     util::{controller_ref, set_condition},
 };
 use futures::Stream;
@@ -123,6 +123,14 @@ fn node_ready(node: &Node) -> bool {
 
 impl FeedService {
     pub fn new(client: Client, hub: Arc<Hub>) -> Self {
+        static REGISTER: std::sync::Once = std::sync::Once::new();
+        REGISTER.call_once(|| {
+            control_plane_apiserver::metrics::register(
+                "keel_feed_agents_connected",
+                "Node agents with a Watch stream open",
+                AGENTS_CONNECTED.clone(),
+            );
+        });
         Self { client, hub }
     }
 
@@ -470,6 +478,8 @@ impl NodeFeed for FeedService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        // The stream's task ends when the agent goes (its channel closes); it counts the agent
+        // as connected until then.
         let WatchRequest {
             node_name,
             resume_from,
@@ -480,6 +490,7 @@ impl NodeFeed for FeedService {
         let hub = self.hub.clone();
         let (tx, rx) = mpsc::channel::<Result<FeedMessage, Status>>(16);
         tokio::spawn(async move {
+            let _connected = Connected::new();
             let mut changed = hub.subscribe();
             // Not before the hub has loaded (a snapshot of nothing would be followed by another).
             if changed.wait_for(|v| *v > 0).await.is_err() {
@@ -631,4 +642,25 @@ pub async fn serve(
             .await
             .context("the feed server")
     })
+}
+
+/// Agents with a Watch stream open (`keel_feed_agents_connected` on the control plane's
+/// `/metrics`).
+static AGENTS_CONNECTED: std::sync::LazyLock<prometheus_client::metrics::gauge::Gauge> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Counts one agent as connected while it lives.
+struct Connected;
+
+impl Connected {
+    fn new() -> Self {
+        AGENTS_CONNECTED.inc();
+        Self
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        AGENTS_CONNECTED.dec();
+    }
 }

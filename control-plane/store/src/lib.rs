@@ -16,6 +16,7 @@
 
 mod etcd;
 pub mod etcd_process;
+pub mod metrics;
 mod sqlite;
 
 use std::{future::Future, path::PathBuf, str::FromStr};
@@ -221,42 +222,46 @@ impl AnyStore {
     }
 }
 
+/// Calls the backend, timing the operation for [`metrics`].
 macro_rules! delegate {
-    ($self:ident, $store:ident => $call:expr) => {
-        match $self {
-            AnyStore::Sqlite($store) => $call.await,
-            AnyStore::Etcd($store) => $call.await,
-        }
-    };
+    ($self:ident, $op:literal, $store:ident => $call:expr) => {{
+        let started = std::time::Instant::now();
+        let (backend, result) = match $self {
+            AnyStore::Sqlite($store) => ("embedded", $call.await),
+            AnyStore::Etcd($store) => ("etcd", $call.await),
+        };
+        metrics::observe($op, backend, result.is_ok(), started.elapsed());
+        result
+    }};
 }
 
 impl Store for AnyStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        delegate!(self, s => s.get(key))
+        delegate!(self, "get", s => s.get(key))
     }
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult> {
-        delegate!(self, s => s.list(prefix, opts))
+        delegate!(self, "list", s => s.list(prefix, opts))
     }
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue> {
-        delegate!(self, s => s.create(key, value))
+        delegate!(self, "create", s => s.create(key, value))
     }
     async fn update(&self, key: &str, value: Vec<u8>, expected: i64) -> Result<KeyValue> {
-        delegate!(self, s => s.update(key, value, expected))
+        delegate!(self, "update", s => s.update(key, value, expected))
     }
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<KeyValue> {
-        delegate!(self, s => s.delete(key, expected))
+        delegate!(self, "delete", s => s.delete(key, expected))
     }
     async fn watch(&self, prefix: &str, after: i64) -> Result<Watch> {
-        delegate!(self, s => s.watch(prefix, after))
+        delegate!(self, "watch", s => s.watch(prefix, after))
     }
     async fn revision(&self) -> Result<i64> {
-        delegate!(self, s => s.revision())
+        delegate!(self, "revision", s => s.revision())
     }
     async fn compact(&self, revision: i64) -> Result<()> {
-        delegate!(self, s => s.compact(revision))
+        delegate!(self, "compact", s => s.compact(revision))
     }
     async fn compacted(&self) -> Result<i64> {
-        delegate!(self, s => s.compacted())
+        delegate!(self, "compacted", s => s.compacted())
     }
 }
 

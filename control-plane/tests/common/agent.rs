@@ -1,5 +1,6 @@
-//! A node agent played by the tests, over the real feed: it registers its node, heartbeats,
-//! keeps what the Watch stream delivers, and acts as a kubelet would for the pods bound to it:
+//! A node agent played by the tests, over the real feed and the agents' own session code
+//! (`control_plane_api::session`): it registers its node, heartbeats, follows the Watch stream
+//! into a view, and acts as a kubelet would for the pods bound to it:
 //! gives each an IP from the node's pod CIDR, reports it running and ready (after a delay), and
 //! confirms deletions.
 
@@ -15,10 +16,9 @@ use std::{
 use control_plane::launch::Process;
 use control_plane_api::{
     FeedClient,
-    feed::{
-        self, HeartbeatRequest, PodPhase, PodStatusReport, RegisterRequest, Resources, WatchRequest,
-    },
-    view::View,
+    feed::{self, PodPhase, PodStatusReport, RegisterRequest, Resources},
+    session,
+    view::{Changes, View},
 };
 use tokio::task::JoinHandle;
 
@@ -66,70 +66,53 @@ impl Agent {
         let mut tasks = Vec::new();
         let ips: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         {
-            let (mut client, alive, name) = (client.clone(), alive.clone(), name.to_owned());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    if alive.load(Ordering::SeqCst) {
-                        let _ = client
-                            .heartbeat(HeartbeatRequest {
-                                node_name: name.clone(),
-                            })
-                            .await;
-                    }
-                    tokio::time::sleep(heartbeat).await;
-                }
-            }));
+            let alive = alive.clone();
+            tasks.push(tokio::spawn(session::heartbeat(
+                client.clone(),
+                name.to_owned(),
+                heartbeat,
+                move || alive.load(Ordering::SeqCst),
+            )));
         }
         {
-            let (mut client, view, name, alive, ips) = (
-                client.clone(),
-                view.clone(),
-                name.to_owned(),
-                alive.clone(),
-                ips.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut stream = client
-                    .watch(WatchRequest {
-                        node_name: name.clone(),
-                        resume_from: 0,
-                    })
-                    .await
-                    .expect("watch")
-                    .into_inner();
-                let next_ip = Arc::new(AtomicU32::new(2));
-                while let Ok(Some(message)) = stream.message().await {
-                    let pods = view.lock().unwrap().apply(message);
-                    let cidr = view
+            let (report_client, node, alive, ips) =
+                (client.clone(), name.to_owned(), alive.clone(), ips.clone());
+            let next_ip = Arc::new(AtomicU32::new(2));
+            let on_change = move |view: &View, changes: Changes| {
+                let cidr = view
+                    .nodes
+                    .get(&node)
+                    .and_then(|n| n.pod_cidrs.first().cloned());
+                for pod in changes.pods {
+                    let mut client = report_client.clone();
+                    let name = node.clone();
+                    let alive = alive.clone();
+                    let ip = ips
                         .lock()
                         .unwrap()
-                        .nodes
-                        .get(&name)
-                        .and_then(|n| n.pod_cidrs.first().cloned());
-                    for pod in pods {
-                        let mut client = client.clone();
-                        let name = name.clone();
-                        let alive = alive.clone();
-                        let ip = ips
-                            .lock()
-                            .unwrap()
-                            .entry(pod.uid.clone())
-                            .or_insert_with(|| {
-                                pod_ip(cidr.as_deref(), next_ip.fetch_add(1, Ordering::SeqCst))
-                            })
-                            .clone();
-                        tokio::spawn(async move {
-                            if !pod.deleting {
-                                tokio::time::sleep(ready_after).await;
-                            }
-                            if !alive.load(Ordering::SeqCst) {
-                                return; // a dead node reports nothing
-                            }
-                            let _ = client.report_pod_status(report(&name, &pod, &ip)).await;
-                        });
-                    }
+                        .entry(pod.uid.clone())
+                        .or_insert_with(|| {
+                            pod_ip(cidr.as_deref(), next_ip.fetch_add(1, Ordering::SeqCst))
+                        })
+                        .clone();
+                    tokio::spawn(async move {
+                        if !pod.deleting {
+                            tokio::time::sleep(ready_after).await;
+                        }
+                        if !alive.load(Ordering::SeqCst) {
+                            return; // a dead node reports nothing
+                        }
+                        let _ = client.report_pod_status(report(&name, &pod, &ip)).await;
+                    });
                 }
-            }));
+            };
+            tasks.push(tokio::spawn(session::follow(
+                client.clone(),
+                name.to_owned(),
+                view.clone(),
+                Arc::default(),
+                on_change,
+            )));
         }
         Self {
             name: name.into(),

@@ -136,32 +136,17 @@ macro_rules! on_both_stores {
     };
 }
 
-/// An HTTPS client of a control plane, from its kubeconfig.
-pub struct Api {
-    pub http: reqwest::Client,
-    pub server: String,
-    pub token: String,
-}
+/// An HTTPS client of a control plane (`control_plane::launch::Api`) that fails the test when a
+/// request cannot be sent.
+pub struct Api(pub control_plane::launch::Api);
 
 impl Api {
     pub fn new(cp: &ControlPlane) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = cp.process.config().unwrap();
-        let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(config.ca_pem.as_bytes()).unwrap()])
-            .build()
-            .unwrap();
-        Self {
-            http,
-            server: config.server,
-            token: config.token,
-        }
+        Self(control_plane::launch::Api::new(&cp.process).expect("an API client"))
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.server))
-            .bearer_auth(&self.token)
+        self.0.request(method, path)
     }
 
     /// Sends and returns (status, JSON body).
@@ -171,17 +156,7 @@ impl Api {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
-        let mut req = self.request(method, path);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        )
+        self.0.call(method, path, body).await.expect("request")
     }
 }
 

@@ -62,4 +62,6 @@ pub enum Error {
     InvalidMaglevSize(u32),
     #[error("no room for {wanted} more {what}: the map is full (raise its size in the config)")]
     Full { what: &'static str, wanted: u32 },
+    #[error("{} service(s) could not be written; first: {first}", .count)]
+    Unapplied { count: usize, first: String },
 }

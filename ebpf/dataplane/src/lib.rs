@@ -305,13 +305,29 @@ pub struct DesiredService {
     pub backends: Vec<SocketAddrV4>,
 }
 
-/// What a [`Dataplane::sync`] changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a [`Dataplane::sync`] or [`Dataplane::update`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
     pub created: usize,
     pub updated: usize,
     pub deleted: usize,
     pub unchanged: usize,
+    /// Services that could not be written, and why; the data plane serves them as before.
+    pub failed: Vec<(Frontend, String)>,
+}
+
+impl SyncReport {
+    /// The report, or an error if some service could not be written (for callers that treat
+    /// any failure as fatal: tools, tests, benchmarks).
+    pub fn check(self) -> Result<Self, Error> {
+        match self.failed.first() {
+            None => Ok(self),
+            Some((frontend, why)) => Err(Error::Unapplied {
+                count: self.failed.len(),
+                first: format!("{frontend}: {why}"),
+            }),
+        }
+    }
 }
 
 /// The kernel memory the data plane's maps take, as the kernel accounts it.
@@ -425,8 +441,8 @@ impl Dataplane {
             })?;
         for (key, value) in entries {
             let inconsistent = |why: &str| Error::Inconsistent(format!("service {key:?}: {why}"));
-            let frontend =
-                Frontend::from_key(&key).ok_or_else(|| inconsistent("unknown protocol"))?;
+            let (frontend, spec, backends) =
+                decode_service(&key, &value, &self.backends).map_err(|why| inconsistent(&why))?;
             if !self
                 .backend_alloc
                 .reserve(value.backend_first, value.backend_count)
@@ -435,16 +451,8 @@ impl Dataplane {
                     "backend range overlaps another or is out of bounds",
                 ));
             }
-            let backends: Vec<SocketAddrV4> = self
-                .backends
-                .read(value.backend_first, value.backend_count)
-                .iter()
-                .map(|b| {
-                    SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port))
-                })
-                .collect();
-            let scheduler = if value.flags & SVC_FLAG_MAGLEV != 0 {
-                let elements = maglev_elements(value.maglev_size);
+            if let Scheduler::Maglev { table_size } = spec.scheduler {
+                let elements = maglev_elements(table_size);
                 if value.maglev_first % MAGLEV_LANES as u32 != 0
                     || !self
                         .maglev_alloc
@@ -454,22 +462,12 @@ impl Dataplane {
                         "Maglev range overlaps another or is out of bounds",
                     ));
                 }
-                Scheduler::Maglev {
-                    table_size: value.maglev_size,
-                }
-            } else {
-                Scheduler::Random
-            };
-            let affinity_timeout = (value.flags & SVC_FLAG_AFFINITY != 0)
-                .then(|| Duration::from_secs(u64::from(value.affinity_timeout_s)));
+            }
             self.next_id = self.next_id.max(value.id.wrapping_add(1));
             self.services.insert(
                 frontend,
                 ServiceState {
-                    spec: ServiceSpec {
-                        scheduler,
-                        affinity_timeout,
-                    },
+                    spec,
                     backends,
                     value,
                 },
@@ -671,14 +669,38 @@ impl Dataplane {
 
     /// Makes the data plane hold exactly `desired`: creates, changes and deletes services as
     /// needed, one map update per changed service; unchanged services are not touched.
-    pub fn sync(
+    /// Deletions go first, so the space they free serves the rest; a service that cannot be
+    /// written (a full map, an invalid Maglev size) is reported in
+    /// [`SyncReport::failed`] and never stops the others.
+    pub fn sync(&mut self, desired: impl IntoIterator<Item = DesiredService>) -> SyncReport {
+        let desired: Vec<DesiredService> = desired.into_iter().collect();
+        let wanted: std::collections::BTreeSet<Frontend> =
+            desired.iter().map(|d| d.frontend).collect();
+        let extra: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|f| !wanted.contains(f))
+            .copied()
+            .collect();
+        self.update(desired, extra)
+    }
+
+    /// Removes `removed`, then creates or changes `services`; every other service stays as it
+    /// is. The incremental form of [`Dataplane::sync`], with the same reporting.
+    pub fn update(
         &mut self,
-        desired: impl IntoIterator<Item = DesiredService>,
-    ) -> Result<SyncReport, Error> {
+        services: impl IntoIterator<Item = DesiredService>,
+        removed: impl IntoIterator<Item = Frontend>,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
-        let mut wanted = std::collections::BTreeSet::new();
-        for service in desired {
-            wanted.insert(service.frontend);
+        for frontend in removed {
+            match self.delete_service(frontend) {
+                Ok(()) => report.deleted += 1,
+                Err(Error::NoSuchService(_)) => {}
+                Err(e) => report.failed.push((frontend, e.to_string())),
+            }
+        }
+        for service in services {
             let current = self.services.get(&service.frontend);
             // Most services are unchanged from one sync to the next: compare before computing.
             if current.is_some_and(|c| c.spec == service.spec && c.backends == service.backends) {
@@ -689,27 +711,21 @@ impl Dataplane {
                 current.map(|c| c.backends.as_slice()).unwrap_or_default(),
                 &service.backends,
             );
-            match current {
+            let created = match current {
                 Some(c) if c.spec == service.spec && c.backends == backends => {
                     report.unchanged += 1;
                     continue;
                 }
-                Some(_) => report.updated += 1,
-                None => report.created += 1,
+                Some(_) => false,
+                None => true,
+            };
+            match self.publish(service.frontend, service.spec, backends) {
+                Ok(()) if created => report.created += 1,
+                Ok(()) => report.updated += 1,
+                Err(e) => report.failed.push((service.frontend, e.to_string())),
             }
-            self.publish(service.frontend, service.spec, backends)?;
         }
-        let extra: Vec<Frontend> = self
-            .services
-            .keys()
-            .filter(|f| !wanted.contains(f))
-            .copied()
-            .collect();
-        for frontend in extra {
-            self.delete_service(frontend)?;
-            report.deleted += 1;
-        }
-        Ok(report)
+        report
     }
 
     /// Removes a service. Established TCP flows to its backends keep working (as with
@@ -866,18 +882,7 @@ impl Dataplane {
 
     /// The counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, Error> {
-        let mut values = [0u64; COUNTER_COUNT as usize];
-        for (index, value) in values.iter_mut().enumerate() {
-            let per_cpu = self
-                .counters
-                .get(&(index as u32), 0)
-                .map_err(|source| Error::Map {
-                    name: map_names::COUNTERS,
-                    source,
-                })?;
-            *value = per_cpu.iter().sum();
-        }
-        Ok(Stats { values })
+        read_stats(&self.counters)
     }
 
     /// Backend slots in use and in all.
@@ -1093,6 +1098,173 @@ where
         .ok_or(Error::MissingProgram(name))?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// The counters summed over CPUs.
+fn read_stats(counters: &PerCpuArray<MapData, u64>) -> Result<Stats, Error> {
+    let mut values = [0u64; COUNTER_COUNT as usize];
+    for (index, value) in values.iter_mut().enumerate() {
+        let per_cpu = counters
+            .get(&(index as u32), 0)
+            .map_err(|source| Error::Map {
+                name: map_names::COUNTERS,
+                source,
+            })?;
+        *value = per_cpu.iter().sum();
+    }
+    Ok(Stats { values })
+}
+
+/// A service as its SERVICES entry and backend range describe it.
+fn decode_service(
+    key: &ServiceKey,
+    value: &ServiceValue,
+    backends: &MmapArray<Backend>,
+) -> Result<(Frontend, ServiceSpec, Vec<SocketAddrV4>), String> {
+    let frontend = Frontend::from_key(key).ok_or("unknown protocol")?;
+    let end = u64::from(value.backend_first) + u64::from(value.backend_count);
+    if end > u64::from(backends.len()) {
+        return Err("backend range out of bounds".into());
+    }
+    let list = backends
+        .read(value.backend_first, value.backend_count)
+        .iter()
+        .map(|b| SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port)))
+        .collect();
+    let scheduler = if value.flags & SVC_FLAG_MAGLEV != 0 {
+        Scheduler::Maglev {
+            table_size: value.maglev_size,
+        }
+    } else {
+        Scheduler::Random
+    };
+    let affinity_timeout = (value.flags & SVC_FLAG_AFFINITY != 0)
+        .then(|| Duration::from_secs(u64::from(value.affinity_timeout_s)));
+    Ok((
+        frontend,
+        ServiceSpec {
+            scheduler,
+            affinity_timeout,
+        },
+        list,
+    ))
+}
+
+/// A read-only view of a data plane's pinned maps, for inspection tools and metrics: nothing
+/// is loaded, attached or written, so it can run beside the data plane's owner.
+pub struct Pinned {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    counters: PerCpuArray<MapData, u64>,
+    backends: MmapArray<Backend>,
+}
+
+/// How full the data plane's maps are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fill {
+    pub services: u64,
+    pub max_services: u32,
+    pub backend_slots_used: u64,
+    pub backend_slots: u32,
+}
+
+impl Pinned {
+    /// Opens the maps pinned under `pin_dir` by a data plane of this build.
+    pub fn open(pin_dir: &Path) -> Result<Self, Error> {
+        let dir = pin_dir.join(format!("maps-v{MAPS_LAYOUT}"));
+        let open = |name: &'static str| -> Result<MapData, Error> {
+            MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })
+        };
+        let services =
+            HashMap::try_from(Map::HashMap(open(map_names::SERVICES)?)).map_err(|source| {
+                Error::Map {
+                    name: map_names::SERVICES,
+                    source,
+                }
+            })?;
+        let counters = PerCpuArray::try_from(Map::PerCpuArray(open(map_names::COUNTERS)?))
+            .map_err(|source| Error::Map {
+                name: map_names::COUNTERS,
+                source,
+            })?;
+        let data = open(map_names::BACKENDS)?;
+        let slots = data
+            .info()
+            .map_err(|source| Error::Map {
+                name: map_names::BACKENDS,
+                source,
+            })?
+            .max_entries();
+        let backends = MmapArray::new(data.fd().as_fd(), slots).map_err(|source| Error::Pin {
+            path: dir.join(map_names::BACKENDS),
+            source,
+        })?;
+        Ok(Self {
+            services,
+            counters,
+            backends,
+        })
+    }
+
+    /// The services and their backends, in frontend order.
+    pub fn services(&self) -> Result<Vec<(Frontend, ServiceSpec, Vec<SocketAddrV4>)>, Error> {
+        let mut out = Vec::new();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(|source| Error::Map {
+                name: map_names::SERVICES,
+                source,
+            })?;
+            out.push(
+                decode_service(&key, &value, &self.backends)
+                    .map_err(|why| Error::Inconsistent(format!("service {key:?}: {why}")))?,
+            );
+        }
+        out.sort_by_key(|(frontend, ..)| *frontend);
+        Ok(out)
+    }
+
+    /// One service's settings and backends (one map lookup), or `None` if it is not there.
+    pub fn service(
+        &self,
+        frontend: &Frontend,
+    ) -> Result<Option<(ServiceSpec, Vec<SocketAddrV4>)>, Error> {
+        let key = frontend.key();
+        match self.services.get(&key, 0) {
+            Ok(value) => decode_service(&key, &value, &self.backends)
+                .map(|(_, spec, backends)| Some((spec, backends)))
+                .map_err(|why| Error::Inconsistent(format!("service {frontend}: {why}"))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                name: map_names::SERVICES,
+                source,
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> Result<Stats, Error> {
+        read_stats(&self.counters)
+    }
+
+    pub fn fill(&self) -> Result<Fill, Error> {
+        let mut fill = Fill {
+            max_services: self
+                .services
+                .map()
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(0),
+            backend_slots: self.backends.len(),
+            ..Fill::default()
+        };
+        for entry in self.services.iter() {
+            let (_, value) = entry.map_err(|source| Error::Map {
+                name: map_names::SERVICES,
+                source,
+            })?;
+            fill.services += 1;
+            fill.backend_slots_used += u64::from(value.backend_count);
+        }
+        Ok(fill)
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {

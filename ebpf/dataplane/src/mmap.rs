@@ -53,6 +53,11 @@ impl<T: Copy> MmapArray<T> {
         })
     }
 
+    /// Elements in the array.
+    pub fn len(&self) -> u32 {
+        self.len as u32
+    }
+
     pub fn read(&self, start: u32, count: u32) -> &[T] {
         let (start, count) = self.bounds(start, count);
         // SAFETY: in bounds of the mapping, which lives as long as self.

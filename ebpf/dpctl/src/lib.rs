@@ -1,7 +1,5 @@
-//! `dpctl`'s commands: own a data plane from a desired-state file, show it carrying real
-//! traffic, measure its per-packet cost.
+//! `dpctl`'s commands: own a data plane from a desired-state file (`run`), and the file's
+//! format (`state`). The demo and the per-packet benchmark live in `benches/`.
 
-pub mod bench;
-pub mod demo;
 pub mod run;
 pub mod state;

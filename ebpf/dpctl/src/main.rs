@@ -1,11 +1,11 @@
 //! `dpctl`: run, inspect and measure the service data plane on its own.
 
-use std::{io::Write, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ebpf_dataplane::{Config, Dataplane};
-use ebpf_dpctl::{bench, demo, run};
+use ebpf_dataplane::{Config, Dataplane, Pinned};
+use ebpf_dpctl::run;
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -16,8 +16,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a lab of network namespaces and show the data plane carrying real traffic.
-    Demo,
     /// Own a data plane and keep it equal to a desired-state file (re-read on change).
     Run {
         #[arg(long, default_value = "/sys/fs/bpf/keel")]
@@ -26,7 +24,7 @@ enum Command {
         #[arg(long)]
         state: PathBuf,
     },
-    /// Print the services a pinned data plane holds.
+    /// Print the services a pinned data plane holds (read-only: the owner keeps running).
     List {
         #[arg(long, default_value = "/sys/fs/bpf/keel")]
         pin_dir: PathBuf,
@@ -43,37 +41,25 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/keel")]
         pin_dir: PathBuf,
     },
-    /// Per-packet cost under BPF_PROG_TEST_RUN for 1 to 100,000 services.
-    Bench {
-        /// Fewer rounds (under a minute).
-        #[arg(long)]
-        quick: bool,
-        /// End with one JSON object on the last line of stdout.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Demo => demo::demo(),
         Command::Run { pin_dir, state } => run::run(&Config::with_pin_dir(pin_dir), &state),
         Command::List { pin_dir } => {
-            let dataplane = Dataplane::open(&Config::with_pin_dir(pin_dir))?;
-            for (frontend, state) in dataplane.services() {
-                let backends: Vec<String> =
-                    state.backends.iter().map(ToString::to_string).collect();
+            for (frontend, spec, backends) in Pinned::open(&pin_dir)?.services()? {
+                let backends: Vec<String> = backends.iter().map(ToString::to_string).collect();
                 println!(
                     "{frontend:<26} {:?} affinity {:?} -> [{}]",
-                    state.spec.scheduler,
-                    state.spec.affinity_timeout,
+                    spec.scheduler,
+                    spec.affinity_timeout,
                     backends.join(", ")
                 );
             }
             Ok(())
         }
         Command::Stats { pin_dir, json } => {
-            let stats = Dataplane::open(&Config::with_pin_dir(pin_dir))?.stats()?;
+            let stats = Pinned::open(&pin_dir)?.stats()?;
             if json {
                 let map: serde_json::Map<String, serde_json::Value> = stats
                     .iter()
@@ -89,19 +75,6 @@ fn main() -> Result<()> {
         }
         Command::Destroy { pin_dir } => {
             Ok(Dataplane::open(&Config::with_pin_dir(pin_dir))?.destroy()?)
-        }
-        Command::Bench { quick, json } => {
-            let rounds = if quick { 3 } else { 9 };
-            let report = bench::bench(rounds, |step| {
-                eprint!("\r\x1b[2K{step}");
-                let _ = std::io::stderr().flush();
-            })?;
-            eprintln!("\r\x1b[2K");
-            print!("{}", bench::table(&report));
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            }
-            Ok(())
         }
     }
 }

@@ -45,7 +45,7 @@ fn apply(dataplane: &mut Dataplane, state_path: &Path) -> Result<String> {
             .attach(iface)
             .with_context(|| format!("attach to {iface}"))?;
     }
-    let report = dataplane.sync(desired)?;
+    let report = dataplane.sync(desired).check()?;
     Ok(format!(
         "{} services on {:?} ({} created, {} updated, {} deleted, {} unchanged)",
         dataplane.services().count(),

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     echo::EchoServer,
-    netns::{Netns, veth},
+    netns::{self, Netns, veth, veth_here},
 };
 
 /// The host side of the client's veth, where the data plane attaches.
@@ -36,6 +36,100 @@ impl LabBackend {
     /// Stops the backend's servers (connections to it are then refused).
     pub fn stop(&mut self) {
         self.server = None;
+    }
+}
+
+/// Where labs take the addresses that link them to the host: 198.18.0.0/15, the range RFC
+/// 2544 sets aside for benchmark networks, so nothing real is ever addressed.
+pub const LAB_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 0, 0), 15);
+
+/// A subnet of [`LAB_RANGE`] with prefix length `len` that no address of this network
+/// namespace is in yet (its first address, as a number). The search starts at a place that
+/// depends on the process, so concurrent runs rarely race for the same one.
+pub fn free_subnet(len: u8) -> Result<u32> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let out = netns::ip(&["-o", "-4", "addr", "show"])?;
+    let used: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.split_once('/')?.0.parse::<Ipv4Addr>().ok())
+        .map(u32::from)
+        .collect();
+    let (range, range_len) = (u32::from(LAB_RANGE.0), LAB_RANGE.1);
+    let count = 1u32 << (len - range_len);
+    let size = 1u32 << (32 - len);
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    (0..count)
+        .map(|i| range + ((start.wrapping_add(i)) % count) * size)
+        .find(|base| !used.iter().any(|a| a & !(size - 1) == *base))
+        .context("every lab subnet is in use")
+}
+
+/// Nodes on one network, as a cluster's machines are: a bridge in a namespace of its own, the
+/// host linked to it (the first address of a /24 of [`LAB_RANGE`]), and node namespaces added
+/// to it one by one (from .10 on). Removing it removes the bridge and the host's link.
+pub struct NodeNetwork {
+    pub net: Netns,
+    /// The host's address on the network (where a control plane serves).
+    pub host: Ipv4Addr,
+    base: u32,
+    nodes: u32,
+    _link: HostLink,
+}
+
+impl NodeNetwork {
+    /// `<prefix>-net` holds the bridge.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let net = Netns::new(&format!("{prefix}-net"))?;
+        net.ip(&["link", "add", "br0", "type", "bridge"])?;
+        net.ip(&["link", "set", "br0", "up"])?;
+        let base = free_subnet(24)?;
+        let host = Ipv4Addr::from(base + 1);
+        let host_if = format!("kn{}", (base >> 8) & 0x1ff);
+        veth_here(&host_if, &net, "host")?;
+        net.ip(&["link", "set", "host", "master", "br0"])?;
+        netns::ip(&["addr", "add", &format!("{host}/24"), "dev", &host_if])?;
+        Ok(Self {
+            net,
+            host,
+            base,
+            nodes: 0,
+            _link: HostLink {
+                host,
+                node: host,
+                host_if,
+            },
+        })
+    }
+
+    /// Connects `node` to the network as interface `ifname`; returns its address.
+    pub fn add(&mut self, node: &Netns, ifname: &str) -> Result<Ipv4Addr> {
+        let addr = Ipv4Addr::from(self.base + 10 + self.nodes);
+        self.nodes += 1;
+        let bridge_port = format!("p{}", self.nodes);
+        veth(&self.net, &bridge_port, node, ifname)?;
+        self.net
+            .ip(&["link", "set", &bridge_port, "master", "br0"])?;
+        node.ip(&["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+        Ok(addr)
+    }
+}
+
+/// The link between a lab's node and the host ([`Lab::link_host`]).
+#[derive(Debug)]
+pub struct HostLink {
+    /// The host's end.
+    pub host: Ipv4Addr,
+    /// The node's end.
+    pub node: Ipv4Addr,
+    host_if: String,
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        // Gone already if the node's namespace went first.
+        let _ = netns::ip(&["link", "del", &self.host_if]);
     }
 }
 
@@ -119,6 +213,25 @@ impl Lab {
             addrs.push(addr);
         }
         Ok(addrs)
+    }
+
+    /// Links the node to the caller's network namespace (the host's, for a test process) with
+    /// a veth pair on a /30 of its own from [`LAB_RANGE`], so processes in the node (a node
+    /// agent) reach a control plane serving on the host side. The pair goes with the node's
+    /// namespace.
+    pub fn link_host(&self) -> Result<HostLink> {
+        let base = free_subnet(30)?;
+        let (host, node) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let host_if = format!("kh{}", (base >> 2) & 0x7fff);
+        veth_here(&host_if, &self.node, "host0")?;
+        netns::ip(&["addr", "add", &format!("{host}/30"), "dev", &host_if])?;
+        self.node
+            .ip(&["addr", "add", &format!("{node}/30"), "dev", "host0"])?;
+        Ok(HostLink {
+            host,
+            node,
+            host_if,
+        })
     }
 
     pub fn backend_addrs(&self) -> Vec<SocketAddrV4> {

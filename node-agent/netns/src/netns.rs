@@ -133,7 +133,28 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     Ok(())
 }
 
-fn ip(args: &[&str]) -> Result<Output> {
+/// Creates a veth pair between the caller's network namespace (`here_if`) and `ns` (`ns_if`),
+/// both up. Removing `ns` removes the pair.
+pub fn veth_here(here_if: &str, ns: &Netns, ns_if: &str) -> Result<()> {
+    ip(&[
+        "link",
+        "add",
+        here_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        ns_if,
+        "netns",
+        ns.name(),
+    ])?;
+    ip(&["link", "set", here_if, "up"])?;
+    ns.ip(&["link", "set", ns_if, "up"])?;
+    Ok(())
+}
+
+/// Runs `ip <args>` in the caller's network namespace.
+pub fn ip(args: &[&str]) -> Result<Output> {
     let output = Command::new("ip")
         .args(args)
         .output()

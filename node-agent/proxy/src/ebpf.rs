@@ -1,7 +1,12 @@
 //! The eBPF mode: services become `ebpf-dataplane` frontends (one per service port), endpoints
-//! become backends on the target port. One map update per changed service port.
+//! become backends. One map update per changed service port; an update touches only the
+//! services that changed. Pod veths get the tc programs; network namespaces enabled for
+//! socket-level load balancing have their sockets' connects translated once, by the cgroup
+//! hooks, instead of every packet.
 
 use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddrV4,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::Instant,
@@ -10,11 +15,21 @@ use std::{
 use anyhow::{Context, Result};
 use ebpf_dataplane::{Config, Dataplane, DesiredService, Frontend, Scheduler, ServiceSpec};
 
-use crate::{KernelUsage, Mode, Proxier, ProxyConfig, ProxyState, SyncReport, model::Protocol};
+use crate::{
+    KernelUsage, Mode, Proxier, ProxyConfig, ProxyState, SyncReport,
+    model::{Protocol, Service},
+};
 
 pub struct EbpfProxier {
     dataplane: Dataplane,
     interfaces: Vec<String>,
+    /// The frontends written for each service (`namespace/name`), so an update can remove the
+    /// ports a service no longer has.
+    frontends: HashMap<String, Vec<Frontend>>,
+    /// Whether the socket hooks are attached.
+    socket_lb: bool,
+    /// The cookies of the namespaces enabled for socket-level load balancing, by path.
+    netns: HashMap<PathBuf, u64>,
 }
 
 impl EbpfProxier {
@@ -26,20 +41,29 @@ impl EbpfProxier {
                 .attach(iface)
                 .with_context(|| format!("attach to {iface}"))?;
         }
-        if !config.pod_netns.is_empty() {
+        let socket_lb = config.socket_lb || config.host_socket_lb || !config.pod_netns.is_empty();
+        if socket_lb {
             let cgroup = cgroup2_root()?;
             dataplane
                 .attach_cgroup(&cgroup)
                 .with_context(|| format!("attach the socket hooks to {}", cgroup.display()))?;
-            for netns in &config.pod_netns {
-                let cookie = cookie_of(netns)?;
-                dataplane.enable_socket_lb(cookie)?;
-            }
         }
-        Ok(Self {
+        if config.host_socket_lb {
+            let cookie = ebpf_dataplane::netns_cookie()
+                .context("the cookie of the agent's own network namespace")?;
+            dataplane.enable_socket_lb(cookie)?;
+        }
+        let mut proxier = Self {
             dataplane,
             interfaces: config.interfaces.clone(),
-        })
+            frontends: HashMap::new(),
+            socket_lb,
+            netns: HashMap::new(),
+        };
+        for netns in &config.pod_netns {
+            proxier.enable_netns(netns)?;
+        }
+        Ok(proxier)
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -47,31 +71,39 @@ impl EbpfProxier {
     }
 }
 
-/// The data plane's view of `state`.
-fn desired(state: &ProxyState) -> Vec<DesiredService> {
-    let mut out = Vec::new();
-    for service in &state.services {
-        for port in &service.ports {
-            let addr = std::net::SocketAddrV4::new(service.cluster_ip, port.port);
-            let frontend = match port.protocol {
-                Protocol::Tcp => Frontend::tcp(addr),
-                Protocol::Udp => Frontend::udp(addr),
-            };
-            out.push(DesiredService {
-                frontend,
+/// The data plane's view of one service: a frontend per port.
+fn desired(service: &Service) -> Vec<DesiredService> {
+    service
+        .ports
+        .iter()
+        .map(|port| {
+            let addr = SocketAddrV4::new(service.cluster_ip, port.port);
+            DesiredService {
+                frontend: match port.protocol {
+                    Protocol::Tcp => Frontend::tcp(addr),
+                    Protocol::Udp => Frontend::udp(addr),
+                },
                 spec: ServiceSpec {
                     scheduler: Scheduler::Random,
                     affinity_timeout: service.session_affinity,
                 },
-                backends: service
-                    .endpoints
-                    .iter()
-                    .map(|ip| std::net::SocketAddrV4::new(*ip, port.target_port))
-                    .collect(),
-            });
-        }
+                backends: port.endpoints.clone(),
+            }
+        })
+        .collect()
+}
+
+fn report(report: ebpf_dataplane::SyncReport, full: bool, start: Instant) -> SyncReport {
+    SyncReport {
+        full,
+        written: report.created + report.updated + report.deleted,
+        failed: report
+            .failed
+            .into_iter()
+            .map(|(frontend, why)| format!("{frontend}: {why}"))
+            .collect(),
+        duration: start.elapsed(),
     }
-    out
 }
 
 impl Proxier for EbpfProxier {
@@ -80,14 +112,69 @@ impl Proxier for EbpfProxier {
     }
 
     fn sync(&mut self, state: &ProxyState) -> Result<SyncReport> {
-        let desired = desired(state);
         let start = Instant::now();
-        let report = self.dataplane.sync(desired)?;
-        Ok(SyncReport {
-            full: false,
-            written: report.created + report.updated + report.deleted,
-            duration: start.elapsed(),
-        })
+        self.frontends.clear();
+        let mut all = Vec::new();
+        for (key, service) in &state.services {
+            let services = desired(service);
+            self.frontends
+                .insert(key.clone(), services.iter().map(|d| d.frontend).collect());
+            all.extend(services);
+        }
+        Ok(report(self.dataplane.sync(all), true, start))
+    }
+
+    fn update(&mut self, state: &ProxyState, changed: &BTreeSet<String>) -> Result<SyncReport> {
+        let start = Instant::now();
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for key in changed {
+            let old = self.frontends.remove(key).unwrap_or_default();
+            let new = state.services.get(key).map(desired).unwrap_or_default();
+            removed.extend(
+                old.into_iter()
+                    .filter(|f| !new.iter().any(|d| d.frontend == *f)),
+            );
+            if !new.is_empty() {
+                self.frontends
+                    .insert(key.clone(), new.iter().map(|d| d.frontend).collect());
+            }
+            upserts.extend(new);
+        }
+        Ok(report(
+            self.dataplane.update(upserts, removed),
+            false,
+            start,
+        ))
+    }
+
+    /// Attaches (again, for an interface re-created under the same name: the link pinned for
+    /// the old one is stale and replaced).
+    fn attach_interface(&mut self, iface: &str) -> Result<()> {
+        self.dataplane
+            .attach(iface)
+            .with_context(|| format!("attach to {iface}"))?;
+        if !self.interfaces.iter().any(|i| i == iface) {
+            self.interfaces.push(iface.to_owned());
+        }
+        Ok(())
+    }
+
+    fn enable_netns(&mut self, netns: &Path) -> Result<()> {
+        if !self.socket_lb {
+            return Ok(());
+        }
+        let cookie = cookie_of(netns)?;
+        self.dataplane.enable_socket_lb(cookie)?;
+        self.netns.insert(netns.to_path_buf(), cookie);
+        Ok(())
+    }
+
+    fn disable_netns(&mut self, netns: &Path) -> Result<()> {
+        match self.netns.remove(netns) {
+            Some(cookie) => Ok(self.dataplane.disable_socket_lb(cookie)?),
+            None => Ok(()),
+        }
     }
 
     fn kernel_usage(&self) -> Result<KernelUsage> {
@@ -103,6 +190,7 @@ impl Proxier for EbpfProxier {
         let Self {
             mut dataplane,
             interfaces,
+            ..
         } = *self;
         for iface in &interfaces {
             // The interface may be gone already; its links went with it.

@@ -87,7 +87,7 @@ impl IptablesProxier {
         let mut filter = String::new();
         let mut services = String::new();
         let mut chains = BTreeMap::new();
-        for service in &state.services {
+        for service in state.services.values() {
             for port in &service.ports {
                 self.render_port(service, port, &mut filter, &mut services, &mut chains);
             }
@@ -108,7 +108,7 @@ impl IptablesProxier {
         let vip = service.cluster_ip;
         let dport = port.port;
         let matches = format!("-m {proto} -p {proto} -d {vip}/32 --dport {dport}");
-        if service.endpoints.is_empty() {
+        if port.endpoints.is_empty() {
             let _ = writeln!(
                 filter,
                 "-A KUBE-SERVICES -m comment --comment \"{spn} has no endpoints\" {matches} -j REJECT"
@@ -126,11 +126,11 @@ impl IptablesProxier {
             "-A {svc_chain} -m comment --comment \"{spn} cluster IP\" {matches} ! -s {} -j KUBE-MARK-MASQ",
             self.cluster_cidr
         );
-        let endpoints: Vec<(String, String)> = service
+        let endpoints: Vec<(String, String)> = port
             .endpoints
             .iter()
-            .map(|ip| {
-                let ep = format!("{ip}:{}", port.target_port);
+            .map(|ep| {
+                let ep = ep.to_string();
                 let chain = format!("KUBE-SEP-{}", hash(&format!("{spn}{proto}{ep}"), 16));
                 (ep, chain)
             })
@@ -233,6 +233,7 @@ impl Proxier for IptablesProxier {
         Ok(SyncReport {
             full,
             written,
+            failed: Vec::new(),
             duration,
         })
     }
@@ -245,10 +246,10 @@ impl Proxier for IptablesProxier {
         // The fixed chains first; then each step declares its own chains and appends to
         // KUBE-SERVICES (restore --noflush leaves undeclared chains as they are).
         self.sync(&ProxyState::default())?;
-        for chunk in state.services.chunks(step.max(1)) {
-            let (filter, services, chains) = self.render(&ProxyState {
-                services: chunk.to_vec(),
-            });
+        let services: Vec<&Service> = state.services.values().collect();
+        for chunk in services.chunks(step.max(1)) {
+            let (filter, services, chains) =
+                self.render(&chunk.iter().map(|s| (*s).clone()).collect());
             let mut input = format!("*filter\n{filter}COMMIT\n*nat\n");
             for name in chains.keys() {
                 let _ = writeln!(input, ":{name} - [0:0]");
@@ -363,11 +364,10 @@ mod tests {
                 name: "p80".into(),
                 protocol: Protocol::Tcp,
                 port: 80,
-                target_port: 8080,
+                endpoints: (1..=endpoints)
+                    .map(|i| format!("10.180.0.{i}:8080").parse().unwrap())
+                    .collect(),
             }],
-            endpoints: (1..=endpoints)
-                .map(|i| format!("10.180.0.{i}").parse().unwrap())
-                .collect(),
             session_affinity: None,
         }
     }
@@ -381,9 +381,7 @@ mod tests {
             rules: 0,
             synced: false,
         };
-        let state = ProxyState {
-            services: vec![service(3)],
-        };
+        let state = ProxyState::from_iter([service(3)]);
         let (filter, services, chains) = proxier.render(&state);
         assert!(filter.is_empty());
         // Chain names as kube-proxy computes them for ns1/svc1:p80 (its unit tests use the
@@ -429,9 +427,7 @@ mod tests {
             rules: 0,
             synced: false,
         };
-        let (filter, services, chains) = proxier.render(&ProxyState {
-            services: vec![service(0)],
-        });
+        let (filter, services, chains) = proxier.render(&ProxyState::from_iter([service(0)]));
         assert_eq!(
             filter,
             "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.41/32 --dport 80 -j REJECT\n"

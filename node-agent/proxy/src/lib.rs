@@ -19,7 +19,7 @@ mod iptables;
 mod model;
 mod nftables;
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
 
 use anyhow::Result;
 pub use ebpf::EbpfProxier;
@@ -76,8 +76,15 @@ pub struct ProxyConfig {
     /// eBPF mode: where maps and links are pinned.
     pub pin_dir: std::path::PathBuf,
     /// eBPF mode: network namespaces of pods (e.g. `/run/netns/<name>`) whose sockets are
-    /// load balanced when they connect, so their flows need no per-packet translation.
+    /// load balanced when they connect, so their flows need no per-packet translation. More
+    /// can be enabled later ([`Proxier::enable_netns`]).
     pub pod_netns: Vec<std::path::PathBuf>,
+    /// eBPF mode: attach the socket hooks even before any namespace is enabled (an agent
+    /// enables pods' namespaces as they appear).
+    pub socket_lb: bool,
+    /// eBPF mode: load balance the sockets of the proxy's own network namespace too (processes
+    /// on the host network, as Cilium's host-reachable services do).
+    pub host_socket_lb: bool,
     /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
     /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
     pub sync_timeout: Option<Duration>,
@@ -90,6 +97,8 @@ impl Default for ProxyConfig {
             interfaces: Vec::new(),
             pin_dir: "/sys/fs/bpf/keel".into(),
             pod_netns: Vec::new(),
+            socket_lb: false,
+            host_socket_lb: false,
             sync_timeout: None,
         }
     }
@@ -102,6 +111,9 @@ pub struct SyncReport {
     pub full: bool,
     /// Chains or services written.
     pub written: usize,
+    /// Services that could not be written, and why (the kernel keeps serving their previous
+    /// state); the others were applied.
+    pub failed: Vec<String>,
     /// Wall time of programming the kernel (the restore, the transaction, the map updates).
     pub duration: Duration,
 }
@@ -121,6 +133,28 @@ pub trait Proxier: Send {
     fn mode(&self) -> Mode;
     /// Makes the kernel serve exactly `state`.
     fn sync(&mut self, state: &ProxyState) -> Result<SyncReport>;
+    /// Makes the kernel serve `state` after only the services in `changed` (`namespace/name`;
+    /// one absent from `state` was deleted) changed since the last sync or update. Modes whose
+    /// rules are not written service by service do a [`Proxier::sync`] (the default).
+    fn update(&mut self, state: &ProxyState, changed: &BTreeSet<String>) -> Result<SyncReport> {
+        let _ = changed;
+        self.sync(state)
+    }
+    /// A pod's host-side interface appeared (eBPF mode: attach the tc programs to it).
+    fn attach_interface(&mut self, iface: &str) -> Result<()> {
+        let _ = iface;
+        Ok(())
+    }
+    /// A pod's network namespace appeared (eBPF mode: load balance its sockets).
+    fn enable_netns(&mut self, netns: &Path) -> Result<()> {
+        let _ = netns;
+        Ok(())
+    }
+    /// A pod's network namespace enabled earlier is gone.
+    fn disable_netns(&mut self, netns: &Path) -> Result<()> {
+        let _ = netns;
+        Ok(())
+    }
     /// Loads `state` into a proxy that holds nothing yet, `step` services at a time: the same
     /// kernel state as one [`Proxier::sync`], without one giant restore or transaction.
     /// Benchmarks use it to set up big rule sets when the faithful sync would take too long.

@@ -88,7 +88,7 @@ impl NftablesProxier {
 
     fn render(&self, state: &ProxyState) -> Rendered {
         let mut out = Rendered::default();
-        for service in &state.services {
+        for service in state.services.values() {
             for port in &service.ports {
                 self.render_port(service, port, &mut out);
             }
@@ -101,7 +101,7 @@ impl NftablesProxier {
         let proto = port.protocol.name();
         let spn = service.port_name(port);
         let key = format!("{} . {proto} . {}", service.cluster_ip, port.port);
-        if service.endpoints.is_empty() {
+        if port.endpoints.is_empty() {
             out.no_endpoints.insert(key, "goto reject-chain".into());
             return;
         }
@@ -116,8 +116,9 @@ impl NftablesProxier {
             service.cluster_ip, port.port, self.cluster_cidr
         );
         let mut vmap = Vec::new();
-        for (i, ip) in service.endpoints.iter().enumerate() {
-            let ep = format!("{ip}/{}", port.target_port);
+        for (i, endpoint) in port.endpoints.iter().enumerate() {
+            let ip = endpoint.ip();
+            let ep = format!("{ip}/{}", endpoint.port());
             let ep_hash = hash(&format!("{spn}{proto}{ep}"), 8);
             let ep_chain = format!("endpoint-{ep_hash}-{base}__{ep}");
             let mut ep_rules =
@@ -136,8 +137,7 @@ impl NftablesProxier {
             }
             let _ = writeln!(
                 ep_rules,
-                "add rule {t} {ep_chain} meta l4proto {proto} dnat to {ip}:{}",
-                port.target_port
+                "add rule {t} {ep_chain} meta l4proto {proto} dnat to {endpoint}"
             );
             vmap.push(format!("{i} : goto {ep_chain}"));
             out.chains.insert(ep_chain, ep_rules);
@@ -248,6 +248,7 @@ impl Proxier for NftablesProxier {
         Ok(SyncReport {
             full,
             written,
+            failed: Vec::new(),
             duration,
         })
     }
@@ -261,11 +262,10 @@ impl Proxier for NftablesProxier {
             return self.sync(state).map(drop);
         }
         let empty = Rendered::default();
-        for (i, chunk) in state.services.chunks(step.max(1)).enumerate() {
+        let services: Vec<&Service> = state.services.values().collect();
+        for (i, chunk) in services.chunks(step.max(1)).enumerate() {
             // The first step creates the table; later ones only add (nothing to delete).
-            let rendered = self.render(&ProxyState {
-                services: chunk.to_vec(),
-            });
+            let rendered = self.render(&chunk.iter().map(|s| (*s).clone()).collect());
             let (script, _) = transaction((i > 0).then_some(&empty), &rendered);
             run_with_input("nft", &["-f", "-"], &script, None)?;
         }
@@ -304,21 +304,21 @@ mod tests {
     use crate::model::Protocol;
 
     fn state(endpoints: &[&str]) -> ProxyState {
-        ProxyState {
-            services: vec![Service {
-                namespace: "ns1".into(),
-                name: "svc1".into(),
-                cluster_ip: "172.30.0.41".parse().unwrap(),
-                ports: vec![ServicePort {
-                    name: "p80".into(),
-                    protocol: Protocol::Tcp,
-                    port: 80,
-                    target_port: 80,
-                }],
-                endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
-                session_affinity: None,
+        ProxyState::from_iter([Service {
+            namespace: "ns1".into(),
+            name: "svc1".into(),
+            cluster_ip: "172.30.0.41".parse().unwrap(),
+            ports: vec![ServicePort {
+                name: "p80".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                endpoints: endpoints
+                    .iter()
+                    .map(|e| format!("{e}:80").parse().unwrap())
+                    .collect(),
             }],
-        }
+            session_affinity: None,
+        }])
     }
 
     #[test]

@@ -28,44 +28,44 @@ fn require_root() {
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 
-fn ports() -> Vec<ServicePort> {
+fn ports(endpoints: &[Ipv4Addr]) -> Vec<ServicePort> {
+    let endpoints: Vec<SocketAddrV4> = endpoints
+        .iter()
+        .map(|ip| SocketAddrV4::new(*ip, BACKEND_PORT))
+        .collect();
     vec![
         ServicePort {
             name: "http".into(),
             protocol: Protocol::Tcp,
             port: 80,
-            target_port: BACKEND_PORT,
+            endpoints: endpoints.clone(),
         },
         ServicePort {
             name: "dns".into(),
             protocol: Protocol::Udp,
             port: 53,
-            target_port: BACKEND_PORT,
+            endpoints,
         },
     ]
 }
 
 fn state(endpoints: &[Ipv4Addr]) -> ProxyState {
-    ProxyState {
-        services: vec![
-            Service {
-                namespace: "default".into(),
-                name: "web".into(),
-                cluster_ip: WEB,
-                ports: ports(),
-                endpoints: endpoints.to_vec(),
-                session_affinity: None,
-            },
-            Service {
-                namespace: "default".into(),
-                name: "empty".into(),
-                cluster_ip: EMPTY,
-                ports: ports(),
-                endpoints: vec![],
-                session_affinity: None,
-            },
-        ],
-    }
+    ProxyState::from_iter([
+        Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            cluster_ip: WEB,
+            ports: ports(endpoints),
+            session_affinity: None,
+        },
+        Service {
+            namespace: "default".into(),
+            name: "empty".into(),
+            cluster_ip: EMPTY,
+            ports: ports(&[]),
+            session_affinity: None,
+        },
+    ])
 }
 
 fn config(test: &str, lab: &Lab) -> ProxyConfig {
@@ -77,7 +77,7 @@ fn config(test: &str, lab: &Lab) -> ProxyConfig {
             std::process::id()
         )),
         pod_netns: vec![lab.client.path()],
-        sync_timeout: None,
+        ..ProxyConfig::default()
     }
 }
 

@@ -1,0 +1,221 @@
+//! A node's session with the control plane over the feed, as every agent runs it (the node
+//! agent, and the agents tests and benchmarks play): register the node, renew its lease, and
+//! follow the Watch stream into a [`View`], resuming where it left off after a dropped
+//! connection or a control-plane restart, and asking for a fresh snapshot when a message does
+//! not fit what the view holds. Retries back off exponentially up to a cap, with jitter, so a
+//! control plane coming back is not met by every node at the same instant.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tonic::Code;
+
+use crate::{
+    FeedClient,
+    feed::{HeartbeatRequest, RegisterRequest, RegisterResponse, WatchRequest},
+    view::{Changes, View},
+};
+
+/// Capped exponential back-off with jitter.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// The wait before the next attempt: the current step, plus up to a quarter of it at
+    /// random; the step then doubles, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = step.mul_f64(rand::random::<f64>() / 4.0);
+        step + jitter
+    }
+
+    /// After a success: start again from the initial step.
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+impl Default for Backoff {
+    /// 100 ms, doubling up to 5 s.
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+/// The state of the Watch stream, for status pages and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct StreamStatus {
+    pub connected: bool,
+    /// Streams opened after the first.
+    pub reconnects: u64,
+    /// Snapshots asked for because a message did not fit the view.
+    pub resyncs: u64,
+    pub last_message: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+/// Registers the node, retrying until the control plane answers.
+pub async fn register(client: &mut FeedClient, request: RegisterRequest) -> RegisterResponse {
+    let mut backoff = Backoff::default();
+    loop {
+        match client.register(request.clone()).await {
+            Ok(response) => return response.into_inner(),
+            Err(status) => {
+                tracing::warn!(node = %request.node_name, error = %status.message(), code = ?status.code(), "register failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// Renews the node's lease every `every` while `alive()` says so; failures are logged and
+/// the next beat comes as usual. Runs until the task is dropped.
+pub async fn heartbeat(
+    mut client: FeedClient,
+    node: String,
+    every: Duration,
+    alive: impl Fn() -> bool,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if !alive() {
+            continue;
+        }
+        if let Err(status) = client
+            .heartbeat(HeartbeatRequest {
+                node_name: node.clone(),
+            })
+            .await
+        {
+            tracing::warn!(node = %node, error = %status.message(), "heartbeat failed");
+        }
+    }
+}
+
+/// Follows the Watch stream for `node` into `view` until the task is dropped, calling
+/// `on_change` (with the view locked: keep it quick) after every message that changed something.
+/// A broken stream resumes from the view's version (the control plane answers with the deltas
+/// missed, or a snapshot if its history no longer reaches back); a message the view refuses, or
+/// one the transport could not decode, leads to a fresh snapshot.
+pub async fn follow(
+    mut client: FeedClient,
+    node: String,
+    view: Arc<Mutex<View>>,
+    status: Arc<Mutex<StreamStatus>>,
+    mut on_change: impl FnMut(&View, Changes) + Send,
+) {
+    let mut backoff = Backoff::default();
+    let mut resync = false;
+    let mut first = true;
+    loop {
+        let resume_from = {
+            let view = view.lock().expect("not poisoned");
+            if view.complete && !resync {
+                view.version
+            } else {
+                0
+            }
+        };
+        resync = false;
+        if !first {
+            status.lock().expect("not poisoned").reconnects += 1;
+        }
+        first = false;
+        let stream = client
+            .watch(WatchRequest {
+                node_name: node.clone(),
+                resume_from,
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream.into_inner(),
+            Err(e) => {
+                note_error(&status, &e);
+                tracing::warn!(node = %node, error = %e.message(), code = ?e.code(), "watch failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        status.lock().expect("not poisoned").connected = true;
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    backoff.reset();
+                    status.lock().expect("not poisoned").last_message = Some(Instant::now());
+                    let mut view = view.lock().expect("not poisoned");
+                    match view.apply(message) {
+                        Ok(changes) if changes.is_empty() => {}
+                        Ok(changes) => on_change(&view, changes),
+                        Err(e) => {
+                            tracing::warn!(node = %node, error = %e, version = view.version, "feed message refused; asking for a snapshot");
+                            status.lock().expect("not poisoned").resyncs += 1;
+                            resync = true;
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!(node = %node, "feed stream ended; resuming");
+                    break;
+                }
+                Err(e) => {
+                    note_error(&status, &e);
+                    // A message that did not decode: the history holds it, so resuming would
+                    // fetch it again.
+                    if e.code() == Code::Internal {
+                        status.lock().expect("not poisoned").resyncs += 1;
+                        resync = true;
+                    }
+                    tracing::warn!(node = %node, error = %e.message(), code = ?e.code(), "feed stream broke; resuming");
+                    break;
+                }
+            }
+        }
+        view.lock().expect("not poisoned").stream_ended();
+        status.lock().expect("not poisoned").connected = false;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn note_error(status: &Mutex<StreamStatus>, e: &tonic::Status) {
+    let mut status = status.lock().expect("not poisoned");
+    status.connected = false;
+    status.last_error = Some(format!("{:?}: {}", e.code(), e.message()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_bounded_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let steps: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        for (got, step) in steps.iter().zip([100u64, 200, 400, 800, 800, 800]) {
+            let step = Duration::from_millis(step);
+            assert!(
+                *got >= step && *got <= step + step / 4,
+                "{got:?} for a step of {step:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() < Duration::from_millis(126));
+    }
+}

@@ -1,0 +1,444 @@
+//! The running agent: one source of desired state (the feed or a Kubernetes API server) fills
+//! the [`View`]; the proxy thread turns what changed into proxy updates; discovery attaches the
+//! data plane to pods' interfaces and namespaces as they appear; the HTTP endpoints report.
+//!
+//! The proxy runs on a thread of its own (its modes make blocking system calls and run
+//! `iptables-restore` or `nft`). Changes pile up in [`Shared::changed`] while a sync runs, so a
+//! burst is applied in one sync; the first sync waits for a complete view, so a restarted agent
+//! never replaces the pinned data plane with a partial state, and established flows never
+//! notice the restart.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, RecvTimeoutError, Sender},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use control_plane_api::{
+    session::{Backoff, StreamStatus},
+    view::{Changes, View},
+};
+use node_agent_proxy::{Mode, Proxier, ProxyConfig, ProxyState};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::{
+    config::{RunArgs, SocketLb},
+    discover,
+    metrics::{DataplaneCollector, Metrics, ReasonLabels, ResultLabels, SyncLabels},
+    services::{Ignored, translate},
+    source,
+};
+
+/// What the proxy thread is told.
+#[derive(Debug)]
+pub enum Event {
+    /// Desired state changed (see [`Shared::changed`]).
+    Changed,
+    /// A pod interface appeared.
+    Interface(String),
+    /// A pod network namespace appeared, or went.
+    Netns(PathBuf),
+    NetnsGone(PathBuf),
+    Stop,
+}
+
+/// The outcome of the last sync, for `/status` and `/healthz`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncStatus {
+    pub synced: bool,
+    pub last_sync_unix: f64,
+    pub last_sync_ms: f64,
+    pub version: u64,
+    pub services: usize,
+    pub endpoints: usize,
+    pub kernel_objects: u64,
+    pub failed: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// What the source, the proxy thread and the HTTP endpoints share.
+pub struct Shared {
+    pub node: String,
+    /// Where desired state comes from, for humans (`feed https://...`, `kubeconfig ...`).
+    pub source: String,
+    pub mode: Mode,
+    pub pin_dir: PathBuf,
+    pub view: Arc<Mutex<View>>,
+    pub stream: Arc<Mutex<StreamStatus>>,
+    pub metrics: Metrics,
+    pub status: Mutex<SyncStatus>,
+    pending: Mutex<(Changes, Option<Instant>)>,
+    tx: Mutex<Sender<Event>>,
+}
+
+impl Shared {
+    /// Records changes to apply and wakes the proxy thread.
+    pub fn changed(&self, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        {
+            let mut pending = self.pending.lock().expect("not poisoned");
+            pending.0.merge(changes);
+            pending.1.get_or_insert_with(Instant::now);
+        }
+        self.send(Event::Changed);
+    }
+
+    pub fn send(&self, event: Event) {
+        let _ = self.tx.lock().expect("not poisoned").send(event);
+    }
+
+    fn take_pending(&self) -> (Changes, Option<Instant>) {
+        std::mem::take(&mut *self.pending.lock().expect("not poisoned"))
+    }
+
+    fn put_back(&self, changes: Changes, since: Option<Instant>) {
+        let mut pending = self.pending.lock().expect("not poisoned");
+        pending.0.merge(changes);
+        if let Some(since) = since {
+            pending.1 = Some(pending.1.map_or(since, |p| p.min(since)));
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let node = match &args.node_name {
+        Some(n) => n.clone(),
+        None => hostname()?,
+    };
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    if args.proxy_mode == Mode::Ebpf {
+        registry.register_collector(Box::new(DataplaneCollector {
+            pin_dir: args.pin_dir.clone(),
+        }));
+    }
+    let (tx, rx) = mpsc::channel();
+    let source = match (&args.source.feed, &args.source.kubeconfig) {
+        (Some(url), _) => format!("feed {url}"),
+        (None, Some(path)) => format!("kubeconfig {}", path.display()),
+        (None, None) => unreachable!("clap requires one source"),
+    };
+    let shared = Arc::new(Shared {
+        node: node.clone(),
+        source,
+        mode: args.proxy_mode,
+        pin_dir: args.pin_dir.clone(),
+        view: Arc::default(),
+        stream: Arc::default(),
+        metrics,
+        status: Mutex::default(),
+        pending: Mutex::default(),
+        tx: Mutex::new(tx),
+    });
+
+    // The proxy first: the data plane (re)attached and adopted before anything else.
+    let config = ProxyConfig {
+        cluster_cidr: args.cluster_cidr.clone(),
+        interfaces: Vec::new(),
+        pin_dir: args.pin_dir.clone(),
+        pod_netns: Vec::new(),
+        socket_lb: args.socket_lb != SocketLb::Off,
+        host_socket_lb: args.socket_lb == SocketLb::All,
+        sync_timeout: None,
+    };
+    let proxier = node_agent_proxy::start(args.proxy_mode, &config)
+        .with_context(|| format!("start the {} proxy", args.proxy_mode))?;
+    tracing::info!(node = %node, mode = %args.proxy_mode, source = %shared.source, "node agent starting");
+    let min_period = args.min_sync_period();
+    let thread_shared = shared.clone();
+    let proxy_thread = std::thread::Builder::new()
+        .name("proxy".into())
+        .spawn(move || proxy_loop(&thread_shared, rx, proxier, min_period))?;
+
+    let http = crate::http::serve(args.metrics_addr, shared.clone(), registry).await?;
+    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /status");
+    let mut discovery = discover::start(&args, shared.clone())?;
+    let metrics_shared = shared.clone();
+    discovery.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            crate::http::update_source_metrics(&metrics_shared);
+        }
+    }));
+    let source_task = tokio::spawn(source::run(args.source.clone(), shared.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        result = source_task => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.into()),
+        },
+        result = http => Err(match result {
+            Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
+            Err(e) => anyhow::Error::new(e).context("the HTTP server task failed"),
+        }),
+    };
+    tracing::info!("node agent stopping; the data plane keeps serving");
+    for task in discovery {
+        task.abort();
+    }
+    shared.send(Event::Stop);
+    let _ = tokio::task::spawn_blocking(move || proxy_thread.join()).await;
+    outcome
+}
+
+fn hostname() -> Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("read the host name")?
+        .trim()
+        .to_owned())
+}
+
+/// The proxy thread: applies what changed, coalescing bursts; retries failed syncs with
+/// back-off.
+fn proxy_loop(
+    shared: &Shared,
+    rx: Receiver<Event>,
+    mut proxier: Box<dyn Proxier>,
+    min_period: Duration,
+) {
+    let mut sync = SyncState::default();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut retry_at: Option<Instant> = None;
+    let mut last_sync: Option<Instant> = None;
+    let mut netns = BTreeSet::new();
+    let mut interfaces = BTreeSet::new();
+    loop {
+        let first = match retry_at {
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(event) => Some(event),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+            None => match rx.recv() {
+                Ok(event) => Some(event),
+                Err(_) => return,
+            },
+        };
+        let mut wake = first.is_none(); // a retry is due
+        for event in first.into_iter().chain(rx.try_iter()) {
+            match event {
+                Event::Changed => wake = true,
+                Event::Interface(name) => match proxier.attach_interface(&name) {
+                    Ok(()) => {
+                        interfaces.insert(name.clone());
+                        tracing::info!(interface = %name, "attached to a pod interface");
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface = %name, error = format!("{e:#}"), "attach failed")
+                    }
+                },
+                Event::Netns(path) => match proxier.enable_netns(&path) {
+                    Ok(()) => {
+                        netns.insert(path.clone());
+                        tracing::info!(netns = %path.display(), "socket-level load balancing enabled");
+                    }
+                    Err(e) => {
+                        tracing::warn!(netns = %path.display(), error = format!("{e:#}"), "enabling socket-level load balancing failed")
+                    }
+                },
+                Event::NetnsGone(path) => {
+                    if netns.remove(&path) {
+                        let _ = proxier.disable_netns(&path);
+                    }
+                }
+                Event::Stop => return,
+            }
+        }
+        shared.metrics.pod_interfaces.set(interfaces.len() as i64);
+        shared.metrics.pod_netns.set(netns.len() as i64);
+        if !wake {
+            continue;
+        }
+        if let Some(last) = last_sync {
+            let wait = min_period.saturating_sub(last.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
+        match sync.apply(shared, proxier.as_mut()) {
+            Applied::Waiting => {}
+            Applied::Ok => {
+                backoff.reset();
+                retry_at = None;
+                last_sync = Some(Instant::now());
+            }
+            Applied::Failed => {
+                let delay = backoff.next_delay();
+                retry_at = Some(Instant::now() + delay);
+                last_sync = Some(Instant::now());
+            }
+        }
+    }
+}
+
+enum Applied {
+    /// The view is not complete yet: nothing applied.
+    Waiting,
+    Ok,
+    Failed,
+}
+
+/// What the proxy thread keeps between syncs.
+#[derive(Default)]
+struct SyncState {
+    state: ProxyState,
+    synced: bool,
+    /// Services not programmed, and why.
+    ignored: HashMap<String, Ignored>,
+    ipv6_skipped: HashMap<String, usize>,
+}
+
+impl SyncState {
+    fn apply(&mut self, shared: &Shared, proxier: &mut dyn Proxier) -> Applied {
+        let (changes, since) = shared.take_pending();
+        let view = shared.view.lock().expect("not poisoned");
+        if !view.complete {
+            drop(view);
+            shared.put_back(changes, since);
+            return Applied::Waiting;
+        }
+        let full = changes.replaced || !self.synced;
+        let keys: BTreeSet<String> = if full {
+            view.services
+                .keys()
+                .chain(self.state.services.keys())
+                .cloned()
+                .collect()
+        } else {
+            changes.services.clone()
+        };
+        for key in &keys {
+            let t = translate(&view, key, &shared.node);
+            match t.service {
+                Some(service) => {
+                    self.state.insert(service);
+                }
+                None => {
+                    self.state.remove(key);
+                }
+            }
+            match t.ignored {
+                Some(why) => self.ignored.insert(key.clone(), why),
+                None => self.ignored.remove(key),
+            };
+            if t.ipv6_skipped > 0 {
+                self.ipv6_skipped.insert(key.clone(), t.ipv6_skipped);
+            } else {
+                self.ipv6_skipped.remove(key);
+            }
+        }
+        let version = view.version;
+        drop(view);
+
+        let started = Instant::now();
+        let result = if full {
+            proxier.sync(&self.state)
+        } else {
+            proxier.update(&self.state, &keys)
+        };
+        let metrics = &shared.metrics;
+        let kind = if full { "full" } else { "incremental" };
+        metrics
+            .sync_duration
+            .get_or_create(&SyncLabels { kind })
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(report) => {
+                self.synced = true;
+                metrics
+                    .syncs
+                    .get_or_create(&ResultLabels { result: "ok" })
+                    .inc();
+                if let Some(since) = since {
+                    metrics.apply_lag.observe(since.elapsed().as_secs_f64());
+                }
+                let endpoints: usize = self
+                    .state
+                    .services
+                    .values()
+                    .flat_map(|s| &s.ports)
+                    .map(|p| p.endpoints.len())
+                    .sum();
+                let kernel_objects = proxier.kernel_usage().map(|u| u.objects).unwrap_or(0);
+                metrics.last_applied_version.set(version as i64);
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                metrics.last_sync_timestamp.set(now);
+                metrics.services.set(self.state.services.len() as i64);
+                metrics.endpoints.set(endpoints as i64);
+                metrics.services_failed.set(report.failed.len() as i64);
+                metrics.kernel_objects.set(kernel_objects as i64);
+                metrics
+                    .ipv6_skipped
+                    .set(self.ipv6_skipped.values().sum::<usize>() as i64);
+                for (reason, why) in [
+                    ("external_name", Ignored::ExternalName),
+                    ("headless", Ignored::Headless),
+                    ("other_proxy", Ignored::OtherProxy),
+                    ("ipv6_only", Ignored::Ipv6Only),
+                ] {
+                    let n = self.ignored.values().filter(|w| **w == why).count();
+                    metrics
+                        .ignored_services
+                        .get_or_create(&ReasonLabels { reason })
+                        .set(n as i64);
+                }
+                for failure in &report.failed {
+                    tracing::warn!(service = %failure, "a service could not be written; the others were");
+                }
+                tracing::debug!(
+                    kind,
+                    version,
+                    written = report.written,
+                    ms = report.duration.as_secs_f64() * 1e3,
+                    "synced"
+                );
+                *shared.status.lock().expect("not poisoned") = SyncStatus {
+                    synced: true,
+                    last_sync_unix: now,
+                    last_sync_ms: report.duration.as_secs_f64() * 1e3,
+                    version,
+                    services: self.state.services.len(),
+                    endpoints,
+                    kernel_objects,
+                    failed: report.failed,
+                    last_error: None,
+                };
+                Applied::Ok
+            }
+            Err(e) => {
+                metrics
+                    .syncs
+                    .get_or_create(&ResultLabels { result: "error" })
+                    .inc();
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    kind,
+                    "sync failed; retrying everything"
+                );
+                shared.status.lock().expect("not poisoned").last_error = Some(format!("{e:#}"));
+                // What failed is unknown: the retry rewrites everything.
+                self.synced = false;
+                shared.put_back(changes, since);
+                Applied::Failed
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The agent's command line.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use node_agent_proxy::Mode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "node-agent",
+    version,
+    about = "The node agent: a kube-proxy replacement programming the eBPF data plane from the control plane's feed or any Kubernetes API server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (until SIGTERM or Ctrl-C; the data plane keeps serving after it exits)
+    Run(Box<RunArgs>),
+    /// What a running agent holds: its source, version, services, endpoints, last sync
+    Status {
+        /// The running agent's metrics address
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_addr: SocketAddr,
+    },
+    /// The services the data plane holds, read back from its pinned maps
+    Services {
+        #[arg(long, default_value = "/sys/fs/bpf/keel")]
+        pin_dir: PathBuf,
+    },
+    /// Remove everything any proxy mode installed (maps, links, iptables and nftables rules)
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/keel")]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// This node's name (default: the host name)
+    #[arg(long)]
+    pub node_name: Option<String>,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// How services are programmed
+    #[arg(long, default_value = "ebpf", value_parser = parse_mode)]
+    pub proxy_mode: Mode,
+    /// Where the eBPF data plane pins its maps and links
+    #[arg(long, default_value = "/sys/fs/bpf/keel")]
+    pub pin_dir: PathBuf,
+    /// The pod network; iptables and nftables modes masquerade service traffic from outside it
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// Host-side pod interfaces to attach the tc programs to as they appear (glob, repeatable)
+    #[arg(long = "pod-interfaces", value_name = "GLOB")]
+    pub pod_interfaces: Vec<String>,
+    /// Pod network namespaces whose sockets are load balanced at connect time, as they appear
+    /// (glob on paths, repeatable; e.g. '/run/netns/cni-*')
+    #[arg(long = "pod-netns", value_name = "GLOB")]
+    pub pod_netns: Vec<String>,
+    /// Which local sockets are load balanced at connect time (eBPF mode)
+    #[arg(long, value_enum, default_value = "all")]
+    pub socket_lb: SocketLb,
+    /// Wait at least this long between syncs, so bursts of changes coalesce (default: 0 for
+    /// eBPF, 1 s for iptables and nftables, as kube-proxy)
+    #[arg(long, value_name = "SECONDS")]
+    pub min_sync_period: Option<f64>,
+    /// Where /metrics, /healthz and /status are served
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_addr: SocketAddr,
+}
+
+impl RunArgs {
+    pub fn min_sync_period(&self) -> Duration {
+        let default = match self.proxy_mode {
+            Mode::Ebpf => 0.0,
+            Mode::Iptables | Mode::Nftables => 1.0,
+        };
+        Duration::from_secs_f64(self.min_sync_period.unwrap_or(default).max(0.0))
+    }
+}
+
+/// Where the desired state comes from: exactly one of the feed and a kubeconfig.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// The control plane's feed, `https://HOST:PORT`
+    #[arg(long, requires_all = ["feed_ca", "feed_token_file"], conflicts_with = "kubeconfig", required_unless_present = "kubeconfig")]
+    pub feed: Option<String>,
+    /// Any Kubernetes API server, the way kube-proxy reads it (Services, EndpointSlices,
+    /// this Node)
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The control plane's CA (PEM), for --feed
+    #[arg(long)]
+    pub feed_ca: Option<PathBuf>,
+    /// A file holding the node token, for --feed
+    #[arg(long)]
+    pub feed_token_file: Option<PathBuf>,
+    /// The address registered as this node's InternalIP (--feed)
+    #[arg(long)]
+    pub node_ip: Option<String>,
+    /// This node's zone, registered as label topology.kubernetes.io/zone (--feed)
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Labels registered on the node, `key=value` (--feed, repeatable)
+    #[arg(long = "node-label", value_name = "KEY=VALUE")]
+    pub node_labels: Vec<String>,
+    /// Heartbeat interval (--feed)
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    pub heartbeat: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SocketLb {
+    /// Pods and the host's own processes (as Cilium's host-reachable services)
+    All,
+    /// Pods only (their namespaces from --pod-netns)
+    Pods,
+    /// None: every packet goes through the tc programs
+    Off,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}

@@ -1,0 +1,180 @@
+//! Pods' interfaces and network namespaces, found as they appear, so the data plane covers
+//! pods created after the agent started: host-side interfaces whose names match
+//! `--pod-interfaces` get the tc programs (rtnetlink link notifications, after a first
+//! listing), namespaces whose paths match `--pod-netns` get socket-level load balancing
+//! (inotify on their directories, after a first scan).
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use glob::Pattern;
+use inotify::{Inotify, WatchMask};
+use rtnetlink::{
+    MulticastGroup,
+    packet_route::{
+        RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage},
+    },
+};
+use tokio::task::JoinHandle;
+
+use crate::{
+    agent::{Event, Shared},
+    config::RunArgs,
+};
+
+/// Starts the watchers the arguments ask for.
+pub fn start(args: &RunArgs, shared: Arc<Shared>) -> Result<Vec<JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    if !args.pod_interfaces.is_empty() {
+        let patterns = patterns(&args.pod_interfaces)?;
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = watch_interfaces(patterns, &shared).await {
+                tracing::error!(error = format!("{e:#}"), "watching pod interfaces stopped");
+            }
+        }));
+    }
+    if !args.pod_netns.is_empty() {
+        let patterns = patterns(&args.pod_netns)?;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = watch_netns(patterns, &shared).await {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "watching pod network namespaces stopped"
+                );
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+fn patterns(globs: &[String]) -> Result<Vec<Pattern>> {
+    globs
+        .iter()
+        .map(|g| Pattern::new(g).with_context(|| format!("glob {g:?}")))
+        .collect()
+}
+
+fn link_name(message: &LinkMessage) -> Option<&str> {
+    message.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
+}
+
+async fn watch_interfaces(patterns: Vec<Pattern>, shared: &Shared) -> Result<()> {
+    let matches = |name: &str| patterns.iter().any(|p| p.matches(name));
+    // Subscribe first, then list: an interface created in between is seen at least once.
+    let (connection, _, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+            .context("subscribe to link notifications")?;
+    tokio::spawn(connection);
+    let (connection, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
+    tokio::spawn(connection);
+    let mut links = handle.link().get().execute();
+    while let Some(link) = links.try_next().await.context("list links")? {
+        if let Some(name) = link_name(&link).filter(|n| matches(n)) {
+            shared.send(Event::Interface(name.to_owned()));
+        }
+    }
+    while let Some((message, _)) = messages.next().await {
+        if let rtnetlink::packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(
+            link,
+        )) = message.payload
+            && let Some(name) = link_name(&link).filter(|n| matches(n))
+        {
+            shared.send(Event::Interface(name.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+async fn watch_netns(patterns: Vec<Pattern>, shared: &Shared) -> Result<()> {
+    let dirs: BTreeSet<PathBuf> = patterns
+        .iter()
+        .filter_map(|p| Path::new(p.as_str()).parent().map(Path::to_path_buf))
+        .collect();
+    let inotify = Inotify::init().context("inotify")?;
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        inotify
+            .watches()
+            .add(
+                dir,
+                WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::DELETE | WatchMask::MOVED_FROM,
+            )
+            .with_context(|| format!("watch {}", dir.display()))?;
+    }
+    let matches = |path: &Path| patterns.iter().any(|p| p.matches_path(path));
+    for dir in &dirs {
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let path = entry.path();
+            if matches(&path) && is_netns(&path) {
+                shared.send(Event::Netns(path));
+            }
+        }
+    }
+    let mut buffer = vec![0u8; 4096];
+    let mut events = inotify.into_event_stream(&mut buffer)?;
+    // inotify reports names, not which watch's directory; each event names one of `dirs`.
+    let watch_dirs: Vec<PathBuf> = dirs.into_iter().collect();
+    while let Some(event) = events.next().await {
+        let event = event.context("read inotify events")?;
+        let Some(name) = event.name else { continue };
+        for dir in &watch_dirs {
+            let path = dir.join(&name);
+            if !matches(&path) {
+                continue;
+            }
+            if event
+                .mask
+                .intersects(inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM)
+            {
+                shared.send(Event::NetnsGone(path));
+            } else {
+                let shared_tx = path.clone();
+                // `ip netns add` creates the file, then bind-mounts the namespace on it.
+                if wait_for_netns(&shared_tx).await {
+                    shared.send(Event::Netns(path));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` is a network namespace (a file on nsfs).
+fn is_netns(path: &Path) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut st) == 0 && st.f_type as i64 == NSFS_MAGIC
+    }
+}
+
+async fn wait_for_netns(path: &Path) -> bool {
+    for _ in 0..100 {
+        if is_netns(path) {
+            return true;
+        }
+        if !path.exists() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(path = %path.display(), "a file appeared where pod namespaces live, but no namespace was mounted on it");
+    false
+}

@@ -1,0 +1,447 @@
+//! kube-proxy's service semantics, from what the agent's view holds (services and their
+//! endpoint slices, in the feed's types) to what the proxy programs (`node_agent_proxy`'s
+//! model). The rules follow kube-proxy (`pkg/proxy/endpointslicecache.go`, `topology.go`):
+//!
+//! - a service's endpoint slices are merged; an endpoint's port for a service port is the
+//!   port of the same name in its slice, so a named target port may differ from pod to pod;
+//!   the same address and port in two slices counts once;
+//! - new connections go to ready endpoints; when none is ready, to endpoints that are serving
+//!   and terminating (KEP-1669), so a rolling update never leaves a gap;
+//! - `internalTrafficPolicy: Local`: only endpoints on this node (none: connections are
+//!   refused);
+//! - topology-aware routing: when every ready endpoint carries zone hints, this node has a
+//!   zone and some endpoint is hinted for it, only endpoints hinted for this zone are used;
+//! - ClientIP session affinity with its timeout;
+//! - ignored: ExternalName and headless services, services another proxy owns (label
+//!   `service.kubernetes.io/service-proxy-name`), SCTP ports; IPv6 addresses and IPv6 slices
+//!   are counted and skipped until dual-stack lands.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use control_plane_api::{feed, view::View};
+use node_agent_proxy::{Protocol, Service, ServicePort};
+
+/// Services with this label belong to another proxy (kube-proxy skips them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Why a service the view holds is not programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    ExternalName,
+    /// No cluster IP (`clusterIP: None`).
+    Headless,
+    /// Labelled for another proxy.
+    OtherProxy,
+    /// Only IPv6 cluster IPs.
+    Ipv6Only,
+}
+
+/// What one service of the view becomes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Translated {
+    /// What the proxy programs; `None` if the service is gone or ignored.
+    pub service: Option<Service>,
+    pub ignored: Option<Ignored>,
+    /// IPv6 cluster IPs and IPv6 endpoint slices left out.
+    pub ipv6_skipped: usize,
+}
+
+/// Translates the service `key` (`namespace/name`) as the proxy on node `node` serves it.
+pub fn translate(view: &View, key: &str, node: &str) -> Translated {
+    let Some(svc) = view.services.get(key) else {
+        return Translated::default();
+    };
+    let ignored = |why| Translated {
+        ignored: Some(why),
+        ..Default::default()
+    };
+    if svc.r#type == "ExternalName" {
+        return ignored(Ignored::ExternalName);
+    }
+    if svc.labels.contains_key(SERVICE_PROXY_NAME_LABEL) {
+        return ignored(Ignored::OtherProxy);
+    }
+    if svc.cluster_ips.is_empty() {
+        return ignored(Ignored::Headless);
+    }
+    let mut ipv6_skipped = svc.cluster_ips.iter().filter(|ip| ip.contains(':')).count();
+    let Some(cluster_ip) = svc
+        .cluster_ips
+        .iter()
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+    else {
+        return Translated {
+            ignored: Some(Ignored::Ipv6Only),
+            ipv6_skipped,
+            ..Default::default()
+        };
+    };
+
+    let mut slices = Vec::new();
+    for slice in view.slices_of(key) {
+        match slice.address_type.as_str() {
+            "IPv4" => slices.push(slice),
+            "IPv6" => ipv6_skipped += 1,
+            _ => {} // FQDN slices are not proxied.
+        }
+    }
+    let zone = view.nodes.get(node).map(|n| n.zone.as_str()).unwrap_or("");
+    let ports = svc
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let protocol = match port.protocol.as_str() {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                _ => return None,
+            };
+            let candidates = endpoints_of(&slices, &port.name, &port.protocol);
+            let chosen = choose(&candidates, svc.internal_traffic_local, node, zone);
+            Some(ServicePort {
+                name: port.name.clone(),
+                protocol,
+                port: u16::try_from(port.port).ok()?,
+                endpoints: chosen,
+            })
+        })
+        .collect();
+    Translated {
+        service: Some(Service {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            cluster_ip,
+            ports,
+            session_affinity: (svc.session_affinity_timeout > 0)
+                .then(|| Duration::from_secs(u64::from(svc.session_affinity_timeout))),
+        }),
+        ignored: None,
+        ipv6_skipped,
+    }
+}
+
+/// One endpoint of one service port, with what the choice needs to know.
+#[derive(Clone, Debug)]
+struct Candidate<'a> {
+    addr: SocketAddrV4,
+    endpoint: &'a feed::Endpoint,
+}
+
+/// The endpoints the slices give a service port: the slice port of the same name and protocol
+/// gives the port; an address seen twice counts once.
+fn endpoints_of<'a>(
+    slices: &[&'a feed::EndpointSlice],
+    port_name: &str,
+    protocol: &str,
+) -> Vec<Candidate<'a>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol)
+            .and_then(|p| u16::try_from(p.port).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let Some(ip) = endpoint
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let addr = SocketAddrV4::new(ip, port);
+            if seen.insert(addr) {
+                out.push(Candidate { addr, endpoint });
+            }
+        }
+    }
+    out
+}
+
+/// kube-proxy's choice of endpoints for traffic from this node (CategorizeEndpoints).
+fn choose(candidates: &[Candidate], local_only: bool, node: &str, zone: &str) -> Vec<SocketAddrV4> {
+    let pick = |keep: &dyn Fn(&feed::Endpoint) -> bool| -> Vec<SocketAddrV4> {
+        let primary: Vec<SocketAddrV4> = candidates
+            .iter()
+            .filter(|c| c.endpoint.ready && keep(c.endpoint))
+            .map(|c| c.addr)
+            .collect();
+        if !primary.is_empty() {
+            return sorted(primary);
+        }
+        // No ready endpoint: those still serving while they terminate (KEP-1669).
+        sorted(
+            candidates
+                .iter()
+                .filter(|c| c.endpoint.serving && c.endpoint.terminating && keep(c.endpoint))
+                .map(|c| c.addr)
+                .collect(),
+        )
+    };
+    if local_only {
+        return pick(&|e| e.node_name == node);
+    }
+    if use_topology(candidates, zone) {
+        return pick(&|e| e.zone_hints.iter().any(|z| z == zone));
+    }
+    pick(&|_| true)
+}
+
+/// Topology hints apply when every ready endpoint has them, the node has a zone, and some ready
+/// endpoint is hinted for it (kube-proxy's canUseTopology).
+fn use_topology(candidates: &[Candidate], zone: &str) -> bool {
+    if zone.is_empty() {
+        return false;
+    }
+    let ready: Vec<&feed::Endpoint> = candidates
+        .iter()
+        .map(|c| c.endpoint)
+        .filter(|e| e.ready)
+        .collect();
+    !ready.is_empty()
+        && ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| e.zone_hints.iter().any(|z| z == zone))
+}
+
+fn sorted(mut v: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    struct Ep {
+        ip: &'static str,
+        ready: bool,
+        serving: bool,
+        terminating: bool,
+        node: &'static str,
+        hints: &'static [&'static str],
+    }
+
+    fn ep(ip: &'static str) -> Ep {
+        Ep {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: "n1",
+            hints: &[],
+        }
+    }
+
+    fn slice(name: &str, port: u32, endpoints: Vec<Ep>) -> feed::EndpointSlice {
+        feed::EndpointSlice {
+            namespace: "default".into(),
+            name: name.into(),
+            service_name: "web".into(),
+            address_type: "IPv4".into(),
+            ports: vec![feed::EndpointPort {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port,
+            }],
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| feed::Endpoint {
+                    addresses: vec![e.ip.into()],
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    node_name: e.node.into(),
+                    zone: String::new(),
+                    zone_hints: e.hints.iter().map(|z| z.to_string()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn view(svc: feed::Service, slices: Vec<feed::EndpointSlice>) -> View {
+        let mut view = View::default();
+        view.services.insert("default/web".into(), svc);
+        for s in slices {
+            view.slices.insert(format!("default/{}", s.name), s);
+        }
+        view.nodes.insert(
+            "n1".into(),
+            feed::Node {
+                name: "n1".into(),
+                zone: "zone-a".into(),
+                ..Default::default()
+            },
+        );
+        view
+    }
+
+    fn web() -> feed::Service {
+        feed::Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            r#type: "ClusterIP".into(),
+            cluster_ips: vec!["10.96.0.10".into()],
+            ports: vec![feed::ServicePort {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port: 80,
+                node_port: 0,
+            }],
+            labels: HashMap::new(),
+            ..Default::default()
+        }
+    }
+
+    fn endpoints(view: &View) -> Vec<String> {
+        let t = translate(view, "default/web", "n1");
+        t.service.expect("programmed").ports[0]
+            .endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn slices_merge_and_named_ports_differ_per_slice() {
+        let v = view(
+            web(),
+            vec![
+                slice("a", 8080, vec![ep("10.244.1.2"), ep("10.244.1.3")]),
+                slice("b", 9090, vec![ep("10.244.2.2")]),
+                // The same endpoint published twice counts once.
+                slice("c", 8080, vec![ep("10.244.1.2")]),
+            ],
+        );
+        assert_eq!(
+            endpoints(&v),
+            ["10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:9090"]
+        );
+    }
+
+    #[test]
+    fn only_ready_endpoints_then_serving_terminating_ones() {
+        let mut not_ready = ep("10.244.1.3");
+        not_ready.ready = false;
+        not_ready.serving = false;
+        let mut leaving = ep("10.244.1.4");
+        (leaving.ready, leaving.terminating) = (false, true);
+        let v = view(
+            web(),
+            vec![slice("a", 80, vec![ep("10.244.1.2"), not_ready, leaving])],
+        );
+        assert_eq!(endpoints(&v), ["10.244.1.2:80"]);
+
+        let mut leaving = ep("10.244.1.4");
+        (leaving.ready, leaving.terminating) = (false, true);
+        let mut gone = ep("10.244.1.5");
+        (gone.ready, gone.serving, gone.terminating) = (false, false, true);
+        let v = view(web(), vec![slice("a", 80, vec![leaving, gone])]);
+        assert_eq!(endpoints(&v), ["10.244.1.4:80"], "KEP-1669 fallback");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let mut svc = web();
+        svc.internal_traffic_local = true;
+        let mut remote = ep("10.244.2.2");
+        remote.node = "n2";
+        let v = view(
+            svc.clone(),
+            vec![slice("a", 80, vec![ep("10.244.1.2"), remote])],
+        );
+        assert_eq!(endpoints(&v), ["10.244.1.2:80"]);
+        let mut remote = ep("10.244.2.2");
+        remote.node = "n2";
+        let v = view(svc, vec![slice("a", 80, vec![remote])]);
+        assert!(endpoints(&v).is_empty(), "no local endpoint: refused");
+    }
+
+    #[test]
+    fn topology_hints_apply_only_when_every_ready_endpoint_has_them() {
+        let hinted = |ip, zone: &'static [&'static str]| Ep {
+            hints: zone,
+            ..ep(ip)
+        };
+        let v = view(
+            web(),
+            vec![slice(
+                "a",
+                80,
+                vec![
+                    hinted("10.244.1.2", &["zone-a"]),
+                    hinted("10.244.2.2", &["zone-b"]),
+                ],
+            )],
+        );
+        assert_eq!(endpoints(&v), ["10.244.1.2:80"]);
+        let v = view(
+            web(),
+            vec![slice(
+                "a",
+                80,
+                vec![hinted("10.244.1.2", &["zone-a"]), ep("10.244.2.2")],
+            )],
+        );
+        assert_eq!(endpoints(&v), ["10.244.1.2:80", "10.244.2.2:80"]);
+        let v = view(
+            web(),
+            vec![slice("a", 80, vec![hinted("10.244.2.2", &["zone-b"])])],
+        );
+        assert_eq!(endpoints(&v), ["10.244.2.2:80"], "none for this zone");
+    }
+
+    #[test]
+    fn ignored_services_and_ipv6() {
+        let mut external = web();
+        external.r#type = "ExternalName".into();
+        let mut headless = web();
+        headless.cluster_ips.clear();
+        let mut other = web();
+        other
+            .labels
+            .insert(SERVICE_PROXY_NAME_LABEL.into(), "someone-else".into());
+        let mut v6 = web();
+        v6.cluster_ips = vec!["fd00::10".into()];
+        for (svc, why) in [
+            (external, Ignored::ExternalName),
+            (headless, Ignored::Headless),
+            (other, Ignored::OtherProxy),
+            (v6, Ignored::Ipv6Only),
+        ] {
+            let t = translate(&view(svc, vec![]), "default/web", "n1");
+            assert_eq!((t.service, t.ignored), (None, Some(why)));
+        }
+        let mut dual = web();
+        dual.cluster_ips.push("fd00::10".into());
+        let mut v6_slice = slice("b", 80, vec![]);
+        v6_slice.address_type = "IPv6".into();
+        let t = translate(
+            &view(dual, vec![slice("a", 80, vec![ep("10.244.1.2")]), v6_slice]),
+            "default/web",
+            "n1",
+        );
+        assert_eq!(t.ipv6_skipped, 2);
+        assert_eq!(t.service.unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
+    }
+
+    #[test]
+    fn session_affinity_carries_its_timeout() {
+        let mut svc = web();
+        svc.session_affinity_timeout = 600;
+        let t = translate(&view(svc, vec![]), "default/web", "n1");
+        assert_eq!(
+            t.service.unwrap().session_affinity,
+            Some(Duration::from_secs(600))
+        );
+    }
+}
