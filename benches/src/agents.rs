@@ -11,8 +11,10 @@
 //!   system, from /proc) over a stream of endpoint changes at a steady rate, per thousand.
 //! - **kube-proxy's nftables mode doing the same work**: the same 10,000 services loaded into
 //!   the nftables layout in a namespace of its own, then the same changes at the same rate,
-//!   synced as kube-proxy does (at most once per second, its minSyncPeriod); the figure is the
-//!   CPU time of the `nft` processes (children of this process), per thousand changes.
+//!   synced as kube-proxy does (at most once per second, its minSyncPeriod); the figures are the
+//!   CPU time of the `nft` processes (children of this process), per thousand changes, and the
+//!   peak resident memory of the largest one (the kernel keeps the ruleset; kube-proxy's own
+//!   process is not part of this replay).
 
 use std::{
     collections::BTreeSet,
@@ -58,6 +60,8 @@ pub struct Figures {
     pub agent_rss_mib: f64,
     pub agent_cpu_ms_per_1k_changes: f64,
     pub nft_cpu_ms_per_1k_changes: f64,
+    /// The largest `nft` process of the replay (its resident memory at its peak).
+    pub nft_max_rss_mib: f64,
     pub changes: usize,
     pub change_rate_per_s: f64,
 }
@@ -209,6 +213,7 @@ pub fn run(
 
         progress("agents: the same changes through kube-proxy's nftables layout");
         let nft_cpu = nft_replay(&prefix, opts, &sequence, progress)?;
+        let nft_rss = children_max_rss();
         let (p50, p99) = (latency.quantile(0.5), latency.quantile(0.99));
         let per_1k = |d: Duration| d.as_secs_f64() * 1e3 / opts.changes as f64 * 1000.0;
         Ok(Figures {
@@ -220,6 +225,7 @@ pub fn run(
             agent_rss_mib: rss as f64 / (1 << 20) as f64,
             agent_cpu_ms_per_1k_changes: per_1k(agent_cpu),
             nft_cpu_ms_per_1k_changes: per_1k(nft_cpu),
+            nft_max_rss_mib: nft_rss as f64 / (1 << 20) as f64,
             changes: opts.changes,
             change_rate_per_s: opts.change_rate,
         })
@@ -485,16 +491,20 @@ fn in_netns(netns: &Path, binary: &Path) -> Result<std::process::Command> {
     Ok(cmd)
 }
 
-/// User + system CPU time of a process (/proc/<pid>/stat, clock ticks of 10 ms here).
+/// CPU time of a process: the sum over its threads of the scheduler's nanosecond count
+/// (/proc/<pid>/task/*/schedstat; /proc/<pid>/stat counts in 10 ms ticks, too coarse here).
 fn process_cpu(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) end with ')'.
-    let rest = stat.rsplit_once(')').context("parse /proc/pid/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_micros(ticks * 1_000_000 / hz))
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) {
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(Duration::from_nanos(total))
 }
 
 fn process_rss(pid: u32) -> Result<u64> {
@@ -507,14 +517,23 @@ fn process_rss(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// CPU time of this process's waited-for children (the `nft` runs).
-fn children_cpu() -> Duration {
+fn children_usage() -> libc::rusage {
     // SAFETY: getrusage fills the struct.
-    let usage = unsafe {
+    unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
         libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
         usage
-    };
+    }
+}
+
+/// CPU time of this process's waited-for children (the `nft` runs).
+fn children_cpu() -> Duration {
+    let usage = children_usage();
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// The largest resident size any waited-for child reached (the biggest `nft` run), bytes.
+fn children_max_rss() -> u64 {
+    children_usage().ru_maxrss as u64 * 1024
 }

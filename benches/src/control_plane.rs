@@ -889,7 +889,7 @@ pub fn markdown(report: &Report, clients: usize, machine: &str) -> String {
          eBPF data plane; {} services)\n\n\
          | measure | value |\n|---|---:|\n\
          | pod readiness written through the API to every agent's data plane, p50 / p99 ms ({} samples) | {:.2} / {:.2} |\n\
-         | one agent's resident memory, MiB | {:.1} |\n\
+         | one agent's resident memory, MiB (the largest `nft` run of the replay below, MiB) | {:.1} ({:.1}) |\n\
          | one agent's CPU per 1,000 endpoint changes ({} changes at {}/s), ms | {:.0} |\n\
          | kube-proxy's nftables layout, `nft` CPU for the same changes (synced once a second), ms per 1,000 | {:.0} |\n",
         a.e2e_agents,
@@ -898,6 +898,7 @@ pub fn markdown(report: &Report, clients: usize, machine: &str) -> String {
         a.e2e_program_p50_ms,
         a.e2e_program_p99_ms,
         a.agent_rss_mib,
+        a.nft_max_rss_mib,
         a.changes,
         a.change_rate_per_s,
         a.agent_cpu_ms_per_1k_changes,

@@ -28,7 +28,8 @@ use control_plane_store::etcd_process::EtcdProcess;
 use node_agent::launch::AgentProcess;
 use node_agent_netns::{
     echo::EchoServer,
-    lab::{CLIENT_HOST_IF, HostLink, Lab},
+    lab::{HostLink, Lab},
+    netns::{Netns, veth},
     traffic::{Connection, tcp_request},
 };
 use reqwest::Method;
@@ -70,6 +71,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(test: &str, source: Source, etcd: bool) -> Self {
+        Self::start_with(test, source, etcd, "pods")
+    }
+
+    /// With `--socket-lb <socket_lb>`; pod interfaces `cli*` and namespaces `<lab>-client*`.
+    fn start_with(test: &str, source: Source, etcd: bool, socket_lb: &str) -> Self {
         require_root();
         let _ = rustls::crypto::ring::default_provider().install_default();
         let prefix = format!("ka-{}-{test}", std::process::id());
@@ -112,11 +118,11 @@ impl Cluster {
             "--pin-dir".into(),
             pin_dir.display().to_string(),
             "--pod-interfaces".into(),
-            CLIENT_HOST_IF.into(),
+            "cli*".into(),
             "--pod-netns".into(),
-            lab.client.path().display().to_string(),
+            format!("{}*", lab.client.path().display()),
             "--socket-lb".into(),
-            "pods".into(),
+            socket_lb.into(),
             "--metrics-addr".into(),
             metrics_addr.to_string(),
         ];
@@ -591,40 +597,46 @@ fn it_never_drops_a_flow_of_its_own_accord() {
 }
 
 #[test]
-fn metrics_parse_and_move_with_traffic() {
-    let c = Cluster::start("metrics", Source::Feed, false);
+fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
+    let c = Cluster::start_with("metrics", Source::Feed, false, "all");
     c.pod("web-1", "web", NODE, 8080);
     let web = c.service("web", "web", false);
     c.pod_status("web-1", c.backend_ip(0), true);
     c.serves(web, &["backend-1"], "the service");
 
-    let forwarded = |text: &str| -> f64 {
+    let value = |text: &str, metric: &str, labels: &[(&str, &str)]| -> f64 {
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
             .expect("the metrics parse as Prometheus text");
         scrape
             .samples
             .iter()
             .find(|s| {
-                s.metric == "keel_dataplane_packets_total"
-                    && s.labels.get("counter") == Some("sock_lb_forward")
+                s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
             })
             .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                ref other => panic!("a counter, not {other:?}"),
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("a number, not {other:?}"),
             })
-            .expect("keel_dataplane_packets_total{counter=\"sock_lb_forward\"}")
+            .unwrap_or_else(|| panic!("{metric}{labels:?} is missing:\n{text}"))
+    };
+    let forwarded = |text: &str| {
+        value(
+            text,
+            "keel_dataplane_packets_total",
+            &[("counter", "sock_lb_forward")],
+        )
     };
     let text = c.agent.metrics().expect("/metrics");
-    for name in [
-        "keel_agent_services",
-        "keel_agent_endpoints",
-        "keel_agent_sync_duration_seconds",
-        "keel_agent_last_applied_version",
-        "keel_agent_source_connected",
-        "keel_dataplane_map_entries",
-    ] {
-        assert!(text.contains(name), "{name} is missing:\n{text}");
-    }
+    assert_eq!(value(&text, "keel_agent_services", &[]), 1.0);
+    assert_eq!(value(&text, "keel_agent_endpoints", &[]), 1.0);
+    assert_eq!(value(&text, "keel_agent_source_connected", &[]), 1.0);
+    assert!(value(&text, "keel_agent_last_applied_version", &[]) > 0.0);
+    assert_eq!(
+        value(&text, "keel_dataplane_map_entries", &[("map", "services")]),
+        1.0
+    );
     let before = forwarded(&text);
     let answers = c.answers(web, 50);
     assert_eq!(answers.get("backend-1"), Some(&50), "{answers:?}");
@@ -633,4 +645,46 @@ fn metrics_parse_and_move_with_traffic() {
         after - before >= 50.0,
         "50 connections load balanced at connect: {before} -> {after}"
     );
+
+    // A pod created after the agent started: its veth gets the tc programs, its namespace
+    // socket-level load balancing, as they appear.
+    let late = Netns::new(&format!("{}2", c.lab.client.name())).expect("a second client pod");
+    veth(&c.lab.node, "cli2", &late, "eth0").unwrap();
+    c.lab
+        .node
+        .ip(&["addr", "add", "10.244.100.1/24", "dev", "cli2"])
+        .unwrap();
+    late.ip(&["addr", "add", "10.244.100.2/24", "dev", "eth0"])
+        .unwrap();
+    late.ip(&["route", "add", "default", "via", "10.244.100.1"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = c.agent.metrics().expect("/metrics");
+        if value(&text, "keel_agent_pod_interfaces", &[]) == 2.0
+            && value(&text, "keel_agent_pod_netns", &[]) == 2.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new pod's interface and namespace were not picked up:\n{}",
+            c.agent.recent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = forwarded(&c.agent.metrics().unwrap());
+    let to = SocketAddrV4::new(web, 80);
+    let who = late.run(move || tcp_request(to)).unwrap().expect("the late pod reaches the service");
+    assert_eq!(who, "backend-1");
+    assert!(forwarded(&c.agent.metrics().unwrap()) > before, "at connect, not per packet");
+
+    // A process on the node's own network (--socket-lb all): load balanced at connect too.
+    let who = c
+        .lab
+        .node
+        .run(move || tcp_request(to))
+        .unwrap()
+        .expect("a host process reaches the service");
+    assert_eq!(who, "backend-1");
 }

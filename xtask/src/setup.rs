@@ -169,6 +169,49 @@ const REQUIREMENTS: &[Requirement] = &[
             Ok("descriptor.proto, struct.proto import".into())
         },
     },
+    // The CNI reference plugins (bridge, host-local): the tests drive them with the same
+    // runtime code as keel-cni, to check that code against plugins nobody here wrote.
+    Requirement {
+        tool: "CNI plugins",
+        source: Source::Apt(&["containernetworking-plugins"]),
+        after: &[],
+        probe: |_| {
+            let out = run_tool(
+                Command::new("/usr/lib/cni/host-local")
+                    .env("CNI_COMMAND", "VERSION")
+                    .stdin(Stdio::null()),
+            )?;
+            let versions = out
+                .split("supportedVersions")
+                .nth(1)
+                .context("host-local answered VERSION without supportedVersions")?;
+            if !versions.contains("1.0.0") {
+                bail!("host-local does not support CNI 1.0.0: {out}");
+            }
+            Ok("bridge, host-local (CNI 1.0.0)".into())
+        },
+    },
+    // The OCI runtime the kubelet runs containers with.
+    Requirement {
+        tool: "runc",
+        source: Source::Apt(&["runc"]),
+        after: &[],
+        probe: |_| first_line(Command::new("runc").arg("--version")),
+    },
+    // A static busybox: the base of the images the tests and the demo run.
+    Requirement {
+        tool: "busybox (static)",
+        source: Source::Apt(&["busybox-static"]),
+        after: &[],
+        probe: |_| {
+            let path = Path::new("/bin/busybox");
+            let elf = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+            if has_interpreter(&elf)? {
+                bail!("{} is linked dynamically (the busybox package, not busybox-static)", path.display());
+            }
+            first_line(Command::new(path).arg("--help"))
+        },
+    },
     // The venv the client tests' kubectl and Python client live in.
     Requirement {
         tool: "python3 venv",
@@ -626,6 +669,23 @@ fn probe_ebpf_build(probes: &Probes) -> Result<String> {
         bail!("{} is not a BPF ELF object", object.display());
     }
     Ok("bpfel-unknown-none object linked".into())
+}
+
+/// Whether a 64-bit little-endian ELF file asks for a program interpreter (is dynamic).
+fn has_interpreter(elf: &[u8]) -> Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    if elf.get(..5) != Some(b"\x7fELF\x02") {
+        bail!("not a 64-bit ELF file");
+    }
+    let (phoff, phentsize, phnum) = (
+        u64_at(0x20).context("e_phoff")? as usize,
+        u16_at(0x36).context("e_phentsize")? as usize,
+        u16_at(0x38).context("e_phnum")? as usize,
+    );
+    Ok((0..phnum).any(|i| u32_at(phoff + i * phentsize) == Some(PT_INTERP)))
 }
 
 fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
