@@ -504,6 +504,7 @@ async fn report(
         ready,
         containers: Vec::new(),
         deleted: false,
+        status_json: Vec::new(),
     })
     .await?;
     Ok(())

@@ -23,6 +23,7 @@ use control_plane_api::{
     session::{Backoff, StreamStatus},
     view::{Changes, View},
 };
+use node_agent_kubelet::Kubelet;
 use node_agent_proxy::{Mode, Proxier, ProxyConfig, ProxyState};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -31,6 +32,7 @@ use crate::{
     config::{RunArgs, SocketLb},
     discover,
     metrics::{DataplaneCollector, Metrics, ReasonLabels, ResultLabels, SyncLabels},
+    pods::PodSettings,
     services::{Ignored, translate},
     source,
 };
@@ -75,13 +77,24 @@ pub struct Shared {
     pub status: Mutex<SyncStatus>,
     pending: Mutex<(Changes, Option<Instant>)>,
     tx: Mutex<Sender<Event>>,
+    /// `--run-pods`: the kubelet's settings, and the kubelet once the source started it.
+    pub pods: Option<PodSettings>,
+    pub kubelet: Mutex<Option<Arc<Kubelet>>>,
 }
 
 impl Shared {
-    /// Records changes to apply and wakes the proxy thread.
-    pub fn changed(&self, changes: Changes) {
+    /// Records changes of `view` to apply and wakes the proxy thread; hands the node's pods
+    /// to the kubelet when they (or the nodes) changed.
+    pub fn changed(&self, view: &View, changes: Changes) {
         if changes.is_empty() {
             return;
+        }
+        let pods_changed = changes.replaced
+            || changes.nodes
+            || !changes.pods.is_empty()
+            || !changes.pods_deleted.is_empty();
+        if pods_changed && let Some(kubelet) = self.kubelet.lock().expect("not poisoned").clone() {
+            crate::pods::on_change(self, &kubelet, view, changes.replaced || changes.nodes);
         }
         {
             let mut pending = self.pending.lock().expect("not poisoned");
@@ -138,6 +151,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         status: Mutex::default(),
         pending: Mutex::default(),
         tx: Mutex::new(tx),
+        pods: PodSettings::from_args(&args)?,
+        kubelet: Mutex::default(),
     });
 
     // The proxy first: the data plane (re)attached and adopted before anything else.
@@ -298,6 +313,12 @@ enum Applied {
 struct SyncState {
     state: ProxyState,
     synced: bool,
+    /// Endpoints over every service port of `state`, kept as services change.
+    endpoints: usize,
+    /// The proxy mode's kernel objects, and when they were last counted (counting reads
+    /// every map's or table's size: once a second at most).
+    kernel_objects: u64,
+    counted: Option<Instant>,
     /// Services not programmed, and why.
     ignored: HashMap<String, Ignored>,
     ipv6_skipped: HashMap<String, usize>,
@@ -322,15 +343,20 @@ impl SyncState {
         } else {
             changes.services.clone()
         };
+        let endpoints_of = |s: &node_agent_proxy::Service| -> usize {
+            s.ports.iter().map(|p| p.endpoints.len()).sum()
+        };
         for key in &keys {
             let t = translate(&view, key, &shared.node);
-            match t.service {
+            let old = match t.service {
                 Some(service) => {
-                    self.state.insert(service);
+                    self.endpoints += endpoints_of(&service);
+                    self.state.insert(service)
                 }
-                None => {
-                    self.state.remove(key);
-                }
+                None => self.state.remove(key),
+            };
+            if let Some(old) = old {
+                self.endpoints -= endpoints_of(&old);
             }
             match t.ignored {
                 Some(why) => self.ignored.insert(key.clone(), why),
@@ -367,14 +393,16 @@ impl SyncState {
                 if let Some(since) = since {
                     metrics.apply_lag.observe(since.elapsed().as_secs_f64());
                 }
-                let endpoints: usize = self
-                    .state
-                    .services
-                    .values()
-                    .flat_map(|s| &s.ports)
-                    .map(|p| p.endpoints.len())
-                    .sum();
-                let kernel_objects = proxier.kernel_usage().map(|u| u.objects).unwrap_or(0);
+                let endpoints = self.endpoints;
+                if full
+                    || self
+                        .counted
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    self.kernel_objects = proxier.kernel_usage().map(|u| u.objects).unwrap_or(0);
+                    self.counted = Some(Instant::now());
+                }
+                let kernel_objects = self.kernel_objects;
                 metrics.last_applied_version.set(version as i64);
                 let now = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)

@@ -36,6 +36,38 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/keel")]
         pin_dir: PathBuf,
     },
+    /// The node's image store
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Keeps one container company (started by the kubelet; not for people)
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        runc_root: PathBuf,
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        log: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import an OCI image layout (a directory, or a tar file of one)
+    Import {
+        path: PathBuf,
+        #[arg(long, default_value = "/var/lib/keel/kubelet")]
+        kubelet_root: PathBuf,
+    },
+    /// List the images by name
+    List {
+        #[arg(long, default_value = "/var/lib/keel/kubelet")]
+        kubelet_root: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,6 +105,22 @@ pub struct RunArgs {
     /// Where /metrics, /healthz and /status are served
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
+    /// Also run the pods bound to this node (the kubelet): containers through runc, pod
+    /// networking through keel-cni, routes to the other nodes' pods
+    #[arg(long)]
+    pub run_pods: bool,
+    /// Where the kubelet keeps images, containers, pods and logs
+    #[arg(long, default_value = "/var/lib/keel/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// Where the CNI plugins are (default: next to node-agent, where keel-cni is built)
+    #[arg(long)]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// First step of the container restart back-off (kubelet's 10 s)
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    pub restart_backoff: f64,
+    /// Cap of the container restart back-off (kubelet's 5 min)
+    #[arg(long, default_value = "300", value_name = "SECONDS")]
+    pub max_restart_backoff: f64,
 }
 
 impl RunArgs {

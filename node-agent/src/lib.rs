@@ -18,5 +18,6 @@ pub mod discover;
 pub mod http;
 pub mod launch;
 pub mod metrics;
+pub mod pods;
 pub mod services;
 pub mod source;

@@ -13,13 +13,24 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use node_agent::{
-    config::{Cli, Command},
+    config::{Cli, Command, ImageCommand},
     http::Status,
 };
 use node_agent_proxy::{Mode, ProxyConfig};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The shim forks first thing: before any thread (the logger's included) exists.
+    if let Command::Shim {
+        runc_root,
+        bundle,
+        id,
+        log,
+    } = &cli.command
+    {
+        return Ok(node_agent_kubelet::shim::run(runc_root, bundle, id, log)?);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -28,7 +39,24 @@ fn main() -> Result<()> {
         )
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Shim { .. } => unreachable!("handled above"),
+        Command::Image { command } => match command {
+            ImageCommand::Import { path, kubelet_root } => {
+                let store = node_agent_kubelet::image::ImageStore::new(kubelet_root.join("images"));
+                for name in store.import(&path)? {
+                    println!("imported {name}");
+                }
+                Ok(())
+            }
+            ImageCommand::List { kubelet_root } => {
+                let store = node_agent_kubelet::image::ImageStore::new(kubelet_root.join("images"));
+                for (name, id) in store.list() {
+                    println!("{name:<40} {}", &id[..12.min(id.len())]);
+                }
+                Ok(())
+            }
+        },
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -610,9 +610,7 @@ fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
         scrape
             .samples
             .iter()
-            .find(|s| {
-                s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-            })
+            .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
             .map(|s| match s.value {
                 prometheus_parse::Value::Counter(v)
                 | prometheus_parse::Value::Gauge(v)
@@ -675,9 +673,15 @@ fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
     }
     let before = forwarded(&c.agent.metrics().unwrap());
     let to = SocketAddrV4::new(web, 80);
-    let who = late.run(move || tcp_request(to)).unwrap().expect("the late pod reaches the service");
+    let who = late
+        .run(move || tcp_request(to))
+        .unwrap()
+        .expect("the late pod reaches the service");
     assert_eq!(who, "backend-1");
-    assert!(forwarded(&c.agent.metrics().unwrap()) > before, "at connect, not per packet");
+    assert!(
+        forwarded(&c.agent.metrics().unwrap()) > before,
+        "at connect, not per packet"
+    );
 
     // A process on the node's own network (--socket-lb all): load balanced at connect too.
     let who = c

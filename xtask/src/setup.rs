@@ -207,7 +207,10 @@ const REQUIREMENTS: &[Requirement] = &[
             let path = Path::new("/bin/busybox");
             let elf = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
             if has_interpreter(&elf)? {
-                bail!("{} is linked dynamically (the busybox package, not busybox-static)", path.display());
+                bail!(
+                    "{} is linked dynamically (the busybox package, not busybox-static)",
+                    path.display()
+                );
             }
             first_line(Command::new(path).arg("--help"))
         },
@@ -675,8 +678,14 @@ fn probe_ebpf_build(probes: &Probes) -> Result<String> {
 fn has_interpreter(elf: &[u8]) -> Result<bool> {
     const PT_INTERP: u32 = 3;
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     if elf.get(..5) != Some(b"\x7fELF\x02") {
         bail!("not a 64-bit ELF file");
     }

@@ -33,8 +33,8 @@ use k8s_openapi::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{
             ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-            ContainerStatus, Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodCondition,
-            PodIP,
+            ContainerStatus, HostIP, Node, NodeAddress, NodeCondition, NodeStatus, Pod,
+            PodCondition, PodIP, PodStatus,
         },
     },
     apimachinery::pkg::{
@@ -378,6 +378,39 @@ impl NodeFeed for FeedService {
                     .find(|a| a.type_ == "InternalIP")
                     .map(|a| a.address.clone())
             });
+        if !r.status_json.is_empty() {
+            let reported: PodStatus = serde_json::from_slice(&r.status_json)
+                .map_err(|e| Status::invalid_argument(format!("status_json: {e}")))?;
+            self.client
+                .update::<Pod>(Some(&r.namespace), &r.name, true, |p| {
+                    let old = p.status.clone().unwrap_or_default();
+                    let mut status = reported.clone();
+                    status.host_ip = host_ip.clone().or(old.host_ip.clone());
+                    if let Some(ip) = &status.host_ip {
+                        status.host_ips = Some(vec![HostIP { ip: ip.clone() }]);
+                    }
+                    status.start_time = old.start_time.clone().or(status.start_time);
+                    // A condition keeps its transition time while its status holds.
+                    for c in status.conditions.iter_mut().flatten() {
+                        if let Some(before) = old
+                            .conditions
+                            .iter()
+                            .flatten()
+                            .find(|o| o.type_ == c.type_ && o.status == c.status)
+                        {
+                            c.last_transition_time = before.last_transition_time.clone();
+                        }
+                    }
+                    if p.status.as_ref() == Some(&status) {
+                        return false;
+                    }
+                    p.status = Some(status);
+                    true
+                })
+                .await
+                .map_err(status)?;
+            return Ok(Response::new(PodStatusAck {}));
+        }
         let phase = match PodPhase::try_from(r.phase).unwrap_or(PodPhase::Unspecified) {
             PodPhase::Running => "Running",
             PodPhase::Succeeded => "Succeeded",

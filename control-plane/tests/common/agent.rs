@@ -171,5 +171,6 @@ fn report(node: &str, pod: &feed::Pod, ip: &str) -> PodStatusReport {
         ready: true,
         containers: Vec::new(),
         deleted: pod.deleting,
+        status_json: Vec::new(),
     }
 }

@@ -74,8 +74,19 @@ impl Network {
     }
 
     /// ADD: the container's network; the plugin's result.
-    pub fn add(&self, container_id: &str, netns: &Path, ifname: &str) -> Result<CniResult, InvokeError> {
-        let out = self.exec(Command::Add, container_id, Some(netns), ifname, &self.config)?;
+    pub fn add(
+        &self,
+        container_id: &str,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<CniResult, InvokeError> {
+        let out = self.exec(
+            Command::Add,
+            container_id,
+            Some(netns),
+            ifname,
+            &self.config,
+        )?;
         let (plugin, _) = self.plugin()?;
         serde_json::from_slice(&out).map_err(|e| InvokeError::Runtime {
             plugin,

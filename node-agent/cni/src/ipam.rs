@@ -185,8 +185,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path(), "10.244.1.0/29");
         let a = s.allocate("c1", "eth0").unwrap();
-        assert_eq!(a, Ipv4Addr::new(10, 244, 1, 2), "the gateway (.1) is skipped");
-        assert_eq!(s.allocate("c1", "eth0").unwrap(), a, "an ADD retried gets the same");
+        assert_eq!(
+            a,
+            Ipv4Addr::new(10, 244, 1, 2),
+            "the gateway (.1) is skipped"
+        );
+        assert_eq!(
+            s.allocate("c1", "eth0").unwrap(),
+            a,
+            "an ADD retried gets the same"
+        );
         let b = s.allocate("c2", "eth0").unwrap();
         assert_ne!(a, b);
         assert_eq!(s.release("c1", "eth0").unwrap(), Some(a));

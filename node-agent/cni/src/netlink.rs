@@ -51,10 +51,7 @@ fn kernel(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkEr
 /// The host end's name: stable for a container and interface, 14 characters (IFNAMSIZ is 16).
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     let digest = Sha256::digest(format!("{container_id}/{ifname}"));
-    format!(
-        "kv{}",
-        &data_encoding::HEXLOWER.encode(&digest)[..12]
-    )
+    format!("kv{}", &data_encoding::HEXLOWER.encode(&digest)[..12])
 }
 
 /// What ADD made: the two ends' MAC addresses.
@@ -68,10 +65,11 @@ pub struct Made {
 async fn with_handle<T>(
     f: impl AsyncFnOnce(Handle) -> Result<T, NetlinkError>,
 ) -> Result<T, NetlinkError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|source| NetlinkError::Io {
-        what: "open rtnetlink".into(),
-        source,
-    })?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|source| NetlinkError::Io {
+            what: "open rtnetlink".into(),
+            source,
+        })?;
     let task = tokio::spawn(connection);
     let result = f(handle).await;
     task.abort();
@@ -227,9 +225,9 @@ pub fn add(
         let link = match link_by_name(&handle, &ifname_owned).await? {
             Some(link) => link,
             None => {
-                let link = link_by_name(&handle, &temp)
-                    .await?
-                    .ok_or_else(|| NetlinkError::Missing(format!("{temp} is not in the namespace")))?;
+                let link = link_by_name(&handle, &temp).await?.ok_or_else(|| {
+                    NetlinkError::Missing(format!("{temp} is not in the namespace"))
+                })?;
                 handle
                     .link()
                     .set(
@@ -358,10 +356,15 @@ pub fn check(
             .set_link_index_filter(index)
             .execute();
         let mut has_ip = false;
-        while let Some(a) = addresses.try_next().await.map_err(kernel("list addresses"))? {
-            has_ip |= a.attributes.iter().any(|attr| {
-                matches!(attr, AddressAttribute::Address(IpAddr::V4(v)) if *v == ip)
-            });
+        while let Some(a) = addresses
+            .try_next()
+            .await
+            .map_err(kernel("list addresses"))?
+        {
+            has_ip |= a
+                .attributes
+                .iter()
+                .any(|attr| matches!(attr, AddressAttribute::Address(IpAddr::V4(v)) if *v == ip));
         }
         if !has_ip {
             return Err(NetlinkError::Missing(format!("{ifname} lacks {ip}")));

@@ -26,7 +26,10 @@ pub fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Output, Error> {
     if invocation.command == Command::Version {
         return Ok(Output::Version(spec::VersionInfo {
             cni_version: spec::VERSION.into(),
-            supported_versions: spec::SUPPORTED_VERSIONS.iter().map(|v| v.to_string()).collect(),
+            supported_versions: spec::SUPPORTED_VERSIONS
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
         }));
     }
     let conf = parse(stdin)?;
@@ -61,8 +64,11 @@ pub fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Output, Error> {
                     // Leave nothing half made: the runtime retries ADD or calls DEL.
                     let _ = netlink::del(&invocation.container_id, &invocation.ifname);
                     let _ = store.release(&invocation.container_id, &invocation.ifname);
-                    return Err(Error::new(spec::code::NETLINK, "setting up the pod's network failed")
-                        .with_details(e.to_string()));
+                    return Err(Error::new(
+                        spec::code::NETLINK,
+                        "setting up the pod's network failed",
+                    )
+                    .with_details(e.to_string()));
                 }
             };
             Ok(Output::Result(CniResult {
@@ -118,7 +124,8 @@ pub fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Output, Error> {
                 })?;
             if let Some(prev) = &conf.prev_result {
                 let prev: CniResult = serde_json::from_value(prev.clone()).map_err(|e| {
-                    Error::new(spec::code::DECODE, "prevResult does not decode").with_details(e.to_string())
+                    Error::new(spec::code::DECODE, "prevResult does not decode")
+                        .with_details(e.to_string())
                 })?;
                 if prev.ipv4() != Some(ip) {
                     return Err(Error::new(
@@ -165,7 +172,10 @@ pub fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Output, Error> {
                 })
                 .collect();
             for (_, id, ifname) in store.allocations().map_err(ipam_error)? {
-                if !valid.iter().any(|(v_id, v_if)| *v_id == id && *v_if == ifname) {
+                if !valid
+                    .iter()
+                    .any(|(v_id, v_if)| *v_id == id && *v_if == ifname)
+                {
                     let _ = netlink::del(&id, &ifname);
                     store.release(&id, &ifname).map_err(ipam_error)?;
                 }
@@ -178,7 +188,8 @@ pub fn run(invocation: &Invocation, stdin: &[u8]) -> Result<Output, Error> {
 
 fn parse(stdin: &[u8]) -> Result<NetConf, Error> {
     let value: Value = serde_json::from_slice(stdin).map_err(|e| {
-        Error::new(spec::code::DECODE, "the network configuration is not JSON").with_details(e.to_string())
+        Error::new(spec::code::DECODE, "the network configuration is not JSON")
+            .with_details(e.to_string())
     })?;
     let version = value
         .get("cniVersion")

@@ -149,7 +149,9 @@ impl Invocation {
         };
         let netns = match command {
             Command::Add | Command::Check => Some(PathBuf::from(required("CNI_NETNS")?)),
-            _ => get("CNI_NETNS").filter(|v| !v.is_empty()).map(PathBuf::from),
+            _ => get("CNI_NETNS")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         };
         Ok(Self {
             command,

@@ -68,8 +68,12 @@ impl Lab {
 }
 
 fn addresses(ns: &Netns, ifname: &str) -> String {
-    String::from_utf8_lossy(&ns.ip(&["-o", "-4", "addr", "show", "dev", ifname]).unwrap().stdout)
-        .into_owned()
+    String::from_utf8_lossy(
+        &ns.ip(&["-o", "-4", "addr", "show", "dev", ifname])
+            .unwrap()
+            .stdout,
+    )
+    .into_owned()
 }
 
 #[test]
@@ -88,7 +92,10 @@ fn add_check_del_and_version_as_the_spec_has_them() {
     );
     assert_eq!(result.ips[0].gateway.as_deref(), Some("10.231.1.1"));
     assert_eq!(result.interfaces[1].name, "eth0");
-    assert_eq!(result.interfaces[1].sandbox.as_deref(), Some(pod.path().to_str().unwrap()));
+    assert_eq!(
+        result.interfaces[1].sandbox.as_deref(),
+        Some(pod.path().to_str().unwrap())
+    );
     assert!(addresses(&pod, "eth0").contains(&format!("{ip}/32")));
 
     // The node reaches the pod at its address, through the veth.
@@ -97,18 +104,29 @@ fn add_check_del_and_version_as_the_spec_has_them() {
         .run(move || EchoServer::start(server, "p1"))
         .unwrap()
         .unwrap();
-    assert_eq!(lab.node.run(move || tcp_request(server)).unwrap().unwrap(), "p1");
+    assert_eq!(
+        lab.node.run(move || tcp_request(server)).unwrap().unwrap(),
+        "p1"
+    );
 
-    net.check("c1", &pod.path(), "eth0", &result).expect("CHECK after ADD");
+    net.check("c1", &pod.path(), "eth0", &result)
+        .expect("CHECK after ADD");
     // Retrying ADD is harmless and gives the same address.
     assert_eq!(net.add("c1", &pod.path(), "eth0").unwrap().ipv4(), Some(ip));
 
     // CHECK says what is wrong when the network is not as ADD left it.
     pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
-    let err = net.check("c1", &pod.path(), "eth0", &result).expect_err("CHECK fails");
-    assert_eq!(spec_error(&err).map(|e| e.code), Some(code::CHECK_FAILED), "{err}");
+    let err = net
+        .check("c1", &pod.path(), "eth0", &result)
+        .expect_err("CHECK fails");
+    assert_eq!(
+        spec_error(&err).map(|e| e.code),
+        Some(code::CHECK_FAILED),
+        "{err}"
+    );
 
-    net.del("c1", Some(&pod.path()), "eth0", Some(&result)).expect("DEL");
+    net.del("c1", Some(&pod.path()), "eth0", Some(&result))
+        .expect("DEL");
     assert!(
         pod.ip(&["link", "show", "eth0"]).is_err(),
         "the interface is gone"
@@ -131,7 +149,12 @@ fn a_full_pod_cidr_gives_the_spec_error_and_a_crash_never_double_allocates() {
     let pods: Vec<Netns> = (0..6).map(|i| lab.pod(&format!("p{i}"))).collect();
     let mut ips = Vec::new();
     for (i, pod) in pods.iter().take(4).enumerate() {
-        ips.push(net.add(&format!("c{i}"), &pod.path(), "eth0").unwrap().ipv4().unwrap());
+        ips.push(
+            net.add(&format!("c{i}"), &pod.path(), "eth0")
+                .unwrap()
+                .ipv4()
+                .unwrap(),
+        );
     }
     // A plugin that dies right after allocating (before wiring the pod).
     let crashed = Command::new(plugin_dir().join("keel-cni"))
@@ -165,8 +188,13 @@ fn a_full_pod_cidr_gives_the_spec_error_and_a_crash_never_double_allocates() {
     assert_eq!(error.code, code::NO_FREE_ADDRESS, "{error}");
     assert!(error.msg.contains("10.231.2.0/29"), "{error}");
     // DEL of the crashed container releases its address.
-    net.del("crashed", Some(&pods[4].path()), "eth0", None).unwrap();
-    let last = net.add("c5", &pods[5].path(), "eth0").unwrap().ipv4().unwrap();
+    net.del("crashed", Some(&pods[4].path()), "eth0", None)
+        .unwrap();
+    let last = net
+        .add("c5", &pods[5].path(), "eth0")
+        .unwrap()
+        .ipv4()
+        .unwrap();
     assert!(!ips.contains(&last), "never handed out twice");
 }
 
@@ -182,7 +210,12 @@ fn concurrent_adds_get_distinct_addresses() {
             .map(|(i, pod)| {
                 let net = net.clone();
                 let path = pod.path();
-                s.spawn(move || net.add(&format!("c{i}"), &path, "eth0").unwrap().ipv4().unwrap())
+                s.spawn(move || {
+                    net.add(&format!("c{i}"), &path, "eth0")
+                        .unwrap()
+                        .ipv4()
+                        .unwrap()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -212,7 +245,9 @@ fn the_invoker_drives_debians_reference_plugins() {
     let result = net.add("r1", &pod.path(), "eth0").expect("bridge ADD");
     let ip = result.ipv4().expect("host-local gave an address");
     assert!(addresses(&pod, "eth0").contains(&ip.to_string()));
-    net.check("r1", &pod.path(), "eth0", &result).expect("bridge CHECK");
-    net.del("r1", Some(&pod.path()), "eth0", Some(&result)).expect("bridge DEL");
+    net.check("r1", &pod.path(), "eth0", &result)
+        .expect("bridge CHECK");
+    net.del("r1", Some(&pod.path()), "eth0", Some(&result))
+        .expect("bridge DEL");
     assert!(pod.ip(&["link", "show", "eth0"]).is_err());
 }

@@ -114,6 +114,57 @@ fn enter(ns: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates a network namespace that outlives any process in it, bound to the file at `path`
+/// (what `ip netns add` does, without running it): a pod's sandbox.
+pub fn create_at(path: &std::path::Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let made = thread::spawn(move || -> io::Result<()> {
+        // SAFETY: unshare moves only this thread into a new network namespace; the bind mount
+        // keeps that namespace alive after the thread ends.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let source = c"/proc/thread-self/ns/net";
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?;
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(path);
+        return Err(e).with_context(|| format!("create a network namespace at {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Removes a namespace made by [`create_at`] (it goes once nothing else holds it).
+pub fn remove_at(path: &std::path::Path) -> Result<()> {
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: umount2 with a NUL-terminated path; MNT_DETACH never blocks.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Creates a veth pair: `a_if` in `a`, `b_if` in `b`, both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     a.ip(&[

@@ -52,6 +52,17 @@ pub async fn run(args: &SourceArgs, shared: Arc<Shared>) -> Result<()> {
     };
     let registered = session::register(&mut client, request).await;
     tracing::info!(node = %shared.node, pod_cidr = %registered.pod_cidr, "registered");
+    if let Some(settings) = &shared.pods {
+        let reporter = std::sync::Arc::new(crate::pods::FeedReporter {
+            client: client.clone(),
+            node: shared.node.clone(),
+        });
+        let kubelet = crate::pods::start_kubelet(&shared, settings, reporter)?;
+        if !registered.pod_cidr.is_empty() {
+            kubelet.set_pod_cidr(&registered.pod_cidr);
+        }
+        *shared.kubelet.lock().expect("not poisoned") = Some(kubelet);
+    }
 
     let heartbeat = tokio::spawn(session::heartbeat(
         client.clone(),
@@ -61,7 +72,7 @@ pub async fn run(args: &SourceArgs, shared: Arc<Shared>) -> Result<()> {
     ));
     let on_change = {
         let shared = shared.clone();
-        move |_: &control_plane_api::view::View, changes| shared.changed(changes)
+        move |view: &control_plane_api::view::View, changes| shared.changed(view, changes)
     };
     session::follow(
         client,

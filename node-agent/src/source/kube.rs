@@ -18,7 +18,7 @@ use control_plane_api::{
 };
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -34,6 +34,7 @@ enum Kind {
     Service,
     Slice,
     Node,
+    Pod,
 }
 
 /// One event of one of the watches, converted.
@@ -50,6 +51,8 @@ enum Object {
     Service(control_plane_api::feed::Service),
     Slice(control_plane_api::feed::EndpointSlice),
     Node(control_plane_api::feed::Node),
+    /// A pod bound to this node (`None`: not bound yet, as far as it says).
+    Pod(Option<control_plane_api::feed::Pod>),
 }
 
 impl Object {
@@ -58,6 +61,10 @@ impl Object {
             Object::Service(s) => key(&s.namespace, &s.name),
             Object::Slice(s) => key(&s.namespace, &s.name),
             Object::Node(n) => n.name.clone(),
+            Object::Pod(p) => p
+                .as_ref()
+                .map(|p| key(&p.namespace, &p.name))
+                .unwrap_or_default(),
         }
     }
 }
@@ -101,7 +108,15 @@ pub async fn run(kubeconfig: &Path, shared: Arc<Shared>) -> Result<()> {
         .context("use the kubeconfig")?;
     let client = Client::try_from(config).context("a client for the API server")?;
     let node = shared.node.clone();
-    let mut events = futures::stream::select_all([
+    let run_pods = shared.pods.is_some();
+    if let Some(settings) = &shared.pods {
+        let reporter = std::sync::Arc::new(crate::pods::ApiReporter {
+            client: client.clone(),
+        });
+        let kubelet = crate::pods::start_kubelet(&shared, settings, reporter)?;
+        *shared.kubelet.lock().expect("not poisoned") = Some(kubelet);
+    }
+    let mut streams = vec![
         stream(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
@@ -115,12 +130,23 @@ pub async fn run(kubeconfig: &Path, shared: Arc<Shared>) -> Result<()> {
             |s| Object::Slice(convert::endpoint_slice(s)),
         ),
         stream(
-            Api::<Node>::all(client),
+            Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
             Kind::Node,
             |n| Object::Node(convert::node(n)),
         ),
-    ]);
+    ];
+    if run_pods {
+        // As the real kubelet: the pods whose spec.nodeName is this node.
+        streams.push(stream(
+            Api::<Pod>::all(client),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            Kind::Pod,
+            |p| Object::Pod(convert::pod(p).map(|(_, pod)| pod)),
+        ));
+    }
+    let kinds = streams.len();
+    let mut events = futures::stream::select_all(streams);
     let mut lists: HashMap<Kind, Vec<Object>> = HashMap::new();
     let mut listed: BTreeSet<&'static str> = BTreeSet::new();
     while let Some((item, version)) = events.next().await {
@@ -152,8 +178,9 @@ pub async fn run(kubeconfig: &Path, shared: Arc<Shared>) -> Result<()> {
                     Kind::Service => "services",
                     Kind::Slice => "slices",
                     Kind::Node => "node",
+                    Kind::Pod => "pods",
                 });
-                if listed.len() == 3 && !view.complete {
+                if listed.len() == kinds && !view.complete {
                     view.complete = true;
                     view.snapshots += 1;
                     changes.replaced = true;
@@ -167,8 +194,8 @@ pub async fn run(kubeconfig: &Path, shared: Arc<Shared>) -> Result<()> {
         if let Some(v) = version.and_then(|v| v.parse::<u64>().ok()) {
             view.version = view.version.max(v);
         }
+        shared.changed(&view, changes);
         drop(view);
-        shared.changed(changes);
     }
     anyhow::bail!("the watches ended")
 }
@@ -178,6 +205,8 @@ fn upsert(view: &mut View, object: Object, changes: &mut Changes) {
         Object::Service(s) => view.upsert_service(s, changes),
         Object::Slice(s) => view.upsert_slice(s, changes),
         Object::Node(n) => view.upsert_node(n, changes),
+        Object::Pod(Some(p)) => view.upsert_pod(p, changes),
+        Object::Pod(None) => {}
     }
 }
 
@@ -186,6 +215,7 @@ fn remove(view: &mut View, kind: Kind, k: &str, changes: &mut Changes) {
         Kind::Service => view.remove_service(k, changes),
         Kind::Slice => view.remove_slice(k, changes),
         Kind::Node => view.remove_node(k, changes),
+        Kind::Pod => view.remove_pod(k, changes),
     }
 }
 
@@ -196,6 +226,7 @@ fn replace(view: &mut View, kind: Kind, objects: Vec<Object>, changes: &mut Chan
         Kind::Service => view.services.keys().cloned().collect(),
         Kind::Slice => view.slices.keys().cloned().collect(),
         Kind::Node => view.nodes.keys().cloned().collect(),
+        Kind::Pod => view.pods.keys().cloned().collect(),
     };
     for k in gone.into_iter().filter(|k| !keep.contains(k)) {
         remove(view, kind, &k, changes);

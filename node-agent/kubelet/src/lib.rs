@@ -1,0 +1,380 @@
+//! The kubelet: the pods bound to this node become running containers. Each pod is a state
+//! machine on a task of its own ([`pod`]): its sandbox is a network namespace wired by a CNI
+//! plugin (keel-cni, run as the spec has a runtime run it), its containers are OCI bundles run
+//! by runc under shims ([`runtime`], [`shim`]) from images of the node's store ([`image`]),
+//! probed ([`probe`]), restarted with kubelet's back-off, stopped gracefully. Statuses go out
+//! through a [`Reporter`] (the feed, or the API's status subresource: the agent decides), and
+//! container logs are kept in files with rotation ([`logs`]).
+//!
+//! This crate knows Kubernetes' pod types but not where they come from or go to: the agent
+//! feeds it [`pod::PodDesired`]s and gives it a reporter.
+
+pub mod image;
+pub mod logs;
+pub mod pod;
+pub mod probe;
+pub mod runtime;
+pub mod shim;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Container, PodStatus};
+use node_agent_cni::invoke::Network;
+use tokio::sync::watch;
+
+use crate::{
+    image::{Image, ImageStore},
+    pod::PodDesired,
+    runtime::{ContainerSpec, Runtime},
+};
+
+/// Where pod statuses go.
+pub trait Reporter: Send + Sync {
+    /// The pod's status changed.
+    fn status<'a>(
+        &'a self,
+        pod: &'a PodDesired,
+        status: &'a PodStatus,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// The pod was being deleted and is gone from the node.
+    fn deleted<'a>(&'a self, pod: &'a PodDesired) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
+/// A service as the environment of a container names it (`{NAME}_SERVICE_HOST`, ...).
+#[derive(Clone, Debug)]
+pub struct ServiceEnv {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    /// (port name, port, protocol).
+    pub ports: Vec<(String, u16, String)>,
+}
+
+/// What the kubelet is told about its node and its pods' network.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    /// Pods, containers, images and logs live under this directory.
+    pub root: PathBuf,
+    /// The CNI network configuration (its `subnet` is the node's pod CIDR).
+    pub cni_config: serde_json::Value,
+    /// Where CNI plugins are.
+    pub cni_path: Vec<PathBuf>,
+    /// kubelet's container restart back-off: first step and cap (10 s and 5 min).
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How often each pod's task looks at its containers.
+    pub tick: Duration,
+    /// Log files rotate past this size.
+    pub log_max_bytes: u64,
+}
+
+type SandboxReady = Box<dyn Fn(&Path, Ipv4Addr) + Send + Sync>;
+type SandboxGone = Box<dyn Fn(&Path) + Send + Sync>;
+type ServicesOf = Box<dyn Fn(&str) -> Vec<ServiceEnv> + Send + Sync>;
+
+/// Callbacks into the rest of the agent.
+pub struct Hooks {
+    /// A pod's sandbox is up: its namespace and address (the proxy attaches to it).
+    pub sandbox_ready: SandboxReady,
+    pub sandbox_gone: SandboxGone,
+    /// The services of a namespace, for the containers' environment.
+    pub services: ServicesOf,
+}
+
+pub struct Kubelet {
+    pub config: Config,
+    pub root: PathBuf,
+    pub runtime: Runtime,
+    pub images: ImageStore,
+    pub reporter: Arc<dyn Reporter>,
+    hooks: Hooks,
+    network: Mutex<Option<Network>>,
+    pods: Mutex<HashMap<String, watch::Sender<PodDesired>>>,
+    ips: Mutex<HashMap<PathBuf, Ipv4Addr>>,
+}
+
+impl Kubelet {
+    pub fn new(
+        config: Config,
+        agent_binary: PathBuf,
+        reporter: Arc<dyn Reporter>,
+        hooks: Hooks,
+    ) -> Arc<Self> {
+        let root = config.root.clone();
+        Arc::new(Self {
+            runtime: Runtime::new(&root, agent_binary),
+            images: ImageStore::new(root.join("images")),
+            root,
+            config,
+            reporter,
+            hooks,
+            network: Mutex::new(None),
+            pods: Mutex::new(HashMap::new()),
+            ips: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sets the pod CIDR pods get addresses from (known once the node is registered).
+    pub fn set_pod_cidr(&self, cidr: &str) {
+        let mut config = self.config.cni_config.clone();
+        config["subnet"] = serde_json::Value::String(cidr.to_owned());
+        *self.network.lock().expect("not poisoned") =
+            Some(Network::new(config, self.config.cni_path.clone()));
+    }
+
+    fn network(&self) -> anyhow::Result<Network> {
+        self.network
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the node has no pod CIDR yet"))
+    }
+
+    /// Makes the running pods those of `desired`: new pods start, changed ones hear of it
+    /// (deletion), pods no longer bound here stop at once.
+    pub fn sync(self: &Arc<Self>, desired: Vec<PodDesired>) {
+        let mut pods = self.pods.lock().expect("not poisoned");
+        let wanted: std::collections::HashSet<String> =
+            desired.iter().map(|p| p.uid.clone()).collect();
+        for pod in desired {
+            match pods.get(&pod.uid) {
+                Some(tx) if !tx.is_closed() => {
+                    if *tx.borrow() != pod {
+                        let _ = tx.send(pod);
+                    }
+                }
+                _ => {
+                    let (tx, rx) = watch::channel(pod.clone());
+                    pods.insert(pod.uid.clone(), tx);
+                    let kubelet = self.clone();
+                    let uid = pod.uid.clone();
+                    tokio::spawn(async move {
+                        pod::run(kubelet.clone(), rx).await;
+                        kubelet.pods.lock().expect("not poisoned").remove(&uid);
+                    });
+                }
+            }
+        }
+        // Dropping a pod's sender tells its task the pod is gone (force deletion).
+        pods.retain(|uid, _| wanted.contains(uid));
+    }
+
+    /// How many pods run (or are being set up or torn down).
+    pub fn pod_count(&self) -> usize {
+        self.pods.lock().expect("not poisoned").len()
+    }
+
+    fn sandbox_ready(&self, netns: &Path, ip: Ipv4Addr) {
+        self.ips
+            .lock()
+            .expect("not poisoned")
+            .insert(netns.to_path_buf(), ip);
+        (self.hooks.sandbox_ready)(netns, ip);
+    }
+
+    fn sandbox_gone(&self, netns: &Path) {
+        self.ips.lock().expect("not poisoned").remove(netns);
+        (self.hooks.sandbox_gone)(netns);
+    }
+
+    fn pod_ip_of(&self, netns: &Path) -> Option<Ipv4Addr> {
+        self.ips.lock().expect("not poisoned").get(netns).copied()
+    }
+
+    fn logs_gone(&self, pod: &PodDesired) {
+        let _ = std::fs::remove_dir_all(logs::pod_dir(&self.root, pod));
+    }
+
+    /// What runc runs for `container` of `pod`.
+    #[allow(clippy::too_many_arguments)]
+    fn container_spec(
+        &self,
+        pod: &PodDesired,
+        container: &Container,
+        id: &str,
+        cgroup: &str,
+        restarts: i32,
+        image: &Image,
+        netns: &Path,
+    ) -> ContainerSpec {
+        // Kubernetes: command replaces the entrypoint, args the cmd.
+        let (entrypoint, cmd) = match (&container.command, &container.args) {
+            (Some(command), Some(args)) => (command.clone(), args.clone()),
+            (Some(command), None) => (command.clone(), Vec::new()),
+            (None, Some(args)) => (image.config.entrypoint.clone(), args.clone()),
+            (None, None) => (image.config.entrypoint.clone(), image.config.cmd.clone()),
+        };
+        let mut env: Vec<String> = image.config.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        env.push(format!("HOSTNAME={}", pod.name));
+        if pod.spec.enable_service_links.unwrap_or(true) {
+            env.extend(service_env(&(self.hooks.services)(&pod.namespace)));
+        }
+        for e in container.env.iter().flatten() {
+            if let Some(value) = &e.value {
+                env.push(format!("{}={value}", e.name));
+            } else if let Some(field) = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()) {
+                // The downward API's common fields.
+                let value = match field.field_path.as_str() {
+                    "metadata.name" => pod.name.clone(),
+                    "metadata.namespace" => pod.namespace.clone(),
+                    "metadata.uid" => pod.uid.clone(),
+                    "spec.nodeName" => self.config.node_name.clone(),
+                    "status.podIP" => self
+                        .pod_ip_of(netns)
+                        .map(|i| i.to_string())
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                env.push(format!("{}={value}", e.name));
+            }
+        }
+        let quantity =
+            |map: Option<
+                &std::collections::BTreeMap<
+                    String,
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+                >,
+            >,
+             key: &str| { map.and_then(|m| m.get(key)).map(|q| q.0.clone()) };
+        let resources = container.resources.as_ref();
+        let cpu_limit =
+            quantity(resources.and_then(|r| r.limits.as_ref()), "cpu").and_then(|q| millicores(&q));
+        let cpu_request = quantity(resources.and_then(|r| r.requests.as_ref()), "cpu")
+            .and_then(|q| millicores(&q));
+        let memory_limit =
+            quantity(resources.and_then(|r| r.limits.as_ref()), "memory").and_then(|q| bytes(&q));
+        let pod_dir = self.root.join("pods").join(&pod.uid);
+        ContainerSpec {
+            id: id.to_owned(),
+            args: entrypoint.into_iter().chain(cmd).collect(),
+            env,
+            cwd: container
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .unwrap_or_else(|| image.config.working_dir.clone()),
+            hostname: pod
+                .spec
+                .hostname
+                .clone()
+                .unwrap_or_else(|| pod.name.clone()),
+            netns: netns.to_path_buf(),
+            hosts: pod_dir.join("hosts"),
+            resolv_conf: pod_dir.join("resolv.conf"),
+            cgroup: cgroup.to_owned(),
+            cpu_limit_millis: cpu_limit,
+            cpu_request_millis: cpu_request,
+            memory_limit,
+            log: logs::log_path(&self.root, pod, &container.name, restarts),
+        }
+    }
+}
+
+/// The environment kubelet gives containers for the services of their namespace.
+pub fn service_env(services: &[ServiceEnv]) -> Vec<String> {
+    let mut env = Vec::new();
+    for s in services {
+        let name = s.name.to_uppercase().replace('-', "_");
+        let Some((_, first_port, first_proto)) = s.ports.first() else {
+            continue;
+        };
+        let ip = s.cluster_ip;
+        env.push(format!("{name}_SERVICE_HOST={ip}"));
+        env.push(format!("{name}_SERVICE_PORT={first_port}"));
+        env.push(format!(
+            "{name}_PORT={}://{ip}:{first_port}",
+            first_proto.to_lowercase()
+        ));
+        for (port_name, port, proto) in &s.ports {
+            if !port_name.is_empty() {
+                env.push(format!(
+                    "{name}_SERVICE_PORT_{}={port}",
+                    port_name.to_uppercase().replace('-', "_")
+                ));
+            }
+            let p = proto.to_uppercase();
+            let prefix = format!("{name}_PORT_{port}_{p}");
+            env.push(format!("{prefix}={}://{ip}:{port}", proto.to_lowercase()));
+            env.push(format!("{prefix}_PROTO={}", proto.to_lowercase()));
+            env.push(format!("{prefix}_PORT={port}"));
+            env.push(format!("{prefix}_ADDR={ip}"));
+        }
+    }
+    env
+}
+
+/// A CPU quantity in millicores (`500m`, `2`, `0.5`).
+pub fn millicores(q: &str) -> Option<i64> {
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().ok(),
+        None => q.parse::<f64>().ok().map(|c| (c * 1000.0).round() as i64),
+    }
+}
+
+/// A memory quantity in bytes (`64Mi`, `1G`, `1000`).
+pub fn bytes(q: &str) -> Option<i64> {
+    const SUFFIXES: [(&str, i64); 12] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("Pi", 1 << 50),
+        ("Ei", 1 << 60),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("P", 1_000_000_000_000_000),
+        ("E", 1_000_000_000_000_000_000),
+    ];
+    for (suffix, factor) in SUFFIXES {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|n| (n * factor as f64) as i64);
+        }
+    }
+    q.parse::<f64>().ok().map(|n| n as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_as_kubelet_reads_them() {
+        assert_eq!(millicores("500m"), Some(500));
+        assert_eq!(millicores("2"), Some(2000));
+        assert_eq!(millicores("0.25"), Some(250));
+        assert_eq!(bytes("64Mi"), Some(64 << 20));
+        assert_eq!(bytes("1G"), Some(1_000_000_000));
+        assert_eq!(bytes("1000"), Some(1000));
+        assert_eq!(bytes("lots"), None);
+    }
+
+    #[test]
+    fn service_links_as_kubelet_writes_them() {
+        let env = service_env(&[ServiceEnv {
+            name: "my-web".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            ports: vec![("http".into(), 80, "TCP".into())],
+        }]);
+        for want in [
+            "MY_WEB_SERVICE_HOST=10.96.0.10",
+            "MY_WEB_SERVICE_PORT=80",
+            "MY_WEB_SERVICE_PORT_HTTP=80",
+            "MY_WEB_PORT=tcp://10.96.0.10:80",
+            "MY_WEB_PORT_80_TCP_ADDR=10.96.0.10",
+        ] {
+            assert!(env.iter().any(|e| e == want), "{want} in {env:?}");
+        }
+    }
+}
