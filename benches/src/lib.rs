@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod control_plane;
 pub mod dataplane;
 pub mod demo;
+pub mod lab;
 pub mod loadgen;
 pub mod report;
 pub mod servers;

@@ -52,6 +52,8 @@ pub enum Command {
         id: String,
         #[arg(long)]
         log: PathBuf,
+        #[arg(long)]
+        cgroup: String,
     },
 }
 

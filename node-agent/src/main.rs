@@ -27,9 +27,12 @@ fn main() -> Result<()> {
         bundle,
         id,
         log,
+        cgroup,
     } = &cli.command
     {
-        return Ok(node_agent_kubelet::shim::run(runc_root, bundle, id, log)?);
+        return Ok(node_agent_kubelet::shim::run(
+            runc_root, bundle, id, log, cgroup,
+        )?);
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -137,7 +137,7 @@ pub async fn run(kubelet: Arc<Kubelet>, mut updates: watch::Receiver<PodDesired>
             let id = container_id(&pod.uid, &c.name);
             Run {
                 spec: c.clone(),
-                cgroup: format!("/keel/{}/{}", pod.uid, c.name),
+                cgroup: format!("{}/{}", pod_cgroup(&pod.uid), c.name),
                 state: State::Waiting {
                     reason: "ContainerCreating".into(),
                     message: String::new(),
@@ -237,6 +237,11 @@ async fn wait_for_update(updates: &mut watch::Receiver<PodDesired>, wait: Durati
         Ok(Err(_)) => None,
         _ => Some(()),
     }
+}
+
+/// The pod's cgroup (its containers' are below it).
+fn pod_cgroup(uid: &str) -> String {
+    format!("/keel/{uid}")
 }
 
 pub fn container_id(uid: &str, name: &str) -> String {
@@ -382,7 +387,7 @@ async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4A
         }
         State::Running { since } => {
             if let Some(code) = kubelet.runtime.exit_code(&run.id) {
-                let reason = if kubelet.runtime.oom_killed(&run.cgroup) {
+                let reason = if kubelet.runtime.oom_killed(&run.id) {
                     "OOMKilled"
                 } else if code == 0 {
                     "Completed"

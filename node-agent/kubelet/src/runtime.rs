@@ -161,6 +161,8 @@ impl Runtime {
             .arg(&spec.id)
             .arg("--log")
             .arg(&spec.log)
+            .arg("--cgroup")
+            .arg(&spec.cgroup)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -207,16 +209,10 @@ impl Runtime {
             .ok()
     }
 
-    /// Whether the container's memory cgroup saw the OOM killer.
-    pub fn oom_killed(&self, cgroup: &str) -> bool {
-        fs::read_to_string(format!("/sys/fs/cgroup/memory{cgroup}/memory.oom_control"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill "))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-            })
-            .is_some_and(|n| n > 0)
+    /// Whether the OOM killer ended the container (its shim read the container's memory
+    /// cgroup when it ended).
+    pub fn oom_killed(&self, id: &str) -> bool {
+        self.bundle(id).join("oom").exists()
     }
 
     /// Sends a signal to the container's processes.

@@ -1,0 +1,448 @@
+//! A whole cluster on one machine, for the demo, the end-to-end tests and the benchmarks: a
+//! control plane (embedded store) serving on the host's end of a bridged node network, and
+//! nodes as network namespaces on that network, each running `node-agent run --run-pods`
+//! (proxy, kubelet and CNI). Images are built from this machine's files (Debian's static
+//! busybox, the project's `keel-echo`) and imported into every node's store. Everything goes
+//! when the lab is dropped: agents, pods (their containers, namespaces, cgroups), pins.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use control_plane::launch::{Api, Process};
+use node_agent::launch::AgentProcess;
+use node_agent_kubelet::image::{
+    ImageConfig, ImageSpec, ImageStore, build_layout, shared_libraries,
+};
+use node_agent_netns::{lab::NodeNetwork, netns::Netns};
+
+/// The images every node of a lab has.
+pub const BUSYBOX: &str = "busybox:latest";
+pub const ECHO: &str = "keel/echo:latest";
+
+pub struct Options {
+    /// Names start with this (namespaces, pins): unique per lab.
+    pub prefix: String,
+    pub nodes: usize,
+    /// The control plane's node monitor grace period, seconds.
+    pub node_grace: f64,
+    /// The kubelet's restart back-off, first step (seconds).
+    pub restart_backoff: f64,
+    /// Keep the lab's files (for `--keep`): under this directory instead of a temporary one.
+    pub dir: Option<PathBuf>,
+}
+
+/// The binaries a lab runs.
+pub struct Binaries {
+    pub control_plane: PathBuf,
+    pub node_agent: PathBuf,
+    pub keel_echo: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries next to the running one (cargo puts a workspace's binaries together).
+    pub fn siblings() -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        // Test binaries live one level down, in deps/.
+        let dirs = [
+            exe.parent().map(Path::to_path_buf),
+            exe.parent().and_then(Path::parent).map(Path::to_path_buf),
+        ];
+        let find = |name: &str| -> Result<PathBuf> {
+            dirs.iter()
+                .flatten()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!("{name} is not built (cargo build -p control-plane -p node-agent)")
+                })
+        };
+        Ok(Self {
+            control_plane: find("control-plane")?,
+            node_agent: find("node-agent")?,
+            keel_echo: find("keel-echo")?,
+        })
+    }
+}
+
+pub struct LabNode {
+    pub name: String,
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    pub agent: AgentProcess,
+    pub pin_dir: PathBuf,
+    pub root: PathBuf,
+}
+
+pub struct ClusterLab {
+    // Dropped in this order: agents and their pods, the control plane, the network.
+    pub nodes: Vec<LabNode>,
+    pub cp: Process,
+    pub api: Api,
+    pub network: NodeNetwork,
+    pub dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+    binaries: Binaries,
+}
+
+impl ClusterLab {
+    pub fn start(
+        opts: &Options,
+        binaries: Binaries,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (tempdir, dir) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (None, d.clone())
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("keel-lab-").tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        progress("building the node network");
+        let mut network = NodeNetwork::new(&opts.prefix)?;
+        let mut namespaces = Vec::new();
+        for i in 0..opts.nodes {
+            let ns = Netns::new(&format!("{}-node{i}", opts.prefix))?;
+            let addr = network.add(&ns, "eth0")?;
+            namespaces.push((format!("node-{i}"), ns, addr));
+        }
+        progress("starting the control plane");
+        let cp = Process::start_on(
+            &binaries.control_plane,
+            &format!("embedded:{}", dir.join("store").display()),
+            &dir.join("control-plane"),
+            network.host.into(),
+            &["--node-monitor-grace-period", &opts.node_grace.to_string()],
+        )?;
+        let api = Api::new(&cp)?;
+        progress("building images (busybox, keel-echo)");
+        let layouts = build_images(&dir.join("images"), &binaries.keel_echo)?;
+        let mut nodes = Vec::new();
+        for (name, ns, addr) in namespaces {
+            progress(&format!("starting {name}'s agent"));
+            let root = dir.join(&name);
+            let store = ImageStore::new(root.join("images"));
+            for layout in &layouts {
+                store.import(layout)?;
+            }
+            let pin_dir = PathBuf::from(format!("/sys/fs/bpf/keel-{}-{name}", opts.prefix));
+            let metrics = SocketAddr::from((addr, 10249));
+            let args: Vec<String> = vec![
+                "run".into(),
+                "--node-name".into(),
+                name.clone(),
+                "--node-ip".into(),
+                addr.to_string(),
+                "--feed".into(),
+                cp.feed_url.clone(),
+                "--feed-ca".into(),
+                cp.ca_file().display().to_string(),
+                "--feed-token-file".into(),
+                cp.node_token.display().to_string(),
+                "--heartbeat".into(),
+                "1".into(),
+                "--pin-dir".into(),
+                pin_dir.display().to_string(),
+                "--run-pods".into(),
+                "--kubelet-root".into(),
+                root.display().to_string(),
+                "--restart-backoff".into(),
+                opts.restart_backoff.to_string(),
+                "--metrics-addr".into(),
+                metrics.to_string(),
+            ];
+            let (ns_path, binary) = (ns.path(), binaries.node_agent.clone());
+            let agent = AgentProcess::start(&name, metrics, move || {
+                let mut cmd = in_netns(&ns_path, &binary)?;
+                cmd.args(&args).env("RUST_LOG", "info");
+                Ok(cmd)
+            })?;
+            nodes.push(LabNode {
+                name,
+                ns,
+                addr,
+                agent,
+                pin_dir,
+                root,
+            });
+        }
+        for node in &mut nodes {
+            node.agent.wait_healthy(Duration::from_secs(60))?;
+        }
+        Ok(Self {
+            nodes,
+            cp,
+            api,
+            network,
+            dir,
+            _tempdir: tempdir,
+            binaries,
+        })
+    }
+
+    /// Runs kubectl (the venv's) against the lab.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(kubectl_path())
+            .args(args)
+            .env("KUBECONFIG", &self.cp.kubeconfig)
+            .output()
+            .context("run kubectl (`cargo xtask setup` installs it)")
+    }
+
+    /// kubectl that must succeed; its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Applies a manifest (YAML or JSON) with kubectl.
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        let path = self.dir.join(format!(
+            "manifest-{}.yaml",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        std::fs::write(&path, manifest)?;
+        self.kubectl_ok(&["apply", "-f", &path.display().to_string()])
+    }
+
+    /// The pods matching `selector` (kubectl's JSON).
+    pub fn pods(&self, selector: &str) -> Result<Vec<serde_json::Value>> {
+        let out = self.kubectl_ok(&["get", "pods", "-l", selector, "-o", "json"])?;
+        let list: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until `count` pods matching `selector` are Running and Ready.
+    pub fn wait_ready(
+        &self,
+        selector: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pods = self.pods(selector)?;
+            let ready: Vec<serde_json::Value> = pods
+                .iter()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .filter(|p| {
+                    p["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+                .cloned()
+                .collect();
+            if ready.len() >= count {
+                return Ok(ready);
+            }
+            if Instant::now() > deadline {
+                let summary: Vec<String> = pods
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {} {}",
+                            p["metadata"]["name"].as_str().unwrap_or(""),
+                            p["status"]["phase"].as_str().unwrap_or("?"),
+                            p["status"]["containerStatuses"]
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "{} of {count} pods {selector} ready after {timeout:?}: {summary:?}",
+                    ready.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The network namespace of a pod (by uid): traffic "from the pod" runs in it.
+    pub fn pod_netns(pod: &serde_json::Value) -> PathBuf {
+        PathBuf::from(format!(
+            "/run/netns/keel-{}",
+            pod["metadata"]["uid"].as_str().unwrap_or_default()
+        ))
+    }
+
+    pub fn binaries(&self) -> &Binaries {
+        &self.binaries
+    }
+}
+
+impl Drop for ClusterLab {
+    fn drop(&mut self) {
+        // Agents go first, then their pods' containers (runc knows them by root), namespaces
+        // and cgroups, then the pins.
+        for node in &mut self.nodes {
+            node.agent.kill();
+            clean_node(node);
+        }
+    }
+}
+
+/// Removes what a node's kubelet left: containers (runc), pod namespaces, cgroups, pins.
+pub fn clean_node(node: &LabNode) {
+    let runc_root = node.root.join("runc");
+    if let Ok(out) = Command::new("runc")
+        .arg("--root")
+        .arg(&runc_root)
+        .args(["list", "-q"])
+        .output()
+    {
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["delete", "--force", id])
+                .output();
+        }
+    }
+    for entry in std::fs::read_dir(node.root.join("containers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let rootfs = entry.path().join("rootfs");
+        if let Ok(c) = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    for entry in std::fs::read_dir(node.root.join("pods"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let netns = PathBuf::from(format!(
+            "/run/netns/keel-{}",
+            entry.file_name().to_string_lossy()
+        ));
+        let _ = node_agent_netns::netns::remove_at(&netns);
+        for hierarchy in [
+            "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "systemd",
+            "unified",
+        ] {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(hierarchy)
+                .join("keel")
+                .join(entry.file_name());
+            remove_cgroup(&dir);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&node.pin_dir);
+}
+
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn kubectl_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/kubectl")
+}
+
+/// A command that runs in the network namespace at `netns`.
+pub fn in_netns(netns: &Path, binary: &Path) -> Result<Command> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let fd = std::fs::File::open(netns)?;
+    let mut cmd = Command::new(binary);
+    // SAFETY: the hook only calls setns(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Builds the lab's images as OCI layouts under `dir`: Debian's static busybox with its
+/// applets, and keel-echo with the shared libraries it loads (and busybox beside it, for
+/// probes and debugging).
+pub fn build_images(dir: &Path, keel_echo: &Path) -> Result<Vec<PathBuf>> {
+    let busybox = Path::new("/bin/busybox");
+    let list = Command::new(busybox)
+        .arg("--list-full")
+        .output()
+        .context("busybox --list-full (`cargo xtask setup` installs busybox-static)")?;
+    let applets: Vec<(String, String)> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| !l.is_empty() && *l != "bin/busybox")
+        .map(|l| (format!("/{l}"), "/bin/busybox".to_owned()))
+        .collect();
+    let base_dirs = vec![
+        "/tmp".to_owned(),
+        "/etc".to_owned(),
+        "/proc".to_owned(),
+        "/sys".to_owned(),
+        "/dev".to_owned(),
+    ];
+    let busybox_layout = dir.join("busybox");
+    build_layout(
+        &busybox_layout,
+        &ImageSpec {
+            name: BUSYBOX,
+            files: vec![(busybox.to_path_buf(), "/bin/busybox".into())],
+            symlinks: applets.clone(),
+            dirs: base_dirs.clone(),
+            config: ImageConfig {
+                cmd: vec!["sh".into()],
+                ..Default::default()
+            },
+        },
+    )?;
+    let mut files = vec![
+        (
+            keel_echo.to_path_buf(),
+            "/usr/local/bin/keel-echo".to_owned(),
+        ),
+        (busybox.to_path_buf(), "/bin/busybox".to_owned()),
+    ];
+    for lib in shared_libraries(keel_echo)? {
+        let target = lib.display().to_string();
+        files.push((std::fs::canonicalize(&lib)?, target));
+    }
+    let echo_layout = dir.join("keel-echo");
+    build_layout(
+        &echo_layout,
+        &ImageSpec {
+            name: ECHO,
+            files,
+            symlinks: applets,
+            dirs: base_dirs,
+            config: ImageConfig {
+                entrypoint: vec!["/usr/local/bin/keel-echo".into()],
+                ..Default::default()
+            },
+        },
+    )?;
+    Ok(vec![busybox_layout, echo_layout])
+}

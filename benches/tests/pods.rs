@@ -1,0 +1,348 @@
+//! Pods that really run: a control plane and two nodes (network namespaces on a node network),
+//! each running `node-agent run --run-pods`; workloads applied with kubectl; traffic between
+//! real containers (runc) in pod namespaces wired by keel-cni, through the eBPF data plane.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use benches::lab::{Binaries, ClusterLab, Options};
+use serde_json::Value;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the cluster tests run containers and build network namespaces: run them as root"
+    );
+}
+
+fn lab(test: &str) -> ClusterLab {
+    require_root();
+    ClusterLab::start(
+        &Options {
+            prefix: format!("kp-{}-{test}", std::process::id()),
+            nodes: 2,
+            node_grace: 30.0,
+            restart_backoff: 1.0,
+            dir: None,
+        },
+        Binaries::siblings().expect("the workspace's binaries"),
+        &mut |_| {},
+    )
+    .expect("start the cluster lab")
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns` (a pod's).
+fn in_pod<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(netns).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a descriptor we own, on a thread of our own.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn ask(to: SocketAddrV4) -> String {
+    node_agent_netns::traffic::tcp_request(to).unwrap_or_else(|e| format!("error: {e:#}"))
+}
+
+fn ip_of(pod: &Value) -> Ipv4Addr {
+    pod["status"]["podIP"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(|| panic!("a pod IP: {}", pod["status"]))
+}
+
+/// Polls `f` until it gives a value; `f` says what it saw otherwise (for the failure).
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last seen: {seen}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn seen<T>(ok: bool, value: T, state: &Value) -> Result<T, String> {
+    if ok {
+        Ok(value)
+    } else {
+        Err(state.to_string())
+    }
+}
+
+const ECHO_DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: keel/echo:latest
+        ports: [{name: http, containerPort: 8080}]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+        readinessProbe:
+          httpGet: {path: /, port: http}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+#[test]
+fn pods_run_on_every_node_and_reach_each_other_directly_and_through_services() {
+    let lab = lab("net");
+    lab.apply(ECHO_DEPLOYMENT).unwrap();
+    let pods = lab
+        .wait_ready("app=echo", 4, Duration::from_secs(90))
+        .expect("4 echo pods running and ready");
+
+    // Each pod's address is in its node's pod CIDR.
+    let cidrs: BTreeMap<String, String> = lab
+        .nodes
+        .iter()
+        .map(|n| {
+            let node: Value = serde_json::from_str(
+                &lab.kubectl_ok(&["get", "node", &n.name, "-o", "json"])
+                    .unwrap(),
+            )
+            .unwrap();
+            (
+                n.name.clone(),
+                node["spec"]["podCIDR"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for pod in &pods {
+        let node = pod["spec"]["nodeName"].as_str().unwrap();
+        let prefix = cidrs[node]
+            .rsplit_once(".0/")
+            .map(|(p, _)| p.to_owned())
+            .unwrap();
+        assert!(
+            ip_of(pod).to_string().starts_with(&format!("{prefix}.")),
+            "{} on {node} has {} outside {}",
+            pod["metadata"]["name"],
+            ip_of(pod),
+            cidrs[node]
+        );
+    }
+    let nodes_used: std::collections::BTreeSet<&str> = pods
+        .iter()
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes_used.len(),
+        2,
+        "the scheduler spread the pods over both nodes"
+    );
+
+    // Pod to pod, across nodes: every pod reaches every other at its address.
+    let from = &pods[0];
+    let from_netns = ClusterLab::pod_netns(from);
+    for to in &pods[1..] {
+        let addr = SocketAddrV4::new(ip_of(to), 8080);
+        let answer = in_pod(&from_netns, || ask(addr));
+        assert_eq!(
+            answer,
+            format!(
+                "{}@{}",
+                to["metadata"]["name"].as_str().unwrap(),
+                to["spec"]["nodeName"].as_str().unwrap()
+            ),
+            "from {} to {}",
+            from["metadata"]["name"],
+            to["metadata"]["name"]
+        );
+    }
+
+    // Through the ClusterIP: pods on both nodes answer, from a pod of either node.
+    let svc: Value = serde_json::from_str(
+        &lab.kubectl_ok(&["get", "svc", "echo", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let vip: Ipv4Addr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let to = SocketAddrV4::new(vip, 80);
+    let answers: BTreeMap<String, usize> = in_pod(&from_netns, || {
+        let mut seen = BTreeMap::new();
+        for _ in 0..80 {
+            *seen.entry(ask(to)).or_insert(0) += 1;
+        }
+        seen
+    });
+    assert!(
+        answers.keys().all(|a| !a.starts_with("error")),
+        "every connection answered: {answers:?}"
+    );
+    let answering_nodes: std::collections::BTreeSet<&str> =
+        answers.keys().filter_map(|a| a.split('@').nth(1)).collect();
+    assert_eq!(
+        answering_nodes.len(),
+        2,
+        "pods on both nodes answer through the service: {answers:?}"
+    );
+
+    // The service environment kubelet injects.
+    let env = lab
+        .kubectl_ok(&[
+            "get",
+            "pod",
+            from["metadata"]["name"].as_str().unwrap(),
+            "-o",
+            "jsonpath={.spec.containers[0].name}",
+        ])
+        .unwrap();
+    assert_eq!(env, "echo");
+}
+
+#[test]
+fn probes_restarts_graceful_deletion_limits_and_missing_images() {
+    let lab = lab("life");
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: slow-ready, labels: {app: slow}}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, "sleep 3; touch /tmp/ready; exec sleep 3600"]
+    readinessProbe:
+      exec: {command: [test, -f, /tmp/ready]}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, "echo crashing; exit 3"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-image}
+spec:
+  containers:
+  - name: main
+    image: keel/does-not-exist:1.0
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, "head -c 200000000 /dev/zero | tail"]
+    resources: {limits: {memory: 32Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: graceful}
+spec:
+  terminationGracePeriodSeconds: 30
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, "trap 'sleep 2; exit 0' TERM; while true; do sleep 0.2; done"]
+"#,
+    )
+    .unwrap();
+
+    // Readiness gates the endpoint: not ready for ~3 s, then ready.
+    let started = Instant::now();
+    lab.wait_ready("app=slow", 1, Duration::from_secs(60))
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "ready only once the probe passes"
+    );
+
+    let status = |name: &str| -> Value {
+        serde_json::from_str(&lab.kubectl_ok(&["get", "pod", name, "-o", "json"]).unwrap()).unwrap()
+    };
+    // Crash loop: restarts count up, with the reason kubelet gives.
+    eventually(
+        60,
+        "the crasher to restart twice, in CrashLoopBackOff",
+        || {
+            let s = status("crasher");
+            let c = &s["status"]["containerStatuses"][0];
+            let ok = c["restartCount"].as_i64().unwrap_or(0) >= 2
+                && c["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+                && c["lastState"]["terminated"]["exitCode"] == 3;
+            seen(ok, (), c)
+        },
+    );
+    // A missing image says so.
+    eventually(30, "ErrImagePull or ImagePullBackOff", || {
+        let s = status("no-image");
+        let w = &s["status"]["containerStatuses"][0]["state"]["waiting"];
+        let ok = matches!(
+            w["reason"].as_str(),
+            Some("ErrImagePull" | "ImagePullBackOff")
+        ) && w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("keel/does-not-exist");
+        seen(ok, (), w)
+    });
+    // The memory limit bites.
+    eventually(60, "the hog to be OOM-killed", || {
+        let s = status("hog");
+        let t = &s["status"]["containerStatuses"][0]["state"]["terminated"];
+        seen(
+            t["reason"] == "OOMKilled" && s["status"]["phase"] == "Failed",
+            (),
+            &s["status"],
+        )
+    });
+
+    // Graceful deletion: SIGTERM, the trap's 2 s, then gone (not the 30 s grace period).
+    eventually(60, "the graceful pod running", || {
+        let s = status("graceful");
+        seen(s["status"]["phase"] == "Running", (), &s["status"])
+    });
+    let t0 = Instant::now();
+    lab.kubectl_ok(&["delete", "pod", "graceful", "--wait=true", "--timeout=60s"])
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "deleted after its TERM handler, well within the grace period: {took:?}"
+    );
+}
