@@ -586,6 +586,7 @@ async fn loops(
                 pods: 110,
             }),
             labels: Default::default(),
+            kubelet_port: 0,
         })
         .await?;
     }

@@ -272,6 +272,15 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: ticker}
+spec:
+  containers:
+  - name: main
+    image: busybox
+    command: [sh, -c, "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: graceful}
 spec:
   terminationGracePeriodSeconds: 30
@@ -308,6 +317,40 @@ spec:
             seen(ok, (), c)
         },
     );
+    // The previous run's log, through the API server.
+    let previous = lab.kubectl_ok(&["logs", "crasher", "--previous"]).unwrap();
+    assert_eq!(previous.trim(), "crashing");
+    // Following a log: lines keep coming.
+    eventually(30, "the ticker running", || {
+        let s = status("ticker");
+        seen(s["status"]["phase"] == "Running", (), &s["status"])
+    });
+    let mut follow = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin/kubectl"),
+    )
+    .args(["logs", "-f", "ticker"])
+    .env("KUBECONFIG", &lab.cp.kubeconfig)
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    let first: Vec<String> = (0..3).map(|_| lines.next().unwrap().unwrap()).collect();
+    let t0 = Instant::now();
+    let later = loop {
+        let line = lines.next().expect("more lines while following").unwrap();
+        if t0.elapsed() > Duration::from_secs(1) {
+            break line;
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let n = |l: &str| l.trim_start_matches("tick ").trim().parse::<u64>().unwrap();
+    assert!(first.iter().all(|l| l.starts_with("tick ")), "{first:?}");
+    assert!(
+        n(&later) > n(&first[2]),
+        "new lines arrive: {first:?} then {later}"
+    );
+
     // A missing image says so.
     eventually(30, "ErrImagePull or ImagePullBackOff", || {
         let s = status("no-image");

@@ -121,12 +121,14 @@ fn main() -> Result<()> {
         let hub = Hub::new(args.feed_history);
         tokio::spawn(hub.clone().run(store.clone()));
         let token = control_plane_feed::load_or_create_token(&config.state_dir)?;
+        let node_token = token.clone();
+        let credentials = Arc::new(credentials);
         let feed = control_plane_feed::serve(
             args.feed_listen,
             &credentials.cert_pem,
             &credentials.key_pem,
             token,
-            FeedService::new(client, hub),
+            FeedService::new(client, hub, credentials.clone()),
         )
         .await?;
         println!(
@@ -134,7 +136,9 @@ fn main() -> Result<()> {
             args.feed_listen,
             config.state_dir.join("node-token").display()
         );
-        let api = serve(registry, &credentials, &config).await?;
+        let kubelets =
+            control_plane_apiserver::logs::Kubelets::new(&credentials.ca_pem, node_token)?;
+        let api = serve(registry, &credentials, &config, Some(kubelets)).await?;
         tokio::select! {
             result = api => result,
             result = feed => result,

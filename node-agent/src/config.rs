@@ -111,6 +111,10 @@ pub struct RunArgs {
     /// networking through keel-cni, routes to the other nodes' pods
     #[arg(long)]
     pub run_pods: bool,
+    /// Where the kubelet serves container logs to the API server (on --node-ip), with the
+    /// certificate the control plane issues at registration (--feed)
+    #[arg(long, default_value = "10250")]
+    pub kubelet_port: u16,
     /// Where the kubelet keeps images, containers, pods and logs
     #[arg(long, default_value = "/var/lib/keel/kubelet")]
     pub kubelet_root: PathBuf,

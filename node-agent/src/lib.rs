@@ -16,6 +16,7 @@ pub mod agent;
 pub mod config;
 pub mod discover;
 pub mod http;
+pub mod kubelet_server;
 pub mod launch;
 pub mod metrics;
 pub mod pods;

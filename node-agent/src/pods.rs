@@ -37,6 +37,7 @@ pub struct PodSettings {
     pub cluster_cidr: Ipv4Net,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    pub kubelet_port: u16,
 }
 
 impl PodSettings {
@@ -61,6 +62,7 @@ impl PodSettings {
             backoff_max: Duration::from_secs_f64(
                 args.max_restart_backoff.max(args.restart_backoff),
             ),
+            kubelet_port: args.kubelet_port,
         }))
     }
 }

@@ -345,6 +345,7 @@ async fn play_node(cp: &Process, name: &str) -> tokio::task::JoinHandle<()> {
                 pods: 110,
             }),
             labels: Default::default(),
+            kubelet_port: 0,
         },
     )
     .await;

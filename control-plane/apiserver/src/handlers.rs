@@ -31,6 +31,8 @@ pub struct App<S: Store> {
     pub tokens: Vec<String>,
     /// What `/api` reports as the server's address.
     pub server_address: String,
+    /// How `pods/log` reaches kubelets (none: it answers 503).
+    pub kubelets: Option<crate::logs::Kubelets>,
 }
 
 /// A resource request, parsed from the path.
@@ -632,6 +634,9 @@ async fn resource<S: Store>(
         .to_owned();
 
     match (method.clone(), target.name.as_deref(), target.sub) {
+        (Method::GET, Some(name), Some(sub)) if sub.name == "log" => {
+            crate::logs::pod_log(reg, app.kubelets.as_ref(), ns.unwrap_or("default"), name, q).await
+        }
         (Method::GET, None, None) => {
             let params = list_params(target, q)?;
             if flag(q, "watch") {

@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod error;
 pub mod handlers;
 pub mod kubeconfig;
+pub mod logs;
 pub mod metrics;
 pub mod object;
 pub mod openapi;

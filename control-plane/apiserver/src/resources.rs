@@ -178,6 +178,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         subresources: &[
             status("", "v1", "Pod"),
             Subresource { name: "binding", group: "", version: "v1", kind: "Binding", verbs: &["create"] },
+            Subresource { name: "log", group: "", version: "v1", kind: "Pod", verbs: &["get"] },
         ],
     }),
     resource!(Service, "io.k8s.api.core.v1.Service", {

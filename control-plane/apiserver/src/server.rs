@@ -39,6 +39,7 @@ pub struct Credentials {
     pub cert_pem: String,
     pub key_pem: String,
     pub token: String,
+    ca_key_pem: String,
 }
 
 impl Credentials {
@@ -61,9 +62,6 @@ impl Credentials {
             std::fs::write(&ca_cert_path, cert.pem())?;
             (cert.pem(), key.serialize_pem())
         };
-        // The same CA parameters and key sign as the stored CA certificate does.
-        let issuer = Issuer::new(ca_params(), KeyPair::from_pem(&ca_key)?);
-        let server_key = KeyPair::generate()?;
         let mut names = vec![
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
@@ -75,19 +73,7 @@ impl Credentials {
             names.push(config.listen.ip().to_string());
         }
         names.extend(config.tls_sans.iter().cloned());
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "keel-apiserver");
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => n.clone().try_into().map(SanType::DnsName),
-            })
-            .collect::<Result<_, _>>()?;
-        params.not_after = rcgen::date_time_ymd(2036, 1, 1);
-        let cert = params.signed_by(&server_key, &issuer)?;
+        let (cert_pem, key_pem) = issue(&ca_key, "keel-apiserver", &names)?;
         let token_path = config.state_dir.join("token");
         let token = match std::fs::read_to_string(&token_path) {
             Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
@@ -101,10 +87,17 @@ impl Credentials {
         };
         Ok(Self {
             ca_pem,
-            cert_pem: cert.pem(),
-            key_pem: server_key.serialize_pem(),
+            cert_pem,
+            key_pem,
             token,
+            ca_key_pem: ca_key,
         })
+    }
+
+    /// A serving certificate signed by the cluster's CA for `names` (DNS names or addresses),
+    /// and its key: what a node's kubelet serves logs with, so the API server can check it.
+    pub fn issue(&self, common_name: &str, names: &[String]) -> Result<(String, String)> {
+        issue(&self.ca_key_pem, common_name, names)
     }
 
     /// A kubeconfig for an admin client of `server`.
@@ -115,6 +108,27 @@ impl Credentials {
             token: self.token.clone(),
         }
     }
+}
+
+/// A certificate for `names` signed by the CA whose key is `ca_key`; (certificate, key) PEM.
+fn issue(ca_key: &str, common_name: &str, names: &[String]) -> Result<(String, String)> {
+    // The same CA parameters and key sign as the stored CA certificate does.
+    let issuer = Issuer::new(ca_params(), KeyPair::from_pem(ca_key)?);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => n.clone().try_into().map(SanType::DnsName),
+        })
+        .collect::<Result<_, _>>()?;
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// The CA's parameters: fixed, so a restarted server issues as the CA it created before.
@@ -178,11 +192,13 @@ pub fn router<S: Store>(
     registry: Arc<Registry<S>>,
     token: String,
     server_address: String,
+    kubelets: Option<crate::logs::Kubelets>,
 ) -> Router {
     let app = Arc::new(App {
         registry,
         tokens: vec![token],
         server_address,
+        kubelets,
     });
     Router::new().fallback(handle::<S>).with_state(app)
 }
@@ -211,6 +227,7 @@ pub async fn serve<S: Store>(
     registry: Arc<Registry<S>>,
     credentials: &Credentials,
     config: &Config,
+    kubelets: Option<crate::logs::Kubelets>,
 ) -> Result<impl Future<Output = Result<()>> + use<S>> {
     let host = if config.listen.ip().is_unspecified() {
         "127.0.0.1".to_owned()
@@ -229,6 +246,7 @@ pub async fn serve<S: Store>(
         registry,
         credentials.token.clone(),
         format!("{host}:{}", config.listen.port()),
+        kubelets,
     );
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
         credentials.cert_pem.clone().into_bytes(),

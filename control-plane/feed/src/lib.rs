@@ -21,7 +21,7 @@ use control_plane_api::feed::{
     PodStatusReport, RegisterRequest, RegisterResponse, WatchRequest, feed_message,
     node_feed_server::{NodeFeed, NodeFeedServer},
 };
-use control_plane_apiserver::{error::ApiError, registry::DeleteParams};
+use control_plane_apiserver::{error::ApiError, registry::DeleteParams, server::Credentials};
 use control_plane_client::{
     NODE_LEASE_NAMESPACE,
     client::Client,
@@ -33,8 +33,8 @@ use k8s_openapi::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{
             ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-            ContainerStatus, HostIP, Node, NodeAddress, NodeCondition, NodeStatus, Pod,
-            PodCondition, PodIP, PodStatus,
+            ContainerStatus, DaemonEndpoint, HostIP, Node, NodeAddress, NodeCondition,
+            NodeDaemonEndpoints, NodeStatus, Pod, PodCondition, PodIP, PodStatus,
         },
     },
     apimachinery::pkg::{
@@ -88,6 +88,8 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<String> {
 pub struct FeedService {
     client: Client,
     hub: Arc<Hub>,
+    /// Issues the kubelets' serving certificates.
+    credentials: Arc<Credentials>,
 }
 
 fn status(e: ApiError) -> Status {
@@ -122,7 +124,7 @@ fn node_ready(node: &Node) -> bool {
 }
 
 impl FeedService {
-    pub fn new(client: Client, hub: Arc<Hub>) -> Self {
+    pub fn new(client: Client, hub: Arc<Hub>, credentials: Arc<Credentials>) -> Self {
         static REGISTER: std::sync::Once = std::sync::Once::new();
         REGISTER.call_once(|| {
             control_plane_apiserver::metrics::register(
@@ -131,7 +133,11 @@ impl FeedService {
                 AGENTS_CONNECTED.clone(),
             );
         });
-        Self { client, hub }
+        Self {
+            client,
+            hub,
+            credentials,
+        }
     }
 
     async fn renew_lease(&self, node: &Node) -> Result<(), ApiError> {
@@ -234,6 +240,11 @@ impl NodeFeed for FeedService {
                 },
             ]),
             conditions: Some(vec![ready_condition(now())]),
+            daemon_endpoints: (r.kubelet_port != 0).then_some(NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint {
+                    port: r.kubelet_port as i32,
+                }),
+            }),
             ..Default::default()
         };
         let existing = self.client.get::<Node>(None, &r.node_name).await;
@@ -300,8 +311,16 @@ impl NodeFeed for FeedService {
             .await
             .map_err(status)?;
         self.renew_lease(&node).await.map_err(status)?;
+        let mut names = vec![r.node_name.clone()];
+        names.extend((!r.internal_ip.is_empty()).then(|| r.internal_ip.clone()));
+        let (kubelet_cert_pem, kubelet_key_pem) = self
+            .credentials
+            .issue(&format!("system:node:{}", r.node_name), &names)
+            .map_err(|e| Status::internal(format!("issue the kubelet's certificate: {e}")))?;
         Ok(Response::new(RegisterResponse {
             pod_cidr: node.spec.and_then(|s| s.pod_cidr).unwrap_or_default(),
+            kubelet_cert_pem,
+            kubelet_key_pem,
         }))
     }
 

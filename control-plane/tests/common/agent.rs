@@ -58,6 +58,7 @@ impl Agent {
                 )]
                 .into_iter()
                 .collect(),
+                kubelet_port: 0,
             })
             .await
             .expect("register");

@@ -23,20 +23,23 @@ pub fn log_path(root: &Path, pod: &PodDesired, container: &str, restart: i32) ->
         .join(format!("{restart}.log"))
 }
 
-/// The log files of a container of a pod (by namespace and name), newest run last.
-pub fn runs(root: &Path, namespace: &str, pod: &str, container: &str) -> Vec<PathBuf> {
+/// The runs of a container of a pod (by namespace and name): the pod's uid and the log files,
+/// newest run last.
+pub fn runs(
+    root: &Path,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> Option<(String, Vec<PathBuf>)> {
     let prefix = format!("{namespace}_{pod}_");
-    let mut files: Vec<(i32, PathBuf)> = fs::read_dir(root.join("logs"))
-        .into_iter()
+    let dir = fs::read_dir(root.join("logs"))
+        .ok()?
         .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?;
+    let uid = dir.file_name().to_string_lossy()[prefix.len()..].to_owned();
+    let mut files: Vec<(i32, PathBuf)> = fs::read_dir(dir.path().join(container))
+        .ok()?
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .flat_map(|e| {
-            fs::read_dir(e.path().join(container))
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let n = name.strip_suffix(".log")?.parse().ok()?;
@@ -44,7 +47,7 @@ pub fn runs(root: &Path, namespace: &str, pod: &str, container: &str) -> Vec<Pat
         })
         .collect();
     files.sort();
-    files.into_iter().map(|(_, p)| p).collect()
+    Some((uid, files.into_iter().map(|(_, p)| p).collect()))
 }
 
 /// Rotates `path` when it passed `max` bytes: its content moves to `path.1`.

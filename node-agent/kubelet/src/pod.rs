@@ -431,6 +431,10 @@ async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4A
                 run.last = Some(ended);
                 return;
             }
+            let log = crate::logs::log_path(&kubelet.root, pod, &run.spec.name, run.restarts);
+            if let Err(e) = crate::logs::rotate(&log, kubelet.config.log_max_bytes) {
+                tracing::debug!(log = %log.display(), error = %e, "log rotation");
+            }
             // Probes: startup first; liveness and readiness once started.
             let ports = run.ports();
             let target = Target {

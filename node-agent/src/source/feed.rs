@@ -49,6 +49,11 @@ pub async fn run(args: &SourceArgs, shared: Arc<Shared>) -> Result<()> {
         internal_ip: args.node_ip.clone().unwrap_or_default(),
         capacity: Some(capacity()),
         labels,
+        kubelet_port: if shared.pods.is_some() {
+            u32::from(shared.pods.as_ref().map_or(0, |p| p.kubelet_port))
+        } else {
+            0
+        },
     };
     let registered = session::register(&mut client, request).await;
     tracing::info!(node = %shared.node, pod_cidr = %registered.pod_cidr, "registered");
@@ -60,6 +65,21 @@ pub async fn run(args: &SourceArgs, shared: Arc<Shared>) -> Result<()> {
         let kubelet = crate::pods::start_kubelet(&shared, settings, reporter)?;
         if !registered.pod_cidr.is_empty() {
             kubelet.set_pod_cidr(&registered.pod_cidr);
+        }
+        if !registered.kubelet_cert_pem.is_empty() {
+            let ip: std::net::IpAddr = args
+                .node_ip
+                .as_deref()
+                .and_then(|ip| ip.parse().ok())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            crate::kubelet_server::serve(
+                std::net::SocketAddr::new(ip, settings.kubelet_port),
+                &registered.kubelet_cert_pem,
+                &registered.kubelet_key_pem,
+                token.clone(),
+                kubelet.clone(),
+            )
+            .await?;
         }
         *shared.kubelet.lock().expect("not poisoned") = Some(kubelet);
     }
