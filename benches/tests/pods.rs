@@ -212,17 +212,144 @@ fn pods_run_on_every_node_and_reach_each_other_directly_and_through_services() {
         "pods on both nodes answer through the service: {answers:?}"
     );
 
-    // The service environment kubelet injects.
-    let env = lab
-        .kubectl_ok(&[
-            "get",
-            "pod",
-            from["metadata"]["name"].as_str().unwrap(),
-            "-o",
-            "jsonpath={.spec.containers[0].name}",
+    // The environment kubelet gives the container: the service links and the downward API,
+    // read from the container's process (runc knows its pid).
+    let name = from["metadata"]["name"].as_str().unwrap();
+    let node_of_from = from["spec"]["nodeName"].as_str().unwrap();
+    let root = &lab
+        .nodes
+        .iter()
+        .find(|n| n.name == node_of_from)
+        .unwrap()
+        .root;
+    let state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(root.join("runc"))
+        .args([
+            "state",
+            &format!("{}-echo", from["metadata"]["uid"].as_str().unwrap()),
         ])
+        .output()
         .unwrap();
-    assert_eq!(env, "echo");
+    let state: Value = serde_json::from_slice(&state.stdout).expect("runc state");
+    let environ = std::fs::read(format!("/proc/{}/environ", state["pid"])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    for want in [
+        format!("ECHO_SERVICE_HOST={vip}"),
+        "ECHO_SERVICE_PORT=80".to_owned(),
+        format!("ECHO_PORT_80_TCP=tcp://{vip}:80"),
+        format!("POD_NAME={name}"),
+        format!("NODE_NAME={node_of_from}"),
+    ] {
+        assert!(
+            environ.split('\0').any(|e| e == want),
+            "{want} in {environ:?}"
+        );
+    }
+
+    // Leaving the pod network, a pod's traffic is masqueraded to its node's address.
+    let outside = std::net::TcpListener::bind((lab.network.host, 0)).unwrap();
+    let outside_addr = match outside.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        _ => unreachable!(),
+    };
+    let masq_netns = from_netns.clone();
+    let connect = std::thread::spawn(move || {
+        in_pod(&masq_netns, move || {
+            std::net::TcpStream::connect(outside_addr).map(drop)
+        })
+    });
+    let (_, peer) = outside
+        .accept()
+        .expect("the pod reaches an address outside the cluster");
+    connect.join().unwrap().unwrap();
+    let node_addr = lab
+        .nodes
+        .iter()
+        .find(|n| n.name == node_of_from)
+        .unwrap()
+        .addr;
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(node_addr),
+        "masqueraded to the node's address"
+    );
+
+    // kubectl logs: through the API server, from the node's kubelet, over TLS.
+    let logs = lab.kubectl_ok(&["logs", name]).unwrap();
+    assert!(
+        logs.contains(&format!("keel-echo: {name}@{node_of_from} serving")),
+        "the container's first line: {logs:?}"
+    );
+
+    // The agent of the node the other pods are on is killed and started again: it adopts its
+    // running containers (none restarts) and their network, and flows carry on.
+    let victim = pods
+        .iter()
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap())
+        .find(|n| *n != node_of_from)
+        .unwrap()
+        .to_owned();
+    let on_victim: Vec<&Value> = pods
+        .iter()
+        .filter(|p| p["spec"]["nodeName"] == victim.as_str())
+        .collect();
+    let target = SocketAddrV4::new(ip_of(on_victim[0]), 8080);
+    let mut persistent = in_pod(&from_netns, || {
+        node_agent_netns::traffic::Connection::open(target)
+    })
+    .expect("a connection to a pod on the other node");
+    let restarts = |lab: &ClusterLab| -> Vec<(String, i64, String)> {
+        lab.pods("app=echo")
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["metadata"]["name"].as_str().unwrap().to_owned(),
+                    p["status"]["containerStatuses"][0]["restartCount"]
+                        .as_i64()
+                        .unwrap_or(-1),
+                    p["status"]["podIP"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let before = restarts(&lab);
+    let mut lab = lab;
+    let node = lab.nodes.iter_mut().find(|n| n.name == victim).unwrap();
+    node.agent.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        persistent.ask().is_ok(),
+        "containers keep serving while their agent is down"
+    );
+    node.agent.restart().unwrap();
+    node.agent.wait_healthy(Duration::from_secs(60)).unwrap();
+    assert!(
+        node.agent
+            .recent_logs()
+            .contains("adopted a running container"),
+        "the restarted agent adopted its containers:\n{}",
+        node.agent.recent_logs()
+    );
+    lab.wait_ready("app=echo", 4, Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        restarts(&lab),
+        before,
+        "no container restarted, no address changed"
+    );
+    persistent
+        .ask()
+        .expect("the connection opened before the restart still works");
+    let again = in_pod(&from_netns, || {
+        (0..20).filter(|_| !ask(to).starts_with("error")).count()
+    });
+    assert_eq!(
+        again, 20,
+        "new connections through the service after the restart"
+    );
 }
 
 #[test]
