@@ -34,6 +34,8 @@ pub struct Options {
     pub restart_backoff: f64,
     /// Keep the lab's files (for `--keep`): under this directory instead of a temporary one.
     pub dir: Option<PathBuf>,
+    /// The agents' `RUST_LOG` (their logs go to stderr with the node's name in front).
+    pub agent_log: &'static str,
 }
 
 /// The binaries a lab runs.
@@ -99,7 +101,7 @@ impl ClusterLab {
         let (tempdir, dir) = match &opts.dir {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
-                (None, d.clone())
+                (None, std::fs::canonicalize(d)?)
             }
             None => {
                 let t = tempfile::Builder::new().prefix("keel-lab-").tempdir()?;
@@ -160,10 +162,10 @@ impl ClusterLab {
                 "--metrics-addr".into(),
                 metrics.to_string(),
             ];
-            let (ns_path, binary) = (ns.path(), binaries.node_agent.clone());
+            let (ns_path, binary, log) = (ns.path(), binaries.node_agent.clone(), opts.agent_log);
             let agent = AgentProcess::start(&name, metrics, move || {
                 let mut cmd = in_netns(&ns_path, &binary)?;
-                cmd.args(&args).env("RUST_LOG", "info");
+                cmd.args(&args).env("RUST_LOG", log);
                 Ok(cmd)
             })?;
             nodes.push(LabNode {
@@ -302,7 +304,12 @@ impl Drop for ClusterLab {
 
 /// Removes what a node's kubelet left: containers (runc), pod namespaces, cgroups, pins.
 pub fn clean_node(node: &LabNode) {
-    let runc_root = node.root.join("runc");
+    clean_node_at(&node.root, &node.pin_dir);
+}
+
+/// [`clean_node`] by the node's kubelet root and pin directory.
+pub fn clean_node_at(root: &Path, pin_dir: &Path) {
+    let runc_root = root.join("runc");
     if let Ok(out) = Command::new("runc")
         .arg("--root")
         .arg(&runc_root)
@@ -317,7 +324,7 @@ pub fn clean_node(node: &LabNode) {
                 .output();
         }
     }
-    for entry in std::fs::read_dir(node.root.join("containers"))
+    for entry in std::fs::read_dir(root.join("containers"))
         .into_iter()
         .flatten()
         .flatten()
@@ -328,7 +335,7 @@ pub fn clean_node(node: &LabNode) {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
-    for entry in std::fs::read_dir(node.root.join("pods"))
+    for entry in std::fs::read_dir(root.join("pods"))
         .into_iter()
         .flatten()
         .flatten()
@@ -338,18 +345,15 @@ pub fn clean_node(node: &LabNode) {
             entry.file_name().to_string_lossy()
         ));
         let _ = node_agent_netns::netns::remove_at(&netns);
-        for hierarchy in [
-            "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "systemd",
-            "unified",
-        ] {
-            let dir = Path::new("/sys/fs/cgroup")
-                .join(hierarchy)
-                .join("keel")
-                .join(entry.file_name());
-            remove_cgroup(&dir);
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            remove_cgroup(&hierarchy.path().join("keel").join(entry.file_name()));
         }
     }
-    let _ = std::fs::remove_dir_all(&node.pin_dir);
+    let _ = std::fs::remove_dir_all(pin_dir);
 }
 
 fn remove_cgroup(dir: &Path) {

@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod cluster_demo;
 pub mod control_plane;
 pub mod dataplane;
 pub mod demo;

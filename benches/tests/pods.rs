@@ -30,6 +30,7 @@ fn lab(test: &str) -> ClusterLab {
             node_grace: 30.0,
             restart_backoff: 1.0,
             dir: None,
+            agent_log: "info",
         },
         Binaries::siblings().expect("the workspace's binaries"),
         &mut |_| {},

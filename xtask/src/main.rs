@@ -3,7 +3,9 @@
 //! - `setup [--check]`: installs what a fresh Debian machine lacks (apt packages, the nightly
 //!   `rust-src`, bpf-linker, the Python venv) and proves each tool works; every other command
 //!   runs it first (about a second when done). `--check` prints the table only.
-//! - `demo`: the main job: the data plane carrying real traffic between network namespaces.
+//! - `demo [--keep]`: the main job: a 3-node cluster on this machine, a Deployment and a
+//!   Service applied with kubectl, traffic through the eBPF data plane, a node failing;
+//!   `demo dataplane`: the data plane alone. `down` removes what `demo --keep` left.
 //! - `test`: every test (unit, kernel, network namespace), as root.
 //! - `bench dataplane [--quick] [--json]`: per-packet cost under BPF_PROG_TEST_RUN.
 //! - `bench cluster [--quick] [--json]`: the eBPF data plane against kube-proxy's iptables and
@@ -44,8 +46,17 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Show the eBPF data plane carrying real traffic
-    Demo,
+    /// A 3-node cluster on this machine running the echo server behind a Service; `demo
+    /// dataplane` shows the eBPF data plane alone
+    Demo {
+        #[arg(value_enum)]
+        which: Option<DemoKind>,
+        /// Leave the cluster up (`cargo xtask down` removes it)
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Remove every trace of a cluster `demo --keep` left
+    Down,
     /// Run every test: lints, unit, kernel, network namespaces, control plane (as root)
     Test {
         /// Passed to the test binaries (a name filter, say)
@@ -75,6 +86,14 @@ enum Task {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum DemoKind {
+    /// The cluster (the default)
+    Cluster,
+    /// The eBPF data plane alone, in a lab of network namespaces
+    Dataplane,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Bench {
     /// Per-packet cost of the data path under BPF_PROG_TEST_RUN, 1 to 100,000 services
     Dataplane,
@@ -98,13 +117,35 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup { check: true } => setup::check(),
         Task::Setup { check: false } => setup::setup(),
-        Task::Demo => {
+        Task::Demo {
+            which: Some(DemoKind::Dataplane),
+            ..
+        } => {
             setup::setup()?;
             require_root()?;
             status(&mut Command::new(build_release(
                 "benches",
                 "demo-dataplane",
             )?))
+        }
+        Task::Demo { keep, .. } => {
+            setup::setup()?;
+            require_root()?;
+            let demo = build_cluster_binaries()?;
+            let mut cmd = Command::new(demo);
+            if keep {
+                cmd.arg("--keep");
+            }
+            status(cmd.current_dir(workspace_root()))
+        }
+        Task::Down => {
+            require_root()?;
+            let demo = workspace_root().join("target/release/demo-cluster");
+            if !demo.exists() {
+                eprintln!("xtask: no demo cluster was built here; nothing to remove");
+                return Ok(());
+            }
+            status(Command::new(demo).arg("down"))
         }
         Task::Test { args } => {
             setup::setup()?;
@@ -244,6 +285,33 @@ fn cleanup_leftovers() {
             }
         }
     }
+}
+
+/// The cluster demo and everything it starts, in one build (features unify once).
+fn build_cluster_binaries() -> Result<PathBuf> {
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "control-plane",
+        "--package",
+        "node-agent",
+        "--package",
+        "node-agent-cni",
+        "--package",
+        "benches",
+        "--bin",
+        "control-plane",
+        "--bin",
+        "node-agent",
+        "--bin",
+        "keel-echo",
+        "--bin",
+        "keel-cni",
+        "--bin",
+        "demo-cluster",
+    ]))?;
+    Ok(workspace_root().join("target/release/demo-cluster"))
 }
 
 fn build_release(package: &str, bin: &str) -> Result<PathBuf> {

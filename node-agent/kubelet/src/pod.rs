@@ -536,6 +536,7 @@ async fn terminate(
         for id in &ids {
             rt.runtime.remove(id)?;
         }
+        rt.runtime.remove_cgroup(&pod_cgroup(&uid));
         rt.network()?.del(
             &uid,
             Some(&netns_owned)

@@ -275,6 +275,16 @@ impl Runtime {
         }
     }
 
+    /// Removes a pod's own cgroup in every hierarchy (runc removes only its containers').
+    pub fn remove_cgroup(&self, cgroup: &str) {
+        let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for h in hierarchies.flatten() {
+            let _ = fs::remove_dir(h.path().join(cgroup.trim_start_matches('/')));
+        }
+    }
+
     /// The containers with a bundle on this node (after an agent restart: what to adopt).
     pub fn bundles(&self) -> Vec<String> {
         fs::read_dir(&self.root)
