@@ -207,9 +207,8 @@ fn show(lab: &ClusterLab, started: Instant) -> Result<()> {
     println!("\n$ kubectl get nodes");
     print!("{}", lab.kubectl_ok(&["get", "nodes"])?);
     println!(
-        "\nDemo done in {:.0} s. kubeconfig: {}",
+        "\nDemo done in {:.0} s. `cargo xtask demo --keep` leaves the cluster up to play with.",
         started.elapsed().as_secs_f64(),
-        lab.cp.kubeconfig.display()
     );
     Ok(())
 }

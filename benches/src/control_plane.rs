@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use crate::{
     agents,
     loadgen::{Latencies, median},
+    pods,
 };
 
 pub struct Options {
@@ -49,6 +50,8 @@ pub struct Options {
     pub feed_samples: usize,
     /// Real node agents end to end.
     pub agents: agents::Options,
+    /// Pods started on a cluster lab of real nodes.
+    pub pods: usize,
 }
 
 impl Options {
@@ -67,6 +70,7 @@ impl Options {
                 changes: 1000,
                 change_rate: 100.0,
             },
+            pods: 100,
         }
     }
 
@@ -85,6 +89,7 @@ impl Options {
                 changes: 300,
                 change_rate: 100.0,
             },
+            pods: 30,
         }
     }
 }
@@ -735,6 +740,8 @@ pub struct Report {
     pub loops: Loops,
     #[serde(flatten)]
     pub agents: agents::Figures,
+    #[serde(flatten)]
+    pub pods: pods::Figures,
 }
 
 /// Runs the benchmark: the API on both stores, then the control loops; `progress` hears what
@@ -816,10 +823,12 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                 &opts.agents,
                 progress,
             )?;
+            let pods = pods::run(opts.pods, progress)?;
             Ok(Report {
                 results,
                 loops,
                 agents,
+                pods,
             })
         })
 }
@@ -905,6 +914,18 @@ pub fn markdown(report: &Report, clients: usize, machine: &str) -> String {
         a.change_rate_per_s,
         a.agent_cpu_ms_per_1k_changes,
         a.nft_cpu_ms_per_1k_changes,
+    ));
+    let p = &report.pods;
+    out.push_str(&format!(
+        "\nPods on real nodes (3 nodes running `node-agent --run-pods`: CNI, runc, status)\n\n\
+         | measure | value |\n|---|---:|\n\
+         | pod startup, create → Running with its IP (watched), {} pods by 10 clients, p50 / p99 ms | {:.0} / {:.0} |\n\
+         | node failure: agent killed → its pods out of every other node's data plane (grace {} s), ms | {:.0} |\n",
+        p.pod_startup_pods,
+        p.pod_startup_p50_ms,
+        p.pod_startup_p99_ms,
+        p.node_failure_grace_s,
+        p.node_failure_withdraw_ms,
     ));
     out
 }

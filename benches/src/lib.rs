@@ -12,5 +12,6 @@ pub mod dataplane;
 pub mod demo;
 pub mod lab;
 pub mod loadgen;
+pub mod pods;
 pub mod report;
 pub mod servers;

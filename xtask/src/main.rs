@@ -131,7 +131,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo { keep, .. } => {
             setup::setup()?;
             require_root()?;
-            let demo = build_cluster_binaries()?;
+            let demo = build_cluster_binaries("demo-cluster")?;
             let mut cmd = Command::new(demo);
             if keep {
                 cmd.arg("--keep");
@@ -168,26 +168,10 @@ fn run(task: Task) -> Result<()> {
                     build_release("benches", "bench-cluster")?
                 }
                 Bench::ControlPlane => {
-                    // Real node agents too: eBPF data planes in network namespaces.
+                    // Real node agents too (eBPF data planes in network namespaces), and a
+                    // cluster lab running pods.
                     require_root()?;
-                    // One build for the binaries: their dependencies' features unify once.
-                    status(cargo().args([
-                        "build",
-                        "--release",
-                        "--package",
-                        "control-plane",
-                        "--package",
-                        "node-agent",
-                        "--package",
-                        "benches",
-                        "--bin",
-                        "control-plane",
-                        "--bin",
-                        "node-agent",
-                        "--bin",
-                        "bench-control-plane",
-                    ]))?;
-                    workspace_root().join("target/release/bench-control-plane")
+                    build_cluster_binaries("bench-control-plane")?
                 }
             };
             status(
@@ -287,8 +271,9 @@ fn cleanup_leftovers() {
     }
 }
 
-/// The cluster demo and everything it starts, in one build (features unify once).
-fn build_cluster_binaries() -> Result<PathBuf> {
+/// `bin` of the benches package (the cluster demo, a benchmark) and everything a cluster lab
+/// starts, in one build (features unify once).
+fn build_cluster_binaries(bin: &str) -> Result<PathBuf> {
     status(cargo().args([
         "build",
         "--release",
@@ -309,9 +294,9 @@ fn build_cluster_binaries() -> Result<PathBuf> {
         "--bin",
         "keel-cni",
         "--bin",
-        "demo-cluster",
+        bin,
     ]))?;
-    Ok(workspace_root().join("target/release/demo-cluster"))
+    Ok(workspace_root().join("target/release").join(bin))
 }
 
 fn build_release(package: &str, bin: &str) -> Result<PathBuf> {

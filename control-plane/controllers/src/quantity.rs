@@ -6,35 +6,14 @@ use std::collections::BTreeMap;
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::api::resource::Quantity};
 
 /// A quantity's value in thousandths of its unit (millicores for CPU), rounded up; `None` if
-/// it does not parse.
+/// it does not parse or is negative.
 pub fn milli(q: &str) -> Option<i64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let value: f64 = number.parse().ok()?;
-    let factor = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        "Pi" => 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        "Ei" => 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse().ok()?),
-        _ => return None,
-    };
-    let milli = (value * factor * 1000.0).ceil();
+    let value = kube_quantity::ParsedQuantity::try_from(q.trim())
+        .ok()?
+        .to_bytes_f64()?;
+    // Through billionths, the finest a quantity expresses, so binary floating point does not
+    // round `1.1` up to 1101 millis.
+    let milli = ((value * 1e9).round() / 1e6).ceil();
     (milli.is_finite() && milli >= 0.0).then_some(milli.min(i64::MAX as f64) as i64)
 }
 
@@ -141,6 +120,8 @@ mod tests {
     fn quantities_parse_in_every_notation() {
         assert_eq!(milli("100m"), Some(100));
         assert_eq!(milli("1.5"), Some(1500));
+        assert_eq!(milli("1.1"), Some(1100));
+        assert_eq!(milli("-1"), None);
         assert_eq!(milli("2"), Some(2000));
         assert_eq!(milli("128Mi"), Some(128 * 1024 * 1024 * 1000));
         assert_eq!(milli("1G"), Some(1_000_000_000_000));

@@ -25,14 +25,14 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Container, PodStatus};
+use k8s_openapi::api::core::v1::{Container, PodStatus, VolumeMount};
 use node_agent_cni::invoke::Network;
 use tokio::sync::watch;
 
 use crate::{
     image::{Image, ImageStore},
     pod::PodDesired,
-    runtime::{ContainerSpec, Runtime},
+    runtime::{BindMount, ContainerSpec, Runtime},
 };
 
 /// Where pod statuses go.
@@ -192,7 +192,8 @@ impl Kubelet {
         let _ = std::fs::remove_dir_all(logs::pod_dir(&self.root, pod));
     }
 
-    /// What runc runs for `container` of `pod`.
+    /// What runc runs for `container` of `pod`; an error says what in the spec this kubelet
+    /// cannot do (the container waits with `CreateContainerConfigError`).
     #[allow(clippy::too_many_arguments)]
     fn container_spec(
         &self,
@@ -203,7 +204,7 @@ impl Kubelet {
         restarts: i32,
         image: &Image,
         netns: &Path,
-    ) -> ContainerSpec {
+    ) -> Result<ContainerSpec, String> {
         // Kubernetes: command replaces the entrypoint, args the cmd.
         let (entrypoint, cmd) = match (&container.command, &container.args) {
             (Some(command), Some(args)) => (command.clone(), args.clone()),
@@ -254,7 +255,22 @@ impl Kubelet {
         let memory_limit =
             quantity(resources.and_then(|r| r.limits.as_ref()), "memory").and_then(|q| bytes(&q));
         let pod_dir = self.root.join("pods").join(&pod.uid);
-        ContainerSpec {
+        let mut mounts = vec![
+            BindMount {
+                source: pod_dir.join("hosts"),
+                destination: "/etc/hosts".into(),
+                read_only: true,
+            },
+            BindMount {
+                source: pod_dir.join("resolv.conf"),
+                destination: "/etc/resolv.conf".into(),
+                read_only: true,
+            },
+        ];
+        for m in container.volume_mounts.iter().flatten() {
+            mounts.push(volume_mount(pod, &pod_dir, m)?);
+        }
+        Ok(ContainerSpec {
             id: id.to_owned(),
             args: entrypoint.into_iter().chain(cmd).collect(),
             env,
@@ -269,15 +285,86 @@ impl Kubelet {
                 .clone()
                 .unwrap_or_else(|| pod.name.clone()),
             netns: netns.to_path_buf(),
-            hosts: pod_dir.join("hosts"),
-            resolv_conf: pod_dir.join("resolv.conf"),
+            mounts,
             cgroup: cgroup.to_owned(),
             cpu_limit_millis: cpu_limit,
             cpu_request_millis: cpu_request,
             memory_limit,
             log: logs::log_path(&self.root, pod, &container.name, restarts),
+        })
+    }
+}
+
+/// Where a container's volume mount comes from: `emptyDir` volumes are directories of the
+/// pod (`pods/<uid>/volumes/<name>`, created on first use, removed with the pod), `hostPath`
+/// volumes the node's own paths. Other volume types are refused by name.
+fn volume_mount(pod: &PodDesired, pod_dir: &Path, m: &VolumeMount) -> Result<BindMount, String> {
+    let volume = pod
+        .spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == m.name)
+        .ok_or_else(|| format!("volume mount {:?}: the pod has no such volume", m.name))?;
+    let mut source = if volume.empty_dir.is_some() {
+        let dir = pod_dir.join("volumes").join(&volume.name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("volume {:?}: create {}: {e}", volume.name, dir.display()))?;
+        dir
+    } else if let Some(host) = &volume.host_path {
+        let path = PathBuf::from(&host.path);
+        match host.type_.as_deref().unwrap_or("") {
+            "DirectoryOrCreate" => std::fs::create_dir_all(&path)
+                .map_err(|e| format!("volume {:?}: create {}: {e}", volume.name, host.path))?,
+            "" => {}
+            _ if path.exists() => {}
+            kind => {
+                return Err(format!(
+                    "volume {:?}: hostPath {} ({kind}) does not exist",
+                    volume.name, host.path
+                ));
+            }
+        }
+        path
+    } else {
+        let kind = serde_json::to_value(volume)
+            .ok()
+            .and_then(|v| {
+                v.as_object()?
+                    .keys()
+                    .find(|k| k.as_str() != "name")
+                    .cloned()
+            })
+            .unwrap_or_else(|| "unknown".into());
+        return Err(format!(
+            "volume {:?}: {kind} volumes are not supported by this kubelet (emptyDir and hostPath are)",
+            volume.name
+        ));
+    };
+    if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+        let sub = Path::new(sub);
+        if sub.is_absolute()
+            || sub
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(format!(
+                "volume mount {:?}: subPath {} must be relative and stay inside the volume",
+                m.name,
+                sub.display()
+            ));
+        }
+        source = source.join(sub);
+        if volume.empty_dir.is_some() {
+            std::fs::create_dir_all(&source)
+                .map_err(|e| format!("volume {:?}: create {}: {e}", m.name, source.display()))?;
         }
     }
+    Ok(BindMount {
+        source,
+        destination: m.mount_path.clone(),
+        read_only: m.read_only.unwrap_or(false),
+    })
 }
 
 /// The environment kubelet gives containers for the services of their namespace.
@@ -313,36 +400,25 @@ pub fn service_env(services: &[ServiceEnv]) -> Vec<String> {
     env
 }
 
-/// A CPU quantity in millicores (`500m`, `2`, `0.5`).
+/// A CPU quantity in millicores (`500m`, `2`, `0.5`), rounded up as kubelet does.
 pub fn millicores(q: &str) -> Option<i64> {
-    match q.strip_suffix('m') {
-        Some(m) => m.parse().ok(),
-        None => q.parse::<f64>().ok().map(|c| (c * 1000.0).round() as i64),
-    }
+    nanos(q).map(|n| (n / 1e6).ceil() as i64)
 }
 
-/// A memory quantity in bytes (`64Mi`, `1G`, `1000`).
+/// A memory quantity in bytes (`64Mi`, `1G`, `1000`, `1e6`), rounded up.
 pub fn bytes(q: &str) -> Option<i64> {
-    const SUFFIXES: [(&str, i64); 12] = [
-        ("Ki", 1 << 10),
-        ("Mi", 1 << 20),
-        ("Gi", 1 << 30),
-        ("Ti", 1 << 40),
-        ("Pi", 1 << 50),
-        ("Ei", 1 << 60),
-        ("k", 1_000),
-        ("M", 1_000_000),
-        ("G", 1_000_000_000),
-        ("T", 1_000_000_000_000),
-        ("P", 1_000_000_000_000_000),
-        ("E", 1_000_000_000_000_000_000),
-    ];
-    for (suffix, factor) in SUFFIXES {
-        if let Some(n) = q.strip_suffix(suffix) {
-            return n.parse::<f64>().ok().map(|n| (n * factor as f64) as i64);
-        }
-    }
-    q.parse::<f64>().ok().map(|n| n as i64)
+    nanos(q).map(|n| (n / 1e9).ceil() as i64)
+}
+
+/// A quantity in billionths of its unit, the finest it can express (so `1.1` is not read as
+/// 1.1000000000000001 and rounded up to the next millicore); `None` if it does not parse or
+/// is negative.
+fn nanos(q: &str) -> Option<f64> {
+    let value = kube_quantity::ParsedQuantity::try_from(q.trim())
+        .ok()?
+        .to_bytes_f64()?;
+    let nanos = (value * 1e9).round();
+    (nanos.is_finite() && nanos >= 0.0).then_some(nanos)
 }
 
 #[cfg(test)]
@@ -354,10 +430,14 @@ mod tests {
         assert_eq!(millicores("500m"), Some(500));
         assert_eq!(millicores("2"), Some(2000));
         assert_eq!(millicores("0.25"), Some(250));
+        assert_eq!(millicores("1.1"), Some(1100));
+        assert_eq!(millicores("1n"), Some(1), "rounded up");
         assert_eq!(bytes("64Mi"), Some(64 << 20));
         assert_eq!(bytes("1G"), Some(1_000_000_000));
         assert_eq!(bytes("1000"), Some(1000));
+        assert_eq!(bytes("1e6"), Some(1_000_000));
         assert_eq!(bytes("lots"), None);
+        assert_eq!(bytes("-1Mi"), None);
     }
 
     #[test]

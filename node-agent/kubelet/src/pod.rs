@@ -56,11 +56,14 @@ impl PodDesired {
 }
 
 /// What survives an agent restart about a pod (its sandbox), in `pods/<uid>/state.json`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Saved {
     ip: Option<Ipv4Addr>,
     started: Option<i64>,
     restarts: BTreeMap<String, i32>,
+    /// Every init container completed (they never run again, even after an agent restart).
+    #[serde(default)]
+    initialized: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +84,8 @@ struct Ended {
 /// One container of the pod.
 struct Run {
     spec: Container,
+    /// An init container: runs to completion, in order, before the others start.
+    init: bool,
     id: String,
     cgroup: String,
     state: State,
@@ -129,17 +134,31 @@ pub async fn run(kubelet: Arc<Kubelet>, mut updates: watch::Receiver<PodDesired>
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
+    let has_init = pod
+        .spec
+        .init_containers
+        .as_ref()
+        .is_some_and(|c| !c.is_empty());
     let mut runs: Vec<Run> = pod
         .spec
-        .containers
+        .init_containers
         .iter()
-        .map(|c| {
+        .flatten()
+        .map(|c| (c, true))
+        .chain(pod.spec.containers.iter().map(|c| (c, false)))
+        .map(|(c, init)| {
             let id = container_id(&pod.uid, &c.name);
             Run {
                 spec: c.clone(),
+                init,
                 cgroup: format!("{}/{}", pod_cgroup(&pod.uid), c.name),
                 state: State::Waiting {
-                    reason: "ContainerCreating".into(),
+                    reason: if has_init {
+                        "PodInitializing"
+                    } else {
+                        "ContainerCreating"
+                    }
+                    .into(),
                     message: String::new(),
                 },
                 restarts: saved.restarts.get(&c.name).copied().unwrap_or(0),
@@ -156,17 +175,18 @@ pub async fn run(kubelet: Arc<Kubelet>, mut updates: watch::Receiver<PodDesired>
         })
         .collect();
     let mut reported: Option<PodStatus> = None;
+    let mut on_disk: Option<Saved> = None;
 
     // The sandbox (or the one a previous agent left).
     let ip = loop {
         if pod.deleting {
             break None;
         }
-        match sandbox(&kubelet, &pod, &dir, &netns, saved.ip) {
+        match block(|| sandbox(&kubelet, &pod, &dir, &netns, saved.ip)) {
             Ok(ip) => break Some(ip),
             Err(e) => {
                 tracing::warn!(pod = %pod.key(), error = %e, "the pod's sandbox failed; retrying");
-                let status = pending_status(&pod, &format!("sandbox: {e}"));
+                let status = pending_status(&format!("sandbox: {e}"));
                 report(&kubelet, &pod, &status, &mut reported).await;
                 if wait_for_update(&mut updates, Duration::from_secs(2))
                     .await
@@ -184,14 +204,22 @@ pub async fn run(kubelet: Arc<Kubelet>, mut updates: watch::Receiver<PodDesired>
             .started
             .get_or_insert_with(|| jiff::Timestamp::now().as_second());
         save(&dir, &saved);
+        on_disk = Some(saved.clone());
         kubelet.sandbox_ready(&netns, ip);
-        // Containers a previous agent started and that still run are adopted as they are.
+        // Containers a previous agent started and that still run are adopted as they are; init
+        // containers it saw complete stay complete.
         for run in &mut runs {
-            if kubelet
-                .runtime
-                .state(&run.id)
-                .is_some_and(|s| s.status == "running")
-            {
+            if run.init && saved.initialized {
+                let now = SystemTime::now();
+                run.state = State::Terminated(Ended {
+                    exit_code: 0,
+                    reason: "Completed".into(),
+                    started: now,
+                    finished: now,
+                });
+                continue;
+            }
+            if block(|| kubelet.runtime.state(&run.id)).is_some_and(|s| s.status == "running") {
                 run.state = State::Running {
                     since: SystemTime::now(),
                 };
@@ -210,12 +238,38 @@ pub async fn run(kubelet: Arc<Kubelet>, mut updates: watch::Receiver<PodDesired>
             return;
         }
         let ip = ip.expect("a sandbox unless deleting");
-        for run in &mut runs {
-            step(&kubelet, &pod, run, ip, &netns).await;
+        let policy = pod.spec.restart_policy.as_deref().unwrap_or("Always");
+        // Init containers one at a time, in order, each to success (kubelet restarts a failed
+        // one unless the pod's policy is Never); then the others, all together.
+        let next_init = runs
+            .iter()
+            .position(|r| r.init && !saved.initialized && !completed(r));
+        match next_init {
+            Some(i) => {
+                let init_policy = if policy == "Never" {
+                    "Never"
+                } else {
+                    "OnFailure"
+                };
+                step(&kubelet, &pod, &mut runs[i], init_policy, ip, &netns).await;
+            }
+            None => {
+                saved.initialized = true;
+                for run in runs.iter_mut().filter(|r| !r.init) {
+                    step(&kubelet, &pod, run, policy, ip, &netns).await;
+                }
+            }
+        }
+        for run in &runs {
             saved.restarts.insert(run.spec.name.clone(), run.restarts);
         }
-        save(&dir, &saved);
-        let status = pod_status(&pod, &runs, Some(ip), saved.started);
+        // Written when it changed only: a file per pod per tick costs the filesystem dearly
+        // (ext4 searches past recently deleted inodes for each new one).
+        if on_disk.as_ref() != Some(&saved) {
+            save(&dir, &saved);
+            on_disk = Some(saved.clone());
+        }
+        let status = pod_status(&runs, saved.initialized, Some(ip), saved.started);
         report(&kubelet, &pod, &status, &mut reported).await;
         tokio::select! {
             changed = updates.changed() => {
@@ -316,8 +370,20 @@ fn arm_probes(run: &mut Run) {
     run.ready = false;
 }
 
-/// One step of one container's life.
-async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4Addr, netns: &Path) {
+/// An init container that ran to success.
+fn completed(run: &Run) -> bool {
+    matches!(&run.state, State::Terminated(e) if e.exit_code == 0)
+}
+
+/// One step of one container's life; `policy` is the restart policy that applies to it.
+async fn step(
+    kubelet: &Arc<Kubelet>,
+    pod: &PodDesired,
+    run: &mut Run,
+    policy: &str,
+    ip: Ipv4Addr,
+    netns: &Path,
+) {
     let now = Instant::now();
     match run.state.clone() {
         State::Waiting { reason, .. } => {
@@ -353,7 +419,7 @@ async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4A
                     return;
                 }
             };
-            let spec = kubelet.container_spec(
+            let spec = match kubelet.container_spec(
                 pod,
                 &run.spec,
                 &run.id,
@@ -361,7 +427,18 @@ async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4A
                 run.restarts,
                 &image,
                 netns,
-            );
+            ) {
+                Ok(spec) => spec,
+                Err(message) => {
+                    run.state = State::Waiting {
+                        reason: "CreateContainerConfigError".into(),
+                        message,
+                    };
+                    run.retry_at = now + run.backoff;
+                    run.backoff = (run.backoff * 2).min(kubelet.config.backoff_max);
+                    return;
+                }
+            };
             let runtime = kubelet.clone();
             let result = tokio::task::spawn_blocking(move || runtime.runtime.start(&image, &spec))
                 .await
@@ -405,7 +482,6 @@ async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4A
                 let rt = kubelet.clone();
                 let _ = tokio::task::spawn_blocking(move || rt.runtime.remove(&id)).await;
                 run.ready = false;
-                let policy = pod.spec.restart_policy.as_deref().unwrap_or("Always");
                 let restart = match policy {
                     "Never" => false,
                     "OnFailure" => code != 0,
@@ -469,14 +545,15 @@ async fn step(kubelet: &Arc<Kubelet>, pod: &PodDesired, run: &mut Run, ip: Ipv4A
             if let Some(why) = kill {
                 tracing::info!(pod = %pod.key(), container = %run.spec.name, %why, "restarting the container");
                 run.ready = false;
-                let _ = kubelet.runtime.kill(&run.id, "KILL");
+                let _ = block(|| kubelet.runtime.kill(&run.id, "KILL"));
             }
         }
         State::Terminated(_) => {}
     }
 }
 
-/// Runs a blocking probe in place (probes are short and bounded by their timeouts).
+/// Runs blocking work (a probe, runc, CNI) in place, letting the worker's other tasks move to
+/// another thread meanwhile (each is short and bounded by its own timeout).
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -507,7 +584,7 @@ async fn terminate(
         }
     }
     for &i in &running {
-        let _ = kubelet.runtime.kill(&runs[i].id, "TERM");
+        let _ = block(|| kubelet.runtime.kill(&runs[i].id, "TERM"));
     }
     loop {
         let alive: Vec<usize> = running
@@ -520,7 +597,7 @@ async fn terminate(
         }
         if Instant::now() >= deadline {
             for i in alive {
-                let _ = kubelet.runtime.kill(&runs[i].id, "KILL");
+                let _ = block(|| kubelet.runtime.kill(&runs[i].id, "KILL"));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             break;
@@ -646,7 +723,7 @@ fn condition(type_: &str, ok: bool) -> PodCondition {
     }
 }
 
-fn pending_status(_pod: &PodDesired, message: &str) -> PodStatus {
+fn pending_status(message: &str) -> PodStatus {
     PodStatus {
         phase: Some("Pending".into()),
         message: Some(message.to_owned()),
@@ -662,46 +739,51 @@ fn pending_status(_pod: &PodDesired, message: &str) -> PodStatus {
 
 /// The pod's status as Kubernetes shows it.
 fn pod_status(
-    pod: &PodDesired,
     runs: &[Run],
+    initialized: bool,
     ip: Option<Ipv4Addr>,
     started: Option<i64>,
 ) -> PodStatus {
-    let statuses: Vec<ContainerStatus> = runs
-        .iter()
-        .map(|r| ContainerStatus {
-            name: r.spec.name.clone(),
-            image: r.spec.image.clone().unwrap_or_default(),
-            image_id: String::new(),
-            container_id: Some(format!("keel://{}", r.id)),
-            ready: r.ready,
-            restart_count: r.restarts,
-            started: Some(matches!(r.state, State::Running { .. }) && r.started()),
-            state: Some(state_of(&r.state)),
-            last_state: r
-                .last
-                .as_ref()
-                .map(|e| state_of(&State::Terminated(e.clone()))),
-            ..Default::default()
-        })
-        .collect();
-    let all_ready = !runs.is_empty() && runs.iter().all(|r| r.ready);
-    let any_running = runs
+    let status_of = |r: &Run| ContainerStatus {
+        name: r.spec.name.clone(),
+        image: r.spec.image.clone().unwrap_or_default(),
+        image_id: String::new(),
+        container_id: Some(format!("keel://{}", r.id)),
+        ready: if r.init { completed(r) } else { r.ready },
+        restart_count: r.restarts,
+        started: Some(matches!(r.state, State::Running { .. }) && r.started()),
+        state: Some(state_of(&r.state)),
+        last_state: r
+            .last
+            .as_ref()
+            .map(|e| state_of(&State::Terminated(e.clone()))),
+        ..Default::default()
+    };
+    let (init, main): (Vec<&Run>, Vec<&Run>) = runs.iter().partition(|r| r.init);
+    let all_ready = !main.is_empty() && main.iter().all(|r| r.ready);
+    let any_running = main
         .iter()
         .any(|r| matches!(r.state, State::Running { .. }));
-    let all_ended = runs.iter().all(|r| matches!(r.state, State::Terminated(_)));
-    let policy = pod.spec.restart_policy.as_deref().unwrap_or("Always");
-    let phase = if all_ended && !runs.is_empty() {
-        let failed = runs
-            .iter()
-            .any(|r| matches!(&r.state, State::Terminated(e) if e.exit_code != 0));
-        if failed { "Failed" } else { "Succeeded" }
-    } else if any_running || runs.iter().any(|r| r.restarts > 0) {
+    let all_ended = main.iter().all(|r| matches!(r.state, State::Terminated(_)));
+    let failed = |r: &&Run| matches!(&r.state, State::Terminated(e) if e.exit_code != 0);
+    let phase = if !initialized {
+        // An init container that failed and will not be restarted (policy Never) fails the pod.
+        if init.iter().any(failed) {
+            "Failed"
+        } else {
+            "Pending"
+        }
+    } else if all_ended && !main.is_empty() {
+        if main.iter().any(failed) {
+            "Failed"
+        } else {
+            "Succeeded"
+        }
+    } else if any_running || main.iter().any(|r| r.restarts > 0) {
         "Running"
     } else {
         "Pending"
     };
-    let _ = policy;
     PodStatus {
         phase: Some(phase.into()),
         pod_ip: ip.map(|i| i.to_string()),
@@ -711,11 +793,13 @@ fn pod_status(
             .map(Time),
         conditions: Some(vec![
             condition("PodScheduled", true),
-            condition("Initialized", true),
+            condition("Initialized", initialized),
             condition("ContainersReady", all_ready),
             condition("Ready", all_ready),
         ]),
-        container_statuses: Some(statuses),
+        init_container_statuses: (!init.is_empty())
+            .then(|| init.iter().map(|r| status_of(r)).collect()),
+        container_statuses: Some(main.iter().map(|r| status_of(r)).collect()),
         ..Default::default()
     }
 }

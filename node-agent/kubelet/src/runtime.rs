@@ -62,9 +62,9 @@ pub struct ContainerSpec {
     pub hostname: String,
     /// The pod's network namespace.
     pub netns: PathBuf,
-    /// Files the kubelet writes for the pod, bind-mounted read-only.
-    pub hosts: PathBuf,
-    pub resolv_conf: PathBuf,
+    /// What is bind-mounted into the container: the pod's `/etc/hosts` and `/etc/resolv.conf`,
+    /// its volumes.
+    pub mounts: Vec<BindMount>,
     /// cgroup of the container, under each hierarchy (`/keel/<pod uid>/<container>`).
     pub cgroup: String,
     /// `resources.limits.cpu` in millicores.
@@ -76,6 +76,17 @@ pub struct ContainerSpec {
     /// Where stdout and stderr go.
     pub log: PathBuf,
 }
+
+/// A directory or file of the node bind-mounted into a container.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub destination: String,
+    pub read_only: bool,
+}
+
+/// The file a container's shim writes in its bundle once runc started the container.
+pub const STARTED: &str = "started";
 
 /// What `runc state` says.
 #[derive(Clone, Debug, Deserialize)]
@@ -171,15 +182,12 @@ impl Runtime {
         if !status.success() {
             return Err(RuntimeError::Spec(format!("the shim failed: {status}")));
         }
+        // The shim marks the container started once `runc run` returned (or ended, when it
+        // exits at once or runc failed): files, so waiting costs no runc invocations.
         let timeout = Duration::from_secs(30);
         let deadline = Instant::now() + timeout;
         loop {
-            if self.exit_code(&spec.id).is_some() {
-                return Ok(());
-            }
-            if let Some(state) = self.state(&spec.id)
-                && state.status == "running"
-            {
+            if bundle.join(STARTED).exists() || self.exit_code(&spec.id).is_some() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -259,7 +267,8 @@ impl Runtime {
 
     /// Removes the container: runc's state, its root filesystem, its bundle (logs stay).
     pub fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        if self.state(id).is_some() {
+        // runc keeps a directory per container it knows under its root.
+        if self.runc_root.join(id).exists() {
             let _ = self.runc_output(&["delete", "--force", id]);
         }
         let bundle = self.bundle(id);
@@ -366,16 +375,16 @@ fn oci_config(spec: &ContainerSpec) -> Result<Spec, RuntimeError> {
     config.set_process(Some(process));
 
     let mut mounts = config.mounts().clone().unwrap_or_default();
-    for (source, destination) in [
-        (&spec.hosts, "/etc/hosts"),
-        (&spec.resolv_conf, "/etc/resolv.conf"),
-    ] {
+    for m in &spec.mounts {
         mounts.push(
             MountBuilder::default()
-                .destination(destination)
+                .destination(&m.destination)
                 .typ("bind")
-                .source(source)
-                .options(vec!["rbind".into(), "ro".into()])
+                .source(&m.source)
+                .options(vec![
+                    "rbind".into(),
+                    if m.read_only { "ro" } else { "rw" }.into(),
+                ])
                 .build()
                 .map_err(invalid)?,
         );

@@ -4,8 +4,9 @@
 //! with the container's stdout and stderr appended to its log file. The container's first
 //! process then becomes the shim's child: the shim waits for it, reads whether its memory
 //! cgroup saw the OOM killer (runc has not removed that cgroup yet), and writes what it found
-//! next to the bundle (`<bundle>/oom`, then `<bundle>/exit`, each written whole). The agent may
-//! die and come back meanwhile: nothing of the container depends on it.
+//! next to the bundle (`<bundle>/started` once runc has started it, `<bundle>/oom`, then
+//! `<bundle>/exit`, each written whole). The agent may die and come back meanwhile: nothing of
+//! the container depends on it.
 
 use std::{
     fs::{self, OpenOptions},
@@ -70,6 +71,7 @@ fn supervise(
         .trim()
         .parse()
         .map_err(|_| std::io::Error::other("runc wrote no pid"))?;
+    write_whole(&bundle.join(crate::runtime::STARTED), &pid.to_string());
     loop {
         let mut raw = 0;
         // SAFETY: waitpid fills `raw`; we reap every orphan that comes our way.
