@@ -25,7 +25,7 @@ use anyhow::{Context, Result, ensure};
 use ebpf_dataplane::{
     Config, Counter, Dataplane, DesiredService, Frontend, Hook, ServiceSpec,
     packet::{TCP_ACK, TCP_SYN, tcp},
-    verdict::{TC_ACT_OK, XDP_PASS},
+    verdict::{TCX_NEXT, XDP_PASS},
 };
 use serde::Serialize;
 
@@ -116,7 +116,7 @@ impl Setup {
         ensure!(packet.len() == FRAME_LEN);
         let out = established.test_run(Hook::FromPod, &open, 1)?;
         ensure!(
-            out.verdict == TC_ACT_OK,
+            out.verdict == TCX_NEXT,
             "the flow opens (verdict {})",
             out.verdict
         );
@@ -152,7 +152,7 @@ impl Setup {
             Hook::FromPod,
             &self.packet,
             repeat,
-            TC_ACT_OK,
+            TCX_NEXT,
             counter,
         )
     }
@@ -165,7 +165,7 @@ impl Setup {
             Hook::FromPod,
             &self.packet,
             repeat,
-            TC_ACT_OK,
+            TCX_NEXT,
             counter,
         )
     }

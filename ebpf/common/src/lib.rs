@@ -93,8 +93,11 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// tc egress on the host side of a pod's veth: packets entering the pod (reverse NAT).
     pub const TO_POD: &str = "to_pod";
-    /// Minimal XDP program returning XDP_PASS: the floor that per-packet costs are compared with.
+    /// Minimal XDP program returning XDP_PASS.
     pub const XDP_FLOOR: &str = "xdp_floor";
+    /// Minimal tc program passing every packet on (TCX_NEXT): the floor a tc program's
+    /// per-packet cost is compared with, on the same hook.
+    pub const TC_FLOOR: &str = "tc_floor";
     /// cgroup hooks of socket-level load balancing: connect(), sendmsg() (unconnected UDP),
     /// recvmsg() and getpeername() (which show the service address, not the backend).
     pub const SOCK_CONNECT4: &str = "sock_connect4";

@@ -27,12 +27,12 @@ use std::{
     time::Duration,
 };
 
+pub use aya::programs::TcAttachType;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, IterableMap, Map, MapData, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, TestRun,
-        TestRunOptions, Xdp,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TestRun, TestRunOptions, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -221,7 +221,9 @@ pub enum Hook {
     FromPod,
     /// tc egress of a pod's host-side veth (reverse NAT).
     ToPod,
-    /// The minimal XDP_PASS program, the cost floor.
+    /// The minimal tc program (passes every packet on), the cost floor of `FromPod`'s hook.
+    TcFloor,
+    /// The minimal XDP_PASS program.
     XdpFloor,
 }
 
@@ -230,6 +232,7 @@ impl Hook {
         match self {
             Hook::FromPod => program_names::FROM_POD,
             Hook::ToPod => program_names::TO_POD,
+            Hook::TcFloor => program_names::TC_FLOOR,
             Hook::XdpFloor => program_names::XDP_FLOOR,
         }
     }
@@ -248,10 +251,32 @@ pub struct TestRunOutput {
 
 /// tc verdicts as the programs return them.
 pub mod verdict {
-    pub const TC_ACT_OK: u32 = 0;
+    /// Every packet the programs let through, translated or not: `TCX_NEXT` (-1), so the
+    /// programs attached after ours run too.
+    pub const TCX_NEXT: u32 = u32::MAX;
     pub const TC_ACT_SHOT: u32 = 2;
     pub const TC_ACT_REDIRECT: u32 = 7;
     pub const XDP_PASS: u32 = 2;
+}
+
+/// A program attached after the data plane's ([`Dataplane::attach_probe`]); detached when
+/// dropped.
+pub struct ChainProbe {
+    _link: SchedClassifierLink,
+    _stats: std::os::fd::OwnedFd,
+    program_id: u32,
+}
+
+impl ChainProbe {
+    /// How many packets reached the probe (the kernel's run count of its program, which
+    /// counts every attachment of this data plane's `tc_floor`).
+    pub fn runs(&self) -> Result<u64, Error> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|info| info.id() == self.program_id)
+            .map(|info| info.run_count())
+            .ok_or_else(|| Error::Inconsistent("the probe's program is gone".into()))
+    }
 }
 
 /// A snapshot of the data plane's counters, summed over CPUs.
@@ -377,7 +402,11 @@ impl Dataplane {
             .map_max_entries(map_names::AFFINITY, config.affinity_entries)
             .override_global(setting_names::FORCE_CT_MISS, &force_ct_miss, true)
             .load(PROGRAMS)?;
-        for name in [program_names::FROM_POD, program_names::TO_POD] {
+        for name in [
+            program_names::FROM_POD,
+            program_names::TO_POD,
+            program_names::TC_FLOOR,
+        ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program
                 .load()
@@ -479,6 +508,11 @@ impl Dataplane {
     /// Attaches the programs to `iface` (the host side of a pod's veth): `from_pod` on tc
     /// ingress, `to_pod` on tc egress, through pinned TCX links. If this data plane's links are
     /// already on the interface (a restart), their programs are replaced atomically.
+    ///
+    /// Other programs on the same hooks (a policy engine, a CNI's) keep running: ours pass
+    /// packets on with `TCX_NEXT`, and are placed so the others always see the backend's own
+    /// address: `from_pod` first in the ingress chain (the others see the translated packet),
+    /// `to_pod` last in the egress chain (before the service address is restored).
     pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
         self.attach_program(
@@ -486,8 +520,43 @@ impl Dataplane {
             ifindex,
             program_names::FROM_POD,
             TcAttachType::Ingress,
+            LinkOrder::first(),
         )?;
-        self.attach_program(iface, ifindex, program_names::TO_POD, TcAttachType::Egress)
+        self.attach_program(
+            iface,
+            ifindex,
+            program_names::TO_POD,
+            TcAttachType::Egress,
+            LinkOrder::last(),
+        )
+    }
+
+    /// Attaches the `tc_floor` program (it passes every packet on) at the end of `iface`'s TCX
+    /// chain on `attach_type`, counting its runs, until the probe is dropped: what a program
+    /// attached after ours sees (and the floor a tc program costs on that hook).
+    pub fn attach_probe(
+        &mut self,
+        iface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<ChainProbe, Error> {
+        let name = program_names::TC_FLOOR;
+        let program_error = |source| Error::Program { name, source };
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| Error::Pin {
+            path: PathBuf::from("BPF_ENABLE_STATS"),
+            source: io::Error::other(e),
+        })?;
+        let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+        let options = TcAttachOptions::TcxOrder(LinkOrder::last());
+        let id = program
+            .attach_with_options(iface, attach_type, options)
+            .map_err(program_error)?;
+        let link = program.take_link(id).map_err(program_error)?;
+        let info = program.info().map_err(program_error)?;
+        Ok(ChainProbe {
+            _link: link,
+            _stats: stats,
+            program_id: info.id(),
+        })
     }
 
     fn attach_program(
@@ -496,6 +565,7 @@ impl Dataplane {
         ifindex: u32,
         name: &'static str,
         attach_type: TcAttachType,
+        order: LinkOrder,
     ) -> Result<(), Error> {
         let pin = self.link_pin(ifindex, attach_type);
         let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
@@ -517,7 +587,7 @@ impl Dataplane {
                 Err(_) => remove_file(&pin)?,
             }
         }
-        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let options = TcAttachOptions::TcxOrder(order);
         let id = program
             .attach_with_options(iface, attach_type, options)
             .map_err(program_error)?;

@@ -9,7 +9,7 @@ use common::{TestDataplane, addr};
 use ebpf_dataplane::{
     Counter, Frontend, Hook, Scheduler, ServiceSpec,
     packet::{self, Builder, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, tcp, udp},
-    verdict::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    verdict::{TC_ACT_REDIRECT, TC_ACT_SHOT, TCX_NEXT},
 };
 
 const CLIENT_IP: [u8; 4] = [10, 0, 0, 2];
@@ -53,11 +53,11 @@ fn dataplane(test: &str) -> TestDataplane {
 
 /// What a fixture expects of the program.
 enum Expect {
-    /// Verdict TC_ACT_OK and the frame exactly as it went in.
+    /// Verdict TCX_NEXT and the frame exactly as it went in.
     Untouched,
-    /// Verdict TC_ACT_OK, destination rewritten to one of these, everything else as it was.
+    /// Verdict TCX_NEXT, destination rewritten to one of these, everything else as it was.
     DnatTo(Vec<SocketAddrV4>),
-    /// Verdict TC_ACT_OK, source rewritten to this (the service), everything else as it was.
+    /// Verdict TCX_NEXT, source rewritten to this (the service), everything else as it was.
     RevNatFrom(SocketAddrV4),
     /// Redirected back to the client as an ICMP port unreachable from the service address.
     Rejected,
@@ -296,14 +296,14 @@ fn check(fixture: &Fixture, verdict: u32, out: &[u8]) -> Result<(), String> {
     };
     match &fixture.expect {
         Expect::Untouched => {
-            expect_verdict(TC_ACT_OK)?;
+            expect_verdict(TCX_NEXT)?;
             if out != fixture.frame.as_slice() {
                 return Err("the frame was modified".into());
             }
         }
         Expect::Dropped => expect_verdict(TC_ACT_SHOT)?,
         Expect::DnatTo(backends) => {
-            expect_verdict(TC_ACT_OK)?;
+            expect_verdict(TCX_NEXT)?;
             let (sent, got) = (packet::read(&fixture.frame)?, packet::read(out)?);
             let dst = got.dst().ok_or("no ports")?;
             if !backends.contains(&dst) {
@@ -319,7 +319,7 @@ fn check(fixture: &Fixture, verdict: u32, out: &[u8]) -> Result<(), String> {
             }
         }
         Expect::RevNatFrom(service) => {
-            expect_verdict(TC_ACT_OK)?;
+            expect_verdict(TCX_NEXT)?;
             let (sent, got) = (packet::read(&fixture.frame)?, packet::read(out)?);
             if got.src() != Some(*service) {
                 return Err(format!("source is {:?}, expected {service}", got.src()));
@@ -377,7 +377,7 @@ fn send(dp: &mut TestDataplane, frame: &Builder) -> SocketAddrV4 {
     let out = dp
         .test_run(Hook::FromPod, &frame.build(), 1)
         .expect("test run");
-    assert_eq!(out.verdict, TC_ACT_OK, "verdict for a packet to a service");
+    assert_eq!(out.verdict, TCX_NEXT, "verdict for a packet to a service");
     packet::read(&out.frame)
         .expect("valid checksums")
         .dst()
@@ -645,7 +645,7 @@ fn a_deleted_service_stops_translating_new_flows() {
     let out = dp.test_run(Hook::FromPod, &frame, 1).unwrap();
     assert_eq!(
         (out.verdict, out.frame),
-        (TC_ACT_OK, frame),
+        (TCX_NEXT, frame),
         "passes untouched"
     );
     assert!(dp.service(&web()).is_none());
@@ -701,7 +701,7 @@ fn garbage_never_crashes_and_is_always_accounted_for() {
         );
         match out.verdict {
             TC_ACT_SHOT => dropped += 1,
-            TC_ACT_OK if out.frame != frame => {
+            TCX_NEXT if out.frame != frame => {
                 translated += 1;
                 // Translated: a packet that was valid stays valid (one that was not stays
                 // invalid: incremental checksum updates keep a wrong sum wrong).
@@ -713,7 +713,7 @@ fn garbage_never_crashes_and_is_always_accounted_for() {
                     });
                 }
             }
-            TC_ACT_OK | TC_ACT_REDIRECT => {}
+            TCX_NEXT | TC_ACT_REDIRECT => {}
             other => panic!("round {round}: unexpected verdict {other}"),
         }
     }

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ebpf_dataplane::{Config, Dataplane, Frontend, ServiceSpec};
+use ebpf_dataplane::{Config, Counter, Dataplane, Frontend, ServiceSpec, TcAttachType};
 use ebpf_dpctl::state::{ServiceEntry, State};
 use node_agent_netns::{
     lab::{CLIENT_HOST_IF, Lab},
@@ -132,6 +132,51 @@ fn every_connection_completes_and_every_backend_is_used() {
         0,
         "no packet was dropped: {:?}",
         stats.iter().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn programs_attached_after_ours_still_see_every_packet() {
+    let mut setup = Setup::new("chain");
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, web(), backends.clone());
+    let (node, dp) = (&setup.lab.node, setup.dataplane.as_mut().unwrap());
+    let ingress = node
+        .run(|| dp.attach_probe(CLIENT_HOST_IF, TcAttachType::Ingress))
+        .unwrap()
+        .expect("attach a probe after from_pod");
+    let egress = node
+        .run(|| dp.attach_probe(CLIENT_HOST_IF, TcAttachType::Egress))
+        .unwrap()
+        .expect("attach a probe after to_pod");
+    // A restart re-attaches ours; the probes must stay behind them in the chain and run.
+    node.run(|| dp.attach(CLIENT_HOST_IF))
+        .unwrap()
+        .expect("re-attach");
+    const REQUESTS: u64 = 20;
+    let (in_before, out_before) = (ingress.runs().unwrap(), egress.runs().unwrap());
+    setup
+        .lab
+        .client
+        .run(|| {
+            for i in 0..REQUESTS {
+                // Not to a service (ours pass it on untouched) and to one (translated).
+                tcp_request(backends[0]).unwrap_or_else(|e| panic!("direct request {i}: {e:#}"));
+                tcp_request(web().addr).unwrap_or_else(|e| panic!("service request {i}: {e:#}"));
+            }
+        })
+        .unwrap();
+    let stats = setup.dataplane().stats().unwrap();
+    assert!(stats.get(Counter::PassNotService) >= REQUESTS * 3);
+    assert!(stats.get(Counter::DnatNew) >= REQUESTS);
+    // Every TCP connection sends at least SYN, ACK, request and FIN each way.
+    let ran_in = ingress.runs().unwrap() - in_before;
+    let ran_out = egress.runs().unwrap() - out_before;
+    assert!(
+        ran_in >= 2 * REQUESTS * 4 && ran_out >= 2 * REQUESTS * 4,
+        "the programs after ours ran on {ran_in} packets from the pod and {ran_out} to it, \
+         of {} connections",
+        2 * REQUESTS
     );
 }
 

@@ -22,7 +22,7 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_SHOT, xdp_action},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -38,6 +38,11 @@ use crate::{
     parse::{Packet, Parsed, parse},
     stats::count,
 };
+
+/// The verdict for every packet the data plane lets through (translated or not): the next
+/// program of the interface's TCX chain runs (a policy engine, a CNI hook), and the packet
+/// goes on if there is none. `TC_ACT_OK` would be `TCX_PASS`, which ends the chain at us.
+pub const TCX_NEXT: i32 = -1;
 
 /// Load-time setting (see `ebpf_common::setting_names::FORCE_CT_MISS`): benchmarks only.
 #[unsafe(no_mangle)]
@@ -85,7 +90,14 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reverse4(&ctx)
 }
 
-/// The per-packet cost floor: the least a program can do.
+/// The per-packet cost floor of a tc program: the least one can do on the hook `from_pod`
+/// runs on (passes every packet on to the rest of the chain).
+#[classifier]
+pub fn tc_floor(_ctx: TcContext) -> i32 {
+    TCX_NEXT
+}
+
+/// The per-packet cost floor of an XDP program.
 #[xdp]
 pub fn xdp_floor(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
@@ -98,7 +110,7 @@ fn packet(ctx: &TcContext) -> Result<Result<Packet, i32>, Counter> {
         Parsed::Packet(pkt) => Ok(Ok(pkt)),
         Parsed::Pass(counter) => {
             count(counter);
-            Ok(Err(TC_ACT_OK))
+            Ok(Err(TCX_NEXT))
         }
         Parsed::Drop(reason) => Err(reason),
     }
@@ -147,7 +159,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
             )
             .map_err(|()| Counter::DropRewrite)?;
             count(Counter::DnatEstablished);
-            return Ok(TC_ACT_OK);
+            return Ok(TCX_NEXT);
         }
         reselect = true;
     }
@@ -160,7 +172,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
             let _ = REVNAT.remove(reversed(&flow));
         }
         count(Counter::PassNotService);
-        return Ok(TC_ACT_OK);
+        return Ok(TCX_NEXT);
     };
     // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
     let svc = unsafe { *svc };
@@ -212,7 +224,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         count(Counter::Reselected);
     }
     count(Counter::DnatNew);
-    Ok(TC_ACT_OK)
+    Ok(TCX_NEXT)
 }
 
 /// The tuple of the packets going the other way.
@@ -254,7 +266,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Counter> {
     };
     let Some(revnat) = REVNAT.get_ptr(pkt.flow) else {
         count(Counter::PassNotService);
-        return Ok(TC_ACT_OK);
+        return Ok(TCX_NEXT);
     };
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
     let revnat = unsafe { *revnat };
@@ -267,7 +279,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Counter> {
     )
     .map_err(|()| Counter::DropRewrite)?;
     count(Counter::RevNat);
-    Ok(TC_ACT_OK)
+    Ok(TCX_NEXT)
 }
 
 #[cfg(not(test))]
