@@ -30,7 +30,8 @@ pub fn demo() -> Result<()> {
 }
 
 fn run(lab: &Lab, dataplane: &mut Dataplane) -> Result<()> {
-    lab.node.run(|| dataplane.attach(CLIENT_HOST_IF))??;
+    lab.node
+        .run(|| dataplane.attach(CLIENT_HOST_IF, &[CLIENT_ADDR]))??;
     let backends = lab.backend_addrs();
     let web = Frontend::tcp("10.96.0.10:80".parse()?);
     let dns = Frontend::udp("10.96.0.10:53".parse()?);

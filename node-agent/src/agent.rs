@@ -42,8 +42,9 @@ use crate::{
 pub enum Event {
     /// Desired state changed (see [`Shared::changed`]).
     Changed,
-    /// A pod interface appeared.
-    Interface(String),
+    /// A pod interface appeared, with the pod's addresses (none when it was discovered by
+    /// name: its sources are then not checked).
+    Interface(String, Vec<std::net::Ipv4Addr>),
     /// A pod network namespace appeared, or went.
     Netns(PathBuf),
     NetnsGone(PathBuf),
@@ -211,6 +212,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     outcome
 }
 
+/// Collects the data plane's expired flows and publishes what it found.
+fn collect(shared: &Shared, proxier: &mut dyn Proxier) {
+    match proxier.collect() {
+        Ok(Some(report)) => {
+            let m = &shared.metrics;
+            m.conntrack_entries.set(report.entries as i64);
+            m.conntrack_expired.inc_by(report.expired);
+            m.conntrack_orphans.inc_by(report.orphans);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "conntrack collection failed"),
+    }
+}
+
 fn hostname() -> Result<String> {
     Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("read the host name")?
@@ -232,31 +247,34 @@ fn proxy_loop(
     let mut last_sync: Option<Instant> = None;
     let mut netns = BTreeSet::new();
     let mut interfaces = BTreeSet::new();
+    let mut next_collect = Instant::now() + ebpf_dataplane::GC_PERIOD;
     loop {
-        let first = match retry_at {
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(event) => Some(event),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            },
-            None => match rx.recv() {
-                Ok(event) => Some(event),
-                Err(_) => return,
-            },
+        let deadline = retry_at.map_or(next_collect, |at| at.min(next_collect));
+        let first = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(event) => Some(event),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
         };
-        let mut wake = first.is_none(); // a retry is due
+        if Instant::now() >= next_collect {
+            collect(shared, proxier.as_mut());
+            next_collect = Instant::now() + ebpf_dataplane::GC_PERIOD;
+        }
+        // A retry is due.
+        let mut wake = first.is_none() && retry_at.is_some_and(|at| Instant::now() >= at);
         for event in first.into_iter().chain(rx.try_iter()) {
             match event {
                 Event::Changed => wake = true,
-                Event::Interface(name) => match proxier.attach_interface(&name) {
-                    Ok(()) => {
-                        interfaces.insert(name.clone());
-                        tracing::info!(interface = %name, "attached to a pod interface");
+                Event::Interface(name, sources) => {
+                    match proxier.attach_interface(&name, &sources) {
+                        Ok(()) => {
+                            interfaces.insert(name.clone());
+                            tracing::info!(interface = %name, "attached to a pod interface");
+                        }
+                        Err(e) => {
+                            tracing::warn!(interface = %name, error = format!("{e:#}"), "attach failed")
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(interface = %name, error = format!("{e:#}"), "attach failed")
-                    }
-                },
+                }
                 Event::Netns(path) => match proxier.enable_netns(&path) {
                     Ok(()) => {
                         netns.insert(path.clone());

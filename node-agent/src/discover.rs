@@ -83,7 +83,7 @@ async fn watch_interfaces(patterns: Vec<Pattern>, shared: &Shared) -> Result<()>
     let mut links = handle.link().get().execute();
     while let Some(link) = links.try_next().await.context("list links")? {
         if let Some(name) = link_name(&link).filter(|n| matches(n)) {
-            shared.send(Event::Interface(name.to_owned()));
+            shared.send(Event::Interface(name.to_owned(), Vec::new()));
         }
     }
     while let Some((message, _)) = messages.next().await {
@@ -92,7 +92,7 @@ async fn watch_interfaces(patterns: Vec<Pattern>, shared: &Shared) -> Result<()>
         )) = message.payload
             && let Some(name) = link_name(&link).filter(|n| matches(n))
         {
-            shared.send(Event::Interface(name.to_owned()));
+            shared.send(Event::Interface(name.to_owned(), Vec::new()));
         }
     }
     Ok(())

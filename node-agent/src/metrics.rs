@@ -68,6 +68,12 @@ pub struct Metrics {
     pub source_last_message_age: Gauge<f64, AtomicU64>,
     pub pod_interfaces: Gauge,
     pub pod_netns: Gauge,
+    /// Flows the eBPF data plane tracks, as of the last conntrack collection.
+    pub conntrack_entries: Gauge,
+    /// Flows collected for being idle past their lifetime, and reverse entries whose flow was
+    /// gone.
+    pub conntrack_expired: Counter,
+    pub conntrack_orphans: Counter,
 }
 
 impl Metrics {
@@ -95,6 +101,9 @@ impl Metrics {
             source_last_message_age: Gauge::default(),
             pod_interfaces: Gauge::default(),
             pod_netns: Gauge::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_expired: Counter::default(),
+            conntrack_orphans: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("keel_agent");
         r.register(
@@ -174,6 +183,21 @@ impl Metrics {
             "Pod network namespaces with socket-level load balancing",
             m.pod_netns.clone(),
         );
+        r.register(
+            "conntrack_entries",
+            "Flows the eBPF data plane tracks, as of the last conntrack collection",
+            m.conntrack_entries.clone(),
+        );
+        r.register(
+            "conntrack_expired",
+            "Flows removed by the conntrack collector for being idle past their lifetime",
+            m.conntrack_expired.clone(),
+        );
+        r.register(
+            "conntrack_orphans",
+            "Reverse-NAT entries removed by the collector because their flow was gone",
+            m.conntrack_orphans.clone(),
+        );
         m
     }
 }
@@ -203,7 +227,8 @@ impl Collector for DataplaneCollector {
                     counter: counter.name(),
                     kind: match counter.kind() {
                         CounterKind::Drop => "drop",
-                        _ => "verdict",
+                        CounterKind::Event => "event",
+                        CounterKind::Verdict => "verdict",
                     },
                 };
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;

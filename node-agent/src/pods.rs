@@ -95,11 +95,12 @@ pub fn start_kubelet(
         exe,
         reporter,
         Hooks {
-            sandbox_ready: Box::new(move |netns: &Path, _ip| {
+            sandbox_ready: Box::new(move |netns: &Path, ip| {
                 if let Some(uid) = uid_of(netns) {
-                    ready.send(Event::Interface(node_agent_cni::netlink::host_ifname(
-                        uid, "eth0",
-                    )));
+                    ready.send(Event::Interface(
+                        node_agent_cni::netlink::host_ifname(uid, "eth0"),
+                        vec![ip],
+                    ));
                 }
                 ready.send(Event::Netns(netns.to_path_buf()));
             }),

@@ -20,47 +20,70 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Map names, as the kernel and bpffs see them (the kernel keeps 15 characters).
-pub mod map_names {
-    /// `ServiceKey -> ServiceValue`: the service frontends.
-    pub const SERVICES: &str = "SERVICES";
-    /// `u32 -> Backend`: backend addresses; each service owns a contiguous range.
-    pub const BACKENDS: &str = "BACKENDS";
-    /// `u32 -> MaglevLanes`: Maglev lookup tables; each Maglev service owns a contiguous range.
-    pub const MAGLEV: &str = "MAGLEV";
-    /// `FlowKey (client -> VIP) -> CtEntry` (LRU): which backend a flow sticks to.
-    pub const CONNTRACK: &str = "CONNTRACK";
-    /// `FlowKey (backend -> client) -> RevNat` (LRU): how to restore the VIP on replies.
-    pub const REVNAT: &str = "REVNAT";
-    /// `AffinityKey -> AffinityEntry` (LRU): ClientIP session affinity.
-    pub const AFFINITY: &str = "AFFINITY";
-    /// `u32 counter index -> u64` per CPU: verdicts and drop reasons.
-    pub const COUNTERS: &str = "COUNTERS";
+/// The address a pod's connections to a service appear to come from when the pod is chosen
+/// as its own backend (hairpin): a pod drops packets from its own address as martians, so the
+/// source is rewritten to this link-local address, as Cilium does. Network byte order.
+pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
-    /// `u64 netns cookie -> u32`: network namespaces (pods) whose sockets are load balanced at
-    /// connect/sendmsg time.
-    pub const SOCK_NETNS: &str = "SOCK_NETNS";
-    /// `SockRevKey (socket, backend) -> RevNat` (LRU): the service a socket's backend stands for,
-    /// for getpeername and recvmsg.
-    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
-    /// `SockFwdKey (socket, service) -> CtEntry` (LRU): the backend an unconnected UDP socket's
-    /// datagrams to a service stick to.
-    pub const SOCK_FWD: &str = "SOCK_FWD";
-
-    /// Every map the data plane pins, in a stable order.
-    pub const ALL: [&str; 10] = [
-        SERVICES,
-        BACKENDS,
-        MAGLEV,
-        CONNTRACK,
-        REVNAT,
-        AFFINITY,
-        COUNTERS,
-        SOCK_NETNS,
-        SOCK_REVNAT,
-        SOCK_FWD,
-    ];
+/// The maps, as `CONSTANT = "name"`: the one place their names are written. [`map_names`]
+/// holds them as constants for userspace, `map_name!(CONSTANT)` as literals for the kernel
+/// programs' map definitions. Names are at most 15 characters (the kernel keeps no more).
+#[macro_export]
+macro_rules! for_each_map {
+    ($callback:ident) => {
+        $callback! {
+            /// `ServiceKey -> ServiceValue`: the service frontends.
+            SERVICES = "keel_services",
+            /// `u32 -> Backend`: backend addresses; each service owns a contiguous range.
+            BACKENDS = "keel_backends",
+            /// `u32 -> MaglevLanes`: Maglev tables; each Maglev service owns a contiguous range.
+            MAGLEV = "keel_maglev",
+            /// `FlowKey (client -> VIP) -> CtEntry` (LRU): the backend a flow sticks to.
+            CONNTRACK = "keel_conntrack",
+            /// `FlowKey (backend -> client, as the backend sees it) -> RevNat` (LRU): how to
+            /// restore the service address on replies.
+            REVNAT = "keel_revnat",
+            /// `AffinityKey -> AffinityEntry` (LRU): ClientIP session affinity.
+            AFFINITY = "keel_affinity",
+            /// `PodAddrKey -> u32`: the addresses each pod interface may send from.
+            POD_ADDRS = "keel_pod_addrs",
+            /// `u32 counter index -> u64` per CPU: verdicts, events and drop reasons.
+            COUNTERS = "keel_counters",
+            /// `u64 netns cookie -> u32`: network namespaces (pods) whose sockets are load
+            /// balanced at connect/sendmsg time.
+            SOCK_NETNS = "keel_sock_netns",
+            /// `SockRevKey (socket, backend) -> RevNat` (LRU): the service a socket's backend
+            /// stands for, for getpeername and recvmsg.
+            SOCK_REVNAT = "keel_sock_rev",
+            /// `SockFwdKey (socket, service) -> CtEntry` (LRU): the backend an unconnected UDP
+            /// socket's datagrams to a service stick to.
+            SOCK_FWD = "keel_sock_fwd",
+        }
+    };
 }
+
+/// Map names, as the kernel and bpffs see them.
+pub mod map_names {
+    macro_rules! names {
+        ($($(#[$doc:meta])* $constant:ident = $name:literal,)*) => {
+            $($(#[$doc])* pub const $constant: &str = $name;)*
+            /// Every map the data plane pins, in a stable order.
+            pub const ALL: &[&str] = &[$($constant,)*];
+        };
+    }
+    for_each_map!(names);
+}
+
+macro_rules! define_map_name {
+    ($($(#[$doc:meta])* $constant:ident = $name:literal,)*) => {
+        /// A map's name as a literal (`map_name!(SERVICES)`), for attributes.
+        #[macro_export]
+        macro_rules! map_name {
+            $(($constant) => { $name };)*
+        }
+    };
+}
+for_each_map!(define_map_name);
 
 /// Default map sizes: enough for 100,000+ services and 1,000,000+ backends without tuning.
 /// The loader can override each one.
@@ -75,10 +98,14 @@ pub mod defaults {
     pub const MAGLEV_ELEMENTS: u32 = 1_048_576;
     /// Maglev table size M per service (a prime, as Cilium's default).
     pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
-    /// Conntrack and reverse-NAT entries (LRU: the oldest flows are evicted when full).
+    /// Conntrack and reverse-NAT entries: one LRU for all CPUs each (the least recently used
+    /// flow of the node is evicted when full); closed flows are removed at once and idle ones
+    /// by the userspace collector, so eviction only happens under real pressure.
     pub const CT_ENTRIES: u32 = 262_144;
     /// Session affinity entries (LRU).
     pub const AFFINITY_ENTRIES: u32 = 65_536;
+    /// Pod interface addresses (the anti-spoofing table).
+    pub const POD_ADDR_ENTRIES: u32 = 65_536;
     /// Network namespaces with socket-level load balancing.
     pub const SOCK_NETNS_ENTRIES: u32 = 65_536;
     /// Sockets' service translations remembered for getpeername/recvmsg (LRU).
@@ -187,11 +214,32 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 16);
 
-/// TCP flow states the conntrack entry tracks; enough to tell a retransmitted SYN (keep the
-/// backend) from a new connection reusing the tuple (choose again).
+/// TCP flow states the conntrack entry tracks: enough to tell a retransmitted SYN (keep the
+/// backend) from a new connection reusing the tuple (choose again), and to forget a flow the
+/// moment it has closed in both directions.
 pub const CT_STATE_SYN_SENT: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// One side sent FIN.
 pub const CT_STATE_CLOSING: u8 = 2;
+
+/// `CtEntry::flags`: the client's FIN was seen.
+pub const CT_FLAG_CLIENT_FIN: u8 = 1 << 0;
+/// `CtEntry::flags`: the backend's FIN was seen.
+pub const CT_FLAG_SERVER_FIN: u8 = 1 << 1;
+/// `CtEntry::flags`: the client is its own backend (hairpin): its source is rewritten to
+/// `HAIRPIN_ADDR` and the packet sent straight back into it.
+pub const CT_FLAG_HAIRPIN: u8 = 1 << 2;
+
+/// How long a flow without packets is kept, by state, in seconds (userspace collects entries
+/// idle longer; the kernel's LRU only evicts when the map is full). TCP established: 6 h, as
+/// Cilium's; a handshake: 60 s, as Cilium's SYN timeout; closing (one FIN seen): 120 s, as
+/// netfilter's FIN_WAIT; UDP: 120 s, netfilter's timeout for a UDP flow that has seen replies.
+pub mod lifetimes {
+    pub const TCP_SYN_S: u32 = 60;
+    pub const TCP_ESTABLISHED_S: u32 = 6 * 3600;
+    pub const TCP_CLOSING_S: u32 = 120;
+    pub const UDP_S: u32 = 120;
+}
 
 /// Conntrack entry of a flow to a service: the backend it sticks to.
 #[repr(C)]
@@ -200,11 +248,35 @@ pub struct CtEntry {
     pub backend: Backend,
     /// Index of the backend within the service's range when chosen (revalidated for UDP).
     pub backend_index: u32,
+    /// Last packet from the client, in seconds of `CLOCK_MONOTONIC` (coarse); written at most
+    /// once a second.
+    pub last_seen: u32,
     /// `CT_STATE_*` (TCP only).
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// `CT_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<CtEntry>() == 16);
+const _: () = assert!(size_of::<CtEntry>() == 20);
+
+impl CtEntry {
+    /// Seconds the entry may stay idle in its state.
+    pub const fn lifetime_s(&self, proto: u8) -> u32 {
+        if proto != IPPROTO_TCP {
+            lifetimes::UDP_S
+        } else {
+            match self.state {
+                CT_STATE_SYN_SENT => lifetimes::TCP_SYN_S,
+                CT_STATE_ESTABLISHED => lifetimes::TCP_ESTABLISHED_S,
+                _ => lifetimes::TCP_CLOSING_S,
+            }
+        }
+    }
+}
+
+/// `RevNat::flags`: the flow is closing: replies check its conntrack entry (to see the last
+/// ACK and forget the flow).
+pub const REVNAT_FLAG_CLOSING: u16 = 1 << 0;
 
 /// How to restore the service address on a reply.
 #[repr(C)]
@@ -212,9 +284,21 @@ const _: () = assert!(size_of::<CtEntry>() == 16);
 pub struct RevNat {
     pub vip: u32,
     pub port: u16,
-    pub _pad: u16,
+    /// `REVNAT_FLAG_*` (0 in the socket-level maps).
+    pub flags: u16,
 }
 const _: () = assert!(size_of::<RevNat>() == 8);
+
+/// A pod interface and an address it may send from; address 0 marks the interface as checked
+/// (an interface without it is not: test and benchmark interfaces, the host's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodAddrKey {
+    pub ifindex: u32,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<PodAddrKey>() == 8);
 
 /// Session affinity is per client address and service.
 #[repr(C)]
@@ -280,11 +364,13 @@ macro_rules! counters {
     };
 }
 
-/// Whether a counter counts packets that went on (a verdict) or packets that were dropped.
+/// Whether a counter counts packets that went on (a verdict), packets that were dropped, or
+/// events of the flows' state (which also count under a verdict).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CounterKind {
     Verdict,
     Drop,
+    Event,
 }
 
 counters! {
@@ -301,9 +387,9 @@ counters! {
     /// A new flow to a service without backends answered with ICMP port unreachable.
     RejectNoBackend = 5, "reject_no_backend", Verdict;
     /// A new flow whose backend came from session affinity.
-    AffinityHit = 6, "affinity_hit", Verdict;
+    AffinityHit = 6, "affinity_hit", Event;
     /// A TCP SYN or a UDP flow whose backend left: a new backend was chosen for the tuple.
-    Reselected = 7, "reselected", Verdict;
+    Reselected = 7, "reselected", Event;
     /// IPv4 header shorter than 20 bytes, IHL below 5, or a total length beyond the frame.
     DropMalformedIpv4 = 8, "drop_malformed_ipv4", Drop;
     /// TCP or UDP header cut short, on a packet the data plane had to read it from.
@@ -323,10 +409,22 @@ counters! {
     SockLbForward = 15, "sock_lb_forward", Verdict;
     /// A recvmsg() or getpeername() showed the service address instead of the backend's.
     SockLbReverse = 16, "sock_lb_reverse", Verdict;
+    /// A conntrack entry was created (a new flow; not a tuple reused by a new connection).
+    CtCreated = 17, "ct_created", Event;
+    /// A TCP flow closed (the last ACK after both FINs, or a RST): its entries were removed.
+    CtClosed = 18, "ct_closed", Event;
+    /// Two CPUs saw a flow's first packets at once: the later one took the earlier's backend.
+    CtRace = 19, "ct_race", Event;
+    /// A flow's reverse-NAT entry was missing (evicted) and was put back.
+    RevNatRepaired = 20, "revnat_repaired", Event;
+    /// A pod reached a service and was chosen as its own backend (hairpin NAT).
+    Hairpin = 21, "hairpin", Event;
+    /// A packet from a pod whose source is not the pod's address (spoofed).
+    DropSpoofed = 22, "drop_spoofed", Drop;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 23;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the
@@ -358,4 +456,5 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockFwdKey {}
+    unsafe impl aya::Pod for PodAddrKey {}
 }

@@ -38,9 +38,10 @@ use aya::{
     },
 };
 use ebpf_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_LANES, MaglevLanes, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey,
-    ServiceValue, SockFwdKey, SockRevKey, map_names, program_names, setting_names,
+    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CT_FLAG_HAIRPIN, CtEntry, FlowKey,
+    HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, PodAddrKey, RevNat,
+    SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
+    map_names, program_names, setting_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
@@ -60,7 +61,7 @@ const SOCK_PROGRAMS: [&str; 4] = [
 
 /// Bumped whenever a map's key or value layout changes: maps pinned by an incompatible build
 /// live in another directory and are never adopted by mistake.
-const MAPS_LAYOUT: u32 = 2;
+const MAPS_LAYOUT: u32 = 3;
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -259,6 +260,59 @@ pub mod verdict {
     pub const XDP_PASS: u32 = 2;
 }
 
+/// How often the node agent collects conntrack ([`Dataplane::gc`]).
+pub const GC_PERIOD: Duration = Duration::from_secs(30);
+
+/// What one conntrack collection found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Flows tracked after the collection.
+    pub entries: u64,
+    /// Flows removed for being idle past their lifetime.
+    pub expired: u64,
+    /// Reverse entries removed because their flow was gone.
+    pub orphans: u64,
+}
+
+/// The conntrack key of a client's flow to a service.
+fn flow_key(client: SocketAddrV4, service: Frontend) -> FlowKey {
+    FlowKey {
+        saddr: u32::from_ne_bytes(client.ip().octets()),
+        daddr: u32::from_ne_bytes(service.addr.ip().octets()),
+        sport: client.port().to_be(),
+        dport: service.addr.port().to_be(),
+        proto: service.proto.number(),
+        _pad: [0; 3],
+    }
+}
+
+/// The reverse-NAT key of a tracked flow (what `from_pod` inserts).
+fn reply_of(flow: &FlowKey, entry: &CtEntry) -> FlowKey {
+    FlowKey {
+        saddr: entry.backend.ip,
+        daddr: if entry.flags & CT_FLAG_HAIRPIN != 0 {
+            HAIRPIN_ADDR
+        } else {
+            flow.saddr
+        },
+        sport: entry.backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Seconds of `CLOCK_MONOTONIC_COARSE`, the clock the programs stamp flows with.
+fn monotonic_coarse_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
 /// A program attached after the data plane's ([`Dataplane::attach_probe`]); detached when
 /// dropped.
 pub struct ChainProbe {
@@ -374,6 +428,9 @@ pub struct Dataplane {
     pin_dir: PathBuf,
     services_map: HashMap<MapData, ServiceKey, ServiceValue>,
     counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    revnat: HashMap<MapData, FlowKey, RevNat>,
+    pod_addrs: HashMap<MapData, PodAddrKey, u32>,
     backends: MmapArray<Backend>,
     maglev: MmapArray<MaglevLanes>,
     services: BTreeMap<Frontend, ServiceState>,
@@ -439,6 +496,9 @@ impl Dataplane {
                     source,
                 }
             })?;
+        let conntrack = typed_map(&mut ebpf, map_names::CONNTRACK)?;
+        let revnat = typed_map(&mut ebpf, map_names::REVNAT)?;
+        let pod_addrs = typed_map(&mut ebpf, map_names::POD_ADDRS)?;
         let (backends, backend_slots) = mmap_array::<Backend>(&ebpf, map_names::BACKENDS)?;
         let (maglev, maglev_elements) = mmap_array::<MaglevLanes>(&ebpf, map_names::MAGLEV)?;
 
@@ -447,6 +507,9 @@ impl Dataplane {
             pin_dir: config.pin_dir.clone(),
             services_map,
             counters,
+            conntrack,
+            revnat,
+            pod_addrs,
             backends,
             maglev,
             services: BTreeMap::new(),
@@ -480,7 +543,9 @@ impl Dataplane {
                     "backend range overlaps another or is out of bounds",
                 ));
             }
-            if let Scheduler::Maglev { table_size } = spec.scheduler {
+            if let Scheduler::Maglev { table_size } = spec.scheduler
+                && value.backend_count > 0
+            {
                 let elements = maglev_elements(table_size);
                 if value.maglev_first % MAGLEV_LANES as u32 != 0
                     || !self
@@ -513,8 +578,13 @@ impl Dataplane {
     /// packets on with `TCX_NEXT`, and are placed so the others always see the backend's own
     /// address: `from_pod` first in the ingress chain (the others see the translated packet),
     /// `to_pod` last in the egress chain (before the service address is restored).
-    pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
+    ///
+    /// `sources` are the addresses the pod behind `iface` owns: packets from any other source
+    /// are dropped (`drop_spoofed`) before they touch a flow, so a pod cannot forge another
+    /// pod's flows. Empty: the interface is not checked (not a pod's: tests, benchmarks).
+    pub fn attach(&mut self, iface: &str, sources: &[Ipv4Addr]) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
+        self.set_sources(ifindex, sources)?;
         self.attach_program(
             iface,
             ifindex,
@@ -605,9 +675,44 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Replaces the addresses an interface may send from (none: unchecked). The interface's
+    /// marker (address 0) goes in last and out first, so a check never runs on half a list.
+    fn set_sources(&mut self, ifindex: u32, sources: &[Ipv4Addr]) -> Result<(), Error> {
+        let name = map_names::POD_ADDRS;
+        let map_error = |source| Error::Map { name, source };
+        let marker = PodAddrKey { ifindex, addr: 0 };
+        let stale: Vec<PodAddrKey> = self
+            .pod_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ifindex == ifindex && k.addr != 0)
+            .collect();
+        if sources.is_empty() {
+            remove_entry(&mut self.pod_addrs, &marker).map_err(map_error)?;
+        }
+        let wanted: Vec<PodAddrKey> = sources
+            .iter()
+            .map(|a| PodAddrKey {
+                ifindex,
+                addr: u32::from_ne_bytes(a.octets()),
+            })
+            .collect();
+        for key in &wanted {
+            self.pod_addrs.insert(key, 1, 0).map_err(map_error)?;
+        }
+        if !sources.is_empty() {
+            self.pod_addrs.insert(marker, 1, 0).map_err(map_error)?;
+        }
+        for key in stale.iter().filter(|k| !wanted.contains(k)) {
+            let _ = self.pod_addrs.remove(key);
+        }
+        Ok(())
+    }
+
     /// Detaches the programs from `iface`.
     pub fn detach(&mut self, iface: &str) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
+        self.set_sources(ifindex, &[])?;
         for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
             let pin = self.link_pin(ifindex, attach_type);
             if pin.exists() {
@@ -700,10 +805,7 @@ impl Dataplane {
         let mut map: HashMap<&mut MapData, u64, u32> =
             HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
                 .map_err(|source| Error::Map { name, source })?;
-        match map.remove(&netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(Error::Map { name, source }),
-        }
+        remove_entry(&mut map, &netns_cookie).map_err(|source| Error::Map { name, source })
     }
 
     /// Creates a service with no backends (new flows are rejected until some are set), or
@@ -897,7 +999,9 @@ impl Dataplane {
             backend_first,
             backend_count: count,
             maglev_first,
-            maglev_size: if count > 0 { maglev_size } else { 0 },
+            // Kept without backends (the table is then empty and unallocated): the service
+            // must still say which table size it uses when it is adopted and gets backends.
+            maglev_size,
             affinity_timeout_s,
             flags,
             _pad: 0,
@@ -925,7 +1029,7 @@ impl Dataplane {
     fn release_ranges(&mut self, value: &ServiceValue) {
         self.backend_alloc
             .release(value.backend_first, value.backend_count);
-        if value.flags & SVC_FLAG_MAGLEV != 0 && value.maglev_size != 0 {
+        if value.flags & SVC_FLAG_MAGLEV != 0 && value.maglev_size != 0 && value.backend_count > 0 {
             self.maglev_alloc.release(
                 value.maglev_first / MAGLEV_LANES as u32,
                 maglev_elements(value.maglev_size),
@@ -963,19 +1067,23 @@ impl Dataplane {
     /// Kernel memory of every map (`memlock` as /proc reports it for the map's fd).
     pub fn map_memory(&self) -> Result<MapMemory, Error> {
         let mut maps = Vec::new();
-        for name in map_names::ALL {
-            let fd = match name {
-                map_names::SERVICES => self.services_map.map().fd().as_fd().try_clone_to_owned(),
-                map_names::COUNTERS => self.counters.map().fd().as_fd().try_clone_to_owned(),
-                _ => map_data(&self.ebpf, name)?
-                    .fd()
-                    .as_fd()
-                    .try_clone_to_owned(),
-            }
-            .map_err(|source| Error::Pin {
-                path: PathBuf::from(name),
-                source,
-            })?;
+        for &name in map_names::ALL {
+            let data = match name {
+                map_names::SERVICES => self.services_map.map(),
+                map_names::COUNTERS => self.counters.map(),
+                map_names::CONNTRACK => self.conntrack.map(),
+                map_names::REVNAT => self.revnat.map(),
+                map_names::POD_ADDRS => self.pod_addrs.map(),
+                _ => map_data(&self.ebpf, name)?,
+            };
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| Error::Pin {
+                    path: PathBuf::from(name),
+                    source,
+                })?;
             maps.push((name, memlock(&fd)?));
         }
         Ok(MapMemory { maps })
@@ -1040,19 +1148,8 @@ impl Dataplane {
         client: SocketAddrV4,
         service: Frontend,
     ) -> Result<Option<SocketAddrV4>, Error> {
-        let name = map_names::CONNTRACK;
-        let map: HashMap<&MapData, FlowKey, CtEntry> =
-            HashMap::try_from(self.ebpf.map(name).ok_or(Error::MissingMap(name))?)
-                .map_err(|source| Error::Map { name, source })?;
-        let key = FlowKey {
-            saddr: u32::from_ne_bytes(client.ip().octets()),
-            daddr: u32::from_ne_bytes(service.addr.ip().octets()),
-            sport: client.port().to_be(),
-            dport: service.addr.port().to_be(),
-            proto: service.proto.number(),
-            _pad: [0; 3],
-        };
-        match map.get(&key, 0) {
+        let key = flow_key(client, service);
+        match self.conntrack.get(&key, 0) {
             Ok(entry) => Ok(Some(SocketAddrV4::new(
                 Ipv4Addr::from(entry.backend.ip.to_ne_bytes()),
                 u16::from_be(entry.backend.port),
@@ -1063,6 +1160,91 @@ impl Dataplane {
                 source,
             }),
         }
+    }
+
+    /// Collects conntrack: removes the flows idle longer than their state's lifetime
+    /// (`ebpf_common::lifetimes`) with their reverse entries, and reverse entries whose flow is
+    /// gone (evicted). Closed TCP flows are removed by the programs themselves; this catches
+    /// the rest (UDP, flows that never closed cleanly) before the LRU has to evict live ones.
+    /// Call it periodically (the node agent does every [`GC_PERIOD`]).
+    pub fn gc(&mut self) -> Result<GcReport, Error> {
+        let now = monotonic_coarse_s();
+        let ct_error = |source| Error::Map {
+            name: map_names::CONNTRACK,
+            source,
+        };
+        let flows: Vec<(FlowKey, CtEntry)> = self.conntrack.iter().filter_map(Result::ok).collect();
+        let mut report = GcReport {
+            entries: flows.len() as u64,
+            ..GcReport::default()
+        };
+        let expired = |entry: &CtEntry, proto: u8| {
+            now.saturating_sub(entry.last_seen) > entry.lifetime_s(proto)
+        };
+        for (key, entry) in &flows {
+            if !expired(entry, key.proto) {
+                continue;
+            }
+            // Read again right before removing: a packet may have just refreshed it.
+            match self.conntrack.get(key, 0) {
+                Ok(now_entry) if expired(&now_entry, key.proto) => {}
+                _ => continue,
+            }
+            remove_entry(&mut self.conntrack, key).map_err(ct_error)?;
+            let _ = self.revnat.remove(&reply_of(key, entry));
+            report.expired += 1;
+        }
+        let replies: Vec<(FlowKey, RevNat)> = self.revnat.iter().filter_map(Result::ok).collect();
+        for (reply, revnat) in &replies {
+            let client = if reply.daddr == HAIRPIN_ADDR {
+                reply.saddr
+            } else {
+                reply.daddr
+            };
+            let flow = FlowKey {
+                saddr: client,
+                daddr: revnat.vip,
+                sport: reply.dport,
+                dport: revnat.port,
+                proto: reply.proto,
+                _pad: [0; 3],
+            };
+            if matches!(
+                self.conntrack.get(&flow, 0),
+                Err(aya::maps::MapError::KeyNotFound)
+            ) {
+                let _ = self.revnat.remove(reply);
+                report.orphans += 1;
+            }
+        }
+        report.entries -= report.expired;
+        Ok(report)
+    }
+
+    /// Ages every conntrack entry by `by` (tests of the collector without waiting).
+    pub fn age_conntrack(&mut self, by: Duration) -> Result<(), Error> {
+        let by = u32::try_from(by.as_secs()).unwrap_or(u32::MAX);
+        let flows: Vec<(FlowKey, CtEntry)> = self.conntrack.iter().filter_map(Result::ok).collect();
+        for (key, mut entry) in flows {
+            entry.last_seen = entry.last_seen.wrapping_sub(by);
+            self.conntrack
+                .insert(key, entry, 0)
+                .map_err(|source| Error::Map {
+                    name: map_names::CONNTRACK,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the reverse entry of a client's flow to a service, as an LRU eviction would
+    /// (tests of the repair). False if the flow is not tracked.
+    pub fn forget_reply(&mut self, client: SocketAddrV4, service: Frontend) -> Result<bool, Error> {
+        let key = flow_key(client, service);
+        let Ok(entry) = self.conntrack.get(&key, 0) else {
+            return Ok(false);
+        };
+        Ok(self.revnat.remove(&reply_of(&key, &entry)).is_ok())
     }
 
     /// Ages a client's session affinity entry for a service by `by` (tests of the timeout
@@ -1108,7 +1290,14 @@ impl Dataplane {
 /// key [`Dataplane::enable_socket_lb`] takes. Call it from a thread inside the pod's namespace.
 pub fn netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // An unbound socket: binding needs an address, and a pod's loopback may be down.
+    // SAFETY: socket() with constant arguments; the fd is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt into a u64 with its size.
@@ -1341,6 +1530,30 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
 }
 
+/// Removes a hash map entry; one that is not there (any more) is no error.
+fn remove_entry<T: std::borrow::BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<T, K, V>,
+    key: &K,
+) -> Result<(), aya::maps::MapError> {
+    match map.remove(key) {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// Takes a hash map (plain or LRU) out of the loaded object, typed.
+fn typed_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, Error> {
+    HashMap::try_from(take_map(ebpf, name)?).map_err(|source| Error::Map { name, source })
+}
+
 fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
     match ebpf.map(name).ok_or(Error::MissingMap(name))? {
         Map::Array(data) | Map::LruHashMap(data) | Map::HashMap(data) | Map::PerCpuArray(data) => {
@@ -1368,7 +1581,7 @@ fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>,
 fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
     use std::mem::size_of;
     const MMAPABLE: u32 = 1 << 10;
-    let expected: [(&'static str, usize, usize, u32); 10] = [
+    let expected: [(&'static str, usize, usize, u32); 11] = [
         (
             map_names::SERVICES,
             size_of::<ServiceKey>(),
@@ -1395,6 +1608,7 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
             size_of::<AffinityEntry>(),
             0,
         ),
+        (map_names::POD_ADDRS, size_of::<PodAddrKey>(), 4, 0),
         (map_names::COUNTERS, 4, 8, 0),
         (map_names::SOCK_NETNS, 8, 4, 0),
         (

@@ -42,7 +42,7 @@ fn apply(dataplane: &mut Dataplane, state_path: &Path) -> Result<String> {
     let desired = state.desired()?;
     for iface in &state.interfaces {
         dataplane
-            .attach(iface)
+            .attach(iface, &[])
             .with_context(|| format!("attach to {iface}"))?;
     }
     let report = dataplane.sync(desired).check()?;

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader},
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     process::{Child, Stdio},
     sync::{
@@ -15,10 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ebpf_dataplane::packet;
 use ebpf_dataplane::{Config, Counter, Dataplane, Frontend, ServiceSpec, TcAttachType};
 use ebpf_dpctl::state::{ServiceEntry, State};
 use node_agent_netns::{
-    lab::{CLIENT_HOST_IF, Lab},
+    echo::EchoServer,
+    lab::{CLIENT_ADDR, CLIENT_HOST_IF, Lab},
     traffic::{Connection, tcp_request, udp_request},
 };
 
@@ -40,16 +42,23 @@ struct Setup {
 
 impl Setup {
     fn new(test: &str) -> Self {
+        Self::with_config(test, |_| {})
+    }
+
+    /// With the data plane's settings changed by `configure`.
+    fn with_config(test: &str, configure: impl FnOnce(&mut Config)) -> Self {
         require_root();
         let lab = Lab::new(&format!("kt-{}-{test}", std::process::id()), 3).expect("build the lab");
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/keel-test-{test}-{}",
             std::process::id()
         ));
-        let mut dataplane =
-            Dataplane::open(&Config::with_pin_dir(&pin_dir)).expect("open the data plane");
+        let mut config = Config::with_pin_dir(&pin_dir);
+        configure(&mut config);
+        let mut dataplane = Dataplane::open(&config).expect("open the data plane");
+        // The client is a pod: it may only send from its own address.
         lab.node
-            .run(|| dataplane.attach(CLIENT_HOST_IF))
+            .run(|| dataplane.attach(CLIENT_HOST_IF, &[CLIENT_ADDR]))
             .unwrap()
             .expect("attach");
         Self {
@@ -150,7 +159,7 @@ fn programs_attached_after_ours_still_see_every_packet() {
         .unwrap()
         .expect("attach a probe after to_pod");
     // A restart re-attaches ours; the probes must stay behind them in the chain and run.
-    node.run(|| dp.attach(CLIENT_HOST_IF))
+    node.run(|| dp.attach(CLIENT_HOST_IF, &[CLIENT_ADDR]))
         .unwrap()
         .expect("re-attach");
     const REQUESTS: u64 = 20;
@@ -489,4 +498,216 @@ fn the_desired_state_file_reports_bad_entries() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("unknown field"), "{err}");
+}
+
+#[test]
+fn a_pod_chosen_as_its_own_backend_reaches_itself() {
+    let mut setup = Setup::new("hairpin");
+    // The client pod serves too, and is the services' only backend: every flow hairpins.
+    let own = SocketAddrV4::new(CLIENT_ADDR, 9090);
+    let _server = setup
+        .lab
+        .client
+        .run(|| EchoServer::start(own, "client"))
+        .unwrap()
+        .expect("start a server in the client pod");
+    let (tcp, udp) = (
+        Frontend::tcp("10.96.0.30:80".parse().unwrap()),
+        Frontend::udp("10.96.0.30:53".parse().unwrap()),
+    );
+    serve(&mut setup, tcp, vec![own]);
+    serve(&mut setup, udp, vec![own]);
+    setup
+        .lab
+        .client
+        .run(|| {
+            for i in 0..20 {
+                let name = tcp_request(tcp.addr).unwrap_or_else(|e| panic!("TCP {i}: {e:#}"));
+                assert_eq!(name, "client");
+                // Connected UDP: only an answer from the service address is received.
+                let name = udp_request(udp.addr).unwrap_or_else(|e| panic!("UDP {i}: {e:#}"));
+                assert_eq!(name, "client");
+            }
+            let mut conn = Connection::open(tcp.addr).expect("connect");
+            for _ in 0..3 {
+                assert_eq!(conn.ask().expect("ask"), "client");
+            }
+            assert_eq!(conn.peer().unwrap(), std::net::SocketAddr::V4(tcp.addr));
+        })
+        .unwrap();
+    let stats = setup.dataplane().stats().unwrap();
+    assert!(stats.get(Counter::Hairpin) >= 41, "{stats:?}");
+    assert_eq!(stats.drops(), 0, "{stats:?}");
+}
+
+/// Sends a raw IPv4 packet (its own header, any source) from the calling thread's namespace.
+fn send_raw(ip_packet: &[u8], dst: Ipv4Addr) {
+    // SAFETY: socket() with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid buffer and address with their sizes; the fd is closed right after.
+    let sent = unsafe {
+        let n = libc::sendto(
+            fd,
+            ip_packet.as_ptr().cast(),
+            ip_packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        libc::close(fd);
+        n
+    };
+    assert_eq!(sent, ip_packet.len() as isize, "sendto");
+}
+
+#[test]
+fn a_pod_cannot_forge_another_pods_flows() {
+    let mut setup = Setup::new("spoof");
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, web(), backends.clone());
+    serve(&mut setup, dns(), vec![backends[0]]);
+    // The third backend's pod is the attacker: its interface is a pod interface like the
+    // client's, allowed its own address only.
+    let attacker_ip = *backends[2].ip();
+    let (node, dp) = (&setup.lab.node, setup.dataplane.as_mut().unwrap());
+    node.run(|| dp.attach("be3", &[attacker_ip]))
+        .unwrap()
+        .expect("attach to the attacker's interface");
+
+    // The victims: a TCP connection to the web service and a UDP flow to DNS.
+    let (mut tcp, tcp_backend, udp) = setup
+        .lab
+        .client
+        .run(|| {
+            let mut tcp = Connection::open(web().addr).expect("connect");
+            let name = tcp.ask().expect("ask");
+            let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            udp.connect(dns().addr).unwrap();
+            udp.send(b"hello\n").unwrap();
+            let mut buf = [0u8; 64];
+            udp.recv(&mut buf).expect("first UDP answer");
+            (tcp, name, udp)
+        })
+        .unwrap();
+    let victim_tcp = match tcp.local {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    let victim_udp = match udp.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    let before = setup.dataplane().conntrack(victim_tcp, web()).unwrap();
+    assert!(before.is_some());
+
+    const FORGED: u64 = 10;
+    setup.lab.backends[2]
+        .ns
+        .run(|| {
+            for _ in 0..FORGED {
+                // A SYN on the victim's tuple would re-balance its established flow.
+                let syn = packet::tcp(victim_tcp, web().addr, packet::TCP_SYN).build();
+                send_raw(&syn[14..], *web().addr.ip());
+                // A datagram opening a direct flow on the tuple of the victim's UDP flow would
+                // remove its reverse entry.
+                let direct = packet::udp(victim_udp, backends[0], b"x").build();
+                send_raw(&direct[14..], *backends[0].ip());
+            }
+        })
+        .unwrap();
+
+    let stats = setup.dataplane().stats().unwrap();
+    assert_eq!(stats.get(Counter::DropSpoofed), 2 * FORGED, "{stats:?}");
+    assert_eq!(
+        setup.dataplane().conntrack(victim_tcp, web()).unwrap(),
+        before,
+        "the victim's flow kept its backend"
+    );
+    setup
+        .lab
+        .client
+        .run(|| {
+            assert_eq!(
+                tcp.ask().expect("the victim's connection works"),
+                tcp_backend
+            );
+            udp.send(b"hello\n").unwrap();
+            let mut buf = [0u8; 64];
+            udp.recv(&mut buf)
+                .expect("the victim's UDP answer still comes from the service");
+        })
+        .unwrap();
+}
+
+#[test]
+fn idle_connections_survive_many_short_ones() {
+    // Room for the idle flows and what is in flight, far less than the short flows.
+    let mut setup = Setup::with_config("churn", |c| c.ct_entries = 4096);
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, web(), backends);
+    const IDLE: usize = 1000;
+    const SHORT_PER_THREAD: usize = 5000;
+    const THREADS: usize = 4;
+    let mut idle = setup
+        .lab
+        .client
+        .run(|| {
+            (0..IDLE)
+                .map(|i| {
+                    let mut conn =
+                        Connection::open(web().addr).unwrap_or_else(|e| panic!("idle {i}: {e:#}"));
+                    let name = conn.ask().expect("ask");
+                    (conn, name)
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    setup
+        .lab
+        .client
+        .run(|| {
+            thread::scope(|s| {
+                for t in 0..THREADS {
+                    s.spawn(move || {
+                        for i in 0..SHORT_PER_THREAD {
+                            tcp_request(web().addr)
+                                .unwrap_or_else(|e| panic!("short {t}/{i}: {e:#}"));
+                        }
+                    });
+                }
+            })
+        })
+        .unwrap();
+    let moved = setup
+        .lab
+        .client
+        .run(|| {
+            idle.iter_mut()
+                .map(|(conn, name)| conn.ask().ok().as_ref() != Some(name))
+                .filter(|&moved| moved)
+                .count()
+        })
+        .unwrap();
+    assert_eq!(
+        moved,
+        0,
+        "idle connections broken by {} short ones",
+        THREADS * SHORT_PER_THREAD
+    );
+    let stats = setup.dataplane().stats().unwrap();
+    assert!(
+        stats.get(Counter::CtClosed) >= (THREADS * SHORT_PER_THREAD) as u64,
+        "closed flows are forgotten at once: {stats:?}"
+    );
+    assert_eq!(stats.drops(), 0, "{stats:?}");
 }

@@ -41,16 +41,18 @@ pub fn choose(svc: &ServiceValue, flow: &FlowKey) -> Option<Choice> {
         client: flow.saddr,
         service_id: svc.id,
     };
-    if let Some(entry) = AFFINITY.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup; a concurrent update can only
-        // make the values read here stale, which the checks below tolerate.
-        let entry = unsafe { &mut *entry };
+    if let Some(ptr) = AFFINITY.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful lookup; the entry is copied out (other
+        // CPUs may use it at the same time) and only its time written back. A concurrent
+        // update can only make the values read here stale, which the checks below tolerate.
+        let entry = unsafe { ptr.read() };
         let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
         // The backend must still sit at its index: a backend that left loses its clients.
         if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
             && backend_at(svc, entry.backend_index) == Some(entry.backend)
         {
-            entry.last_used_ns = now;
+            // SAFETY: as above; one field write.
+            unsafe { core::ptr::addr_of_mut!((*ptr).last_used_ns).write(now) };
             count(Counter::AffinityHit);
             return Some(Choice {
                 backend: entry.backend,

@@ -21,21 +21,26 @@ mod reject;
 mod sock;
 mod stats;
 
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, xdp_action},
+    EbpfContext,
+    bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_peer},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ebpf_common::{
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey,
-    IPPROTO_TCP, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_FLAG_CLIENT_FIN, CT_FLAG_HAIRPIN, CT_FLAG_SERVER_FIN, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey, HAIRPIN_ADDR, IPPROTO_TCP,
+    PodAddrKey, REVNAT_FLAG_CLOSING, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     lb::backend_at,
-    maps::{CONNTRACK, REVNAT, SERVICES},
+    maps::{CONNTRACK, POD_ADDRS, REVNAT, SERVICES},
     nat::{End, rewrite},
-    parse::{Packet, Parsed, parse},
+    parse::{Packet, Parsed, parse, read_at},
     stats::count,
 };
 
@@ -116,6 +121,35 @@ fn packet(ctx: &TcContext) -> Result<Result<Packet, i32>, Counter> {
     }
 }
 
+/// The interface the packet arrived on (tc ingress) or leaves by (tc egress).
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the program's own context; ifindex is readable by tc programs.
+    unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
+}
+
+/// Seconds of the coarse monotonic clock (conntrack's time base; userspace's GC compares it
+/// with `CLOCK_MONOTONIC`).
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: no arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Whether a pod interface may send from `saddr`: interfaces userspace registered addresses
+/// for accept only those; others (tests, benchmarks) are not checked. One lookup for a pod's
+/// own packets.
+#[inline(always)]
+fn source_allowed(ifindex: u32, saddr: u32) -> bool {
+    POD_ADDRS
+        .get_ptr(PodAddrKey {
+            ifindex,
+            addr: saddr,
+        })
+        .is_some()
+        || POD_ADDRS.get_ptr(PodAddrKey { ifindex, addr: 0 }).is_none()
+}
+
 #[inline(always)]
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let pkt = match packet(ctx)? {
@@ -123,6 +157,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         Err(verdict) => return Ok(verdict),
     };
     let flow = pkt.flow;
+    let ifindex = ifindex(ctx);
+    // Before any conntrack or load-balancing work: a pod forging another pod's address could
+    // otherwise re-balance or end that pod's flows.
+    if !source_allowed(ifindex, flow.saddr) {
+        return Err(Counter::DropSpoofed);
+    }
+    if flow.daddr == HAIRPIN_ADDR {
+        return hairpin_reply(ctx, &pkt, ifindex);
+    }
     let svc_key = ServiceKey {
         vip: flow.daddr,
         port: flow.dport,
@@ -134,32 +177,50 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let force_miss = unsafe { core::ptr::read_volatile(&FORCE_CT_MISS) } != 0;
     let mut reselect = false;
     if !force_miss && let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-        // SAFETY: the pointer comes from a successful lookup; LRU entries can be recycled under
-        // us, which at worst sends one packet of a flow evicted this instant to a stale backend.
-        let ct = unsafe { &mut *ct };
+        // SAFETY: the pointer comes from a successful lookup; the entry is copied out and
+        // written back field by field (other CPUs may be reading it). LRU entries can be
+        // recycled under us, which at worst sends one packet of a flow evicted this instant
+        // to a stale backend.
+        let entry = unsafe { ct.read() };
         let keep = if flow.proto == IPPROTO_TCP {
-            tcp_keeps_backend(ct, pkt.tcp_flags)
+            // A SYN on the tuple of an established or closing flow opens a new connection
+            // (choose afresh); while the handshake is pending it is a retransmit.
+            pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN || entry.state == CT_STATE_SYN_SENT
         } else {
             // UDP has no connection to close: revalidate that the backend is still in the
             // service, so a removed backend's flows move on (kube-proxy clears their conntrack).
             match SERVICES.get_ptr(svc_key) {
                 // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
-                Some(svc) => backend_at(unsafe { &*svc }, ct.backend_index) == Some(ct.backend),
+                Some(svc) => {
+                    backend_at(unsafe { &*svc }, entry.backend_index) == Some(entry.backend)
+                }
                 None => false,
             }
         };
         if keep {
-            let backend = ct.backend;
-            rewrite(
-                ctx,
-                &pkt,
-                End::Destination,
-                (flow.daddr, flow.dport),
-                (backend.ip, backend.port),
-            )
-            .map_err(|()| Counter::DropRewrite)?;
+            let now = now_s();
+            let reply = reply_key(&flow, &entry);
+            if entry.last_seen != now {
+                // SAFETY: as above.
+                unsafe { addr_of_mut!((*ct).last_seen).write(now) };
+                // At most once a second, the reverse entry is checked: an LRU may have evicted
+                // it while the flow was idle, and replies would then show the backend.
+                if REVNAT.get_ptr(reply).is_none() {
+                    let _ = REVNAT.insert(reply, revnat_of(&flow, 0), 0);
+                    count(Counter::RevNatRepaired);
+                }
+            }
+            let ended = if flow.proto == IPPROTO_TCP {
+                track_tcp(ct, &entry, pkt.tcp_flags, CT_FLAG_CLIENT_FIN, &reply)
+            } else {
+                false
+            };
+            let verdict = forward(ctx, &pkt, &entry, ifindex)?;
+            if ended {
+                forget(&flow, &reply);
+            }
             count(Counter::DnatEstablished);
-            return Ok(TCX_NEXT);
+            return Ok(verdict);
         }
         reselect = true;
     }
@@ -168,8 +229,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         // A flow not to a service. If it opens on the tuple an ended service flow left behind
         // (the client reused its port towards that backend directly), that flow's reverse NAT
         // must go, or the direct flow's replies would come back from the service address.
+        // Looked up first: a delete takes the map's bucket lock even when there is nothing.
         if flow.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            let _ = REVNAT.remove(reversed(&flow));
+            let stale = reversed(&flow);
+            if REVNAT.get_ptr(stale).is_some() {
+                let _ = REVNAT.remove(stale);
+            }
         }
         count(Counter::PassNotService);
         return Ok(TCX_NEXT);
@@ -186,45 +251,172 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
     let choice = lb::choose(&svc, &flow).ok_or(Counter::DropNoBackendSlot)?;
     let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let entry = CtEntry {
+    let mut entry = CtEntry {
         backend: choice.backend,
         backend_index: choice.index,
+        last_seen: now_s(),
         state: if syn_only {
             CT_STATE_SYN_SENT
         } else {
             CT_STATE_ESTABLISHED
         },
-        _pad: [0; 3],
+        flags: if choice.backend.ip == flow.saddr {
+            CT_FLAG_HAIRPIN
+        } else {
+            0
+        },
+        _pad: [0; 2],
     };
-    CONNTRACK
-        .insert(flow, entry, 0)
-        .map_err(|_| Counter::DropCtInsert)?;
-    let reply = reversed(&FlowKey {
-        daddr: choice.backend.ip,
-        dport: choice.backend.port,
-        ..flow
-    });
-    let revnat = RevNat {
-        vip: flow.daddr,
-        port: flow.dport,
-        _pad: 0,
-    };
+    if reselect {
+        CONNTRACK
+            .insert(flow, entry, BPF_ANY as u64)
+            .map_err(|_| Counter::DropCtInsert)?;
+    } else if CONNTRACK.insert(flow, entry, BPF_NOEXIST as u64).is_ok() {
+        count(Counter::CtCreated);
+    } else {
+        // Another CPU created the flow since our lookup (two first packets at once): its
+        // backend is the flow's.
+        let winner = CONNTRACK.get_ptr(flow).ok_or(Counter::DropCtInsert)?;
+        // SAFETY: copied out at once from a successful lookup.
+        entry = unsafe { winner.read() };
+        count(Counter::CtRace);
+    }
+    let reply = reply_key(&flow, &entry);
     REVNAT
-        .insert(reply, revnat, 0)
+        .insert(reply, revnat_of(&flow, 0), 0)
         .map_err(|_| Counter::DropCtInsert)?;
-    rewrite(
-        ctx,
-        &pkt,
-        End::Destination,
-        (flow.daddr, flow.dport),
-        (choice.backend.ip, choice.backend.port),
-    )
-    .map_err(|()| Counter::DropRewrite)?;
+    let verdict = forward(ctx, &pkt, &entry, ifindex)?;
     if reselect {
         count(Counter::Reselected);
     }
     count(Counter::DnatNew);
-    Ok(TCX_NEXT)
+    Ok(verdict)
+}
+
+/// The reverse-NAT entry restoring `flow`'s service address.
+#[inline(always)]
+fn revnat_of(flow: &FlowKey, flags: u16) -> RevNat {
+    RevNat {
+        vip: flow.daddr,
+        port: flow.dport,
+        flags,
+    }
+}
+
+/// The tuple of a flow's replies as the backend sends them: from the backend to the client,
+/// or, on a hairpin, to the address the client's source was rewritten to.
+#[inline(always)]
+fn reply_key(flow: &FlowKey, entry: &CtEntry) -> FlowKey {
+    FlowKey {
+        saddr: entry.backend.ip,
+        daddr: if entry.flags & CT_FLAG_HAIRPIN != 0 {
+            HAIRPIN_ADDR
+        } else {
+            flow.saddr
+        },
+        sport: entry.backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Sends a client's packet to its backend: the destination rewritten, and on a hairpin the
+/// source too, the packet then going straight back into the pod.
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ifindex: u32) -> Result<i32, Counter> {
+    let flow = &pkt.flow;
+    let backend = entry.backend;
+    rewrite(
+        ctx,
+        pkt,
+        End::Destination,
+        (flow.daddr, flow.dport),
+        (backend.ip, backend.port),
+    )
+    .map_err(|()| Counter::DropRewrite)?;
+    if entry.flags & CT_FLAG_HAIRPIN == 0 {
+        return Ok(TCX_NEXT);
+    }
+    rewrite(
+        ctx,
+        pkt,
+        End::Source,
+        (flow.saddr, flow.sport),
+        (HAIRPIN_ADDR, flow.sport),
+    )
+    .map_err(|()| Counter::DropRewrite)?;
+    count(Counter::Hairpin);
+    back_into_pod(ctx, ifindex)
+}
+
+/// Delivers a packet that arrived from a pod straight back into it (the peer of the veth it
+/// came in on), as if its gateway had sent it: the MAC addresses swap.
+#[inline(always)]
+fn back_into_pod(ctx: &TcContext, ifindex: u32) -> Result<i32, Counter> {
+    let macs = read_at::<[u8; 12]>(ctx, 0).ok_or(Counter::DropRewrite)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0)
+        .map_err(|_| Counter::DropRewrite)?;
+    // SAFETY: no pointers.
+    Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
+}
+
+/// Advances a TCP flow's state on a packet from one side (`fin_flag` says which) and writes
+/// the changes back; true when the flow has now ended (a RST, or the last ACK after both
+/// FINs), so its entries can go at once instead of waiting to be evicted.
+#[inline(always)]
+fn track_tcp(
+    ct: *mut CtEntry,
+    entry: &CtEntry,
+    tcp_flags: u8,
+    fin_flag: u8,
+    reply: &FlowKey,
+) -> bool {
+    if tcp_flags & TCP_RST != 0 {
+        return true;
+    }
+    let both = CT_FLAG_CLIENT_FIN | CT_FLAG_SERVER_FIN;
+    let (mut state, mut flags) = (entry.state, entry.flags);
+    if tcp_flags & TCP_FIN != 0 {
+        state = CT_STATE_CLOSING;
+        flags |= fin_flag;
+    } else if entry.flags & both == both && tcp_flags & TCP_ACK != 0 {
+        return true;
+    } else if state == CT_STATE_SYN_SENT
+        && fin_flag == CT_FLAG_CLIENT_FIN
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK
+    {
+        state = CT_STATE_ESTABLISHED;
+    }
+    if flags != entry.flags {
+        // The flow starts closing: replies must now look at its conntrack entry too (to see
+        // the last ACK when the client closes second).
+        if let Some(rev) = REVNAT.get_ptr_mut(*reply) {
+            // SAFETY: a field write through a pointer from a successful lookup.
+            unsafe { addr_of_mut!((*rev).flags).write(REVNAT_FLAG_CLOSING) };
+        }
+    }
+    // SAFETY: `ct` comes from a successful lookup; field writes only.
+    unsafe {
+        if state != entry.state {
+            addr_of_mut!((*ct).state).write(state);
+        }
+        if flags != entry.flags {
+            addr_of_mut!((*ct).flags).write(flags);
+        }
+    }
+    false
+}
+
+/// Removes an ended flow's entries.
+#[inline(always)]
+fn forget(flow: &FlowKey, reply: &FlowKey) {
+    let _ = CONNTRACK.remove(*flow);
+    let _ = REVNAT.remove(*reply);
+    count(Counter::CtClosed);
 }
 
 /// The tuple of the packets going the other way.
@@ -240,24 +432,6 @@ fn reversed(flow: &FlowKey) -> FlowKey {
     }
 }
 
-/// Advances a TCP flow's state; false when a SYN opens a new connection on the tuple of one
-/// that was established or closing (the tuple is reused: choose a backend afresh). A SYN while
-/// the handshake is pending is a retransmit and keeps its backend.
-#[inline(always)]
-fn tcp_keeps_backend(ct: &mut CtEntry, flags: u8) -> bool {
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return ct.state == CT_STATE_SYN_SENT;
-    }
-    if flags & (TCP_FIN | TCP_RST) != 0 {
-        if ct.state != CT_STATE_CLOSING {
-            ct.state = CT_STATE_CLOSING;
-        }
-    } else if ct.state == CT_STATE_SYN_SENT && flags & TCP_ACK != 0 {
-        ct.state = CT_STATE_ESTABLISHED;
-    }
-    true
-}
-
 #[inline(always)]
 fn try_to_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let pkt = match packet(ctx)? {
@@ -269,17 +443,70 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(TCX_NEXT);
     };
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
-    let revnat = unsafe { *revnat };
+    let revnat = unsafe { revnat.read() };
+    restore(ctx, &pkt, &revnat, pkt.flow.daddr)?;
+    count(Counter::RevNat);
+    Ok(TCX_NEXT)
+}
+
+/// A pod's reply to a connection it made to itself through a service (hairpin): from its
+/// service address, back to it, straight into it.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Result<i32, Counter> {
+    let Some(revnat) = REVNAT.get_ptr(pkt.flow) else {
+        // Nothing of ours: the address is reserved, nothing else answers on it.
+        count(Counter::PassNotService);
+        return Ok(TCX_NEXT);
+    };
+    // SAFETY: the pointer comes from a successful lookup; copied out at once.
+    let revnat = unsafe { revnat.read() };
     rewrite(
         ctx,
-        &pkt,
+        pkt,
+        End::Destination,
+        (HAIRPIN_ADDR, pkt.flow.dport),
+        (pkt.flow.saddr, pkt.flow.dport),
+    )
+    .map_err(|()| Counter::DropRewrite)?;
+    restore(ctx, pkt, &revnat, pkt.flow.saddr)?;
+    count(Counter::RevNat);
+    back_into_pod(ctx, ifindex)
+}
+
+/// Restores the service address as a reply's source; tracks the end of a closing TCP flow
+/// (`client` is the address the flow's client has).
+#[inline(always)]
+fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Result<(), Counter> {
+    let flow = &pkt.flow;
+    rewrite(
+        ctx,
+        pkt,
         End::Source,
-        (pkt.flow.saddr, pkt.flow.sport),
+        (flow.saddr, flow.sport),
         (revnat.vip, revnat.port),
     )
     .map_err(|()| Counter::DropRewrite)?;
-    count(Counter::RevNat);
-    Ok(TCX_NEXT)
+    if flow.proto != IPPROTO_TCP
+        || (pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 && revnat.flags & REVNAT_FLAG_CLOSING == 0)
+    {
+        return Ok(());
+    }
+    let client_flow = FlowKey {
+        saddr: client,
+        daddr: revnat.vip,
+        sport: flow.dport,
+        dport: revnat.port,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    if let Some(ct) = CONNTRACK.get_ptr_mut(client_flow) {
+        // SAFETY: copied out from a successful lookup; written back by field.
+        let entry = unsafe { ct.read() };
+        if track_tcp(ct, &entry, pkt.tcp_flags, CT_FLAG_SERVER_FIN, flow) {
+            forget(&client_flow, flow);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use ebpf_common::IPPROTO_TCP;
 
-use crate::parse::{ETH_HLEN, Ipv4Hdr, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at};
+use crate::parse::{ETH_HLEN, Ipv4Hdr, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, read_at};
 
 /// The IPv4 checksum, source and destination: 10 contiguous bytes from here.
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
@@ -39,9 +39,8 @@ pub fn rewrite(
         End::Destination => pkt.l4_off + 2,
         End::Source => pkt.l4_off,
     };
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(())?;
-    // SAFETY: ptr_at checked the bounds; a read only.
-    let (check, mut saddr, mut daddr) = unsafe { ((*ip).check, (*ip).saddr, (*ip).daddr) };
+    let ip = read_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(())?;
+    let (check, mut saddr, mut daddr) = (ip.check, ip.saddr, ip.daddr);
     match end {
         End::Destination => daddr = new.0,
         End::Source => saddr = new.0,

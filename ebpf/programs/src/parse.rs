@@ -13,6 +13,7 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -20,6 +21,7 @@ pub struct EthHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -70,6 +72,14 @@ const IP_OFFSET: u16 = 0x1fff;
 pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
+/// Reads a `T` at `offset`, if the linear data holds it (packet data has no alignment
+/// guarantee: never dereference a packet pointer to a wider type).
+#[inline(always)]
+pub fn read_at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked the bounds; read_unaligned makes no alignment assumption.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
 /// Makes sure the first `len` bytes of the frame are in the linear data, pulling them in once
 /// if the skb is paged (GRO). False if the packet is shorter. Invalidates packet pointers.
 #[inline(always)]
@@ -83,30 +93,26 @@ fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
 /// Parses Ethernet, IPv4 and the TCP/UDP ports.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some(eth) = read_at::<EthHdr>(ctx, 0) else {
         return Parsed::Pass(Counter::PassNotIpv4);
     };
-    // SAFETY: ptr_at checked the bounds.
-    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
+    if eth.proto != ETH_P_IP.to_be() {
         return Parsed::Pass(Counter::PassNotIpv4);
     }
     if !ensure_linear(ctx, ETH_HLEN + size_of::<Ipv4Hdr>()) {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+    let Some(ip) = read_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     };
-    // SAFETY: ptr_at checked the bounds.
-    let (version_ihl, proto, frag_off, saddr, daddr, tot_len) = unsafe {
-        (
-            (*ip).version_ihl,
-            (*ip).proto,
-            u16::from_be((*ip).frag_off),
-            (*ip).saddr,
-            (*ip).daddr,
-            u16::from_be((*ip).tot_len),
-        )
-    };
+    let (version_ihl, proto, frag_off, saddr, daddr, tot_len) = (
+        ip.version_ihl,
+        ip.proto,
+        u16::from_be(ip.frag_off),
+        ip.saddr,
+        ip.daddr,
+        u16::from_be(ip.tot_len),
+    );
     let ihl = (version_ihl & 0x0f) as usize * 4;
     // A total length of 0 is BIG TCP (a GRO packet over 64 KiB): its length is the skb's.
     let tot_len_bad = tot_len != 0

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use ebpf_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP};
 
-use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, TCP_HLEN, UDP_HLEN, ptr_at};
+use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, TCP_HLEN, UDP_HLEN, read_at};
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
@@ -25,9 +25,8 @@ const MAX_QUOTED_WORDS: usize = (60 + TCP_HLEN) / 4;
 /// the interface it arrived on. Returns the tc verdict.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(Counter::DropReject)?;
-    // SAFETY: ptr_at checked the bounds.
-    let (client_mac, our_mac) = unsafe { ((*eth).src, (*eth).dst) };
+    let eth = read_at::<EthHdr>(ctx, 0).ok_or(Counter::DropReject)?;
+    let (client_mac, our_mac) = (eth.src, eth.dst);
     let skb = ctx.as_ptr() as *mut __sk_buff;
 
     // RFC 792 asks for the IP header and 8 bytes of payload; the whole TCP header is quoted
@@ -59,15 +58,14 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
         if i * 4 >= quoted {
             break;
         }
-        let word = ptr_at::<u32>(ctx, quoted_off + i * 4).ok_or(Counter::DropReject)?;
-        // SAFETY: ptr_at checked the bounds.
-        sum += unsafe { *word } as u64;
+        // The quote starts 42 bytes into the frame: not 4-byte aligned.
+        let word = read_at::<u32>(ctx, quoted_off + i * 4).ok_or(Counter::DropReject)?;
+        sum += word as u64;
     }
     let icmp_csum = fold(sum);
 
-    let inner = ptr_at::<Ipv4Hdr>(ctx, quoted_off).ok_or(Counter::DropReject)?;
-    // SAFETY: ptr_at checked the bounds.
-    let (client, service) = unsafe { ((*inner).saddr, (*inner).daddr) };
+    let inner = read_at::<Ipv4Hdr>(ctx, quoted_off).ok_or(Counter::DropReject)?;
+    let (client, service) = (inner.saddr, inner.daddr);
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,

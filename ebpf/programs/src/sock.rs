@@ -71,7 +71,7 @@ fn remember_service(cookie: u64, key: &ServiceKey, choice: &lb::Choice) {
     let value = RevNat {
         vip: key.vip,
         port: key.port,
-        _pad: 0,
+        flags: 0,
     };
     // Best effort: without it getpeername/recvmsg show the backend, the flow still works.
     let _ = SOCK_REVNAT.insert(rev, value, 0);
@@ -125,14 +125,15 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
             let entry = CtEntry {
                 backend: choice.backend,
                 backend_index: choice.index,
-                state: 0,
-                _pad: [0; 3],
+                ..CtEntry::default()
             };
             let _ = SOCK_FWD.insert(fwd, entry, 0);
-            remember_service(cookie, &key, &choice);
             choice
         }
     };
+    // Refreshed on every send: an LRU entry that only the first datagram wrote would be
+    // evicted under churn while the socket still waits for replies.
+    remember_service(cookie, &key, &choice);
     set_destination(ctx, choice.backend.ip, choice.backend.port);
     count(Counter::SockLbForward);
     ALLOW

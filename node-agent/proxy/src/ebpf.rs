@@ -38,7 +38,7 @@ impl EbpfProxier {
             .context("open the eBPF data plane")?;
         for iface in &config.interfaces {
             dataplane
-                .attach(iface)
+                .attach(iface, &[])
                 .with_context(|| format!("attach to {iface}"))?;
         }
         let socket_lb = config.socket_lb || config.host_socket_lb || !config.pod_netns.is_empty();
@@ -150,9 +150,9 @@ impl Proxier for EbpfProxier {
 
     /// Attaches (again, for an interface re-created under the same name: the link pinned for
     /// the old one is stale and replaced).
-    fn attach_interface(&mut self, iface: &str) -> Result<()> {
+    fn attach_interface(&mut self, iface: &str, sources: &[std::net::Ipv4Addr]) -> Result<()> {
         self.dataplane
-            .attach(iface)
+            .attach(iface, sources)
             .with_context(|| format!("attach to {iface}"))?;
         if !self.interfaces.iter().any(|i| i == iface) {
             self.interfaces.push(iface.to_owned());
@@ -175,6 +175,10 @@ impl Proxier for EbpfProxier {
             Some(cookie) => Ok(self.dataplane.disable_socket_lb(cookie)?),
             None => Ok(()),
         }
+    }
+
+    fn collect(&mut self) -> Result<Option<ebpf_dataplane::GcReport>> {
+        Ok(Some(self.dataplane.gc().context("collect conntrack")?))
     }
 
     fn kernel_usage(&self) -> Result<KernelUsage> {

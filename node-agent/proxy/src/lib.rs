@@ -140,10 +140,15 @@ pub trait Proxier: Send {
         let _ = changed;
         self.sync(state)
     }
-    /// A pod's host-side interface appeared (eBPF mode: attach the tc programs to it).
-    fn attach_interface(&mut self, iface: &str) -> Result<()> {
-        let _ = iface;
+    /// A pod's host-side interface appeared (eBPF mode: attach the tc programs to it, and
+    /// accept only `sources` as its packets' source when there are any).
+    fn attach_interface(&mut self, iface: &str, sources: &[std::net::Ipv4Addr]) -> Result<()> {
+        let _ = (iface, sources);
         Ok(())
+    }
+    /// Periodic housekeeping (eBPF mode: collect conntrack); what it found, if anything.
+    fn collect(&mut self) -> Result<Option<ebpf_dataplane::GcReport>> {
+        Ok(None)
     }
     /// A pod's network namespace appeared (eBPF mode: load balance its sockets).
     fn enable_netns(&mut self, netns: &Path) -> Result<()> {
