@@ -326,6 +326,16 @@ fn pods_run_on_every_node_and_reach_each_other_directly_and_through_services() {
     );
     node.agent.restart().unwrap();
     node.agent.wait_healthy(Duration::from_secs(60)).unwrap();
+    // Healthy comes first; the kubelet then reconciles its pods and adopts their containers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !node
+        .agent
+        .recent_logs()
+        .contains("adopted a running container")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
         node.agent
             .recent_logs()

@@ -36,6 +36,8 @@ macro_rules! for_each_map {
             SERVICES = "keel_services",
             /// `u32 -> Backend`: backend addresses; each service owns a contiguous range.
             BACKENDS = "keel_backends",
+            /// `MemberKey -> u32`: the backends each service has, whatever their slots.
+            MEMBERS = "keel_members",
             /// `u32 -> MaglevLanes`: Maglev tables; each Maglev service owns a contiguous range.
             MAGLEV = "keel_maglev",
             /// `FlowKey (client -> VIP) -> CtEntry` (LRU): the backend a flow sticks to.
@@ -55,7 +57,7 @@ macro_rules! for_each_map {
             /// `SockRevKey (socket, backend) -> RevNat` (LRU): the service a socket's backend
             /// stands for, for getpeername and recvmsg.
             SOCK_REVNAT = "keel_sock_rev",
-            /// `SockFwdKey (socket, service) -> CtEntry` (LRU): the backend an unconnected UDP
+            /// `SockFwdKey (socket, service) -> Backend` (LRU): the backend an unconnected UDP
             /// socket's datagrams to a service stick to.
             SOCK_FWD = "keel_sock_fwd",
         }
@@ -93,6 +95,8 @@ pub mod defaults {
     /// Backend slots (8 bytes each, preallocated: 16 MiB). Each service uses one per backend;
     /// the headroom absorbs fragmentation of the slot space.
     pub const BACKEND_SLOTS: u32 = 2_097_152;
+    /// (service, backend) pairs: one per distinct backend of each service. Not preallocated.
+    pub const MEMBERS: u32 = 2_097_152;
     /// Maglev elements of `MAGLEV_LANES` entries (8 bytes each, preallocated: 8 MiB), room for
     /// 256 Maglev services at the default table size.
     pub const MAGLEV_ELEMENTS: u32 = 1_048_576;
@@ -195,6 +199,17 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 8);
 
+/// A backend of a service. Flows, affinity entries and sockets remember their backend's
+/// address and stay on it while this pair is in `MEMBERS`, whatever slot the backend moves to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MemberKey {
+    /// The service's `ServiceValue::id`.
+    pub service_id: u32,
+    pub backend: Backend,
+}
+const _: () = assert!(size_of::<MemberKey>() == 12);
+
 /// Maglev table entries per `MAGLEV` map element. An entry is the index of a backend within
 /// its service's range, so tables cost 2 bytes an entry.
 pub const MAGLEV_LANES: usize = 4;
@@ -246,8 +261,9 @@ pub mod lifetimes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
     pub backend: Backend,
-    /// Index of the backend within the service's range when chosen (revalidated for UDP).
-    pub backend_index: u32,
+    /// The service's id when the backend was chosen: a UDP flow stays while the backend is
+    /// still its member (`MEMBERS`).
+    pub service_id: u32,
     /// Last packet from the client, in seconds of `CLOCK_MONOTONIC` (coarse); written at most
     /// once a second.
     pub last_seen: u32,
@@ -312,13 +328,12 @@ const _: () = assert!(size_of::<AffinityKey>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AffinityEntry {
+    /// Kept while it is a member of the service (`MEMBERS`) and the timeout has not passed.
     pub backend: Backend,
-    pub backend_index: u32,
-    pub _pad: u32,
     /// Last use, `CLOCK_MONOTONIC` (coarse) nanoseconds.
     pub last_used_ns: u64,
 }
-const _: () = assert!(size_of::<AffinityEntry>() == 24);
+const _: () = assert!(size_of::<AffinityEntry>() == 16);
 
 /// A socket and the backend it was sent to.
 #[repr(C)]
@@ -457,4 +472,5 @@ mod user {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockFwdKey {}
     unsafe impl aya::Pod for PodAddrKey {}
+    unsafe impl aya::Pod for MemberKey {}
 }

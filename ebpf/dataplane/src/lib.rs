@@ -39,8 +39,8 @@ use aya::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CT_FLAG_HAIRPIN, CtEntry, FlowKey,
-    HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, PodAddrKey, RevNat,
-    SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
+    HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, MemberKey, PodAddrKey,
+    RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
     map_names, program_names, setting_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
@@ -61,7 +61,7 @@ const SOCK_PROGRAMS: [&str; 4] = [
 
 /// Bumped whenever a map's key or value layout changes: maps pinned by an incompatible build
 /// live in another directory and are never adopted by mistake.
-const MAPS_LAYOUT: u32 = 3;
+const MAPS_LAYOUT: u32 = 4;
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -274,6 +274,18 @@ pub struct GcReport {
     pub orphans: u64,
 }
 
+/// The `MEMBERS` keys of a service's backends.
+fn member_keys(service_id: u32, backends: &[SocketAddrV4]) -> impl Iterator<Item = MemberKey> + '_ {
+    backends.iter().map(move |b| MemberKey {
+        service_id,
+        backend: Backend {
+            ip: u32::from_ne_bytes(b.ip().octets()),
+            port: b.port().to_be(),
+            _pad: 0,
+        },
+    })
+}
+
 /// The conntrack key of a client's flow to a service.
 fn flow_key(client: SocketAddrV4, service: Frontend) -> FlowKey {
     FlowKey {
@@ -431,6 +443,7 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     revnat: HashMap<MapData, FlowKey, RevNat>,
     pod_addrs: HashMap<MapData, PodAddrKey, u32>,
+    members: HashMap<MapData, MemberKey, u32>,
     backends: MmapArray<Backend>,
     maglev: MmapArray<MaglevLanes>,
     services: BTreeMap<Frontend, ServiceState>,
@@ -499,6 +512,7 @@ impl Dataplane {
         let conntrack = typed_map(&mut ebpf, map_names::CONNTRACK)?;
         let revnat = typed_map(&mut ebpf, map_names::REVNAT)?;
         let pod_addrs = typed_map(&mut ebpf, map_names::POD_ADDRS)?;
+        let members = typed_map(&mut ebpf, map_names::MEMBERS)?;
         let (backends, backend_slots) = mmap_array::<Backend>(&ebpf, map_names::BACKENDS)?;
         let (maglev, maglev_elements) = mmap_array::<MaglevLanes>(&ebpf, map_names::MAGLEV)?;
 
@@ -510,6 +524,7 @@ impl Dataplane {
             conntrack,
             revnat,
             pod_addrs,
+            members,
             backends,
             maglev,
             services: BTreeMap::new(),
@@ -566,6 +581,28 @@ impl Dataplane {
                     value,
                 },
             );
+        }
+        // Members are written around each service update; an owner that died between the two
+        // writes left some missing or some extra: make them what the services say.
+        let wanted: std::collections::HashSet<MemberKey> = self
+            .services
+            .values()
+            .flat_map(|state| member_keys(state.value.id, &state.backends))
+            .collect();
+        let present: Vec<MemberKey> = self.members.keys().filter_map(Result::ok).collect();
+        for key in present.iter().filter(|k| !wanted.contains(k)) {
+            remove_entry(&mut self.members, key).map_err(|source| Error::Map {
+                name: map_names::MEMBERS,
+                source,
+            })?;
+        }
+        for key in &wanted {
+            self.members
+                .insert(key, 1, 0)
+                .map_err(|source| Error::Map {
+                    name: map_names::MEMBERS,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -913,6 +950,37 @@ impl Dataplane {
                 source,
             })?;
         self.release_ranges(&state.value);
+        self.remove_members(state.value.id, &state.backends, &[])
+    }
+
+    /// Adds the members of `backends` (before the service value naming them is published).
+    fn add_members(&mut self, service_id: u32, backends: &[SocketAddrV4]) -> Result<(), Error> {
+        for key in member_keys(service_id, backends) {
+            self.members
+                .insert(key, 1, 0)
+                .map_err(|source| Error::Map {
+                    name: map_names::MEMBERS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the members of `gone` that are not in `kept` (after the service value without
+    /// them is published).
+    fn remove_members(
+        &mut self,
+        service_id: u32,
+        gone: &[SocketAddrV4],
+        kept: &[SocketAddrV4],
+    ) -> Result<(), Error> {
+        let kept: std::collections::HashSet<MemberKey> = member_keys(service_id, kept).collect();
+        for key in member_keys(service_id, gone).filter(|k| !kept.contains(k)) {
+            remove_entry(&mut self.members, &key).map_err(|source| Error::Map {
+                name: map_names::MEMBERS,
+                source,
+            })?;
+        }
         Ok(())
     }
 
@@ -975,7 +1043,7 @@ impl Dataplane {
         if maglev_size != 0 && count > 0 {
             let elements = maglev_elements(maglev_size);
             let Some(first) = self.maglev_alloc.allocate(elements) else {
-                self.backend_alloc.release(backend_first, count);
+                self.backend_alloc.release_unpublished(backend_first, count);
                 return Err(Error::Full {
                     what: "Maglev table space",
                     wanted: elements,
@@ -1006,34 +1074,55 @@ impl Dataplane {
             flags,
             _pad: 0,
         };
-        if let Err(source) = self.services_map.insert(frontend.key(), value, 0) {
-            self.release_ranges(&value);
-            return Err(Error::Map {
-                name: map_names::SERVICES,
-                source,
-            });
+        let old_backends = self
+            .services
+            .get(&frontend)
+            .map(|s| s.backends.clone())
+            .unwrap_or_default();
+        let published = self.add_members(id, &backends).and_then(|()| {
+            self.services_map
+                .insert(frontend.key(), value, 0)
+                .map_err(|source| Error::Map {
+                    name: map_names::SERVICES,
+                    source,
+                })
+        });
+        if let Err(e) = published {
+            self.release_unpublished(&value);
+            let _ = self.remove_members(id, &backends, &old_backends);
+            return Err(e);
         }
-        if let Some(old) = self.services.insert(
+        let gone = self.services.insert(
             frontend,
             ServiceState {
                 spec,
                 backends,
                 value,
             },
-        ) {
+        );
+        if let Some(old) = gone {
             self.release_ranges(&old.value);
+            let kept = self.services[&frontend].backends.clone();
+            self.remove_members(id, &old.backends, &kept)?;
         }
         Ok(())
     }
 
+    /// Frees the ranges of a service value the kernel has seen (reused after the quarantine).
     fn release_ranges(&mut self, value: &ServiceValue) {
         self.backend_alloc
             .release(value.backend_first, value.backend_count);
-        if value.flags & SVC_FLAG_MAGLEV != 0 && value.maglev_size != 0 && value.backend_count > 0 {
-            self.maglev_alloc.release(
-                value.maglev_first / MAGLEV_LANES as u32,
-                maglev_elements(value.maglev_size),
-            );
+        if let Some((first, elements)) = maglev_range(value) {
+            self.maglev_alloc.release(first, elements);
+        }
+    }
+
+    /// Frees the ranges of a service value that was never published.
+    fn release_unpublished(&mut self, value: &ServiceValue) {
+        self.backend_alloc
+            .release_unpublished(value.backend_first, value.backend_count);
+        if let Some((first, elements)) = maglev_range(value) {
+            self.maglev_alloc.release_unpublished(first, elements);
         }
     }
 
@@ -1074,6 +1163,7 @@ impl Dataplane {
                 map_names::CONNTRACK => self.conntrack.map(),
                 map_names::REVNAT => self.revnat.map(),
                 map_names::POD_ADDRS => self.pod_addrs.map(),
+                map_names::MEMBERS => self.members.map(),
                 _ => map_data(&self.ebpf, name)?,
             };
             let fd = data
@@ -1345,6 +1435,18 @@ fn stable_order(current: &[SocketAddrV4], wanted: &[SocketAddrV4]) -> Vec<Socket
         .collect()
 }
 
+/// The `MAGLEV` elements a service value owns, if any.
+fn maglev_range(value: &ServiceValue) -> Option<(u32, u32)> {
+    (value.flags & SVC_FLAG_MAGLEV != 0 && value.maglev_size != 0 && value.backend_count > 0).then(
+        || {
+            (
+                value.maglev_first / MAGLEV_LANES as u32,
+                maglev_elements(value.maglev_size),
+            )
+        },
+    )
+}
+
 fn maglev_elements(table_size: u32) -> u32 {
     table_size.div_ceil(MAGLEV_LANES as u32)
 }
@@ -1581,7 +1683,7 @@ fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>,
 fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
     use std::mem::size_of;
     const MMAPABLE: u32 = 1 << 10;
-    let expected: [(&'static str, usize, usize, u32); 11] = [
+    let expected: [(&'static str, usize, usize, u32); 12] = [
         (
             map_names::SERVICES,
             size_of::<ServiceKey>(),
@@ -1609,6 +1711,7 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
             0,
         ),
         (map_names::POD_ADDRS, size_of::<PodAddrKey>(), 4, 0),
+        (map_names::MEMBERS, size_of::<MemberKey>(), 4, 0),
         (map_names::COUNTERS, 4, 8, 0),
         (map_names::SOCK_NETNS, 8, 4, 0),
         (
@@ -1620,7 +1723,7 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
         (
             map_names::SOCK_FWD,
             size_of::<SockFwdKey>(),
-            size_of::<CtEntry>(),
+            size_of::<Backend>(),
             0,
         ),
     ];

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use common::{TestDataplane, addr};
 use ebpf_dataplane::{
-    Counter, CounterKind, Frontend, Hook, Scheduler, ServiceSpec,
+    Config, Counter, CounterKind, DesiredService, Frontend, Hook, Scheduler, ServiceSpec,
     packet::{self, Builder, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, tcp, udp},
     verdict::{TC_ACT_REDIRECT, TC_ACT_SHOT, TCX_NEXT},
 };
@@ -873,4 +873,93 @@ fn idle_flows_are_collected_after_their_lifetime() {
         web().addr
     );
     assert_eq!(dp.stats().unwrap().get(Counter::RevNatRepaired), 1);
+}
+
+#[test]
+fn removing_a_backend_leaves_the_other_backends_clients_where_they_are() {
+    let mut dp = dataplane("members");
+    let backends = web_backends();
+    let sticky_udp = Frontend::udp(addr(10, 96, 0, 41, 53));
+    let affinity = Frontend::tcp(addr(10, 96, 0, 40, 80));
+    dp.upsert_service(sticky_udp, ServiceSpec::default())
+        .unwrap();
+    dp.upsert_service(
+        affinity,
+        ServiceSpec {
+            scheduler: Scheduler::Random,
+            affinity_timeout: Some(Duration::from_secs(3600)),
+        },
+    )
+    .unwrap();
+    for service in [sticky_udp, affinity] {
+        dp.set_backends(service, &backends).unwrap();
+    }
+    // UDP flows stick to their backend; affinity clients (one address each) too.
+    let flows: Vec<_> = (0..60u16)
+        .map(|i| {
+            let from = client(45000 + i);
+            (from, send(&mut dp, &udp(from, sticky_udp.addr, b"q")))
+        })
+        .collect();
+    let clients: Vec<_> = (1..=60u8)
+        .map(|i| {
+            let from = addr(10, 0, 1, i, 46000);
+            (from, send(&mut dp, &tcp(from, affinity.addr, TCP_SYN)))
+        })
+        .collect();
+    for backend in &backends {
+        assert!(
+            flows.iter().any(|(_, b)| b == backend) && clients.iter().any(|(_, b)| b == backend),
+            "every backend has clients of both kinds"
+        );
+    }
+
+    // The first backend leaves: the others' slots change, their clients must not.
+    let removed = backends[0];
+    for service in [sticky_udp, affinity] {
+        dp.set_backends(service, &backends[1..]).unwrap();
+    }
+    for (from, before) in &flows {
+        let now = send(&mut dp, &udp(*from, sticky_udp.addr, b"q"));
+        if *before == removed {
+            assert_ne!(now, removed, "a removed backend's UDP flow moves on");
+        } else {
+            assert_eq!(now, *before, "the UDP flow of {from} stays on {before}");
+        }
+    }
+    for (from, before) in &clients {
+        // A new connection from the same client address.
+        let again = SocketAddrV4::new(*from.ip(), 47000);
+        let now = send(&mut dp, &tcp(again, affinity.addr, TCP_SYN));
+        if *before == removed {
+            assert_ne!(now, removed);
+        } else {
+            assert_eq!(now, *before, "the affinity of {from} stays on {before}");
+        }
+    }
+}
+
+#[test]
+fn a_full_map_converges_once_services_are_removed() {
+    let mut config = Config::with_pin_dir(common::pin_dir("full"));
+    config.backend_slots = 12;
+    let mut dp = TestDataplane::with_config(config);
+    let desired = |ids: &[u8]| -> Vec<DesiredService> {
+        ids.iter()
+            .map(|&i| DesiredService {
+                frontend: Frontend::tcp(addr(10, 96, 2, i, 80)),
+                spec: ServiceSpec::default(),
+                backends: (1..=4).map(|j| addr(10, 3, i, j, 80)).collect(),
+            })
+            .collect()
+    };
+    // Three services of four backends fill the twelve slots; a fourth does not fit, and its
+    // failure stops no other.
+    let report = dp.sync(desired(&[1, 2, 3, 4]));
+    assert_eq!((report.created, report.failed.len()), (3, 1), "{report:?}");
+    // Two go, two come: the space the removals free serves the newcomers.
+    let report = dp.sync(desired(&[3, 4, 5]));
+    assert_eq!((report.deleted, report.created), (2, 2), "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(dp.services().count(), 3);
 }

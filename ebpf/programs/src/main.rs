@@ -37,7 +37,7 @@ use ebpf_common::{
 };
 
 use crate::{
-    lb::backend_at,
+    lb::still_member,
     maps::{CONNTRACK, POD_ADDRS, REVNAT, SERVICES},
     nat::{End, rewrite},
     parse::{Packet, Parsed, parse, read_at},
@@ -189,13 +189,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         } else {
             // UDP has no connection to close: revalidate that the backend is still in the
             // service, so a removed backend's flows move on (kube-proxy clears their conntrack).
-            match SERVICES.get_ptr(svc_key) {
-                // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
-                Some(svc) => {
-                    backend_at(unsafe { &*svc }, entry.backend_index) == Some(entry.backend)
-                }
-                None => false,
-            }
+            still_member(entry.service_id, entry.backend)
         };
         if keep {
             let now = now_s();
@@ -249,18 +243,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         count(Counter::RejectNoBackend);
         return Ok(verdict);
     }
-    let choice = lb::choose(&svc, &flow).ok_or(Counter::DropNoBackendSlot)?;
+    let backend = lb::choose(&svc, &flow).ok_or(Counter::DropNoBackendSlot)?;
     let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut entry = CtEntry {
-        backend: choice.backend,
-        backend_index: choice.index,
+        backend,
+        service_id: svc.id,
         last_seen: now_s(),
         state: if syn_only {
             CT_STATE_SYN_SENT
         } else {
             CT_STATE_ESTABLISHED
         },
-        flags: if choice.backend.ip == flow.saddr {
+        flags: if backend.ip == flow.saddr {
             CT_FLAG_HAIRPIN
         } else {
             0

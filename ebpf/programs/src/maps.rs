@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use ebpf_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, MaglevLanes, PodAddrKey,
-    RevNat, ServiceKey, ServiceValue, SockFwdKey, SockRevKey, defaults, map_name,
+    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, MaglevLanes, MemberKey,
+    PodAddrKey, RevNat, ServiceKey, ServiceValue, SockFwdKey, SockRevKey, defaults, map_name,
 };
 
 /// A map definition under its name from the shared list (what aya's `#[map]` does, with the
@@ -35,6 +35,12 @@ map! {
     /// u32 slot -> Backend. A service owns `backend_count` slots from `backend_first`.
     /// Userspace writes slots through mmap and publishes them with one SERVICES update.
     BACKENDS: Array<Backend> = Array::pinned(defaults::BACKEND_SLOTS, BPF_F_MMAPABLE)
+}
+
+map! {
+    /// MemberKey (service id, backend) -> 1: the backends each service has now, whatever
+    /// slots they sit in. Not preallocated.
+    MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(defaults::MEMBERS, BPF_F_NO_PREALLOC)
 }
 
 map! {
@@ -85,8 +91,8 @@ map! {
 }
 
 map! {
-    /// SockFwdKey (socket cookie, service) -> CtEntry: an unconnected UDP socket's backend.
-    SOCK_FWD: LruHashMap<SockFwdKey, CtEntry> = LruHashMap::pinned(defaults::SOCK_FWD_ENTRIES, 0)
+    /// SockFwdKey (socket cookie, service) -> Backend: an unconnected UDP socket's backend.
+    SOCK_FWD: LruHashMap<SockFwdKey, Backend> = LruHashMap::pinned(defaults::SOCK_FWD_ENTRIES, 0)
 }
 
 /// Every map of the shared list is defined above (a name missing there fails to compile).

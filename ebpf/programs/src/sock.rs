@@ -15,12 +15,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ebpf_common::{
-    Counter, CtEntry, FlowKey, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, SockFwdKey,
+    Backend, Counter, FlowKey, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, SockFwdKey,
     SockRevKey,
 };
 
 use crate::{
-    lb::{self, backend_at},
+    lb::{self, still_member},
     maps::{SERVICES, SOCK_FWD, SOCK_NETNS, SOCK_REVNAT},
     stats::count,
 };
@@ -63,11 +63,8 @@ fn set_destination(ctx: &SockAddrContext, ip: u32, port: u16) {
 }
 
 #[inline(always)]
-fn remember_service(cookie: u64, key: &ServiceKey, choice: &lb::Choice) {
-    let rev = SockRevKey {
-        cookie,
-        backend: choice.backend,
-    };
+fn remember_service(cookie: u64, key: &ServiceKey, backend: Backend) {
+    let rev = SockRevKey { cookie, backend };
     let value = RevNat {
         vip: key.vip,
         port: key.port,
@@ -84,13 +81,13 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     let flow = FlowKey::default();
-    let Some(choice) = lb::choose(&svc, &flow) else {
+    let Some(backend) = lb::choose(&svc, &flow) else {
         return ALLOW;
     };
     // SAFETY: a socket cookie of the call's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    remember_service(cookie, &key, &choice);
-    set_destination(ctx, choice.backend.ip, choice.backend.port);
+    remember_service(cookie, &key, backend);
+    set_destination(ctx, backend.ip, backend.port);
     count(Counter::SockLbForward);
     ALLOW
 }
@@ -111,30 +108,22 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     let kept = SOCK_FWD
         .get_ptr(fwd)
         // SAFETY: copied out at once from a successful lookup.
-        .map(|e| unsafe { *e })
-        .filter(|e| backend_at(&svc, e.backend_index) == Some(e.backend));
-    let choice = match kept {
-        Some(e) => lb::Choice {
-            backend: e.backend,
-            index: e.backend_index,
-        },
+        .map(|b| unsafe { b.read() })
+        .filter(|&b| still_member(svc.id, b));
+    let backend = match kept {
+        Some(backend) => backend,
         None => {
-            let Some(choice) = lb::choose(&svc, &FlowKey::default()) else {
+            let Some(backend) = lb::choose(&svc, &FlowKey::default()) else {
                 return ALLOW;
             };
-            let entry = CtEntry {
-                backend: choice.backend,
-                backend_index: choice.index,
-                ..CtEntry::default()
-            };
-            let _ = SOCK_FWD.insert(fwd, entry, 0);
-            choice
+            let _ = SOCK_FWD.insert(fwd, backend, 0);
+            backend
         }
     };
     // Refreshed on every send: an LRU entry that only the first datagram wrote would be
     // evicted under churn while the socket still waits for replies.
-    remember_service(cookie, &key, &choice);
-    set_destination(ctx, choice.backend.ip, choice.backend.port);
+    remember_service(cookie, &key, backend);
+    set_destination(ctx, backend.ip, backend.port);
     count(Counter::SockLbForward);
     ALLOW
 }
