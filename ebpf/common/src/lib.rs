@@ -47,6 +47,9 @@ macro_rules! for_each_map {
             REVNAT = "keel_revnat",
             /// `AffinityKey -> AffinityEntry` (LRU): ClientIP session affinity.
             AFFINITY = "keel_affinity",
+            /// `FragKey -> FragPorts` (LRU): the ports of translated datagrams being fragmented,
+            /// for their later fragments (which carry none).
+            FRAGS = "keel_frags",
             /// `PodAddrKey -> u32`: the addresses each pod interface may send from.
             POD_ADDRS = "keel_pod_addrs",
             /// `u32 counter index -> u64` per CPU: verdicts, events and drop reasons.
@@ -108,6 +111,8 @@ pub mod defaults {
     pub const CT_ENTRIES: u32 = 262_144;
     /// Session affinity entries (LRU).
     pub const AFFINITY_ENTRIES: u32 = 65_536;
+    /// Fragmented datagrams in flight (LRU).
+    pub const FRAG_ENTRIES: u32 = 8_192;
     /// Pod interface addresses (the anti-spoofing table).
     pub const POD_ADDR_ENTRIES: u32 = 65_536;
     /// Network namespaces with socket-level load balancing.
@@ -305,6 +310,28 @@ pub struct RevNat {
 }
 const _: () = assert!(size_of::<RevNat>() == 8);
 
+/// A datagram being fragmented, as its fragments' IP headers name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification, network order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
+
+/// The ports of a fragmented datagram, from its first fragment (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(size_of::<FragPorts>() == 4);
+
 /// A pod interface and an address it may send from; address 0 marks the interface as checked
 /// (an interface without it is not: test and benchmark interfaces, the host's).
 #[repr(C)]
@@ -409,8 +436,9 @@ counters! {
     DropMalformedIpv4 = 8, "drop_malformed_ipv4", Drop;
     /// TCP or UDP header cut short, on a packet the data plane had to read it from.
     DropTruncatedL4 = 9, "drop_truncated_l4", Drop;
-    /// An IP fragment to a service (service traffic must not be fragmented).
-    DropFragment = 10, "drop_fragment", Drop;
+    /// An ICMP error about a translated flow, translated with it (addresses, quoted packet
+    /// and checksums).
+    IcmpTranslated = 10, "icmp_translated", Verdict;
     /// The service's backend range pointed outside `BACKENDS` (inconsistent maps).
     DropNoBackendSlot = 11, "drop_no_backend_slot", Drop;
     /// The kernel refused a conntrack or reverse-NAT insert.
@@ -436,10 +464,12 @@ counters! {
     Hairpin = 21, "hairpin", Event;
     /// A packet from a pod whose source is not the pod's address (spoofed).
     DropSpoofed = 22, "drop_spoofed", Drop;
+    /// A translated first fragment: its datagram's later fragments will follow it.
+    FragmentTracked = 23, "fragment_tracked", Event;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 23;
+pub const COUNTER_COUNT: u32 = 24;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the
@@ -473,4 +503,6 @@ mod user {
     unsafe impl aya::Pod for SockFwdKey {}
     unsafe impl aya::Pod for PodAddrKey {}
     unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
 }

@@ -61,7 +61,7 @@ const SOCK_PROGRAMS: [&str; 4] = [
 
 /// Bumped whenever a map's key or value layout changes: maps pinned by an incompatible build
 /// live in another directory and are never adopted by mistake.
-const MAPS_LAYOUT: u32 = 4;
+const MAPS_LAYOUT: u32 = 5;
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -462,7 +462,15 @@ impl Dataplane {
         create_dir(&config.pin_dir.join("links"))?;
 
         let force_ct_miss = u32::from(config.force_ct_miss);
+        // KEEL_VERIFIER_LOG=1: the verifier's whole log in a load error (for debugging the
+        // programs; by default the kernel only says why it refused).
+        let log_level = if std::env::var_os("KEEL_VERIFIER_LOG").is_some() {
+            aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS
+        } else {
+            aya::VerifierLogLevel::default()
+        };
         let mut ebpf = EbpfLoader::new()
+            .verifier_log_level(log_level)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::SERVICES, config.max_services)
             .map_max_entries(map_names::BACKENDS, config.backend_slots)
@@ -1683,7 +1691,7 @@ fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>,
 fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
     use std::mem::size_of;
     const MMAPABLE: u32 = 1 << 10;
-    let expected: [(&'static str, usize, usize, u32); 12] = [
+    let expected: [(&'static str, usize, usize, u32); 13] = [
         (
             map_names::SERVICES,
             size_of::<ServiceKey>(),
@@ -1711,6 +1719,12 @@ fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
             0,
         ),
         (map_names::POD_ADDRS, size_of::<PodAddrKey>(), 4, 0),
+        (
+            map_names::FRAGS,
+            size_of::<ebpf_common::FragKey>(),
+            size_of::<ebpf_common::FragPorts>(),
+            0,
+        ),
         (map_names::MEMBERS, size_of::<MemberKey>(), 4, 0),
         (map_names::COUNTERS, 4, 8, 0),
         (map_names::SOCK_NETNS, 8, 4, 0),

@@ -3,7 +3,11 @@
 
 mod common;
 
-use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use common::{TestDataplane, addr};
 use ebpf_dataplane::{
@@ -82,9 +86,10 @@ fn fixtures() -> Vec<Fixture> {
         frag_off: 0x2000,
         ..udp(client(40010), dns().addr, &[7; 64])
     };
+    // Of a datagram whose first fragment was not translated here (another destination).
     let later_fragment = Builder {
         frag_off: 0x0008,
-        ..udp(client(40010), dns().addr, &[7; 64])
+        ..udp(client(40010), empty_udp().addr, &[7; 64])
     };
     let mut arp = syn(client(40011), web()).build();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
@@ -190,14 +195,14 @@ fn fixtures() -> Vec<Fixture> {
             counter: Counter::PassNotService,
         },
         Fixture {
-            name: "the first fragment of a datagram to a service is dropped",
+            name: "the first fragment of a datagram to a service is translated",
             hook: Hook::FromPod,
             frame: first_fragment.build(),
-            expect: Expect::Dropped,
-            counter: Counter::DropFragment,
+            expect: Expect::DnatTo(vec![dns_backend()]),
+            counter: Counter::DnatNew,
         },
         Fixture {
-            name: "a later fragment (no L4 header) passes untouched",
+            name: "a later fragment (no L4 header) of an unknown datagram passes untouched",
             hook: Hook::FromPod,
             frame: later_fragment.build(),
             expect: Expect::Untouched,
@@ -962,4 +967,145 @@ fn a_full_map_converges_once_services_are_removed() {
     assert_eq!((report.deleted, report.created), (2, 2), "{report:?}");
     assert!(report.failed.is_empty(), "{report:?}");
     assert_eq!(dp.services().count(), 3);
+}
+
+#[test]
+fn later_fragments_follow_their_first_both_ways() {
+    let mut dp = dataplane("fragments");
+    let from = client(48000);
+    let first = Builder {
+        frag_off: 0x2000,
+        ..udp(from, dns().addr, &[1; 64])
+    };
+    let backend = send(&mut dp, &first);
+    // A later fragment: no UDP header, only data (the builder's "header" bytes are data here).
+    let later = Builder {
+        frag_off: 0x0009,
+        ..udp(from, dns().addr, &[2; 64])
+    }
+    .build();
+    let out = dp.test_run(Hook::FromPod, &later, 1).unwrap();
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_ip_dst_rewritten(&later, &out.frame, *backend.ip());
+
+    // The backend's reply, fragmented too: its first fragment is reverse translated, and the
+    // later ones follow.
+    let reply_first = Builder {
+        frag_off: 0x2000,
+        ..udp(backend, from, &[3; 64])
+    };
+    assert_eq!(answer(&mut dp, &reply_first), dns().addr);
+    let reply_later = Builder {
+        frag_off: 0x0009,
+        ..udp(backend, from, &[4; 64])
+    }
+    .build();
+    let out = dp.test_run(Hook::ToPod, &reply_later, 1).unwrap();
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_eq!(
+        &out.frame[26..30],
+        &dns().addr.ip().octets(),
+        "source restored"
+    );
+    assert_eq!(&out.frame[30..], &reply_later[30..], "nothing else changes");
+    assert_eq!(
+        ip_checksum(&out.frame[14..34]),
+        0,
+        "valid IP header checksum"
+    );
+    assert_eq!(dp.stats().unwrap().get(Counter::FragmentTracked), 2);
+}
+
+/// One's complement sum of a header (0 when its checksum is right).
+fn ip_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn assert_ip_dst_rewritten(before: &[u8], after: &[u8], to: Ipv4Addr) {
+    assert_eq!(&after[30..34], &to.octets(), "destination rewritten");
+    assert_eq!(
+        &after[..24],
+        &before[..24],
+        "the rest of the header is as it was"
+    );
+    assert_eq!(&after[26..30], &before[26..30]);
+    assert_eq!(&after[34..], &before[34..], "the data is untouched");
+    assert_eq!(ip_checksum(&after[14..34]), 0, "valid IP header checksum");
+}
+
+/// An ICMP error frame: `from` tells `to` that `quoted` (an IPv4 + UDP header) failed.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    let total = 20 + 8 + quoted.len();
+    let mut ip = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0,
+        0,
+        64,
+        1,
+        0,
+        0,
+    ];
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let check = ip_checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let check = ip_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn an_icmp_error_about_a_reply_reaches_the_backend_translated() {
+    let mut dp = dataplane("icmp-out");
+    let from = client(49500);
+    let backend = send(&mut dp, &udp(from, dns().addr, b"q"));
+    // The client's kernel refuses the reply (its socket is gone): port unreachable, quoting
+    // the reply as the client got it, from the service.
+    let reply = answer_frame(&mut dp, &udp(backend, from, b"a"));
+    let quoted = &reply[14..14 + 28];
+    let frame = icmp_error(*from.ip(), *dns().addr.ip(), 3, 3, quoted);
+    let out = dp.test_run(Hook::FromPod, &frame, 1).unwrap();
+    assert_eq!(out.verdict, TCX_NEXT);
+    let f = &out.frame;
+    assert_eq!(&f[30..34], &backend.ip().octets(), "sent to the backend");
+    assert_eq!(&f[26..30], &from.ip().octets(), "from the client");
+    assert_eq!(
+        &f[42 + 12..42 + 16],
+        &backend.ip().octets(),
+        "quoting the backend's packet"
+    );
+    assert_eq!(&f[42 + 20..42 + 22], &backend.port().to_be_bytes());
+    assert_eq!(&f[42 + 16..42 + 20], &from.ip().octets());
+    assert_eq!(ip_checksum(&f[14..34]), 0, "outer IP checksum");
+    assert_eq!(ip_checksum(&f[42..62]), 0, "quoted IP checksum");
+    assert_eq!(ip_checksum(&f[34..]), 0, "ICMP checksum");
+    // The quoted UDP checksum is the one the backend's datagram had.
+    let sent = udp(backend, from, b"a").build();
+    assert_eq!(&f[42 + 26..42 + 28], &sent[40..42], "quoted UDP checksum");
+    assert_eq!(dp.stats().unwrap().get(Counter::IcmpTranslated), 1);
+}
+
+/// Runs a backend's reply through `to_pod`; returns the frame the client gets.
+fn answer_frame(dp: &mut TestDataplane, frame: &Builder) -> Vec<u8> {
+    let out = dp.test_run(Hook::ToPod, &frame.build(), 1).unwrap();
+    assert_eq!(out.verdict, TCX_NEXT);
+    out.frame
 }

@@ -711,3 +711,144 @@ fn idle_connections_survive_many_short_ones() {
     );
     assert_eq!(stats.drops(), 0, "{stats:?}");
 }
+
+/// `getsockopt(IP_MTU)`: the path MTU the kernel knows for a connected socket's peer.
+fn path_mtu(socket: &std::net::UdpSocket) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut mtu: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+    mtu
+}
+
+#[test]
+fn icmp_errors_about_service_flows_reach_the_client_translated() {
+    let mut setup = Setup::new("icmp");
+    let backends = setup.lab.backend_addrs();
+    // A backend port nothing listens on: the backend's kernel answers port unreachable.
+    let closed = Frontend::udp("10.96.0.60:53".parse().unwrap());
+    serve(
+        &mut setup,
+        closed,
+        vec![SocketAddrV4::new(*backends[0].ip(), 9)],
+    );
+    // A backend behind a link with a smaller MTU than the client's: the node answers
+    // "fragmentation needed" for datagrams that may not be fragmented.
+    serve(&mut setup, dns(), vec![backends[1]]);
+    setup
+        .lab
+        .node
+        .ip(&["link", "set", "be2", "mtu", "1400"])
+        .expect("shrink the backend link's MTU");
+    setup.lab.backends[1]
+        .ns
+        .ip(&["link", "set", "eth0", "mtu", "1400"])
+        .expect("shrink the backend link's MTU");
+    setup
+        .lab
+        .client
+        .run(|| {
+            let mut buf = [0u8; 2048];
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            socket.connect(closed.addr).unwrap();
+            socket.send(b"hello\n").unwrap();
+            let error = socket
+                .recv(&mut buf)
+                .expect_err("no answer from a closed port");
+            assert_eq!(
+                error.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "the connected socket hears the backend's port unreachable: {error}"
+            );
+
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            socket.connect(dns().addr).unwrap();
+            let on: libc::c_int = libc::IP_PMTUDISC_DO;
+            // SAFETY: setsockopt from a c_int with its size.
+            let rc = unsafe {
+                use std::os::fd::AsRawFd;
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&on as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
+            assert_eq!(path_mtu(&socket), 1500);
+            socket
+                .send(&[0u8; 1450])
+                .expect("the first big datagram leaves");
+            let error = socket.recv(&mut buf).expect_err("the datagram cannot pass");
+            assert_eq!(
+                error.raw_os_error(),
+                Some(libc::EMSGSIZE),
+                "the socket hears the path is too small: {error}"
+            );
+            assert_eq!(path_mtu(&socket), 1400, "the service's path MTU is learnt");
+            socket.send(&[0u8; 1372]).expect("a datagram that fits");
+            let n = socket
+                .recv(&mut buf)
+                .expect("an answer through the smaller path");
+            assert!(n > 0);
+        })
+        .unwrap();
+    let stats = setup.dataplane().stats().unwrap();
+    assert!(stats.get(Counter::IcmpTranslated) >= 2, "{stats:?}");
+}
+
+#[test]
+fn fragmented_datagrams_cross_a_service_both_ways() {
+    let mut setup = Setup::new("frag");
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, dns(), backends);
+    const DATAGRAMS: usize = 20;
+    setup
+        .lab
+        .client
+        .run(|| {
+            let mut buf = vec![0u8; 65536];
+            for i in 0..DATAGRAMS {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                socket.connect(dns().addr).unwrap();
+                // 8 KB over 1500-byte links: six fragments each way.
+                let request: Vec<u8> = (0..8192).map(|j| (i + j) as u8).collect();
+                socket.send(&request).unwrap();
+                let n = socket
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+                // The echo server answers big datagrams with its name and the datagram.
+                assert!(
+                    n > request.len() && buf[..n].ends_with(&request),
+                    "datagram {i}: {n} bytes back"
+                );
+            }
+        })
+        .unwrap();
+    let stats = setup.dataplane().stats().unwrap();
+    assert!(
+        stats.get(Counter::FragmentTracked) >= 2 * DATAGRAMS as u64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.drops(), 0, "{stats:?}");
+}

@@ -6,6 +6,11 @@
 //!   backend (session affinity, Maglev or random) and records the flow in both directions;
 //! - `to_pod` (egress: packets entering the pod) restores the service address on replies.
 //!
+//! Both translate the ICMP errors about translated flows (port unreachable, fragmentation
+//! needed, TTL exceeded) with them, and the later fragments of a translated datagram as its
+//! first; `from_pod` drops packets whose source is not the pod's, and sends a pod that is its
+//! own backend straight back into itself from a reserved address (hairpin).
+//!
 //! And cgroup hooks (`sock`) that load balance pods' sockets at connect time, so their flows
 //! need no per-packet translation at all.
 //!
@@ -13,6 +18,7 @@
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -32,15 +38,17 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     CT_FLAG_CLIENT_FIN, CT_FLAG_HAIRPIN, CT_FLAG_SERVER_FIN, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey, HAIRPIN_ADDR, IPPROTO_TCP,
-    PodAddrKey, REVNAT_FLAG_CLOSING, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey, FragKey, FragPorts,
+    HAIRPIN_ADDR, IPPROTO_TCP, PodAddrKey, REVNAT_FLAG_CLOSING, RevNat, ServiceKey, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
+    icmp::Translation,
     lb::still_member,
-    maps::{CONNTRACK, POD_ADDRS, REVNAT, SERVICES},
+    maps::{CONNTRACK, FRAGS, POD_ADDRS, REVNAT, SERVICES},
     nat::{End, rewrite},
-    parse::{Packet, Parsed, parse, read_at},
+    parse::{Fragment, IcmpError, Packet, Parsed, parse, read_at},
     stats::count,
 };
 
@@ -108,16 +116,62 @@ pub fn xdp_floor(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// What the programs do with a parsed packet.
+enum Work {
+    Packet(Packet),
+    Icmp(IcmpError),
+}
+
 /// Parses the packet; `Ok(Err(verdict))` for packets the data plane lets through untouched.
+/// A later fragment gets the ports its datagram's first fragment had, if that one was
+/// translated here; the others pass.
 #[inline(always)]
-fn packet(ctx: &TcContext) -> Result<Result<Packet, i32>, Counter> {
-    match parse(ctx) {
-        Parsed::Packet(pkt) => Ok(Ok(pkt)),
+fn work(ctx: &TcContext) -> Result<Result<Work, i32>, Counter> {
+    let mut pkt = match parse(ctx) {
+        Parsed::Packet(pkt) => pkt,
+        Parsed::Icmp(error) => return Ok(Ok(Work::Icmp(error))),
         Parsed::Pass(counter) => {
             count(counter);
-            Ok(Err(TCX_NEXT))
+            return Ok(Err(TCX_NEXT));
         }
-        Parsed::Drop(reason) => Err(reason),
+        Parsed::Drop(reason) => return Err(reason),
+    };
+    if pkt.fragment == Fragment::Later {
+        let Some(ports) = FRAGS.get_ptr(frag_key(&pkt)) else {
+            count(Counter::PassNotService);
+            return Ok(Err(TCX_NEXT));
+        };
+        // SAFETY: copied out at once from a successful lookup.
+        let ports = unsafe { ports.read() };
+        pkt.flow.sport = ports.sport;
+        pkt.flow.dport = ports.dport;
+    }
+    Ok(Ok(Work::Packet(pkt)))
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        saddr: pkt.flow.saddr,
+        daddr: pkt.flow.daddr,
+        id: pkt.ip_id,
+        proto: pkt.flow.proto,
+        _pad: 0,
+    }
+}
+
+/// After a first fragment was translated: its datagram's later fragments (which carry no
+/// ports) will be translated the same way.
+#[inline(always)]
+fn track_fragments(pkt: &Packet) {
+    if pkt.fragment == Fragment::First {
+        let ports = FragPorts {
+            sport: pkt.flow.sport,
+            dport: pkt.flow.dport,
+        };
+        if FRAGS.insert(frag_key(pkt), ports, 0).is_ok() {
+            count(Counter::FragmentTracked);
+        }
     }
 }
 
@@ -152,12 +206,18 @@ fn source_allowed(ifindex: u32, saddr: u32) -> bool {
 
 #[inline(always)]
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
-    let pkt = match packet(ctx)? {
-        Ok(pkt) => pkt,
+    let ifindex = ifindex(ctx);
+    let pkt = match work(ctx)? {
+        Ok(Work::Packet(pkt)) => pkt,
+        Ok(Work::Icmp(error)) => {
+            if !source_allowed(ifindex, error.saddr) {
+                return Err(Counter::DropSpoofed);
+            }
+            return icmp_from_pod(ctx, &error);
+        }
         Err(verdict) => return Ok(verdict),
     };
     let flow = pkt.flow;
-    let ifindex = ifindex(ctx);
     // Before any conntrack or load-balancing work: a pod forging another pod's address could
     // otherwise re-balance or end that pod's flows.
     if !source_allowed(ifindex, flow.saddr) {
@@ -210,6 +270,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
                 false
             };
             let verdict = forward(ctx, &pkt, &entry, ifindex)?;
+            track_fragments(&pkt);
             if ended {
                 forget(&flow, &reply);
             }
@@ -235,9 +296,6 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     };
     // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
     let svc = unsafe { *svc };
-    if pkt.fragment {
-        return Err(Counter::DropFragment);
-    }
     if svc.backend_count == 0 {
         let verdict = reject::port_unreachable(ctx, &pkt)?;
         count(Counter::RejectNoBackend);
@@ -280,6 +338,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         .insert(reply, revnat_of(&flow, 0), 0)
         .map_err(|_| Counter::DropCtInsert)?;
     let verdict = forward(ctx, &pkt, &entry, ifindex)?;
+    track_fragments(&pkt);
     if reselect {
         count(Counter::Reselected);
     }
@@ -428,8 +487,9 @@ fn reversed(flow: &FlowKey) -> FlowKey {
 
 #[inline(always)]
 fn try_to_pod(ctx: &TcContext) -> Result<i32, Counter> {
-    let pkt = match packet(ctx)? {
-        Ok(pkt) => pkt,
+    let pkt = match work(ctx)? {
+        Ok(Work::Packet(pkt)) => pkt,
+        Ok(Work::Icmp(error)) => return icmp_to_pod(ctx, &error),
         Err(verdict) => return Ok(verdict),
     };
     let Some(revnat) = REVNAT.get_ptr(pkt.flow) else {
@@ -480,6 +540,7 @@ fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Resul
         (revnat.vip, revnat.port),
     )
     .map_err(|()| Counter::DropRewrite)?;
+    track_fragments(pkt);
     if flow.proto != IPPROTO_TCP
         || (pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 && revnat.flags & REVNAT_FLAG_CLOSING == 0)
     {
@@ -501,6 +562,66 @@ fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Resul
         }
     }
     Ok(())
+}
+
+/// An ICMP error a pod sends about a packet a service sent it (its kernel refused a reply, or
+/// it routes): the backend must hear it, from the pod, about the packet the backend sent. The
+/// quote is the reply as the pod got it, from the service address.
+#[inline(always)]
+fn icmp_from_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
+    let quoted = &error.inner;
+    let Some(ct) = CONNTRACK.get_ptr(reversed(quoted)) else {
+        count(Counter::PassNotService);
+        return Ok(TCX_NEXT);
+    };
+    // SAFETY: copied out at once from a successful lookup.
+    let entry = unsafe { ct.read() };
+    if entry.flags & CT_FLAG_HAIRPIN != 0 {
+        // About the pod's own connection to itself: nothing outside needs to hear it.
+        count(Counter::PassNotService);
+        return Ok(TCX_NEXT);
+    }
+    let backend = entry.backend;
+    let translation = Translation {
+        outer_src: error.saddr,
+        outer_dst: if error.daddr == quoted.saddr {
+            backend.ip
+        } else {
+            error.daddr
+        },
+        inner_src: (backend.ip, backend.port),
+        inner_dst: (quoted.daddr, quoted.dport),
+    };
+    icmp::translate(ctx, error, &translation).map_err(|()| Counter::DropRewrite)?;
+    count(Counter::IcmpTranslated);
+    Ok(TCX_NEXT)
+}
+
+/// An ICMP error about a packet a pod sent to a service, from its backend (port unreachable)
+/// or a router on the way (fragmentation needed, TTL exceeded): the pod must hear it about the
+/// packet it sent, to the service address, and from the service when the backend sent it.
+#[inline(always)]
+fn icmp_to_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
+    let quoted = &error.inner;
+    let Some(revnat) = REVNAT.get_ptr(reversed(quoted)) else {
+        count(Counter::PassNotService);
+        return Ok(TCX_NEXT);
+    };
+    // SAFETY: copied out at once from a successful lookup.
+    let revnat = unsafe { revnat.read() };
+    let translation = Translation {
+        outer_src: if error.saddr == quoted.daddr {
+            revnat.vip
+        } else {
+            error.saddr
+        },
+        outer_dst: error.daddr,
+        inner_src: (quoted.saddr, quoted.sport),
+        inner_dst: (revnat.vip, revnat.port),
+    };
+    icmp::translate(ctx, error, &translation).map_err(|()| Counter::DropRewrite)?;
+    count(Counter::IcmpTranslated);
+    Ok(TCX_NEXT)
 }
 
 #[cfg(not(test))]

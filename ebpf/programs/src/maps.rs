@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use ebpf_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, MaglevLanes, MemberKey,
-    PodAddrKey, RevNat, ServiceKey, ServiceValue, SockFwdKey, SockRevKey, defaults, map_name,
+    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, FragKey, FragPorts,
+    MaglevLanes, MemberKey, PodAddrKey, RevNat, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
+    defaults, map_name,
 };
 
 /// A map definition under its name from the shared list (what aya's `#[map]` does, with the
@@ -64,6 +65,12 @@ map! {
     /// AffinityKey (client IP, service id) -> AffinityEntry: ClientIP session affinity.
     AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
         LruHashMap::pinned(defaults::AFFINITY_ENTRIES, 0)
+}
+
+map! {
+    /// FragKey -> FragPorts: translated datagrams being fragmented, by their first fragment's
+    /// ports.
+    FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(defaults::FRAG_ENTRIES, 0)
 }
 
 map! {

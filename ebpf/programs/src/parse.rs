@@ -4,13 +4,18 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
-use ebpf_common::{Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use ebpf_common::{Counter, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 /// Offset of the checksum within the TCP and UDP headers.
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const ICMP_HLEN: usize = 8;
+/// The IPv4 header without options.
+pub const IP_HLEN: usize = 20;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -36,6 +41,8 @@ pub struct Ipv4Hdr {
 }
 
 /// A pointer to a `T` at `offset` from the start of the frame, if the linear data holds it.
+/// Packet data has no alignment guarantee: read and write through it with
+/// `read_unaligned`/`write_unaligned`, or with byte arrays.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
@@ -46,20 +53,55 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// Reads a `T` at `offset`, if the linear data holds it (any alignment).
+#[inline(always)]
+pub fn read_at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked the bounds; read_unaligned makes no alignment assumption.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Where a packet stands in its datagram's fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    None,
+    /// The first fragment: it carries the L4 header.
+    First,
+    /// A later fragment: no L4 header (the flow's ports must be remembered from the first).
+    Later,
+}
+
 /// An IPv4 TCP or UDP packet the data plane may translate.
 pub struct Packet {
+    /// The 5-tuple; for a later fragment the ports are 0 (they are not in the packet).
     pub flow: FlowKey,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
-    /// The packet is the first fragment of a fragmented datagram.
-    pub fragment: bool,
+    pub fragment: Fragment,
+    /// The IP identification, network order (ties fragments together).
+    pub ip_id: u16,
+}
+
+/// An ICMP error and the header of the packet it quotes.
+pub struct IcmpError {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+    /// Offset of the quoted IP header (20 bytes: quotes with options are passed).
+    pub inner_off: usize,
+    /// The quoted packet's 5-tuple, in the direction it travelled.
+    pub inner: FlowKey,
+    /// Whether the quote holds the quoted L4 checksum field.
+    pub inner_csum: bool,
 }
 
 /// What parsing found.
 pub enum Parsed {
     Packet(Packet),
+    Icmp(IcmpError),
     /// Not for the data plane; pass it with this verdict counter.
     Pass(Counter),
     /// Malformed; drop it with this reason.
@@ -69,16 +111,11 @@ pub enum Parsed {
 /// More-fragments flag and fragment offset bits of `frag_off`, host order.
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
-pub const TCP_HLEN: usize = 20;
-pub const UDP_HLEN: usize = 8;
 
-/// Reads a `T` at `offset`, if the linear data holds it (packet data has no alignment
-/// guarantee: never dereference a packet pointer to a wider type).
-#[inline(always)]
-pub fn read_at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
-    // SAFETY: ptr_at checked the bounds; read_unaligned makes no alignment assumption.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
-}
+/// ICMP error types that quote the packet they are about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
 
 /// Makes sure the first `len` bytes of the frame are in the linear data, pulling them in once
 /// if the skb is paged (GRO). False if the packet is shorter. Invalidates packet pointers.
@@ -90,71 +127,75 @@ fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
     ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
 }
 
-/// Parses Ethernet, IPv4 and the TCP/UDP ports.
+/// Parses Ethernet, IPv4 and the TCP/UDP ports, or an ICMP error and its quote.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
-    let Some(eth) = read_at::<EthHdr>(ctx, 0) else {
+    let Some(eth_proto) = read_at::<u16>(ctx, 12) else {
         return Parsed::Pass(Counter::PassNotIpv4);
     };
-    if eth.proto != ETH_P_IP.to_be() {
+    if eth_proto != ETH_P_IP.to_be() {
         return Parsed::Pass(Counter::PassNotIpv4);
     }
-    if !ensure_linear(ctx, ETH_HLEN + size_of::<Ipv4Hdr>()) {
+    if !ensure_linear(ctx, ETH_HLEN + IP_HLEN) {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     }
     let Some(ip) = read_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     };
-    let (version_ihl, proto, frag_off, saddr, daddr, tot_len) = (
-        ip.version_ihl,
-        ip.proto,
-        u16::from_be(ip.frag_off),
-        ip.saddr,
-        ip.daddr,
-        u16::from_be(ip.tot_len),
-    );
-    let ihl = (version_ihl & 0x0f) as usize * 4;
+    let frag_off = u16::from_be(ip.frag_off);
+    let tot_len = u16::from_be(ip.tot_len);
+    let ihl = (ip.version_ihl & 0x0f) as usize * 4;
     // A total length of 0 is BIG TCP (a GRO packet over 64 KiB): its length is the skb's.
     let tot_len_bad = tot_len != 0
         && ((tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > ctx.len() as usize);
-    if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || tot_len_bad {
+    if ip.version_ihl >> 4 != 4 || ihl < IP_HLEN || tot_len_bad {
         return Parsed::Drop(Counter::DropMalformedIpv4);
-    }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Parsed::Pass(Counter::PassNotService);
-    }
-    if frag_off & IP_OFFSET != 0 {
-        // A later fragment carries no L4 header: nothing to look up or translate.
-        return Parsed::Pass(Counter::PassNotService);
     }
     let l4_off = ETH_HLEN + ihl;
     let mut flow = FlowKey {
-        saddr,
-        daddr,
-        proto,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        proto: ip.proto,
         ..FlowKey::default()
     };
+    let fragment = if frag_off & IP_OFFSET != 0 {
+        Fragment::Later
+    } else if frag_off & IP_MF != 0 {
+        Fragment::First
+    } else {
+        Fragment::None
+    };
+    match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {}
+        // ICMP errors are only translated without IP options (the error's headers then sit
+        // at fixed offsets); those with options pass as they are.
+        IPPROTO_ICMP if fragment == Fragment::None && ihl == IP_HLEN => return icmp(ctx, &flow),
+        _ => return Parsed::Pass(Counter::PassNotService),
+    }
     let mut tcp_flags = 0;
-    if proto == IPPROTO_TCP {
+    // The L4 header sits at a variable offset (IP options): it is read as a byte array
+    // through one bounds-checked pointer, which the verifier follows (a byte-wise unaligned
+    // copy from a variable offset it does not).
+    if fragment != Fragment::Later && ip.proto == IPPROTO_TCP {
         if !ensure_linear(ctx, l4_off + TCP_HLEN) {
             return Parsed::Drop(Counter::DropTruncatedL4);
         }
         let Some(tcp) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off) else {
             return Parsed::Drop(Counter::DropTruncatedL4);
         };
-        // SAFETY: ptr_at checked the bounds.
+        // SAFETY: ptr_at checked the bounds; a byte array has no alignment.
         let tcp = unsafe { &*tcp };
         flow.sport = u16::from_ne_bytes([tcp[0], tcp[1]]);
         flow.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
         tcp_flags = tcp[13];
-    } else {
+    } else if fragment != Fragment::Later {
         if !ensure_linear(ctx, l4_off + UDP_HLEN) {
             return Parsed::Drop(Counter::DropTruncatedL4);
         }
         let Some(udp) = ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off) else {
             return Parsed::Drop(Counter::DropTruncatedL4);
         };
-        // SAFETY: ptr_at checked the bounds.
+        // SAFETY: as above.
         let udp = unsafe { &*udp };
         flow.sport = u16::from_ne_bytes([udp[0], udp[1]]);
         flow.dport = u16::from_ne_bytes([udp[2], udp[3]]);
@@ -163,6 +204,60 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         flow,
         l4_off,
         tcp_flags,
-        fragment: frag_off & IP_MF != 0,
+        fragment,
+        ip_id: ip.id,
+    })
+}
+
+/// An ICMP error quoting a TCP or UDP packet (with at least its ports), or a pass.
+#[inline(always)]
+fn icmp(ctx: &TcContext, outer: &FlowKey) -> Parsed {
+    let icmp_off = ETH_HLEN + IP_HLEN;
+    // The ICMP header, the quoted IP header (no options), the quoted ports.
+    if !ensure_linear(ctx, icmp_off + ICMP_HLEN + IP_HLEN + 4) {
+        return Parsed::Pass(Counter::PassNotService);
+    }
+    let Some(kind) = read_at::<u8>(ctx, icmp_off) else {
+        return Parsed::Pass(Counter::PassNotService);
+    };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
+        return Parsed::Pass(Counter::PassNotService);
+    }
+    let inner_off = icmp_off + ICMP_HLEN;
+    let Some(inner) = read_at::<Ipv4Hdr>(ctx, inner_off) else {
+        return Parsed::Pass(Counter::PassNotService);
+    };
+    let inner_ihl = (inner.version_ihl & 0x0f) as usize * 4;
+    // Quotes with IP options are left alone (the ports would be elsewhere); so are quotes of
+    // later fragments and of anything but TCP and UDP.
+    if inner_ihl != IP_HLEN
+        || u16::from_be(inner.frag_off) & IP_OFFSET != 0
+        || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP)
+    {
+        return Parsed::Pass(Counter::PassNotService);
+    }
+    let Some(ports) = read_at::<[u16; 2]>(ctx, inner_off + IP_HLEN) else {
+        return Parsed::Pass(Counter::PassNotService);
+    };
+    let csum_off = if inner.proto == IPPROTO_TCP {
+        TCP_CSUM_OFF
+    } else {
+        UDP_CSUM_OFF
+    };
+    let inner_csum = ctx.data() + inner_off + IP_HLEN + csum_off + 2 <= ctx.data_end();
+    Parsed::Icmp(IcmpError {
+        saddr: outer.saddr,
+        daddr: outer.daddr,
+        icmp_off,
+        inner_off,
+        inner: FlowKey {
+            saddr: inner.saddr,
+            daddr: inner.daddr,
+            sport: ports[0],
+            dport: ports[1],
+            proto: inner.proto,
+            _pad: [0; 3],
+        },
+        inner_csum,
     })
 }

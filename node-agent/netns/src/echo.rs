@@ -77,15 +77,26 @@ impl Drop for EchoServer {
     }
 }
 
+/// Datagrams longer than this are answered with the name followed by the datagram itself (an
+/// answer as big as the question, for tests of fragmented datagrams).
+pub const ECHO_ABOVE: usize = 512;
+
 /// Answers datagrams until the socket is shut down. After shutdown(2) the kernel returns an
 /// empty read with no source address, which std's `recv_from` treats as a broken invariant
 /// (it panics); socket2 hands it back as an address that is not an IP one, and the loop ends.
 fn serve_udp(socket: &UdpSocket, reply: &str) {
     let receiver = socket2::SockRef::from(socket);
-    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
-    while let Ok((_, from)) = receiver.recv_from(&mut buf) {
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 65536];
+    while let Ok((n, from)) = receiver.recv_from(&mut buf) {
         let Some(from) = from.as_socket() else { break };
-        let _ = socket.send_to(reply.as_bytes(), from);
+        if n > ECHO_ABOVE {
+            let mut answer = reply.as_bytes().to_vec();
+            // SAFETY: recv_from initialised the first n bytes.
+            answer.extend(buf[..n].iter().map(|b| unsafe { b.assume_init() }));
+            let _ = socket.send_to(&answer, from);
+        } else {
+            let _ = socket.send_to(reply.as_bytes(), from);
+        }
     }
 }
 
