@@ -52,6 +52,9 @@ macro_rules! for_each_map {
             FRAGS = "keel_frags",
             /// `PodAddrKey -> u32`: the addresses each pod interface may send from.
             POD_ADDRS = "keel_pod_addrs",
+            /// `u32 (0) -> Ranges`: prefixes covering every service address, so the rest of
+            /// the traffic leaves at once.
+            RANGES = "keel_ranges",
             /// `u32 counter index -> u64` per CPU: verdicts, events and drop reasons.
             COUNTERS = "keel_counters",
             /// `u64 netns cookie -> u32`: network namespaces (pods) whose sockets are load
@@ -249,6 +252,15 @@ pub const CT_FLAG_SERVER_FIN: u8 = 1 << 1;
 /// `CtEntry::flags`: the client is its own backend (hairpin): its source is rewritten to
 /// `HAIRPIN_ADDR` and the packet sent straight back into it.
 pub const CT_FLAG_HAIRPIN: u8 = 1 << 2;
+/// `CtEntry::flags`: the client's port is rewritten to `CtEntry::snat_port`, because a live
+/// flow of another service already gets its replies on the tuple this flow's would have (two
+/// services sharing a backend, one client port): netfilter's NAT remaps the same way.
+pub const CT_FLAG_SNAT: u8 = 1 << 3;
+
+/// Ports a clashing flow's client port is remapped to: above Linux's ephemeral range
+/// (32768-60999), so they do not collide with the client's own sockets.
+pub const REMAP_PORT_FIRST: u16 = 61_000;
+pub const REMAP_PORTS: u32 = 4_535;
 
 /// How long a flow without packets is kept, by state, in seconds (userspace collects entries
 /// idle longer; the kernel's LRU only evicts when the map is full). TCP established: 6 h, as
@@ -276,7 +288,8 @@ pub struct CtEntry {
     pub state: u8,
     /// `CT_FLAG_*`.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// With `CT_FLAG_SNAT`: the port the client's packets leave with (network order).
+    pub snat_port: u16,
 }
 const _: () = assert!(size_of::<CtEntry>() == 20);
 
@@ -298,8 +311,11 @@ impl CtEntry {
 /// `RevNat::flags`: the flow is closing: replies check its conntrack entry (to see the last
 /// ACK and forget the flow).
 pub const REVNAT_FLAG_CLOSING: u16 = 1 << 0;
+/// `RevNat::flags`: the client's port was remapped: replies go back to `client_port`.
+pub const REVNAT_FLAG_SNAT: u16 = 1 << 1;
 
-/// How to restore the service address on a reply.
+/// How to restore a reply: the service address it must come from, and the client port it
+/// must go to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNat {
@@ -307,8 +323,11 @@ pub struct RevNat {
     pub port: u16,
     /// `REVNAT_FLAG_*` (0 in the socket-level maps).
     pub flags: u16,
+    /// The client's own port (network order; 0 in the socket-level maps).
+    pub client_port: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<RevNat>() == 8);
+const _: () = assert!(size_of::<RevNat>() == 12);
 
 /// A datagram being fragmented, as its fragments' IP headers name it.
 #[repr(C)]
@@ -331,6 +350,23 @@ pub struct FragPorts {
     pub dport: u16,
 }
 const _: () = assert!(size_of::<FragPorts>() == 4);
+
+/// At most this many prefixes cover the service addresses.
+pub const MAX_RANGES: usize = 8;
+
+/// Prefixes covering every service address (a superset: userspace widens them before a
+/// service outside them is published, and tightens them after syncs). A destination outside
+/// all of them is no service: its packets skip every service lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ranges {
+    /// How many of the prefixes are in use.
+    pub count: u32,
+    /// Network addresses and masks, network byte order.
+    pub net: [u32; MAX_RANGES],
+    pub mask: [u32; MAX_RANGES],
+}
+const _: () = assert!(size_of::<Ranges>() == 4 + 8 * MAX_RANGES);
 
 /// A pod interface and an address it may send from; address 0 marks the interface as checked
 /// (an interface without it is not: test and benchmark interfaces, the host's).
@@ -466,10 +502,16 @@ counters! {
     DropSpoofed = 22, "drop_spoofed", Drop;
     /// A translated first fragment: its datagram's later fragments will follow it.
     FragmentTracked = 23, "fragment_tracked", Event;
+    /// A packet to an address outside every service range: passed untouched without a
+    /// service or conntrack lookup.
+    PassOutsideRanges = 24, "pass_outside_ranges", Verdict;
+    /// A new flow's client port was remapped: its reply tuple was a live flow's of another
+    /// service.
+    PortRemapped = 25, "port_remapped", Event;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 24;
+pub const COUNTER_COUNT: u32 = 26;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the
@@ -505,4 +547,5 @@ mod user {
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for Ranges {}
 }

@@ -13,9 +13,11 @@
 
 mod alloc;
 mod error;
+pub mod layout;
 pub mod maglev;
 mod mmap;
 pub mod packet;
+mod ranges;
 
 use std::{
     collections::BTreeMap,
@@ -58,10 +60,6 @@ const SOCK_PROGRAMS: [&str; 4] = [
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
 ];
-
-/// Bumped whenever a map's key or value layout changes: maps pinned by an incompatible build
-/// live in another directory and are never adopted by mistake.
-const MAPS_LAYOUT: u32 = 5;
 
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -308,7 +306,11 @@ fn reply_of(flow: &FlowKey, entry: &CtEntry) -> FlowKey {
             flow.saddr
         },
         sport: entry.backend.port,
-        dport: flow.sport,
+        dport: if entry.flags & ebpf_common::CT_FLAG_SNAT != 0 {
+            entry.snat_port
+        } else {
+            flow.sport
+        },
         proto: flow.proto,
         _pad: [0; 3],
     }
@@ -444,12 +446,29 @@ pub struct Dataplane {
     revnat: HashMap<MapData, FlowKey, RevNat>,
     pod_addrs: HashMap<MapData, PodAddrKey, u32>,
     members: HashMap<MapData, MemberKey, u32>,
+    ranges_map: aya::maps::Array<MapData, ebpf_common::Ranges>,
+    /// The prefixes `ranges_map` holds (host order).
+    ranges: Vec<ranges::Prefix>,
     backends: MmapArray<Backend>,
     maglev: MmapArray<MaglevLanes>,
     services: BTreeMap<Frontend, ServiceState>,
     backend_alloc: RangeAllocator,
     maglev_alloc: RangeAllocator,
     next_id: u32,
+    migrations: Vec<Migration>,
+}
+
+/// State moved from maps pinned by another build or configuration ([`Dataplane::open`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Migration {
+    /// The directory the state came from (removed since).
+    pub from: PathBuf,
+    pub services: usize,
+    /// Flow, affinity, socket and interface entries copied.
+    pub entries: u64,
+    /// Maps whose entries could not be carried over (missing, or of another layout): their
+    /// state starts empty.
+    pub skipped: Vec<&'static str>,
 }
 
 impl Dataplane {
@@ -457,7 +476,8 @@ impl Dataplane {
     /// under `config.pin_dir` together with the services they hold.
     pub fn open(config: &Config) -> Result<Self, Error> {
         ensure_bpffs(&config.pin_dir)?;
-        let maps_dir = config.pin_dir.join(format!("maps-v{MAPS_LAYOUT}"));
+        let specs = layout::specs(config);
+        let maps_dir = layout::dir(&config.pin_dir, &specs);
         create_dir(&maps_dir)?;
         create_dir(&config.pin_dir.join("links"))?;
 
@@ -502,7 +522,7 @@ impl Dataplane {
                 .map_err(|source| Error::Program { name, source })?;
         }
 
-        check_layout(&ebpf)?;
+        layout::check(&ebpf, &specs)?;
         let services_map =
             HashMap::try_from(take_map(&mut ebpf, map_names::SERVICES)?).map_err(|source| {
                 Error::Map {
@@ -521,6 +541,11 @@ impl Dataplane {
         let revnat = typed_map(&mut ebpf, map_names::REVNAT)?;
         let pod_addrs = typed_map(&mut ebpf, map_names::POD_ADDRS)?;
         let members = typed_map(&mut ebpf, map_names::MEMBERS)?;
+        let ranges_map = aya::maps::Array::try_from(take_map(&mut ebpf, map_names::RANGES)?)
+            .map_err(|source| Error::Map {
+                name: map_names::RANGES,
+                source,
+            })?;
         let (backends, backend_slots) = mmap_array::<Backend>(&ebpf, map_names::BACKENDS)?;
         let (maglev, maglev_elements) = mmap_array::<MaglevLanes>(&ebpf, map_names::MAGLEV)?;
 
@@ -533,14 +558,23 @@ impl Dataplane {
             revnat,
             pod_addrs,
             members,
+            ranges_map,
+            ranges: Vec::new(),
             backends,
             maglev,
             services: BTreeMap::new(),
             backend_alloc: RangeAllocator::new(backend_slots),
             maglev_alloc: RangeAllocator::new(maglev_elements),
             next_id: 1,
+            migrations: Vec::new(),
         };
         dataplane.adopt_services()?;
+        for old in layout::others(&config.pin_dir, &maps_dir)? {
+            let migration = dataplane.migrate_from(&old)?;
+            dataplane.migrations.push(migration);
+        }
+        let vips: Vec<Ipv4Addr> = dataplane.services.keys().map(|f| *f.addr.ip()).collect();
+        dataplane.write_ranges(ranges::cover(vips, ebpf_common::MAX_RANGES))?;
         Ok(dataplane)
     }
 
@@ -646,6 +680,162 @@ impl Dataplane {
         )
     }
 
+    /// Makes the pinned tc link at `pin` run this data plane's program `name` (an atomic
+    /// replacement). False if there is no such link; a link whose interface is gone is removed.
+    fn relink(&mut self, pin: &Path, name: &'static str) -> Result<bool, Error> {
+        let Ok(pinned) = PinnedLink::from_pin(pin) else {
+            return Ok(false);
+        };
+        let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
+        let link =
+            SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| Error::Link {
+                path: pin.to_path_buf(),
+                source,
+            })?;
+        match program.attach_to_link(link) {
+            Ok(id) => {
+                // The pin keeps the link attached; our handle can go.
+                drop(
+                    program
+                        .take_link(id)
+                        .map_err(|source| Error::Program { name, source })?,
+                );
+                Ok(true)
+            }
+            // The interface the link was on is gone (ENOLINK): the pin is stale.
+            Err(_) => {
+                remove_file(pin)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Moves the state of the maps pinned in `old` (another build's or configuration's) into
+    /// this data plane's, switches the pinned tc links to this data plane's programs, copies
+    /// what the old programs added meanwhile, and removes the old pins. Services are carried
+    /// over when this data plane has none yet and their layout is the same (the owner's next
+    /// sync writes them anyway); flows, affinity, sockets and interface addresses whenever
+    /// their entries have the same size. Socket hooks switch when the owner attaches them.
+    fn migrate_from(&mut self, old: &Path) -> Result<Migration, Error> {
+        let mut migration = Migration {
+            from: old.to_path_buf(),
+            ..Migration::default()
+        };
+        if self.services.is_empty() {
+            migration.services = self.migrate_services(old).unwrap_or(0);
+        }
+        migration.entries += self.copy_state(old, &mut migration.skipped)?;
+        let links = self.pin_dir.join("links");
+        let pins: Vec<PathBuf> = std::fs::read_dir(&links)
+            .map_err(|source| Error::Pin {
+                path: links.clone(),
+                source,
+            })?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
+        for pin in pins {
+            let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !name.starts_with("if") {
+                continue;
+            }
+            let program = if name.ends_with("-ingress") {
+                program_names::FROM_POD
+            } else {
+                program_names::TO_POD
+            };
+            self.relink(&pin, program)?;
+        }
+        migration.entries += self.copy_state(old, &mut Vec::new())?;
+        layout::remove(old)?;
+        Ok(migration)
+    }
+
+    /// Services from the old maps, published with their old ids (flows and affinity entries
+    /// name them). None if the old maps are missing or of another layout.
+    fn migrate_services(&mut self, old: &Path) -> Result<usize, Error> {
+        let open = |name: &'static str| {
+            MapData::from_pin(old.join(name)).map_err(|source| Error::Map { name, source })
+        };
+        let services: HashMap<MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(Map::HashMap(open(map_names::SERVICES)?)).map_err(|source| {
+                Error::Map {
+                    name: map_names::SERVICES,
+                    source,
+                }
+            })?;
+        let data = open(map_names::BACKENDS)?;
+        let info = data.info().map_err(|source| Error::Map {
+            name: map_names::BACKENDS,
+            source,
+        })?;
+        if info.value_size() as usize != size_of::<Backend>() {
+            return Ok(0);
+        }
+        let backends =
+            MmapArray::<Backend>::new(data.fd().as_fd(), info.max_entries()).map_err(|source| {
+                Error::Pin {
+                    path: old.join(map_names::BACKENDS),
+                    source,
+                }
+            })?;
+        let mut entries: Vec<(ServiceKey, ServiceValue)> =
+            services.iter().filter_map(Result::ok).collect();
+        entries.sort_by_key(|(_, v)| v.id);
+        let mut moved = 0;
+        for (key, value) in entries {
+            let Ok((frontend, spec, list)) = decode_service(&key, &value, &backends) else {
+                continue;
+            };
+            self.next_id = value.id;
+            if self.publish(frontend, spec, list).is_ok() {
+                moved += 1;
+            }
+        }
+        self.next_id = self
+            .services
+            .values()
+            .map(|s| s.value.id.wrapping_add(1))
+            .max()
+            .unwrap_or(1);
+        Ok(moved)
+    }
+
+    /// Copies every state entry of the old maps that the new ones do not have yet.
+    fn copy_state(&mut self, old: &Path, skipped: &mut Vec<&'static str>) -> Result<u64, Error> {
+        let mut copied = copy_entries(old, map_names::CONNTRACK, &mut self.conntrack, skipped)?;
+        copied += copy_entries(old, map_names::REVNAT, &mut self.revnat, skipped)?;
+        copied += copy_entries(old, map_names::POD_ADDRS, &mut self.pod_addrs, skipped)?;
+        copied +=
+            self.copy_loaded::<AffinityKey, AffinityEntry>(old, map_names::AFFINITY, skipped)?;
+        copied += self.copy_loaded::<u64, u32>(old, map_names::SOCK_NETNS, skipped)?;
+        copied += self.copy_loaded::<SockRevKey, RevNat>(old, map_names::SOCK_REVNAT, skipped)?;
+        copied += self.copy_loaded::<SockFwdKey, Backend>(old, map_names::SOCK_FWD, skipped)?;
+        copied += self.copy_loaded::<ebpf_common::FragKey, ebpf_common::FragPorts>(
+            old,
+            map_names::FRAGS,
+            skipped,
+        )?;
+        Ok(copied)
+    }
+
+    fn copy_loaded<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        old: &Path,
+        name: &'static str,
+        skipped: &mut Vec<&'static str>,
+    ) -> Result<u64, Error> {
+        let mut map: HashMap<&mut MapData, K, V> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
+                .map_err(|source| Error::Map { name, source })?;
+        copy_entries(old, name, &mut map, skipped)
+    }
+
+    /// What [`Dataplane::open`] migrated from other map layouts.
+    pub fn migrations(&self) -> &[Migration] {
+        &self.migrations
+    }
+
     /// Attaches the `tc_floor` program (it passes every packet on) at the end of `iface`'s TCX
     /// chain on `attach_type`, counting its runs, until the probe is dropped: what a program
     /// attached after ours sees (and the floor a tc program costs on that hook).
@@ -683,25 +873,11 @@ impl Dataplane {
         order: LinkOrder,
     ) -> Result<(), Error> {
         let pin = self.link_pin(ifindex, attach_type);
+        if self.relink(&pin, name)? {
+            return Ok(());
+        }
         let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?;
         let program_error = |source| Error::Program { name, source };
-        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
-                Error::Link {
-                    path: pin.clone(),
-                    source,
-                }
-            })?;
-            match program.attach_to_link(link) {
-                Ok(id) => {
-                    // The pin keeps the link attached; our handle can go.
-                    drop(program.take_link(id).map_err(program_error)?);
-                    return Ok(());
-                }
-                // The interface the link was on is gone (ENOLINK): the pin is stale.
-                Err(_) => remove_file(&pin)?,
-            }
-        }
         let options = TcAttachOptions::TcxOrder(order);
         let id = program
             .attach_with_options(iface, attach_type, options)
@@ -942,6 +1118,9 @@ impl Dataplane {
                 Err(e) => report.failed.push((service.frontend, e.to_string())),
             }
         }
+        // Tightens the ranges after removals. If it fails they stay a superset: correct,
+        // only less of the other traffic leaves early.
+        let _ = self.refresh_ranges();
         report
     }
 
@@ -959,6 +1138,36 @@ impl Dataplane {
             })?;
         self.release_ranges(&state.value);
         self.remove_members(state.value.id, &state.backends, &[])
+    }
+
+    /// Makes the ranges cover `vip` (before a service on it is published), if they do not.
+    fn widen_ranges(&mut self, vip: Ipv4Addr) -> Result<(), Error> {
+        if ranges::covers(&self.ranges, vip) {
+            return Ok(());
+        }
+        let vips = self.services.keys().map(|f| *f.addr.ip()).chain([vip]);
+        self.write_ranges(ranges::cover(vips, ebpf_common::MAX_RANGES))
+    }
+
+    /// Recomputes the ranges from the services (tighter after removals).
+    fn refresh_ranges(&mut self) -> Result<(), Error> {
+        let vips = self.services.keys().map(|f| *f.addr.ip());
+        let prefixes = ranges::cover(vips, ebpf_common::MAX_RANGES);
+        if prefixes == self.ranges {
+            return Ok(());
+        }
+        self.write_ranges(prefixes)
+    }
+
+    fn write_ranges(&mut self, prefixes: Vec<ranges::Prefix>) -> Result<(), Error> {
+        self.ranges_map
+            .set(0, ranges::value(&prefixes), 0)
+            .map_err(|source| Error::Map {
+                name: map_names::RANGES,
+                source,
+            })?;
+        self.ranges = prefixes;
+        Ok(())
     }
 
     /// Adds the members of `backends` (before the service value naming them is published).
@@ -1087,14 +1296,17 @@ impl Dataplane {
             .get(&frontend)
             .map(|s| s.backends.clone())
             .unwrap_or_default();
-        let published = self.add_members(id, &backends).and_then(|()| {
-            self.services_map
-                .insert(frontend.key(), value, 0)
-                .map_err(|source| Error::Map {
-                    name: map_names::SERVICES,
-                    source,
-                })
-        });
+        let published = self
+            .add_members(id, &backends)
+            .and_then(|()| self.widen_ranges(*frontend.addr.ip()))
+            .and_then(|()| {
+                self.services_map
+                    .insert(frontend.key(), value, 0)
+                    .map_err(|source| Error::Map {
+                        name: map_names::SERVICES,
+                        source,
+                    })
+            });
         if let Err(e) = published {
             self.release_unpublished(&value);
             let _ = self.remove_members(id, &backends, &old_backends);
@@ -1172,6 +1384,7 @@ impl Dataplane {
                 map_names::REVNAT => self.revnat.map(),
                 map_names::POD_ADDRS => self.pod_addrs.map(),
                 map_names::MEMBERS => self.members.map(),
+                map_names::RANGES => self.ranges_map.map(),
                 _ => map_data(&self.ebpf, name)?,
             };
             let fd = data
@@ -1302,7 +1515,7 @@ impl Dataplane {
             let flow = FlowKey {
                 saddr: client,
                 daddr: revnat.vip,
-                sport: reply.dport,
+                sport: revnat.client_port,
                 dport: revnat.port,
                 proto: reply.proto,
                 _pad: [0; 3],
@@ -1539,7 +1752,7 @@ pub struct Fill {
 impl Pinned {
     /// Opens the maps pinned under `pin_dir` by a data plane of this build.
     pub fn open(pin_dir: &Path) -> Result<Self, Error> {
-        let dir = pin_dir.join(format!("maps-v{MAPS_LAYOUT}"));
+        let dir = layout::find(pin_dir)?;
         let open = |name: &'static str| -> Result<MapData, Error> {
             MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })
         };
@@ -1640,6 +1853,33 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
 }
 
+/// Copies the entries of the map `name` pinned in `old_dir` into `new`, keeping the entries
+/// `new` has. A map that is missing there or has another key or value size is skipped.
+fn copy_entries<T: std::borrow::BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
+    old_dir: &Path,
+    name: &'static str,
+    new: &mut HashMap<T, K, V>,
+    skipped: &mut Vec<&'static str>,
+) -> Result<u64, Error> {
+    let old: Option<HashMap<MapData, K, V>> = MapData::from_pin(old_dir.join(name))
+        .ok()
+        .and_then(|data| HashMap::try_from(Map::HashMap(data)).ok());
+    let Some(old) = old else {
+        if !skipped.contains(&name) {
+            skipped.push(name);
+        }
+        return Ok(0);
+    };
+    const BPF_NOEXIST: u64 = 1;
+    let mut copied = 0;
+    for (key, value) in old.iter().filter_map(Result::ok) {
+        if new.insert(key, value, BPF_NOEXIST).is_ok() {
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
 /// Removes a hash map entry; one that is not there (any more) is no error.
 fn remove_entry<T: std::borrow::BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<T, K, V>,
@@ -1685,93 +1925,6 @@ fn mmap_array<T: Copy>(ebpf: &Ebpf, name: &'static str) -> Result<(MmapArray<T>,
             source,
         })?;
     Ok((array, info.max_entries()))
-}
-
-/// Refuses pinned maps whose layout is not this build's (they would be misread).
-fn check_layout(ebpf: &Ebpf) -> Result<(), Error> {
-    use std::mem::size_of;
-    const MMAPABLE: u32 = 1 << 10;
-    let expected: [(&'static str, usize, usize, u32); 13] = [
-        (
-            map_names::SERVICES,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceValue>(),
-            0,
-        ),
-        (map_names::BACKENDS, 4, size_of::<Backend>(), MMAPABLE),
-        (map_names::MAGLEV, 4, size_of::<MaglevLanes>(), MMAPABLE),
-        (
-            map_names::CONNTRACK,
-            size_of::<FlowKey>(),
-            size_of::<CtEntry>(),
-            0,
-        ),
-        (
-            map_names::REVNAT,
-            size_of::<FlowKey>(),
-            size_of::<RevNat>(),
-            0,
-        ),
-        (
-            map_names::AFFINITY,
-            size_of::<AffinityKey>(),
-            size_of::<AffinityEntry>(),
-            0,
-        ),
-        (map_names::POD_ADDRS, size_of::<PodAddrKey>(), 4, 0),
-        (
-            map_names::FRAGS,
-            size_of::<ebpf_common::FragKey>(),
-            size_of::<ebpf_common::FragPorts>(),
-            0,
-        ),
-        (map_names::MEMBERS, size_of::<MemberKey>(), 4, 0),
-        (map_names::COUNTERS, 4, 8, 0),
-        (map_names::SOCK_NETNS, 8, 4, 0),
-        (
-            map_names::SOCK_REVNAT,
-            size_of::<SockRevKey>(),
-            size_of::<RevNat>(),
-            0,
-        ),
-        (
-            map_names::SOCK_FWD,
-            size_of::<SockFwdKey>(),
-            size_of::<Backend>(),
-            0,
-        ),
-    ];
-    for (name, key, value, flags) in expected {
-        let info = map_data(ebpf, name)?
-            .info()
-            .map_err(|source| Error::Map { name, source })?;
-        if info.key_size() as usize != key
-            || info.value_size() as usize != value
-            || info.map_flags() & flags != flags
-        {
-            return Err(Error::LayoutMismatch {
-                name,
-                detail: format!(
-                    "key {} value {} flags {:#x}, expected key {key} value {value} flags {flags:#x}",
-                    info.key_size(),
-                    info.value_size(),
-                    info.map_flags()
-                ),
-            });
-        }
-    }
-    if map_data(ebpf, map_names::COUNTERS)?
-        .info()
-        .map(|i| i.max_entries())
-        .ok()
-        != Some(COUNTER_COUNT)
-    {
-        return Err(Error::LayoutMismatch {
-            name: map_names::COUNTERS,
-            detail: format!("expected {COUNTER_COUNT} counters"),
-        });
-    }
-    Ok(())
 }
 
 /// bpffs must be mounted where pins go; on a machine without it (no systemd to mount it),

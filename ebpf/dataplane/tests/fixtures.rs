@@ -171,7 +171,7 @@ fn fixtures() -> Vec<Fixture> {
             hook: Hook::FromPod,
             frame: tcp(client(40007), addr(10, 1, 0, 1, 8080), TCP_SYN).build(),
             expect: Expect::Untouched,
-            counter: Counter::PassNotService,
+            counter: Counter::PassOutsideRanges,
         },
         Fixture {
             name: "a service port the VIP does not serve passes untouched",
@@ -1108,4 +1108,97 @@ fn answer_frame(dp: &mut TestDataplane, frame: &Builder) -> Vec<u8> {
     let out = dp.test_run(Hook::ToPod, &frame.build(), 1).unwrap();
     assert_eq!(out.verdict, TCX_NEXT);
     out.frame
+}
+
+#[test]
+fn traffic_outside_the_service_ranges_leaves_at_once() {
+    let mut dp = dataplane("ranges");
+    let pass = |dp: &mut TestDataplane, frame: Vec<u8>| {
+        let before = dp.stats().unwrap();
+        let out = dp.test_run(Hook::FromPod, &frame, 1).unwrap();
+        assert_eq!((out.verdict, &out.frame), (TCX_NEXT, &frame));
+        dp.stats().unwrap().since(&before)
+    };
+    // A pod address: outside the ranges the services (10.96.0.10, 10.96.0.20) need.
+    let delta = pass(
+        &mut dp,
+        tcp(client(50000), addr(10, 244, 1, 2, 8080), TCP_SYN).build(),
+    );
+    assert_eq!(delta.get(Counter::PassOutsideRanges), 1);
+    // Inside the ranges but no service (a port the address does not serve): looked up, passed.
+    let delta = pass(
+        &mut dp,
+        tcp(client(50001), addr(10, 96, 0, 10, 443), TCP_SYN).build(),
+    );
+    assert_eq!(delta.get(Counter::PassNotService), 1);
+    // A service far from the others is served from its first packet: the ranges widen
+    // before it is published.
+    let far = Frontend::tcp(addr(172, 30, 0, 10, 80));
+    dp.upsert_service(far, ServiceSpec::default()).unwrap();
+    dp.set_backends(far, &web_backends()).unwrap();
+    let backend = send(&mut dp, &tcp(client(50002), far.addr, TCP_SYN));
+    assert!(web_backends().contains(&backend));
+    // And once it is gone, its range goes with the next sync.
+    let rest: Vec<_> = dp
+        .services()
+        .filter(|(f, _)| **f != far)
+        .map(|(f, s)| DesiredService {
+            frontend: *f,
+            spec: s.spec,
+            backends: s.backends.clone(),
+        })
+        .collect();
+    dp.sync(rest);
+    let delta = pass(&mut dp, tcp(client(50003), far.addr, TCP_SYN).build());
+    assert_eq!(delta.get(Counter::PassOutsideRanges), 1);
+}
+
+#[test]
+fn two_services_sharing_a_backend_keep_their_replies_apart() {
+    let mut dp = TestDataplane::open("shared");
+    let (one, two) = (
+        Frontend::udp(addr(10, 96, 0, 70, 53)),
+        Frontend::udp(addr(10, 96, 0, 71, 53)),
+    );
+    let backend = addr(10, 1, 0, 7, 5353);
+    for service in [one, two] {
+        dp.upsert_service(service, ServiceSpec::default()).unwrap();
+        dp.set_backends(service, &[backend]).unwrap();
+    }
+    // One client socket asks both services: both flows go to the same backend, and would
+    // get their replies on the same tuple.
+    let from = client(51000);
+    let first = dp
+        .test_run(Hook::FromPod, &udp(from, one.addr, b"q").build(), 1)
+        .unwrap();
+    let second = dp
+        .test_run(Hook::FromPod, &udp(from, two.addr, b"q").build(), 1)
+        .unwrap();
+    let first = packet::read(&first.frame).expect("valid checksums");
+    let second = packet::read(&second.frame).expect("valid checksums");
+    assert_eq!((first.src(), first.dst()), (Some(from), Some(backend)));
+    let remapped = second.src().expect("ports");
+    assert_eq!(second.dst(), Some(backend));
+    assert_eq!(remapped.ip(), from.ip(), "the client's address stays");
+    assert_ne!(
+        remapped.port(),
+        from.port(),
+        "the second flow's port is remapped"
+    );
+    assert_eq!(dp.stats().unwrap().get(Counter::PortRemapped), 1);
+
+    // Each answer comes back from the service it was asked of, to the client's own port.
+    let answer_one = answer_frame(&mut dp, &udp(backend, from, b"a"));
+    let answer_two = answer_frame(&mut dp, &udp(backend, remapped, b"a"));
+    let (a1, a2) = (
+        packet::read(&answer_one).expect("valid checksums"),
+        packet::read(&answer_two).expect("valid checksums"),
+    );
+    assert_eq!((a1.src(), a1.dst()), (Some(one.addr), Some(from)));
+    assert_eq!((a2.src(), a2.dst()), (Some(two.addr), Some(from)));
+    // The remapped flow keeps its port.
+    let again = dp
+        .test_run(Hook::FromPod, &udp(from, two.addr, b"q").build(), 1)
+        .unwrap();
+    assert_eq!(packet::read(&again.frame).unwrap().src(), Some(remapped));
 }

@@ -852,3 +852,135 @@ fn fragmented_datagrams_cross_a_service_both_ways() {
     );
     assert_eq!(stats.drops(), 0, "{stats:?}");
 }
+
+/// The map directories pinned under `pin_dir`.
+fn map_dirs(pin_dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(pin_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("maps-"))
+        .collect()
+}
+
+#[test]
+fn a_new_map_layout_keeps_every_flow_and_removes_the_old_pins() {
+    let mut setup = Setup::new("layout");
+    let backends = setup.lab.backend_addrs();
+    serve(&mut setup, web(), backends.clone());
+    serve(&mut setup, dns(), backends);
+    let (mut connections, sockets) = setup
+        .lab
+        .client
+        .run(|| {
+            let connections: Vec<(Connection, String)> = (0..20)
+                .map(|_| {
+                    let mut conn = Connection::open(web().addr).expect("connect");
+                    let name = conn.ask().expect("ask");
+                    (conn, name)
+                })
+                .collect();
+            let sockets: Vec<(std::net::UdpSocket, String)> = (0..10)
+                .map(|_| {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    socket
+                        .set_read_timeout(Some(Duration::from_secs(3)))
+                        .unwrap();
+                    socket.connect(dns().addr).unwrap();
+                    socket.send(b"hello\n").unwrap();
+                    let mut buf = [0u8; 64];
+                    let n = socket.recv(&mut buf).expect("UDP answer");
+                    let name = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+                    (socket, name)
+                })
+                .collect();
+            (connections, sockets)
+        })
+        .unwrap();
+    let before = map_dirs(&setup.pin_dir);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // The owner stops (its programs keep serving); a new one starts with another conntrack
+    // size: another map layout, as a new build's would be.
+    drop(setup.dataplane.take());
+    let mut config = Config::with_pin_dir(&setup.pin_dir);
+    config.ct_entries = ebpf_dataplane::defaults::CT_ENTRIES / 2;
+    let dataplane = Dataplane::open(&config).expect("open with another layout");
+    let migrations = dataplane.migrations().to_vec();
+    assert_eq!(migrations.len(), 1, "{migrations:?}");
+    assert_eq!(migrations[0].services, 2, "{migrations:?}");
+    // Each TCP and UDP flow has a conntrack and a reverse entry.
+    assert!(migrations[0].entries >= 2 * 30, "{migrations:?}");
+    setup.dataplane = Some(dataplane);
+    let (node, dp) = (&setup.lab.node, setup.dataplane.as_mut().unwrap());
+    node.run(|| dp.attach(CLIENT_HOST_IF, &[CLIENT_ADDR]))
+        .unwrap()
+        .expect("attach");
+    let after = map_dirs(&setup.pin_dir);
+    assert_eq!(after.len(), 1, "the old pins are gone: {after:?}");
+    assert_ne!(after, before);
+
+    setup
+        .lab
+        .client
+        .run(|| {
+            for (i, (conn, name)) in connections.iter_mut().enumerate() {
+                assert_eq!(
+                    &conn
+                        .ask()
+                        .unwrap_or_else(|e| panic!("connection {i}: {e:#}")),
+                    name
+                );
+            }
+            for (i, (socket, name)) in sockets.iter().enumerate() {
+                socket.send(b"hello\n").unwrap();
+                let mut buf = [0u8; 64];
+                let n = socket
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("UDP flow {i}: {e}"));
+                assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), name);
+            }
+            tcp_request(web().addr).expect("a new connection");
+        })
+        .unwrap();
+    let stats = setup.dataplane().stats().unwrap();
+    assert_eq!(stats.drops(), 0, "{stats:?}");
+}
+
+#[test]
+fn one_socket_asking_two_services_with_one_backend_hears_each_from_its_own() {
+    let mut setup = Setup::new("shared");
+    let backend = setup.lab.backend_addrs()[0];
+    let (one, two) = (
+        Frontend::udp("10.96.0.70:53".parse().unwrap()),
+        Frontend::udp("10.96.0.71:53".parse().unwrap()),
+    );
+    serve(&mut setup, one, vec![backend]);
+    serve(&mut setup, two, vec![backend]);
+    setup
+        .lab
+        .client
+        .run(|| {
+            // An unconnected socket, as resolvers use: it sees where each answer comes from.
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            for round in 0..5 {
+                socket.send_to(b"hello\n", one.addr).unwrap();
+                socket.send_to(b"hello\n", two.addr).unwrap();
+                let mut from = BTreeSet::new();
+                for _ in 0..2 {
+                    let mut buf = [0u8; 64];
+                    let (_, peer) = socket
+                        .recv_from(&mut buf)
+                        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                    from.insert(peer);
+                }
+                let expected: BTreeSet<std::net::SocketAddr> =
+                    [one.addr.into(), two.addr.into()].into();
+                assert_eq!(from, expected, "round {round}");
+            }
+        })
+        .unwrap();
+}

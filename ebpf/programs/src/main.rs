@@ -37,16 +37,17 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ebpf_common::{
-    CT_FLAG_CLIENT_FIN, CT_FLAG_HAIRPIN, CT_FLAG_SERVER_FIN, CT_STATE_CLOSING,
+    CT_FLAG_CLIENT_FIN, CT_FLAG_HAIRPIN, CT_FLAG_SERVER_FIN, CT_FLAG_SNAT, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey, FragKey, FragPorts,
-    HAIRPIN_ADDR, IPPROTO_TCP, PodAddrKey, REVNAT_FLAG_CLOSING, RevNat, ServiceKey, TCP_ACK,
-    TCP_FIN, TCP_RST, TCP_SYN,
+    HAIRPIN_ADDR, IPPROTO_TCP, MAX_RANGES, PodAddrKey, REMAP_PORT_FIRST, REMAP_PORTS,
+    REVNAT_FLAG_CLOSING, REVNAT_FLAG_SNAT, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    flow_hash,
 };
 
 use crate::{
     icmp::Translation,
     lb::still_member,
-    maps::{CONNTRACK, FRAGS, POD_ADDRS, REVNAT, SERVICES},
+    maps::{CONNTRACK, FRAGS, POD_ADDRS, RANGES, REVNAT, SERVICES},
     nat::{End, rewrite},
     parse::{Fragment, IcmpError, Packet, Parsed, parse, read_at},
     stats::count,
@@ -226,6 +227,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     if flow.daddr == HAIRPIN_ADDR {
         return hairpin_reply(ctx, &pkt, ifindex);
     }
+    if !in_service_ranges(flow.daddr) {
+        forget_stale_reply(&pkt);
+        count(Counter::PassOutsideRanges);
+        return Ok(TCX_NEXT);
+    }
     let svc_key = ServiceKey {
         vip: flow.daddr,
         port: flow.dport,
@@ -260,7 +266,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
                 // At most once a second, the reverse entry is checked: an LRU may have evicted
                 // it while the flow was idle, and replies would then show the backend.
                 if REVNAT.get_ptr(reply).is_none() {
-                    let _ = REVNAT.insert(reply, revnat_of(&flow, 0), 0);
+                    let _ = REVNAT.insert(reply, revnat_of(&flow, &entry), 0);
                     count(Counter::RevNatRepaired);
                 }
             }
@@ -281,16 +287,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     }
 
     let Some(svc) = SERVICES.get_ptr(svc_key) else {
-        // A flow not to a service. If it opens on the tuple an ended service flow left behind
-        // (the client reused its port towards that backend directly), that flow's reverse NAT
-        // must go, or the direct flow's replies would come back from the service address.
-        // Looked up first: a delete takes the map's bucket lock even when there is nothing.
-        if flow.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            let stale = reversed(&flow);
-            if REVNAT.get_ptr(stale).is_some() {
-                let _ = REVNAT.remove(stale);
-            }
-        }
+        forget_stale_reply(&pkt);
         count(Counter::PassNotService);
         return Ok(TCX_NEXT);
     };
@@ -317,8 +314,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         } else {
             0
         },
-        _pad: [0; 2],
+        snat_port: 0,
     };
+    // A reply tuple of its own first: the client port is remapped if a live flow of another
+    // service already gets its replies on the one this flow's would have.
+    claim_reply(&flow, &mut entry)?;
     if reselect {
         CONNTRACK
             .insert(flow, entry, BPF_ANY as u64)
@@ -332,11 +332,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         // SAFETY: copied out at once from a successful lookup.
         entry = unsafe { winner.read() };
         count(Counter::CtRace);
+        // The winner claimed its reply tuple; ours, if another, is left to the collector.
+        let _ = REVNAT.insert(reply_key(&flow, &entry), revnat_of(&flow, &entry), 0);
     }
-    let reply = reply_key(&flow, &entry);
-    REVNAT
-        .insert(reply, revnat_of(&flow, 0), 0)
-        .map_err(|_| Counter::DropCtInsert)?;
     let verdict = forward(ctx, &pkt, &entry, ifindex)?;
     track_fragments(&pkt);
     if reselect {
@@ -346,13 +344,117 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     Ok(verdict)
 }
 
-/// The reverse-NAT entry restoring `flow`'s service address.
+/// Whether `daddr` may be a service address (inside one of the ranges userspace keeps).
 #[inline(always)]
-fn revnat_of(flow: &FlowKey, flags: u16) -> RevNat {
+fn in_service_ranges(daddr: u32) -> bool {
+    let Some(ranges) = RANGES.get(0) else {
+        return true;
+    };
+    for i in 0..MAX_RANGES {
+        if i as u32 >= ranges.count {
+            break;
+        }
+        if daddr & ranges.mask[i] == ranges.net[i] {
+            return true;
+        }
+    }
+    false
+}
+
+/// For a flow to no service: if it opens on the tuple an ended service flow left behind (the
+/// client reused its port towards that backend directly), that flow's reverse NAT must go, or
+/// the direct flow's replies would come back from the service address. Looked up first: a
+/// delete takes the map's bucket lock even when there is nothing to delete.
+#[inline(always)]
+fn forget_stale_reply(pkt: &Packet) {
+    let flow = &pkt.flow;
+    if flow.proto != IPPROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let stale = reversed(flow);
+        if REVNAT.get_ptr(stale).is_some() {
+            let _ = REVNAT.remove(stale);
+        }
+    }
+}
+
+/// The reverse-NAT entry restoring `flow`'s service address (and its client port).
+#[inline(always)]
+fn revnat_of(flow: &FlowKey, entry: &CtEntry) -> RevNat {
     RevNat {
         vip: flow.daddr,
         port: flow.dport,
-        flags,
+        flags: if entry.flags & CT_FLAG_SNAT != 0 {
+            REVNAT_FLAG_SNAT
+        } else {
+            0
+        },
+        client_port: flow.sport,
+        _pad: 0,
+    }
+}
+
+/// How many remapped ports a new flow tries before giving up.
+const REMAP_ATTEMPTS: u32 = 4;
+
+/// Inserts the reverse entry of a new flow. The reply tuple may be taken: by this flow (a
+/// retransmitted first packet, a reused tuple), by a flow that is gone (taken over), or by a
+/// live flow of another service sharing the backend, the same client port towards another
+/// service address: then the client's port is remapped so both flows keep their replies.
+#[inline(always)]
+fn claim_reply(flow: &FlowKey, entry: &mut CtEntry) -> Result<(), Counter> {
+    for attempt in 0..=REMAP_ATTEMPTS {
+        let reply = reply_key(flow, entry);
+        let value = revnat_of(flow, entry);
+        if REVNAT.insert(reply, value, BPF_NOEXIST as u64).is_ok() {
+            return Ok(());
+        }
+        if let Some(existing) = REVNAT.get_ptr(reply) {
+            // SAFETY: copied out at once from a successful lookup.
+            let existing = unsafe { existing.read() };
+            let ours = existing.vip == value.vip
+                && existing.port == value.port
+                && existing.client_port == value.client_port;
+            if ours
+                || CONNTRACK
+                    .get_ptr(flow_of_reply(&reply, &existing))
+                    .is_none()
+            {
+                REVNAT
+                    .insert(reply, value, BPF_ANY as u64)
+                    .map_err(|_| Counter::DropCtInsert)?;
+                return Ok(());
+            }
+        }
+        entry.flags |= CT_FLAG_SNAT;
+        entry.snat_port = remap_port(flow, attempt);
+        if attempt == 0 {
+            count(Counter::PortRemapped);
+        }
+    }
+    Err(Counter::DropCtInsert)
+}
+
+/// A port for a clashing flow, different for each attempt.
+#[inline(always)]
+fn remap_port(flow: &FlowKey, attempt: u32) -> u16 {
+    let hash = flow_hash(flow.saddr ^ flow.daddr, flow.sport ^ flow.dport)
+        .wrapping_add(attempt.wrapping_mul(0x9E37_79B9));
+    (REMAP_PORT_FIRST + (hash % REMAP_PORTS) as u16).to_be()
+}
+
+/// The conntrack key of the flow a reverse entry belongs to.
+#[inline(always)]
+fn flow_of_reply(reply: &FlowKey, revnat: &RevNat) -> FlowKey {
+    FlowKey {
+        saddr: if reply.daddr == HAIRPIN_ADDR {
+            reply.saddr
+        } else {
+            reply.daddr
+        },
+        daddr: revnat.vip,
+        sport: revnat.client_port,
+        dport: revnat.port,
+        proto: reply.proto,
+        _pad: [0; 3],
     }
 }
 
@@ -368,14 +470,18 @@ fn reply_key(flow: &FlowKey, entry: &CtEntry) -> FlowKey {
             flow.saddr
         },
         sport: entry.backend.port,
-        dport: flow.sport,
+        dport: if entry.flags & CT_FLAG_SNAT != 0 {
+            entry.snat_port
+        } else {
+            flow.sport
+        },
         proto: flow.proto,
         _pad: [0; 3],
     }
 }
 
-/// Sends a client's packet to its backend: the destination rewritten, and on a hairpin the
-/// source too, the packet then going straight back into the pod.
+/// Sends a client's packet to its backend: the destination rewritten, and the source too on a
+/// hairpin (the packet then goes straight back into the pod) or a remapped port.
 #[inline(always)]
 fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ifindex: u32) -> Result<i32, Counter> {
     let flow = &pkt.flow;
@@ -388,17 +494,22 @@ fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ifindex: u32) -> Resu
         (backend.ip, backend.port),
     )
     .map_err(|()| Counter::DropRewrite)?;
-    if entry.flags & CT_FLAG_HAIRPIN == 0 {
+    let hairpin = entry.flags & CT_FLAG_HAIRPIN != 0;
+    if !hairpin && entry.flags & CT_FLAG_SNAT == 0 {
         return Ok(TCX_NEXT);
     }
+    let reply = reply_key(flow, entry);
     rewrite(
         ctx,
         pkt,
         End::Source,
         (flow.saddr, flow.sport),
-        (HAIRPIN_ADDR, flow.sport),
+        (reply.daddr, reply.dport),
     )
     .map_err(|()| Counter::DropRewrite)?;
+    if !hairpin {
+        return Ok(TCX_NEXT);
+    }
     count(Counter::Hairpin);
     back_into_pod(ctx, ifindex)
 }
@@ -540,6 +651,16 @@ fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Resul
         (revnat.vip, revnat.port),
     )
     .map_err(|()| Counter::DropRewrite)?;
+    if revnat.flags & REVNAT_FLAG_SNAT != 0 {
+        rewrite(
+            ctx,
+            pkt,
+            End::Destination,
+            (client, flow.dport),
+            (client, revnat.client_port),
+        )
+        .map_err(|()| Counter::DropRewrite)?;
+    }
     track_fragments(pkt);
     if flow.proto != IPPROTO_TCP
         || (pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 && revnat.flags & REVNAT_FLAG_CLOSING == 0)
@@ -549,7 +670,7 @@ fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Resul
     let client_flow = FlowKey {
         saddr: client,
         daddr: revnat.vip,
-        sport: flow.dport,
+        sport: revnat.client_port,
         dport: revnat.port,
         proto: flow.proto,
         _pad: [0; 3],
@@ -590,7 +711,14 @@ fn icmp_from_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
             error.daddr
         },
         inner_src: (backend.ip, backend.port),
-        inner_dst: (quoted.daddr, quoted.dport),
+        inner_dst: (
+            quoted.daddr,
+            if entry.flags & CT_FLAG_SNAT != 0 {
+                entry.snat_port
+            } else {
+                quoted.dport
+            },
+        ),
     };
     icmp::translate(ctx, error, &translation).map_err(|()| Counter::DropRewrite)?;
     count(Counter::IcmpTranslated);
@@ -616,7 +744,7 @@ fn icmp_to_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
             error.saddr
         },
         outer_dst: error.daddr,
-        inner_src: (quoted.saddr, quoted.sport),
+        inner_src: (quoted.saddr, revnat.client_port),
         inner_dst: (revnat.vip, revnat.port),
     };
     icmp::translate(ctx, error, &translation).map_err(|()| Counter::DropRewrite)?;

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, FragKey, FragPorts,
-    MaglevLanes, MemberKey, PodAddrKey, RevNat, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
-    defaults, map_name,
+    MaglevLanes, MemberKey, PodAddrKey, Ranges, RevNat, ServiceKey, ServiceValue, SockFwdKey,
+    SockRevKey, defaults, map_name,
 };
 
 /// A map definition under its name from the shared list (what aya's `#[map]` does, with the
@@ -77,6 +77,11 @@ map! {
     /// PodAddrKey (ifindex, address) -> 1: the addresses a pod interface may send from.
     POD_ADDRS: HashMap<PodAddrKey, u32> =
         HashMap::pinned(defaults::POD_ADDR_ENTRIES, BPF_F_NO_PREALLOC)
+}
+
+map! {
+    /// 0 -> Ranges: prefixes covering every service address.
+    RANGES: Array<Ranges> = Array::pinned(1, 0)
 }
 
 map! {

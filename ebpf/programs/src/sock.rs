@@ -68,7 +68,7 @@ fn remember_service(cookie: u64, key: &ServiceKey, backend: Backend) {
     let value = RevNat {
         vip: key.vip,
         port: key.port,
-        flags: 0,
+        ..RevNat::default()
     };
     // Best effort: without it getpeername/recvmsg show the backend, the flow still works.
     let _ = SOCK_REVNAT.insert(rev, value, 0);

@@ -36,6 +36,15 @@ impl EbpfProxier {
     pub fn new(config: &ProxyConfig) -> Result<Self> {
         let mut dataplane = Dataplane::open(&Config::with_pin_dir(&config.pin_dir))
             .context("open the eBPF data plane")?;
+        for m in dataplane.migrations() {
+            tracing::info!(
+                from = %m.from.display(),
+                services = m.services,
+                entries = m.entries,
+                skipped = ?m.skipped,
+                "moved the data plane's state from maps of an earlier layout or size"
+            );
+        }
         for iface in &config.interfaces {
             dataplane
                 .attach(iface, &[])
