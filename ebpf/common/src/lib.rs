@@ -50,7 +50,7 @@ macro_rules! for_each_map {
             /// `FragKey -> FragPorts` (LRU): the ports of translated datagrams being fragmented,
             /// for their later fragments (which carry none).
             FRAGS = "keel_frags",
-            /// `PodAddrKey -> u32`: the addresses each pod interface may send from.
+            /// `u32 ifindex -> PodSources`: the addresses each pod interface may send from.
             POD_ADDRS = "keel_pod_addrs",
             /// `u32 (0) -> Ranges`: prefixes covering every service address, so the rest of
             /// the traffic leaves at once.
@@ -143,13 +143,6 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
-}
-
-/// Names of load-time settings (read-only globals overridden by the loader).
-pub mod setting_names {
-    /// Non-zero: every packet takes the conntrack-miss path (benchmark of the new-flow path
-    /// only; a real data plane never sets it).
-    pub const FORCE_CT_MISS: &str = "FORCE_CT_MISS";
 }
 
 /// A service frontend as clients address it: virtual IP, port and protocol.
@@ -368,16 +361,21 @@ pub struct Ranges {
 }
 const _: () = assert!(size_of::<Ranges>() == 4 + 8 * MAX_RANGES);
 
-/// A pod interface and an address it may send from; address 0 marks the interface as checked
-/// (an interface without it is not: test and benchmark interfaces, the host's).
+/// At most this many IPv4 addresses per pod interface.
+pub const MAX_POD_SOURCES: usize = 4;
+
+/// The addresses a pod interface may send from (an interface without an entry is not checked:
+/// test and benchmark interfaces, the host's). One lookup per packet, of an entry as hot as
+/// the pod's traffic.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PodAddrKey {
-    pub ifindex: u32,
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodSources {
+    /// How many of `addrs` are in use.
+    pub count: u32,
+    /// IPv4 addresses, network byte order.
+    pub addrs: [u32; MAX_POD_SOURCES],
 }
-const _: () = assert!(size_of::<PodAddrKey>() == 8);
+const _: () = assert!(size_of::<PodSources>() == 4 + 4 * MAX_POD_SOURCES);
 
 /// Session affinity is per client address and service.
 #[repr(C)]
@@ -543,7 +541,7 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockFwdKey {}
-    unsafe impl aya::Pod for PodAddrKey {}
+    unsafe impl aya::Pod for PodSources {}
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}

@@ -52,6 +52,8 @@ pub enum Error {
     NotBpffs(PathBuf),
     #[error("no interface named {0}")]
     NoSuchInterface(String),
+    #[error("interface {ifindex}: {count} source addresses, at most 4 are supported")]
+    TooManySources { ifindex: u32, count: usize },
     #[error("no service {0}")]
     NoSuchService(Frontend),
     #[error(

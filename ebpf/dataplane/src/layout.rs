@@ -18,7 +18,7 @@ use aya::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, FragKey, FragPorts,
-    MaglevLanes, MemberKey, PodAddrKey, Ranges, RevNat, ServiceKey, ServiceValue, SockFwdKey,
+    MaglevLanes, MemberKey, PodSources, Ranges, RevNat, ServiceKey, ServiceValue, SockFwdKey,
     SockRevKey, defaults, map_names,
 };
 
@@ -26,7 +26,7 @@ use crate::{Config, Error};
 
 /// Bumped whenever a map's key or value layout changes (the digest would change anyway; the
 /// number keeps directory names readable).
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 
 /// `BPF_F_NO_PREALLOC` and `BPF_F_MMAPABLE`.
 const NO_PREALLOC: u32 = 1 << 0;
@@ -122,8 +122,8 @@ pub fn specs(config: &Config) -> Vec<MapSpec> {
         spec(
             map_names::POD_ADDRS,
             Hash,
-            size_of::<PodAddrKey>(),
             4,
+            size_of::<PodSources>(),
             NO_PREALLOC,
             defaults::POD_ADDR_ENTRIES,
         ),

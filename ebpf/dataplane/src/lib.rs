@@ -41,9 +41,9 @@ use aya::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CT_FLAG_HAIRPIN, CtEntry, FlowKey,
-    HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, MemberKey, PodAddrKey,
+    HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, MemberKey, PodSources,
     RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
-    map_names, program_names, setting_names,
+    map_names, program_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
@@ -185,8 +185,6 @@ pub struct Config {
     pub maglev_elements: u32,
     pub ct_entries: u32,
     pub affinity_entries: u32,
-    /// Benchmarks only: every packet takes the conntrack-miss (new flow) path.
-    pub force_ct_miss: bool,
 }
 
 impl Default for Config {
@@ -198,7 +196,6 @@ impl Default for Config {
             maglev_elements: defaults::MAGLEV_ELEMENTS,
             ct_entries: defaults::CT_ENTRIES,
             affinity_entries: defaults::AFFINITY_ENTRIES,
-            force_ct_miss: false,
         }
     }
 }
@@ -444,7 +441,7 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     revnat: HashMap<MapData, FlowKey, RevNat>,
-    pod_addrs: HashMap<MapData, PodAddrKey, u32>,
+    pod_addrs: HashMap<MapData, u32, PodSources>,
     members: HashMap<MapData, MemberKey, u32>,
     ranges_map: aya::maps::Array<MapData, ebpf_common::Ranges>,
     /// The prefixes `ranges_map` holds (host order).
@@ -481,7 +478,6 @@ impl Dataplane {
         create_dir(&maps_dir)?;
         create_dir(&config.pin_dir.join("links"))?;
 
-        let force_ct_miss = u32::from(config.force_ct_miss);
         // KEEL_VERIFIER_LOG=1: the verifier's whole log in a load error (for debugging the
         // programs; by default the kernel only says why it refused).
         let log_level = if std::env::var_os("KEEL_VERIFIER_LOG").is_some() {
@@ -498,7 +494,6 @@ impl Dataplane {
             .map_max_entries(map_names::CONNTRACK, config.ct_entries)
             .map_max_entries(map_names::REVNAT, config.ct_entries)
             .map_max_entries(map_names::AFFINITY, config.affinity_entries)
-            .override_global(setting_names::FORCE_CT_MISS, &force_ct_miss, true)
             .load(PROGRAMS)?;
         for name in [
             program_names::FROM_POD,
@@ -896,38 +891,29 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Replaces the addresses an interface may send from (none: unchecked). The interface's
-    /// marker (address 0) goes in last and out first, so a check never runs on half a list.
+    /// Replaces the addresses an interface may send from (none: unchecked).
     fn set_sources(&mut self, ifindex: u32, sources: &[Ipv4Addr]) -> Result<(), Error> {
-        let name = map_names::POD_ADDRS;
-        let map_error = |source| Error::Map { name, source };
-        let marker = PodAddrKey { ifindex, addr: 0 };
-        let stale: Vec<PodAddrKey> = self
-            .pod_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.ifindex == ifindex && k.addr != 0)
-            .collect();
+        let map_error = |source| Error::Map {
+            name: map_names::POD_ADDRS,
+            source,
+        };
         if sources.is_empty() {
-            remove_entry(&mut self.pod_addrs, &marker).map_err(map_error)?;
+            return remove_entry(&mut self.pod_addrs, &ifindex).map_err(map_error);
         }
-        let wanted: Vec<PodAddrKey> = sources
-            .iter()
-            .map(|a| PodAddrKey {
+        if sources.len() > ebpf_common::MAX_POD_SOURCES {
+            return Err(Error::TooManySources {
                 ifindex,
-                addr: u32::from_ne_bytes(a.octets()),
-            })
-            .collect();
-        for key in &wanted {
-            self.pod_addrs.insert(key, 1, 0).map_err(map_error)?;
+                count: sources.len(),
+            });
         }
-        if !sources.is_empty() {
-            self.pod_addrs.insert(marker, 1, 0).map_err(map_error)?;
+        let mut value = PodSources {
+            count: sources.len() as u32,
+            ..PodSources::default()
+        };
+        for (slot, addr) in value.addrs.iter_mut().zip(sources) {
+            *slot = u32::from_ne_bytes(addr.octets());
         }
-        for key in stale.iter().filter(|k| !wanted.contains(k)) {
-            let _ = self.pod_addrs.remove(key);
-        }
-        Ok(())
+        self.pod_addrs.insert(ifindex, value, 0).map_err(map_error)
     }
 
     /// Detaches the programs from `iface`.

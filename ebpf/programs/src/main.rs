@@ -39,7 +39,7 @@ use aya_ebpf::{
 use ebpf_common::{
     CT_FLAG_CLIENT_FIN, CT_FLAG_HAIRPIN, CT_FLAG_SERVER_FIN, CT_FLAG_SNAT, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey, FragKey, FragPorts,
-    HAIRPIN_ADDR, IPPROTO_TCP, MAX_RANGES, PodAddrKey, REMAP_PORT_FIRST, REMAP_PORTS,
+    HAIRPIN_ADDR, IPPROTO_TCP, MAX_POD_SOURCES, MAX_RANGES, REMAP_PORT_FIRST, REMAP_PORTS,
     REVNAT_FLAG_CLOSING, REVNAT_FLAG_SNAT, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     flow_hash,
 };
@@ -57,10 +57,6 @@ use crate::{
 /// program of the interface's TCX chain runs (a policy engine, a CNI hook), and the packet
 /// goes on if there is none. `TC_ACT_OK` would be `TCX_PASS`, which ends the chain at us.
 pub const TCX_NEXT: i32 = -1;
-
-/// Load-time setting (see `ebpf_common::setting_names::FORCE_CT_MISS`): benchmarks only.
-#[unsafe(no_mangle)]
-static FORCE_CT_MISS: u32 = 0;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -192,17 +188,23 @@ fn now_s() -> u32 {
 }
 
 /// Whether a pod interface may send from `saddr`: interfaces userspace registered addresses
-/// for accept only those; others (tests, benchmarks) are not checked. One lookup for a pod's
-/// own packets.
+/// for accept only those; others (tests, benchmarks) are not checked.
 #[inline(always)]
 fn source_allowed(ifindex: u32, saddr: u32) -> bool {
-    POD_ADDRS
-        .get_ptr(PodAddrKey {
-            ifindex,
-            addr: saddr,
-        })
-        .is_some()
-        || POD_ADDRS.get_ptr(PodAddrKey { ifindex, addr: 0 }).is_none()
+    let Some(sources) = POD_ADDRS.get_ptr(ifindex) else {
+        return true;
+    };
+    // SAFETY: copied out at once from a successful lookup.
+    let sources = unsafe { sources.read() };
+    for i in 0..MAX_POD_SOURCES {
+        if i as u32 >= sources.count {
+            break;
+        }
+        if sources.addrs[i] == saddr {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
@@ -239,10 +241,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         _pad: 0,
     };
 
-    // SAFETY: a read-only global, set by the loader before the program is loaded.
-    let force_miss = unsafe { core::ptr::read_volatile(&FORCE_CT_MISS) } != 0;
     let mut reselect = false;
-    if !force_miss && let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: the pointer comes from a successful lookup; the entry is copied out and
         // written back field by field (other CPUs may be reading it). LRU entries can be
         // recycled under us, which at worst sends one packet of a flow evicted this instant

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, FragKey, FragPorts,
-    MaglevLanes, MemberKey, PodAddrKey, Ranges, RevNat, ServiceKey, ServiceValue, SockFwdKey,
+    MaglevLanes, MemberKey, PodSources, Ranges, RevNat, ServiceKey, ServiceValue, SockFwdKey,
     SockRevKey, defaults, map_name,
 };
 
@@ -74,8 +74,8 @@ map! {
 }
 
 map! {
-    /// PodAddrKey (ifindex, address) -> 1: the addresses a pod interface may send from.
-    POD_ADDRS: HashMap<PodAddrKey, u32> =
+    /// ifindex -> PodSources: the addresses a pod interface may send from.
+    POD_ADDRS: HashMap<u32, PodSources> =
         HashMap::pinned(defaults::POD_ADDR_ENTRIES, BPF_F_NO_PREALLOC)
 }
 
