@@ -1,4 +1,6 @@
-//! `cargo xtask bench cluster`: the three proxy modes side by side, one run.
+//! `cargo xtask bench cluster`: the proxy modes side by side, one run: eBPF with socket-level
+//! load balancing (`ebpf`), eBPF with every packet through tc conntrack and NAT (`ebpf-tc`),
+//! and kube-proxy's iptables and nftables rules.
 //!
 //! Each mode gets a lab of its own (a node, a client pod with four addresses, three backend
 //! pods, all network namespaces), so rules are loaded once per service count and rounds can
@@ -28,9 +30,46 @@ use node_agent_proxy::{
 use serde::Serialize;
 
 use crate::{
+    cpu,
     loadgen::{self, Run, median},
     servers::{BenchBackend, IPERF_PORT},
 };
+
+/// A column of the comparison: a proxy mode and, for eBPF, whether the client's sockets are
+/// load balanced at connect time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub name: &'static str,
+    pub mode: Mode,
+    pub socket_lb: bool,
+}
+
+pub const VARIANTS: [Variant; 4] = [
+    Variant {
+        name: "ebpf",
+        mode: Mode::Ebpf,
+        socket_lb: true,
+    },
+    Variant {
+        name: "ebpf-tc",
+        mode: Mode::Ebpf,
+        socket_lb: false,
+    },
+    Variant {
+        name: "iptables",
+        mode: Mode::Iptables,
+        socket_lb: false,
+    },
+    Variant {
+        name: "nftables",
+        mode: Mode::Nftables,
+        socket_lb: false,
+    },
+];
+
+/// The offered rate of the CPU-cost measurement: half the slowest mode's connection rate at
+/// the service count (every mode carries it), within these bounds.
+const CPU_RATE_BOUNDS: (f64, f64) = (200.0, 4_000.0);
 
 const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
@@ -104,6 +143,15 @@ pub struct Row {
     /// From desired state handed to the proxy to the measured service answering, from scratch;
     /// with `program_over_budget` a lower bound.
     pub program_ms: f64,
+    /// The same from nothing at all: starting the proxy (eBPF: loading and verifying the
+    /// programs, creating the maps, attaching) included.
+    pub cold_start_ms: f64,
+    /// CPU time of the whole machine (user, system, irq, softirq) per short connection through
+    /// the service at `cpu_rate` connections per second, background subtracted; and the same
+    /// straight to the pod IPs, in the same lab and round.
+    pub cpu_us_per_conn: f64,
+    pub direct_cpu_us_per_conn: f64,
+    pub cpu_rate: f64,
     pub program_over_budget: bool,
     /// One endpoint of one service changed, at 10,000 services.
     pub endpoint_change_ms: Option<f64>,
@@ -120,7 +168,11 @@ pub struct Row {
 
 /// A mode's own lab and proxy.
 struct ModeLab {
+    variant: Variant,
     mode: Mode,
+    /// eBPF with socket-level load balancing: the cgroup its hooks are attached to, which the
+    /// load generator joins only while this lab is measured.
+    cgroup: Option<cpu::Cgroup>,
     lab: Lab,
     backends: Vec<BenchBackend>,
     sources: Vec<Ipv4Addr>,
@@ -129,8 +181,9 @@ struct ModeLab {
 }
 
 impl ModeLab {
-    fn new(mode: Mode, run: &str) -> Result<Self> {
-        let prefix = format!("kb-{}-{}", std::process::id(), mode.name());
+    fn new(variant: Variant, run: &str) -> Result<Self> {
+        let mode = variant.mode;
+        let prefix = format!("kb-{}-{}", std::process::id(), variant.name);
         let lab = Lab::bare(&prefix, 3)?;
         let mut backends = Vec::new();
         for (i, b) in lab.backends.iter().enumerate() {
@@ -139,16 +192,28 @@ impl ModeLab {
         lab.client
             .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         let sources = lab.add_client_addrs(3)?;
+        let cgroup = variant
+            .socket_lb
+            .then(|| cpu::Cgroup::new(&format!("keel-{run}")))
+            .transpose()?;
         let config = ProxyConfig {
             cluster_cidr: "10.244.0.0/16".into(),
             interfaces: vec![CLIENT_HOST_IF.into()],
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/keel-{run}-{}", mode.name())),
-            // The client is a pod: its sockets are load balanced at connect time.
-            pod_netns: vec![lab.client.path()],
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/keel-{run}-{}", variant.name)),
+            // With socket-level load balancing the client is a pod whose sockets are load
+            // balanced at connect time; without, its packets are translated one by one.
+            pod_netns: if variant.socket_lb {
+                vec![lab.client.path()]
+            } else {
+                Vec::new()
+            },
+            socket_cgroup: cgroup.as_ref().map(|c| c.dir.clone()),
             ..ProxyConfig::default()
         };
         Ok(Self {
+            variant,
             mode,
+            cgroup,
             lab,
             backends,
             sources,
@@ -192,7 +257,7 @@ impl ModeLab {
         let target = SocketAddrV4::new(MEASURED_VIP, 80);
         while self.lab.client.run(|| tcp_request(target))?.is_err() {
             if start.elapsed() > Duration::from_secs(30) {
-                bail!("{}: the measured service never answered", self.mode);
+                bail!("{}: the measured service never answered", self.variant.name);
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -210,7 +275,7 @@ impl ModeLab {
         if names.len() != self.lab.backends.len() {
             bail!(
                 "{}: the measured service answered only from {names:?}",
-                self.mode
+                self.variant.name
             );
         }
         Ok(())
@@ -304,6 +369,7 @@ fn kernel_memory() -> Result<u64> {
 /// Programming at one service count: from-scratch time, then the rules the data path needs.
 struct Programmed {
     program_ms: f64,
+    cold_start_ms: f64,
     over_budget: bool,
     endpoint_change_ms: Option<f64>,
     kernel_bytes: u64,
@@ -317,7 +383,7 @@ fn program(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Programmed> {
-    let mode = lab.mode;
+    let (mode, name) = (lab.mode, lab.variant.name);
     let endpoints = lab.endpoints();
     let state = workload(n, &endpoints);
     let budget = (mode != Mode::Ebpf).then_some(opts.program_budget);
@@ -325,8 +391,9 @@ fn program(
     // Freed rules and maps go back after an RCU grace period.
     std::thread::sleep(Duration::from_millis(200));
     let before = kernel_memory()?;
+    let cold = Instant::now();
     lab.restart(budget)?;
-    progress(&format!("{n} services, {mode}: programming from scratch"));
+    progress(&format!("{n} services, {name}: programming from scratch"));
     let start = Instant::now();
     let (program_ms, over_budget) = match lab.sync(&state) {
         Ok(_) => {
@@ -337,7 +404,7 @@ fn program(
             // Faithful programming did not finish in the budget: load the same final rules in
             // steps, so the data path can be measured.
             progress(&format!(
-                "{n} services, {mode}: over the budget; loading the rules in steps of {}",
+                "{n} services, {name}: over the budget; loading the rules in steps of {}",
                 opts.load_step
             ));
             lab.restart(None)?;
@@ -349,6 +416,8 @@ fn program(
         }
         Err(e) => return Err(e),
     };
+    // From nothing: starting the proxy is part of it (with `over_budget`, a lower bound too).
+    let cold_start_ms = program_ms + (start - cold).as_secs_f64() * 1e3;
     let kernel_bytes = kernel_memory()?.saturating_sub(before);
     let endpoint_change_ms = if n == 10_000 {
         let mut changed = state.clone();
@@ -362,6 +431,7 @@ fn program(
     lab.check_spread()?;
     Ok(Programmed {
         program_ms,
+        cold_start_ms,
         over_budget,
         endpoint_change_ms,
         kernel_bytes,
@@ -379,9 +449,32 @@ struct Samples {
     gbps: Vec<f64>,
     direct_gbps: Vec<f64>,
     udp_pps: Vec<f64>,
+    cpu: Vec<f64>,
+    direct_cpu: Vec<f64>,
+}
+
+/// CPU µs per connection through the service and straight to the pods, at `rate` per second,
+/// net of the machine's `background` CPU time per second.
+fn measure_cpu(lab: &ModeLab, rate: f64, secs: Duration, background: f64) -> Result<(f64, f64)> {
+    let _hooked = lab.cgroup.as_ref().map(cpu::Cgroup::enter).transpose()?;
+    let measured = [SocketAddrV4::new(MEASURED_VIP, 80)];
+    let pods = lab.lab.backend_addrs();
+    let sources = lab.sources.clone();
+    let per_conn = |targets: &[SocketAddrV4]| -> Result<f64> {
+        let (spent, wall, run) = cpu::spent(|| {
+            lab.lab
+                .client
+                .run(|| loadgen::paced_connections(targets, &sources, rate, secs))
+        })?;
+        let own = spent.as_secs_f64() - background * wall.as_secs_f64();
+        Ok(own.max(0.0) * 1e6 / run.done.max(1) as f64)
+    };
+    Ok((per_conn(&measured)?, per_conn(&pods)?))
 }
 
 fn measure_round(lab: &ModeLab, opts: &Options, direct: bool, samples: &mut Samples) -> Result<()> {
+    // The socket hooks see this process's sockets only while it is in their cgroup.
+    let _hooked = lab.cgroup.as_ref().map(cpu::Cgroup::enter).transpose()?;
     let measured = SocketAddrV4::new(MEASURED_VIP, 80);
     let pod = lab.lab.backends[0].addr;
     let pods = lab.lab.backend_addrs();
@@ -447,9 +540,9 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
         // Fresh labs for every count: no mode inherits another count's state, and deleting a
         // lab's namespaces frees its rules faster than removing them rule by rule.
         progress(&format!("{n} services: building a lab per mode"));
-        let mut labs: Vec<ModeLab> = Mode::ALL
+        let mut labs: Vec<ModeLab> = VARIANTS
             .iter()
-            .map(|&m| ModeLab::new(m, &run))
+            .map(|&v| ModeLab::new(v, &run))
             .collect::<Result<_>>()?;
         let mut programmed = Vec::new();
         for lab in &mut labs {
@@ -459,7 +552,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
         for round in 0..opts.rounds {
             for k in 0..labs.len() {
                 let i = (round + k) % labs.len();
-                let mode = labs[i].mode;
+                let mode = labs[i].variant.name;
                 progress(&format!(
                     "{n} services: round {}/{}, {mode}",
                     round + 1,
@@ -469,11 +562,31 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
                 measure_round(&labs[i], opts, direct, &mut samples[i])?;
             }
         }
+        // CPU per connection at one offered rate every mode carries at this count.
+        let slowest = samples
+            .iter()
+            .map(|s| median_run(&s.cps).0.rate())
+            .fold(f64::INFINITY, f64::min);
+        let rate = (slowest / 2.0).clamp(CPU_RATE_BOUNDS.0, CPU_RATE_BOUNDS.1);
+        for round in 0..opts.rounds {
+            progress(&format!(
+                "{n} services: CPU per connection at {rate:.0}/s, round {}/{}",
+                round + 1,
+                opts.rounds
+            ));
+            let background = cpu::background(opts.secs)?;
+            for k in 0..labs.len() {
+                let i = (round + k) % labs.len();
+                let (service, direct) = measure_cpu(&labs[i], rate, opts.secs, background)?;
+                samples[i].cpu.push(service);
+                samples[i].direct_cpu.push(direct);
+            }
+        }
         for ((lab, p), mut s) in labs.iter().zip(programmed).zip(samples) {
             let (mut cps, cps_errors) = median_run(&s.cps);
             let (mut rr, rr_errors) = median_run(&s.rr);
             rows.push(Row {
-                mode: lab.mode.name(),
+                mode: lab.variant.name,
                 services: n,
                 cps: cps.rate(),
                 cps_p50_us: cps.latencies.quantile(0.5),
@@ -485,6 +598,10 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
                 direct_cps: median(&mut s.direct_cps),
                 udp_pps: median(&mut s.udp_pps),
                 program_ms: p.program_ms,
+                cold_start_ms: p.cold_start_ms,
+                cpu_us_per_conn: median(&mut s.cpu),
+                direct_cpu_us_per_conn: median(&mut s.direct_cpu),
+                cpu_rate: rate,
                 program_over_budget: p.over_budget,
                 endpoint_change_ms: p.endpoint_change_ms,
                 kernel_bytes: p.kernel_bytes,

@@ -8,6 +8,7 @@ pub mod agents;
 pub mod cluster;
 pub mod cluster_demo;
 pub mod control_plane;
+pub mod cpu;
 pub mod dataplane;
 pub mod demo;
 pub mod lab;

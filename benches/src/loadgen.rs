@@ -122,6 +122,52 @@ pub fn connections(
     })
 }
 
+/// Short connections started at `rate` per second for `duration` (an open loop: each starts
+/// on schedule, whatever the ones before it do), spread over `targets` and `sources`; the run
+/// ends when the last one has. For measuring what a connection costs at a load every mode
+/// carries.
+pub fn paced_connections(
+    targets: &[SocketAddrV4],
+    sources: &[Ipv4Addr],
+    rate: f64,
+    duration: Duration,
+) -> Run {
+    runtime().block_on(async {
+        let start = Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        // The timer wakes at most every millisecond: late ticks fire at once, so the rate
+        // holds on average.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut i = 0usize;
+        while start.elapsed() < duration {
+            ticks.tick().await;
+            let (target, source) = (targets[i % targets.len()], sources[i % sources.len()]);
+            i += 1;
+            tasks.spawn(async move {
+                let began = Instant::now();
+                let ok = matches!(
+                    timeout(IO_TIMEOUT, one_connection(target, source)).await,
+                    Ok(Ok(()))
+                );
+                (ok, began.elapsed())
+            });
+        }
+        let mut run = Run::default();
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((true, latency)) => {
+                    run.done += 1;
+                    run.latencies.push(latency);
+                }
+                _ => run.errors += 1,
+            }
+        }
+        run.elapsed = start.elapsed();
+        run
+    })
+}
+
 async fn one_connection(target: SocketAddrV4, source: Ipv4Addr) -> Result<()> {
     let socket = TcpSocket::new_v4()?;
     set_bind_address_no_port(&socket)?;

@@ -7,8 +7,9 @@ use anyhow::{Context, Result};
 
 use crate::cluster::Row;
 
-const MODES: [(&str, &str); 3] = [
+const MODES: [(&str, &str); 4] = [
     ("ebpf", "#1b9e77"),
+    ("ebpf-tc", "#e7298a"),
     ("iptables", "#d95f02"),
     ("nftables", "#7570b3"),
 ];
@@ -34,8 +35,8 @@ pub fn markdown(rows: &[Row], machine: &str) -> String {
     let _ = writeln!(out, "Machine: {machine}\n");
     let _ = writeln!(
         out,
-        "| mode | services | conn/s | p50 µs | p99 µs | direct conn/s | req/s | req p99 µs | Gbit/s | direct Gbit/s | UDP pkt/s | program ms | 1-endpoint change ms | kernel MiB | eBPF map MiB | rules/objects | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| mode | services | conn/s | p50 µs | p99 µs | direct conn/s | req/s | req p99 µs | Gbit/s | direct Gbit/s | UDP pkt/s | CPU µs/conn (direct) at conn/s | program ms | cold start ms | 1-endpoint change ms | kernel MiB | eBPF map MiB | rules/objects | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut sorted: Vec<&Row> = rows.iter().collect();
     sorted.sort_by_key(|r| (r.services, r.mode));
@@ -49,9 +50,15 @@ pub fn markdown(rows: &[Row], machine: &str) -> String {
             .endpoint_change_ms
             .map_or("–".into(), |v| format!("{v:.1}"));
         let maps = r.map_bytes.map_or("–".into(), mib);
+        let over = if r.program_over_budget { "> " } else { "" };
+        let cold = format!("{over}{:.1}", r.cold_start_ms);
+        let cpu = format!(
+            "{:.0} ({:.0}) at {:.0}",
+            r.cpu_us_per_conn, r.direct_cpu_us_per_conn, r.cpu_rate
+        );
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {program} | {change} | {} | {maps} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {cpu} | {program} | {cold} | {change} | {} | {maps} | {} | {} |",
             r.mode,
             r.services,
             r.cps,
@@ -124,6 +131,44 @@ pub fn targets(rows: &[Row]) -> Vec<String> {
             e.cps / i.cps,
             mark(e.cps >= i.cps * 0.97)
         ));
+    }
+    for e in rows_of(rows, "ebpf") {
+        let ratio = e.cpu_us_per_conn / e.direct_cpu_us_per_conn;
+        lines.push(format!(
+            "{} services: eBPF (socket LB) {:.0} CPU µs per connection = {ratio:.2} x direct {:.0} (target <= 1.05: {})",
+            e.services,
+            e.cpu_us_per_conn,
+            e.direct_cpu_us_per_conn,
+            mark(ratio <= 1.05)
+        ));
+    }
+    if let (Some(t), Some(i), Some(n)) = (
+        find(rows, "ebpf-tc", big),
+        find(rows, "iptables", big),
+        find(rows, "nftables", big),
+    ) {
+        let (vs_n, vs_i) = (
+            t.cpu_us_per_conn / n.cpu_us_per_conn,
+            t.cpu_us_per_conn / i.cpu_us_per_conn,
+        );
+        lines.push(format!(
+            "{big} services: eBPF tc {:.0} CPU µs per connection = {vs_n:.2} x nftables (target <= 0.8: {}), {vs_i:.2} x iptables (target <= 0.5: {})",
+            t.cpu_us_per_conn,
+            mark(vs_n <= 0.8),
+            mark(vs_i <= 0.5)
+        ));
+    }
+    let most = rows.iter().map(|r| r.services).max().unwrap_or(0);
+    for mode in ["ebpf", "ebpf-tc"] {
+        if let (Some(one), Some(many)) = (find(rows, mode, 1), find(rows, mode, most))
+            && most > 1
+        {
+            let growth = many.cpu_us_per_conn / one.cpu_us_per_conn;
+            lines.push(format!(
+                "{mode}: CPU per connection at {most} services = {growth:.2} x at 1 (target <= 1.1: {})",
+                mark(growth <= 1.1)
+            ));
+        }
     }
     for e in rows_of(rows, "ebpf") {
         let ratio = e.gbps / e.direct_gbps;
@@ -302,6 +347,16 @@ pub fn write(dir: &Path, rows: &[Row], machine: &str) -> Result<String> {
             svg(rows, "p99 connection latency", "µs", true, |r| {
                 r.cps_p99_us
             }),
+        ),
+        (
+            "cpu_per_conn.svg",
+            svg(
+                rows,
+                "CPU time per connection at a rate every mode carries",
+                "µs per connection",
+                false,
+                |r| r.cpu_us_per_conn,
+            ),
         ),
         (
             "program.svg",

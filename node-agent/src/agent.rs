@@ -164,6 +164,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pod_netns: Vec::new(),
         socket_lb: args.socket_lb != SocketLb::Off,
         host_socket_lb: args.socket_lb == SocketLb::All,
+        socket_cgroup: None,
         sync_timeout: None,
     };
     let proxier = node_agent_proxy::start(args.proxy_mode, &config)

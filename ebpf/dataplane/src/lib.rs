@@ -12,6 +12,7 @@
 //! [`Dataplane::attach`] swaps the program of an existing link atomically.
 
 mod alloc;
+mod batch;
 mod error;
 pub mod layout;
 pub mod maglev;
@@ -443,6 +444,8 @@ pub struct Dataplane {
     revnat: HashMap<MapData, FlowKey, RevNat>,
     pod_addrs: HashMap<MapData, u32, PodSources>,
     members: HashMap<MapData, MemberKey, u32>,
+    /// What `members` holds (so only what changes is written).
+    members_present: std::collections::HashSet<MemberKey>,
     ranges_map: aya::maps::Array<MapData, ebpf_common::Ranges>,
     /// The prefixes `ranges_map` holds (host order).
     ranges: Vec<ranges::Prefix>,
@@ -553,6 +556,7 @@ impl Dataplane {
             revnat,
             pod_addrs,
             members,
+            members_present: std::collections::HashSet::new(),
             ranges_map,
             ranges: Vec::new(),
             backends,
@@ -633,15 +637,8 @@ impl Dataplane {
                 source,
             })?;
         }
-        for key in &wanted {
-            self.members
-                .insert(key, 1, 0)
-                .map_err(|source| Error::Map {
-                    name: map_names::MEMBERS,
-                    source,
-                })?;
-        }
-        Ok(())
+        self.members_present.clear();
+        self.add_member_keys(wanted.into_iter().collect())
     }
 
     /// Attaches the programs to `iface` (the host side of a pod's veth): `from_pod` on tc
@@ -824,6 +821,12 @@ impl Dataplane {
             HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
                 .map_err(|source| Error::Map { name, source })?;
         copy_entries(old, name, &mut map, skipped)
+    }
+
+    /// The (service, backend) pairs `MEMBERS` holds, read from the map (for tests: it must be
+    /// every distinct backend of every service).
+    pub fn member_pairs(&self) -> Result<usize, Error> {
+        Ok(self.members.keys().filter_map(Result::ok).count())
     }
 
     /// What [`Dataplane::open`] migrated from other map layouts.
@@ -1072,13 +1075,18 @@ impl Dataplane {
         removed: impl IntoIterator<Item = Frontend>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
+        let mut stale: Vec<MemberKey> = Vec::new();
         for frontend in removed {
-            match self.delete_service(frontend) {
-                Ok(()) => report.deleted += 1,
+            match self.unpublish(frontend) {
+                Ok(keys) => {
+                    report.deleted += 1;
+                    stale.extend(keys);
+                }
                 Err(Error::NoSuchService(_)) => {}
                 Err(e) => report.failed.push((frontend, e.to_string())),
             }
         }
+        let mut plans: Vec<(Frontend, ServiceSpec, Vec<SocketAddrV4>, bool)> = Vec::new();
         for service in services {
             let current = self.services.get(&service.frontend);
             // Most services are unchanged from one sync to the next: compare before computing.
@@ -1098,21 +1106,69 @@ impl Dataplane {
                 Some(_) => false,
                 None => true,
             };
-            match self.publish(service.frontend, service.spec, backends) {
-                Ok(()) if created => report.created += 1,
-                Ok(()) => report.updated += 1,
-                Err(e) => report.failed.push((service.frontend, e.to_string())),
+            plans.push((service.frontend, service.spec, backends, created));
+        }
+        // Every service's members and address range first, in a few syscalls, before any
+        // value that needs them is published.
+        let mut ids = Vec::with_capacity(plans.len());
+        for (frontend, ..) in &plans {
+            ids.push(self.id_for(frontend));
+        }
+        let members: Vec<MemberKey> = plans
+            .iter()
+            .zip(&ids)
+            .filter_map(|((_, _, backends, _), id)| Some(member_keys(*id.as_ref().ok()?, backends)))
+            .flatten()
+            .collect();
+        let vips = plans.iter().map(|(f, ..)| *f.addr.ip());
+        let prepared = self
+            .add_member_keys(members)
+            .and_then(|()| self.widen_ranges(vips));
+        for ((frontend, spec, backends, created), id) in plans.into_iter().zip(ids) {
+            let written = match (&prepared, &id) {
+                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                (Ok(()), Ok(id)) => {
+                    let new = backends.clone();
+                    self.write_service(frontend, spec, backends, *id)
+                        .map_err(|e| {
+                            // The members added for it go again (those it still has stay).
+                            stale.extend(self.unused_members(frontend, *id, &new));
+                            e.to_string()
+                        })
+                }
+            };
+            match written {
+                Ok(keys) => {
+                    stale.extend(keys);
+                    if created {
+                        report.created += 1;
+                    } else {
+                        report.updated += 1;
+                    }
+                }
+                Err(why) => report.failed.push((frontend, why)),
             }
         }
+        // Members of backends that left; a failure leaves extra members, which only keep a
+        // removed backend's UDP flows a while longer.
+        let _ = self.remove_member_keys(stale);
         // Tightens the ranges after removals. If it fails they stay a superset: correct,
         // only less of the other traffic leaves early.
-        let _ = self.refresh_ranges();
+        if report.deleted > 0 {
+            let _ = self.refresh_ranges();
+        }
         report
     }
 
     /// Removes a service. Established TCP flows to its backends keep working (as with
     /// kube-proxy's conntrack); new flows to its address are no longer translated.
     pub fn delete_service(&mut self, frontend: Frontend) -> Result<(), Error> {
+        let stale = self.unpublish(frontend)?;
+        self.remove_member_keys(stale)
+    }
+
+    /// Removes a service's value; returns its members (to remove once nothing needs them).
+    fn unpublish(&mut self, frontend: Frontend) -> Result<Vec<MemberKey>, Error> {
         let Some(state) = self.services.remove(&frontend) else {
             return Err(Error::NoSuchService(frontend));
         };
@@ -1123,16 +1179,20 @@ impl Dataplane {
                 source,
             })?;
         self.release_ranges(&state.value);
-        self.remove_members(state.value.id, &state.backends, &[])
+        Ok(member_keys(state.value.id, &state.backends).collect())
     }
 
-    /// Makes the ranges cover `vip` (before a service on it is published), if they do not.
-    fn widen_ranges(&mut self, vip: Ipv4Addr) -> Result<(), Error> {
-        if ranges::covers(&self.ranges, vip) {
+    /// Makes the ranges cover `vips` (before services on them are published), if they do not.
+    fn widen_ranges(&mut self, vips: impl IntoIterator<Item = Ipv4Addr>) -> Result<(), Error> {
+        let outside: Vec<Ipv4Addr> = vips
+            .into_iter()
+            .filter(|vip| !ranges::covers(&self.ranges, *vip))
+            .collect();
+        if outside.is_empty() {
             return Ok(());
         }
-        let vips = self.services.keys().map(|f| *f.addr.ip()).chain([vip]);
-        self.write_ranges(ranges::cover(vips, ebpf_common::MAX_RANGES))
+        let all = self.services.keys().map(|f| *f.addr.ip()).chain(outside);
+        self.write_ranges(ranges::cover(all, ebpf_common::MAX_RANGES))
     }
 
     /// Recomputes the ranges from the services (tighter after removals).
@@ -1156,45 +1216,111 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Adds the members of `backends` (before the service value naming them is published).
-    fn add_members(&mut self, service_id: u32, backends: &[SocketAddrV4]) -> Result<(), Error> {
-        for key in member_keys(service_id, backends) {
-            self.members
-                .insert(key, 1, 0)
-                .map_err(|source| Error::Map {
-                    name: map_names::MEMBERS,
-                    source,
-                })?;
+    /// Adds members (before the service values naming them are published), in one batch.
+    fn add_member_keys(&mut self, keys: Vec<MemberKey>) -> Result<(), Error> {
+        let mut new: Vec<MemberKey> = keys
+            .into_iter()
+            .filter(|k| !self.members_present.contains(k))
+            .collect();
+        new.sort_unstable_by_key(|k| (k.service_id, k.backend));
+        new.dedup();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let values = vec![1u32; new.len()];
+        batch::update(self.members.map().fd().as_fd(), &new, &values).map_err(|e| Error::Pin {
+            path: PathBuf::from(map_names::MEMBERS),
+            source: e,
+        })?;
+        self.members_present.extend(new);
+        Ok(())
+    }
+
+    /// Removes members (after the service values without them are published), in one batch.
+    fn remove_member_keys(&mut self, keys: Vec<MemberKey>) -> Result<(), Error> {
+        let mut gone: Vec<MemberKey> = keys
+            .into_iter()
+            .filter(|k| self.members_present.contains(k))
+            .collect();
+        gone.sort_unstable_by_key(|k| (k.service_id, k.backend));
+        gone.dedup();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        batch::delete(self.members.map().fd().as_fd(), &gone).map_err(|e| Error::Pin {
+            path: PathBuf::from(map_names::MEMBERS),
+            source: e,
+        })?;
+        for k in &gone {
+            self.members_present.remove(k);
         }
         Ok(())
     }
 
-    /// Removes the members of `gone` that are not in `kept` (after the service value without
-    /// them is published).
-    fn remove_members(
-        &mut self,
-        service_id: u32,
-        gone: &[SocketAddrV4],
-        kept: &[SocketAddrV4],
-    ) -> Result<(), Error> {
-        let kept: std::collections::HashSet<MemberKey> = member_keys(service_id, kept).collect();
-        for key in member_keys(service_id, gone).filter(|k| !kept.contains(k)) {
-            remove_entry(&mut self.members, &key).map_err(|source| Error::Map {
-                name: map_names::MEMBERS,
-                source,
-            })?;
+    /// The id of the service at `frontend`: its own, or a new one.
+    fn id_for(&mut self, frontend: &Frontend) -> Result<u32, Error> {
+        if let Some(current) = self.services.get(frontend) {
+            return Ok(current.value.id);
         }
-        Ok(())
+        if self.services.len() as u64 >= u64::from(self.services_map_capacity()) {
+            return Err(Error::Full {
+                what: "services",
+                wanted: 1,
+            });
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        Ok(id)
     }
 
-    /// Writes a service's backend range and Maglev table into fresh ranges, publishes them with
-    /// one SERVICES update, then frees the ranges they replace.
+    /// One service: its members and address range, its value, then the members it lost.
     fn publish(
         &mut self,
         frontend: Frontend,
         spec: ServiceSpec,
         backends: Vec<SocketAddrV4>,
     ) -> Result<(), Error> {
+        let id = self.id_for(&frontend)?;
+        self.add_member_keys(member_keys(id, &backends).collect())?;
+        self.widen_ranges([*frontend.addr.ip()])?;
+        let new = backends.clone();
+        match self.write_service(frontend, spec, backends, id) {
+            Ok(stale) => self.remove_member_keys(stale),
+            Err(e) => {
+                let _ = self.remove_member_keys(self.unused_members(frontend, id, &new));
+                Err(e)
+            }
+        }
+    }
+
+    /// Of the members of `backends`, those the service at `frontend` does not have (after its
+    /// update failed).
+    fn unused_members(
+        &self,
+        frontend: Frontend,
+        id: u32,
+        backends: &[SocketAddrV4],
+    ) -> Vec<MemberKey> {
+        let current: std::collections::HashSet<MemberKey> = self
+            .services
+            .get(&frontend)
+            .map(|s| member_keys(id, &s.backends).collect())
+            .unwrap_or_default();
+        member_keys(id, backends)
+            .filter(|k| !current.contains(k))
+            .collect()
+    }
+
+    /// Writes a service's backend range and Maglev table into fresh ranges, publishes them with
+    /// one SERVICES update, then frees the ranges they replace. Its members and its address's
+    /// range must be there already. Returns the members of the backends it lost.
+    fn write_service(
+        &mut self,
+        frontend: Frontend,
+        spec: ServiceSpec,
+        backends: Vec<SocketAddrV4>,
+        id: u32,
+    ) -> Result<Vec<MemberKey>, Error> {
         let count = u32::try_from(backends.len()).map_err(|_| Error::TooManyBackends(frontend))?;
         let mut flags = 0;
         let mut maglev_size = 0;
@@ -1213,21 +1339,6 @@ impl Dataplane {
             flags |= SVC_FLAG_AFFINITY;
             affinity_timeout_s = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
         }
-        let id = match self.services.get(&frontend) {
-            Some(current) => current.value.id,
-            None => {
-                if self.services.len() as u64 >= u64::from(self.services_map_capacity()) {
-                    return Err(Error::Full {
-                        what: "services",
-                        wanted: 1,
-                    });
-                }
-                let id = self.next_id;
-                self.next_id = self.next_id.wrapping_add(1).max(1);
-                id
-            }
-        };
-
         let backend_first = self.backend_alloc.allocate(count).ok_or(Error::Full {
             what: "backend slots",
             wanted: count,
@@ -1277,26 +1388,12 @@ impl Dataplane {
             flags,
             _pad: 0,
         };
-        let old_backends = self
-            .services
-            .get(&frontend)
-            .map(|s| s.backends.clone())
-            .unwrap_or_default();
-        let published = self
-            .add_members(id, &backends)
-            .and_then(|()| self.widen_ranges(*frontend.addr.ip()))
-            .and_then(|()| {
-                self.services_map
-                    .insert(frontend.key(), value, 0)
-                    .map_err(|source| Error::Map {
-                        name: map_names::SERVICES,
-                        source,
-                    })
-            });
-        if let Err(e) = published {
+        if let Err(source) = self.services_map.insert(frontend.key(), value, 0) {
             self.release_unpublished(&value);
-            let _ = self.remove_members(id, &backends, &old_backends);
-            return Err(e);
+            return Err(Error::Map {
+                name: map_names::SERVICES,
+                source,
+            });
         }
         let gone = self.services.insert(
             frontend,
@@ -1306,12 +1403,15 @@ impl Dataplane {
                 value,
             },
         );
-        if let Some(old) = gone {
-            self.release_ranges(&old.value);
-            let kept = self.services[&frontend].backends.clone();
-            self.remove_members(id, &old.backends, &kept)?;
-        }
-        Ok(())
+        let Some(old) = gone else {
+            return Ok(Vec::new());
+        };
+        self.release_ranges(&old.value);
+        let kept: std::collections::HashSet<MemberKey> =
+            member_keys(id, &self.services[&frontend].backends).collect();
+        Ok(member_keys(id, &old.backends)
+            .filter(|k| !kept.contains(k))
+            .collect())
     }
 
     /// Frees the ranges of a service value the kernel has seen (reused after the quarantine).

@@ -1202,3 +1202,45 @@ fn two_services_sharing_a_backend_keep_their_replies_apart() {
         .unwrap();
     assert_eq!(packet::read(&again.frame).unwrap().src(), Some(remapped));
 }
+
+#[test]
+fn members_follow_every_change_in_bulk_and_alone() {
+    let mut dp = TestDataplane::open("members-bulk");
+    let desired = |shift: u8, count: u8| -> Vec<DesiredService> {
+        (0..count)
+            .map(|i| DesiredService {
+                frontend: Frontend::tcp(addr(10, 96, 3, i, 80)),
+                spec: ServiceSpec::default(),
+                // Four backends, one of them listed twice (a weight): three distinct.
+                backends: [0, 1, 2, 2]
+                    .iter()
+                    .map(|j| addr(10, 4, i, j + shift, 8080))
+                    .collect(),
+            })
+            .collect()
+    };
+    let distinct = |dp: &TestDataplane| -> usize {
+        dp.services()
+            .map(|(_, s)| {
+                s.backends
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            })
+            .sum()
+    };
+    dp.sync(desired(0, 50)).check().unwrap();
+    assert_eq!(dp.member_pairs().unwrap(), 150);
+    // Every service loses one backend and gains another; ten services go.
+    dp.sync(desired(1, 40)).check().unwrap();
+    assert_eq!(dp.member_pairs().unwrap(), distinct(&dp));
+    assert_eq!(distinct(&dp), 120);
+    // One at a time, through the single-service calls.
+    let first = Frontend::tcp(addr(10, 96, 3, 0, 80));
+    dp.set_backends(first, &[addr(10, 5, 0, 1, 8080)]).unwrap();
+    dp.delete_service(Frontend::tcp(addr(10, 96, 3, 1, 80)))
+        .unwrap();
+    assert_eq!(dp.member_pairs().unwrap(), distinct(&dp));
+    dp.sync(Vec::new()).check().unwrap();
+    assert_eq!(dp.member_pairs().unwrap(), 0);
+}

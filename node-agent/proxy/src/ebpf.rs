@@ -52,7 +52,10 @@ impl EbpfProxier {
         }
         let socket_lb = config.socket_lb || config.host_socket_lb || !config.pod_netns.is_empty();
         if socket_lb {
-            let cgroup = cgroup2_root()?;
+            let cgroup = match &config.socket_cgroup {
+                Some(cgroup) => cgroup.clone(),
+                None => cgroup2_root()?,
+            };
             dataplane
                 .attach_cgroup(&cgroup)
                 .with_context(|| format!("attach the socket hooks to {}", cgroup.display()))?;
@@ -224,7 +227,7 @@ pub fn cleanup(config: &ProxyConfig) -> Result<()> {
 }
 
 /// Where cgroup v2 is mounted (the root of the unified hierarchy).
-fn cgroup2_root() -> Result<PathBuf> {
+pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
     mountinfo
         .lines()

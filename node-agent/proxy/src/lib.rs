@@ -22,7 +22,7 @@ mod nftables;
 use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
 
 use anyhow::Result;
-pub use ebpf::EbpfProxier;
+pub use ebpf::{EbpfProxier, cgroup2_root};
 pub use exec::SyncTimedOut;
 pub use iptables::IptablesProxier;
 pub use model::{Protocol, ProxyState, Service, ServicePort};
@@ -85,6 +85,10 @@ pub struct ProxyConfig {
     /// eBPF mode: load balance the sockets of the proxy's own network namespace too (processes
     /// on the host network, as Cilium's host-reachable services do).
     pub host_socket_lb: bool,
+    /// eBPF mode: the cgroup v2 directory whose processes' sockets the socket hooks see. None:
+    /// the root of the unified hierarchy, every process on the node (benchmarks narrow it so
+    /// the other modes' load generators do not pay for the hooks).
+    pub socket_cgroup: Option<std::path::PathBuf>,
     /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
     /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
     pub sync_timeout: Option<Duration>,
@@ -99,6 +103,7 @@ impl Default for ProxyConfig {
             pod_netns: Vec::new(),
             socket_lb: false,
             host_socket_lb: false,
+            socket_cgroup: None,
             sync_timeout: None,
         }
     }
