@@ -19,6 +19,7 @@ pub mod maglev;
 mod mmap;
 pub mod packet;
 mod ranges;
+pub mod sockets;
 
 use std::{
     collections::BTreeMap,
@@ -55,11 +56,15 @@ use crate::{alloc::RangeAllocator, mmap::MmapArray};
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ebpf-programs"));
 
 /// The cgroup hooks of socket-level load balancing.
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_SENDMSG6,
+    program_names::SOCK_RECVMSG6,
+    program_names::SOCK_GETPEERNAME6,
 ];
 
 /// Transport protocol of a service port.
@@ -282,6 +287,14 @@ fn member_keys(service_id: u32, backends: &[SocketAddrV4]) -> impl Iterator<Item
     })
 }
 
+/// The backend of a member.
+fn member_addr(key: &MemberKey) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(key.backend.ip.to_ne_bytes()),
+        u16::from_be(key.backend.port),
+    )
+}
+
 /// The conntrack key of a client's flow to a service.
 fn flow_key(client: SocketAddrV4, service: Frontend) -> FlowKey {
     FlowKey {
@@ -405,6 +418,9 @@ pub struct SyncReport {
     pub unchanged: usize,
     /// Services that could not be written, and why; the data plane serves them as before.
     pub failed: Vec<(Frontend, String)>,
+    /// Backends that left a UDP service (or whose UDP service went): sockets connected to
+    /// them at connect time should end ([`Dataplane::end_sockets_to`]).
+    pub left_udp: Vec<SocketAddrV4>,
 }
 
 impl SyncReport {
@@ -1080,6 +1096,9 @@ impl Dataplane {
             match self.unpublish(frontend) {
                 Ok(keys) => {
                     report.deleted += 1;
+                    if frontend.proto == Protocol::Udp {
+                        report.left_udp.extend(keys.iter().map(member_addr));
+                    }
                     stale.extend(keys);
                 }
                 Err(Error::NoSuchService(_)) => {}
@@ -1139,6 +1158,9 @@ impl Dataplane {
             };
             match written {
                 Ok(keys) => {
+                    if frontend.proto == Protocol::Udp {
+                        report.left_udp.extend(keys.iter().map(member_addr));
+                    }
                     stale.extend(keys);
                     if created {
                         report.created += 1;
@@ -1157,7 +1179,51 @@ impl Dataplane {
         if report.deleted > 0 {
             let _ = self.refresh_ranges();
         }
+        report.left_udp.sort_unstable();
+        report.left_udp.dedup();
         report
+    }
+
+    /// Ends the connected UDP sockets of `diag`'s network namespace that socket-level load
+    /// balancing connected to one of `backends` (see the `sockets` module): their owners'
+    /// next call fails with ECONNABORTED and the sockets they open instead go to a backend
+    /// that is still there. Only sockets this data plane translated are ended. The number
+    /// ended.
+    pub fn end_sockets_to(
+        &self,
+        diag: &sockets::Diag,
+        backends: &[SocketAddrV4],
+    ) -> Result<usize, Error> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let name = map_names::SOCK_REVNAT;
+        let translated: HashMap<&MapData, SockRevKey, RevNat> =
+            HashMap::try_from(self.ebpf.map(name).ok_or(Error::MissingMap(name))?)
+                .map_err(|source| Error::Map { name, source })?;
+        let diag_error = |source| Error::Pin {
+            path: PathBuf::from("sock_diag"),
+            source,
+        };
+        let mut ended = 0;
+        for socket in diag.connected_udp().map_err(diag_error)? {
+            if !backends.contains(&socket.peer) {
+                continue;
+            }
+            let key = SockRevKey {
+                cookie: socket.id.cookie(),
+                backend: Backend {
+                    ip: u32::from_ne_bytes(socket.peer.ip().octets()),
+                    port: socket.peer.port().to_be(),
+                    _pad: 0,
+                },
+            };
+            if translated.get(&key, 0).is_ok() {
+                diag.destroy(&socket).map_err(diag_error)?;
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     /// Removes a service. Established TCP flows to its backends keep working (as with

@@ -50,6 +50,7 @@ use crate::{
     maps::{CONNTRACK, FRAGS, POD_ADDRS, RANGES, REVNAT, SERVICES},
     nat::{End, rewrite},
     parse::{Fragment, IcmpError, Packet, Parsed, parse, read_at},
+    sock::Family,
     stats::count,
 };
 
@@ -82,22 +83,43 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx)
+    sock::connect(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg4(&ctx)
+    sock::sendmsg(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse4(&ctx)
+    sock::reverse(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse4(&ctx)
+    sock::reverse(&ctx, Family::V4)
+}
+
+/// The same for IPv6 sockets addressing IPv4 peers through v4-mapped addresses.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V6)
 }
 
 /// The per-packet cost floor of a tc program: the least one can do on the hook `from_pod`

@@ -28,18 +28,50 @@ use crate::{
 /// cgroup sock_addr verdict: let the call proceed.
 pub const ALLOW: i32 = 1;
 
+/// Which hooks called: IPv4 sockets, or IPv6 sockets (whose IPv4 peers are v4-mapped
+/// addresses, ::ffff:a.b.c.d: Java's and many runtimes' default for every socket).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// `::ffff:0:0/96`, the v4-mapped prefix, as the three leading words of an IPv6 address.
+const V4_MAPPED: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// The IPv4 address a socket address names: its own, or the one mapped into an IPv6 one.
+#[inline(always)]
+fn ipv4_of(ctx: &SockAddrContext, family: Family) -> Option<u32> {
+    // SAFETY: reading fields the kernel lets these sock_addr programs read (user_ip4 in the
+    // IPv4 hooks, user_ip6 in the IPv6 ones), 4 bytes at a time.
+    unsafe {
+        let sa = &*ctx.sock_addr;
+        match family {
+            Family::V4 => Some(sa.user_ip4),
+            Family::V6 => {
+                let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2]];
+                (words == V4_MAPPED).then_some(sa.user_ip6[3])
+            }
+        }
+    }
+}
+
 /// The service a socket address names, if the socket's namespace is load balanced here and
 /// the service is one this path handles.
 #[inline(always)]
-fn service_of(ctx: &SockAddrContext) -> Option<(ServiceKey, ebpf_common::ServiceValue)> {
+fn service_of(
+    ctx: &SockAddrContext,
+    family: Family,
+) -> Option<(ServiceKey, ebpf_common::ServiceValue)> {
     // SAFETY: the context pointer is the kernel's bpf_sock_addr for this call.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     SOCK_NETNS.get_ptr(netns)?;
+    let vip = ipv4_of(ctx, family)?;
     // SAFETY: as above; reading fields the kernel lets sock_addr programs read.
     let key = unsafe {
         let sa = &*ctx.sock_addr;
         ServiceKey {
-            vip: sa.user_ip4,
+            vip,
             port: sa.user_port as u16,
             proto: sa.protocol as u8,
             _pad: 0,
@@ -54,10 +86,14 @@ fn service_of(ctx: &SockAddrContext) -> Option<(ServiceKey, ebpf_common::Service
 }
 
 #[inline(always)]
-fn set_destination(ctx: &SockAddrContext, ip: u32, port: u16) {
-    // SAFETY: user_ip4/user_port are writable in connect4/sendmsg4/recvmsg4/getpeername4.
+fn set_destination(ctx: &SockAddrContext, family: Family, ip: u32, port: u16) {
+    // SAFETY: user_ip4 (IPv4 hooks), user_ip6 (IPv6 hooks, whose address is v4-mapped here:
+    // only its last word changes) and user_port are writable in these hooks.
     unsafe {
-        (*ctx.sock_addr).user_ip4 = ip;
+        match family {
+            Family::V4 => (*ctx.sock_addr).user_ip4 = ip,
+            Family::V6 => (*ctx.sock_addr).user_ip6[3] = ip,
+        }
         (*ctx.sock_addr).user_port = port as u32;
     }
 }
@@ -76,8 +112,8 @@ fn remember_service(cookie: u64, key: &ServiceKey, backend: Backend) {
 
 /// connect(): TCP sockets and connected UDP sockets go to a backend from the start.
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    let Some((key, svc)) = service_of(ctx) else {
+pub fn connect(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some((key, svc)) = service_of(ctx, family) else {
         return ALLOW;
     };
     let flow = FlowKey::default();
@@ -87,7 +123,7 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: a socket cookie of the call's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     remember_service(cookie, &key, backend);
-    set_destination(ctx, backend.ip, backend.port);
+    set_destination(ctx, family, backend.ip, backend.port);
     count(Counter::SockLbForward);
     ALLOW
 }
@@ -95,8 +131,8 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
 /// sendmsg() on an unconnected UDP socket: each datagram to a service goes to the socket's
 /// backend for that service, chosen once and kept while the backend stays in the service.
 #[inline(always)]
-pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    let Some((key, svc)) = service_of(ctx) else {
+pub fn sendmsg(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some((key, svc)) = service_of(ctx, family) else {
         return ALLOW;
     };
     // SAFETY: a socket cookie of the call's socket.
@@ -123,21 +159,22 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     // Refreshed on every send: an LRU entry that only the first datagram wrote would be
     // evicted under churn while the socket still waits for replies.
     remember_service(cookie, &key, backend);
-    set_destination(ctx, backend.ip, backend.port);
+    set_destination(ctx, family, backend.ip, backend.port);
     count(Counter::SockLbForward);
     ALLOW
 }
 
 /// recvmsg() and getpeername(): a backend this socket was sent to shows as its service.
 #[inline(always)]
-pub fn reverse4(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: a socket cookie of the call's socket; fields readable in these hooks.
-    let (cookie, ip, port) = unsafe {
-        let sa = &*ctx.sock_addr;
+pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some(ip) = ipv4_of(ctx, family) else {
+        return ALLOW;
+    };
+    // SAFETY: a socket cookie of the call's socket; a field readable in these hooks.
+    let (cookie, port) = unsafe {
         (
             bpf_get_socket_cookie(ctx.as_ptr()),
-            sa.user_ip4,
-            sa.user_port as u16,
+            (*ctx.sock_addr).user_port as u16,
         )
     };
     let key = SockRevKey {
@@ -147,7 +184,7 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     if let Some(rev) = SOCK_REVNAT.get_ptr(key) {
         // SAFETY: copied out at once from a successful lookup.
         let rev = unsafe { *rev };
-        set_destination(ctx, rev.vip, rev.port);
+        set_destination(ctx, family, rev.vip, rev.port);
         count(Counter::SockLbReverse);
     }
     ALLOW

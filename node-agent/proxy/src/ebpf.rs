@@ -78,6 +78,32 @@ impl EbpfProxier {
         Ok(proxier)
     }
 
+    /// Ends, in every load-balanced pod namespace, the UDP sockets connected to backends that
+    /// left (see [`Dataplane::end_sockets_to`]). Best effort: a failure is logged, the sync
+    /// stands.
+    fn end_sockets(&self, left: &[SocketAddrV4]) {
+        if left.is_empty() {
+            return;
+        }
+        for path in self.netns.keys() {
+            let ended = in_netns(path, || Ok(ebpf_dataplane::sockets::Diag::open()?))
+                .and_then(|diag| Ok(self.dataplane.end_sockets_to(&diag, left)?));
+            match ended {
+                Ok(0) => {}
+                Ok(ended) => tracing::info!(
+                    netns = %path.display(),
+                    ended,
+                    "ended UDP sockets connected to backends that left"
+                ),
+                Err(e) => tracing::warn!(
+                    netns = %path.display(),
+                    error = format!("{e:#}"),
+                    "could not end the UDP sockets connected to backends that left"
+                ),
+            }
+        }
+    }
+
     pub fn dataplane(&self) -> &Dataplane {
         &self.dataplane
     }
@@ -133,7 +159,9 @@ impl Proxier for EbpfProxier {
                 .insert(key.clone(), services.iter().map(|d| d.frontend).collect());
             all.extend(services);
         }
-        Ok(report(self.dataplane.sync(all), true, start))
+        let done = self.dataplane.sync(all);
+        self.end_sockets(&done.left_udp);
+        Ok(report(done, true, start))
     }
 
     fn update(&mut self, state: &ProxyState, changed: &BTreeSet<String>) -> Result<SyncReport> {
@@ -153,11 +181,9 @@ impl Proxier for EbpfProxier {
             }
             upserts.extend(new);
         }
-        Ok(report(
-            self.dataplane.update(upserts, removed),
-            false,
-            start,
-        ))
+        let done = self.dataplane.update(upserts, removed);
+        self.end_sockets(&done.left_udp);
+        Ok(report(done, false, start))
     }
 
     /// Attaches (again, for an interface re-created under the same name: the link pinned for
@@ -243,6 +269,12 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 /// The cookie of the network namespace at `path`, read from a thread inside it.
 fn cookie_of(path: &Path) -> Result<u64> {
+    in_netns(path, || Ok(ebpf_dataplane::netns_cookie()?))
+        .with_context(|| format!("the netns cookie of {}", path.display()))
+}
+
+/// Runs `work` on a thread of its own inside the network namespace at `path`.
+fn in_netns<T: Send>(path: &Path, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let ns = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     std::thread::scope(|scope| {
         scope
@@ -251,10 +283,9 @@ fn cookie_of(path: &Path) -> Result<u64> {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error()).context("setns");
                 }
-                Ok(ebpf_dataplane::netns_cookie()?)
+                work()
             })
             .join()
-            .expect("cookie thread")
+            .expect("netns thread")
     })
-    .with_context(|| format!("the netns cookie of {}", path.display()))
 }

@@ -462,3 +462,125 @@ fn loading_in_steps_gives_the_rules_of_one_sync() {
         );
     }
 }
+
+#[test]
+fn ebpf_mode_load_balances_ipv6_sockets_reaching_ipv4_services() {
+    use std::io::{BufRead, BufReader, Write};
+    require_root();
+    let test = "mode-ebpf-v6";
+    let lab = Lab::new(&format!("kt-{}-{test}", std::process::id()), 3).expect("lab");
+    let endpoints: Vec<Ipv4Addr> = lab.backend_addrs().iter().map(|a| *a.ip()).collect();
+    let mut running = {
+        let config = config(test, &lab);
+        Running::start(lab, Mode::Ebpf, config)
+    };
+    running.sync(&state(&endpoints));
+    let before = ebpf_stats(&running.config);
+    // Java and many runtimes open IPv6 sockets for everything and reach IPv4 peers through
+    // v4-mapped addresses: the socket hooks must see those too.
+    let mapped = |port| std::net::SocketAddr::new(WEB.to_ipv6_mapped().into(), port);
+    const CONNECTIONS: u64 = 20;
+    let names: BTreeSet<String> = running
+        .lab
+        .client
+        .run(|| {
+            let mut names = BTreeSet::new();
+            for i in 0..CONNECTIONS {
+                let stream = std::net::TcpStream::connect(mapped(80))
+                    .unwrap_or_else(|e| panic!("IPv6 socket, connection {i}: {e}"));
+                assert_eq!(stream.peer_addr().unwrap(), mapped(80), "getpeername");
+                let mut writer = stream.try_clone().unwrap();
+                writer.write_all(b"hello\n").unwrap();
+                let mut line = String::new();
+                BufReader::new(stream).read_line(&mut line).unwrap();
+                names.insert(line.trim().to_owned());
+            }
+            let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            socket.send_to(b"hello\n", mapped(53)).unwrap();
+            let mut buf = [0u8; 64];
+            let (_, from) = socket.recv_from(&mut buf).expect("UDP answer");
+            assert_eq!(from, mapped(53), "the answer comes from the service");
+            names
+        })
+        .unwrap();
+    assert!(
+        names.len() > 1,
+        "connections spread over backends: {names:?}"
+    );
+    let stats = ebpf_stats(&running.config).since(&before);
+    assert!(
+        stats.get(Counter::SockLbForward) > CONNECTIONS,
+        "the IPv6 sockets were load balanced at connect/sendmsg, not per packet: {stats:?}"
+    );
+    assert_eq!(stats.get(Counter::DnatNew), 0, "{stats:?}");
+}
+
+#[test]
+fn ebpf_mode_ends_udp_sockets_connected_to_a_backend_that_left() {
+    require_root();
+    let test = "mode-ebpf-udp-end";
+    let lab = Lab::new(&format!("kt-{}-{test}", std::process::id()), 3).expect("lab");
+    let endpoints: Vec<Ipv4Addr> = lab.backend_addrs().iter().map(|a| *a.ip()).collect();
+    let removed = lab.backends[0].name.clone();
+    let mut running = {
+        let config = config(test, &lab);
+        Running::start(lab, Mode::Ebpf, config)
+    };
+    running.sync(&state(&endpoints));
+    // Connected UDP sockets get their backend once, at connect: no packet of theirs is
+    // translated, so nothing but the socket itself holds the choice.
+    let ask = |socket: &std::net::UdpSocket| -> std::io::Result<String> {
+        socket.send(b"hello\n")?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    let sockets: Vec<(std::net::UdpSocket, String)> = running
+        .lab
+        .client
+        .run(|| {
+            (0..30)
+                .map(|_| {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    socket
+                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                        .unwrap();
+                    socket.connect(SocketAddrV4::new(WEB, 53)).unwrap();
+                    let name = ask(&socket).expect("an answer");
+                    (socket, name)
+                })
+                .collect()
+        })
+        .unwrap();
+    assert!(sockets.iter().any(|(_, name)| *name == removed));
+    running.sync(&state(&endpoints[1..]));
+    running
+        .lab
+        .client
+        .run(|| {
+            for (socket, name) in &sockets {
+                if *name == removed {
+                    let mut buf = [0u8; 64];
+                    let error = socket.recv(&mut buf).expect_err("the socket was ended");
+                    assert_eq!(
+                        error.raw_os_error(),
+                        Some(libc::ECONNABORTED),
+                        "a socket of the backend that left hears it: {error}"
+                    );
+                } else {
+                    assert_eq!(&ask(socket).expect("still answered"), name);
+                }
+            }
+            // Its replacement goes to a backend that is still there.
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            socket.connect(SocketAddrV4::new(WEB, 53)).unwrap();
+            assert_ne!(ask(&socket).expect("an answer"), removed);
+        })
+        .unwrap();
+}
