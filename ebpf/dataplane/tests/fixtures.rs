@@ -1244,3 +1244,23 @@ fn members_follow_every_change_in_bulk_and_alone() {
     dp.sync(Vec::new()).check().unwrap();
     assert_eq!(dp.member_pairs().unwrap(), 0);
 }
+
+#[test]
+fn a_maglev_service_adopted_without_backends_can_get_some() {
+    let mut dp = TestDataplane::open("maglev-empty");
+    let service = Frontend::tcp(addr(10, 96, 1, 2, 443));
+    let spec = ServiceSpec {
+        scheduler: Scheduler::Maglev { table_size: 1021 },
+        affinity_timeout: None,
+    };
+    dp.upsert_service(service, spec).unwrap();
+    // A restarted owner adopts it from the pins, table size and all.
+    dp.restart();
+    assert_eq!(dp.service(&service).expect("adopted").spec, spec);
+    let backends: Vec<_> = (1..=3).map(|i| addr(10, 2, 1, i, 8443)).collect();
+    dp.set_backends(service, &backends)
+        .expect("backends for the adopted Maglev service");
+    let from = client(52000);
+    let predicted = dp.maglev_backend(&service, from).expect("a Maglev service");
+    assert_eq!(send(&mut dp, &tcp(from, service.addr, TCP_SYN)), predicted);
+}
