@@ -9,7 +9,8 @@
 //!   mirror in its apt sources, cached under `target/fresh/base` (rebuilt when the recipe changes
 //!   or with `--rebuild-base`).
 //! - **Each run**: a new mount and PID namespace (`unshare`); an overlay on the base root, so the
-//!   run writes nothing into it; fresh proc, sysfs, bpffs and /run, the host's /dev and cgroup
+//!   run writes nothing into it, with `/root` (where the tree builds and runs) bind-mounted from
+//!   a directory on the host's file system, as a real machine's home is on a real one; fresh proc, sysfs, bpffs and /run, the host's /dev and cgroup
 //!   hierarchies, as a privileged container sees them; the host's rustup toolchains through an
 //!   overlay of their own, with the nightly `rust-src` removed there by `rustup component
 //!   remove` and no bpf-linker and no crate cache (set-up must add them); the working tree
@@ -287,6 +288,22 @@ fn mount_root(run_dir: &Path, base: &Path, root: &Path) -> Result<()> {
         ),
         &[],
     )?;
+    // /root on the host's own file system, as a real machine's home is: the tree builds there
+    // and the kubelet mounts each container's root file system (an overlay) under it, which
+    // cannot have another overlay, this root, as its upper layer.
+    let home = run_dir.join("home");
+    fs::create_dir_all(&home)?;
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(base.join("root").join("."))
+        .arg(&home))?;
+    mount(
+        &home.display().to_string(),
+        &root.join("root"),
+        "",
+        "",
+        &["--bind"],
+    )?;
     mount("proc", &root.join("proc"), "proc", "", &[])?;
     mount("sysfs", &root.join("sys"), "sysfs", "", &[])?;
     mount("bpffs", &root.join("sys/fs/bpf"), "bpf", "", &[])?;
@@ -372,6 +389,7 @@ fn prepare_toolchains(root: &Path) -> Result<()> {
     let (upper, work) = (run_dir.join("rustup-upper"), run_dir.join("rustup-work"));
     fs::create_dir_all(&upper)?;
     fs::create_dir_all(&work)?;
+    fs::create_dir_all(root.join("root/.rustup"))?;
     mount(
         "overlay",
         &root.join("root/.rustup"),

@@ -5,11 +5,11 @@
 use std::{
     io::Write,
     path::Path,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use ebpf_dataplane::{Config, Dataplane};
+use ebpf_dataplane::{Config, Dataplane, GC_PERIOD};
 
 use crate::state::State;
 
@@ -17,7 +17,15 @@ pub fn run(config: &Config, state_path: &Path) -> Result<()> {
     let mut dataplane = Dataplane::open(config).context("open the data plane")?;
     let adopted = dataplane.services().count();
     let mut seen = None;
+    let mut next_collect = Instant::now() + GC_PERIOD;
     loop {
+        if Instant::now() >= next_collect {
+            next_collect = Instant::now() + GC_PERIOD;
+            // Flows idle past their lifetime; closed ones the programs remove themselves.
+            if let Err(e) = dataplane.gc() {
+                eprintln!("dpctl: collecting conntrack: {e:#}");
+            }
+        }
         let modified = modified(state_path)?;
         if Some(modified) != seen {
             seen = Some(modified);
