@@ -10,7 +10,8 @@
 //!   or with `--rebuild-base`).
 //! - **Each run**: a new mount and PID namespace (`unshare`); an overlay on the base root, so the
 //!   run writes nothing into it, with `/root` (where the tree builds and runs) bind-mounted from
-//!   a directory on the host's file system, as a real machine's home is on a real one; fresh proc, sysfs, bpffs and /run, the host's /dev and cgroup
+//!   a directory on the host's file system, as a real machine's home is on a real one, and a
+//!   tmpfs on `/tmp`; fresh proc, sysfs, bpffs and /run, the host's /dev and cgroup
 //!   hierarchies, as a privileged container sees them; the host's rustup toolchains through an
 //!   overlay of their own, with the nightly `rust-src` removed there by `rustup component
 //!   remove` and no bpf-linker and no crate cache (set-up must add them); the working tree
@@ -317,6 +318,9 @@ fn mount_root(run_dir: &Path, base: &Path, root: &Path) -> Result<()> {
     )?;
     mount("/dev", &root.join("dev"), "", "", &["--rbind"])?;
     mount("tmpfs", &root.join("run"), "tmpfs", "mode=755", &[])?;
+    // /tmp is a file system of its own too (tmpfs, as Debian 13 makes it): tests keep their
+    // labs' container root file systems there.
+    mount("tmpfs", &root.join("tmp"), "tmpfs", "mode=1777", &[])?;
     // The machine's network settings are the machine's, not the project's: name resolution,
     // and the certificate authorities it trusts (an egress proxy's, say) with pip's pointer to
     // them. A fresh machine of this kind has them too.

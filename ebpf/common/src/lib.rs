@@ -293,6 +293,29 @@ pub struct CtEntry {
 const _: () = assert!(size_of::<CtEntry>() == 20);
 
 impl CtEntry {
+    /// The tuple of `flow`'s replies as the backend sends them: from the backend to the
+    /// client, or to the address and port the client's were rewritten to (a hairpin, a
+    /// remapped port). The key of the flow's `REVNAT` entry.
+    #[inline(always)]
+    pub const fn reply_key(&self, flow: &FlowKey) -> FlowKey {
+        FlowKey {
+            saddr: self.backend.ip,
+            daddr: if self.flags & CT_FLAG_HAIRPIN != 0 {
+                HAIRPIN_ADDR
+            } else {
+                flow.saddr
+            },
+            sport: self.backend.port,
+            dport: if self.flags & CT_FLAG_SNAT != 0 {
+                self.snat_port
+            } else {
+                flow.sport
+            },
+            proto: flow.proto,
+            _pad: [0; 3],
+        }
+    }
+
     /// Seconds the entry may stay idle in its state.
     pub const fn lifetime_s(&self, proto: u8) -> u32 {
         if proto != IPPROTO_TCP {
@@ -327,6 +350,25 @@ pub struct RevNat {
     pub _pad: u16,
 }
 const _: () = assert!(size_of::<RevNat>() == 12);
+
+impl RevNat {
+    /// The conntrack key of the flow whose reverse entry at `reply` this is.
+    #[inline(always)]
+    pub const fn flow_of(&self, reply: &FlowKey) -> FlowKey {
+        FlowKey {
+            saddr: if reply.daddr == HAIRPIN_ADDR {
+                reply.saddr
+            } else {
+                reply.daddr
+            },
+            daddr: self.vip,
+            sport: self.client_port,
+            dport: self.port,
+            proto: reply.proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// A datagram being fragmented, as its fragments' IP headers name it.
 #[repr(C)]

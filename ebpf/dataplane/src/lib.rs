@@ -42,10 +42,9 @@ use aya::{
     },
 };
 use ebpf_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CT_FLAG_HAIRPIN, CtEntry, FlowKey,
-    HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_LANES, MaglevLanes, MemberKey, PodSources,
-    RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, ServiceValue, SockFwdKey, SockRevKey,
-    map_names, program_names,
+    AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_LANES, MaglevLanes, MemberKey, PodSources, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    ServiceKey, ServiceValue, SockFwdKey, SockRevKey, map_names, program_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
@@ -303,26 +302,6 @@ fn flow_key(client: SocketAddrV4, service: Frontend) -> FlowKey {
         sport: client.port().to_be(),
         dport: service.addr.port().to_be(),
         proto: service.proto.number(),
-        _pad: [0; 3],
-    }
-}
-
-/// The reverse-NAT key of a tracked flow (what `from_pod` inserts).
-fn reply_of(flow: &FlowKey, entry: &CtEntry) -> FlowKey {
-    FlowKey {
-        saddr: entry.backend.ip,
-        daddr: if entry.flags & CT_FLAG_HAIRPIN != 0 {
-            HAIRPIN_ADDR
-        } else {
-            flow.saddr
-        },
-        sport: entry.backend.port,
-        dport: if entry.flags & ebpf_common::CT_FLAG_SNAT != 0 {
-            entry.snat_port
-        } else {
-            flow.sport
-        },
-        proto: flow.proto,
         _pad: [0; 3],
     }
 }
@@ -1654,24 +1633,12 @@ impl Dataplane {
                 _ => continue,
             }
             remove_entry(&mut self.conntrack, key).map_err(ct_error)?;
-            let _ = self.revnat.remove(&reply_of(key, entry));
+            let _ = self.revnat.remove(&entry.reply_key(key));
             report.expired += 1;
         }
         let replies: Vec<(FlowKey, RevNat)> = self.revnat.iter().filter_map(Result::ok).collect();
         for (reply, revnat) in &replies {
-            let client = if reply.daddr == HAIRPIN_ADDR {
-                reply.saddr
-            } else {
-                reply.daddr
-            };
-            let flow = FlowKey {
-                saddr: client,
-                daddr: revnat.vip,
-                sport: revnat.client_port,
-                dport: revnat.port,
-                proto: reply.proto,
-                _pad: [0; 3],
-            };
+            let flow = revnat.flow_of(reply);
             if matches!(
                 self.conntrack.get(&flow, 0),
                 Err(aya::maps::MapError::KeyNotFound)
@@ -1707,7 +1674,7 @@ impl Dataplane {
         let Ok(entry) = self.conntrack.get(&key, 0) else {
             return Ok(false);
         };
-        Ok(self.revnat.remove(&reply_of(&key, &entry)).is_ok())
+        Ok(self.revnat.remove(&entry.reply_key(&key)).is_ok())
     }
 
     /// Ages a client's session affinity entry for a service by `by` (tests of the timeout

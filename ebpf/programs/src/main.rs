@@ -281,7 +281,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         };
         if keep {
             let now = now_s();
-            let reply = reply_key(&flow, &entry);
+            let reply = entry.reply_key(&flow);
             if entry.last_seen != now {
                 // SAFETY: as above.
                 unsafe { addr_of_mut!((*ct).last_seen).write(now) };
@@ -355,7 +355,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         entry = unsafe { winner.read() };
         count(Counter::CtRace);
         // The winner claimed its reply tuple; ours, if another, is left to the collector.
-        let _ = REVNAT.insert(reply_key(&flow, &entry), revnat_of(&flow, &entry), 0);
+        let _ = REVNAT.insert(entry.reply_key(&flow), revnat_of(&flow, &entry), 0);
     }
     let verdict = forward(ctx, &pkt, &entry, ifindex)?;
     track_fragments(&pkt);
@@ -424,7 +424,7 @@ const REMAP_ATTEMPTS: u32 = 4;
 #[inline(always)]
 fn claim_reply(flow: &FlowKey, entry: &mut CtEntry) -> Result<(), Counter> {
     for attempt in 0..=REMAP_ATTEMPTS {
-        let reply = reply_key(flow, entry);
+        let reply = entry.reply_key(flow);
         let value = revnat_of(flow, entry);
         if REVNAT.insert(reply, value, BPF_NOEXIST as u64).is_ok() {
             return Ok(());
@@ -435,11 +435,7 @@ fn claim_reply(flow: &FlowKey, entry: &mut CtEntry) -> Result<(), Counter> {
             let ours = existing.vip == value.vip
                 && existing.port == value.port
                 && existing.client_port == value.client_port;
-            if ours
-                || CONNTRACK
-                    .get_ptr(flow_of_reply(&reply, &existing))
-                    .is_none()
-            {
+            if ours || CONNTRACK.get_ptr(existing.flow_of(&reply)).is_none() {
                 REVNAT
                     .insert(reply, value, BPF_ANY as u64)
                     .map_err(|_| Counter::DropCtInsert)?;
@@ -463,45 +459,6 @@ fn remap_port(flow: &FlowKey, attempt: u32) -> u16 {
     (REMAP_PORT_FIRST + (hash % REMAP_PORTS) as u16).to_be()
 }
 
-/// The conntrack key of the flow a reverse entry belongs to.
-#[inline(always)]
-fn flow_of_reply(reply: &FlowKey, revnat: &RevNat) -> FlowKey {
-    FlowKey {
-        saddr: if reply.daddr == HAIRPIN_ADDR {
-            reply.saddr
-        } else {
-            reply.daddr
-        },
-        daddr: revnat.vip,
-        sport: revnat.client_port,
-        dport: revnat.port,
-        proto: reply.proto,
-        _pad: [0; 3],
-    }
-}
-
-/// The tuple of a flow's replies as the backend sends them: from the backend to the client,
-/// or, on a hairpin, to the address the client's source was rewritten to.
-#[inline(always)]
-fn reply_key(flow: &FlowKey, entry: &CtEntry) -> FlowKey {
-    FlowKey {
-        saddr: entry.backend.ip,
-        daddr: if entry.flags & CT_FLAG_HAIRPIN != 0 {
-            HAIRPIN_ADDR
-        } else {
-            flow.saddr
-        },
-        sport: entry.backend.port,
-        dport: if entry.flags & CT_FLAG_SNAT != 0 {
-            entry.snat_port
-        } else {
-            flow.sport
-        },
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Sends a client's packet to its backend: the destination rewritten, and the source too on a
 /// hairpin (the packet then goes straight back into the pod) or a remapped port.
 #[inline(always)]
@@ -520,7 +477,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ifindex: u32) -> Resu
     if !hairpin && entry.flags & CT_FLAG_SNAT == 0 {
         return Ok(TCX_NEXT);
     }
-    let reply = reply_key(flow, entry);
+    let reply = entry.reply_key(flow);
     rewrite(
         ctx,
         pkt,

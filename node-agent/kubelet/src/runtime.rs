@@ -338,12 +338,37 @@ fn mount_overlay(
         )
     };
     if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        // The commonest cause, named: the kubelet's directory is itself on an overlay (a
+        // container's root), which cannot be another overlay's upper layer.
+        let hint = if on_overlayfs(upper) {
+            format!(
+                " ({} is on overlayfs, which cannot hold an overlay's upper layer: give the \
+                 kubelet a directory on another file system)",
+                upper.display()
+            )
+        } else {
+            String::new()
+        };
         return Err(io(format!(
-            "mount the root filesystem at {}",
+            "mount the root filesystem at {}{hint}",
             target.display()
-        ))(std::io::Error::last_os_error()));
+        ))(error));
     }
     Ok(())
+}
+
+/// Whether `path` is on an overlay file system.
+fn on_overlayfs(path: &Path) -> bool {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut st) == 0 && st.f_type as i64 == OVERLAYFS_SUPER_MAGIC
+    }
 }
 
 fn unmount(target: &Path) {
