@@ -67,6 +67,7 @@ impl Probe {
     /// Runs the probe once (blocking) and updates the verdict; returns it.
     pub fn run(&mut self, target: &Target) -> Option<bool> {
         self.next = Instant::now() + self.period();
+        let before = self.passing;
         let result = self.attempt(target);
         match result {
             Ok(()) => {
@@ -85,6 +86,16 @@ impl Probe {
                     self.passing = Some(false);
                 }
             }
+        }
+        if self.passing != before {
+            // What kubelet reports as a probe event: the verdict and why.
+            tracing::info!(
+                container = target.container_id,
+                probe = ?self.kind,
+                passing = ?self.passing,
+                output = %self.last_message,
+                "probe verdict changed"
+            );
         }
         self.passing
     }
