@@ -141,6 +141,14 @@ pub fn targets(rows: &[Row]) -> Vec<String> {
             e.direct_cpu_us_per_conn,
             mark(ratio <= 1.05)
         ));
+        let ratio = e.gbps / e.direct_gbps;
+        lines.push(format!(
+            "{} services: eBPF stream {:.2} Gbit/s = {:.0}% of the direct pod-IP stream (target >= 95%: {})",
+            e.services,
+            e.gbps,
+            ratio * 100.0,
+            mark(ratio >= 0.95)
+        ));
     }
     if let (Some(t), Some(i), Some(n)) = (
         find(rows, "ebpf-tc", big),
@@ -169,16 +177,6 @@ pub fn targets(rows: &[Row]) -> Vec<String> {
                 mark(growth <= 1.1)
             ));
         }
-    }
-    for e in rows_of(rows, "ebpf") {
-        let ratio = e.gbps / e.direct_gbps;
-        lines.push(format!(
-            "{} services: eBPF stream {:.2} Gbit/s = {:.0}% of the direct pod-IP stream (target >= 95%: {})",
-            e.services,
-            e.gbps,
-            ratio * 100.0,
-            mark(ratio >= 0.95)
-        ));
     }
     lines
 }
