@@ -97,12 +97,12 @@ pub struct SetCounts {
 }
 
 /// The new set's replicas for a rolling update (kube's NewRSNewReplicas).
-pub fn new_set_replicas(replicas: i32, surge: i32, all_spec: i32, new_spec: i32) -> i32 {
+pub fn new_set_replicas(replicas: i32, surge: i32, all_pods: i32, new_spec: i32) -> i32 {
     let max_total = replicas + surge;
-    if all_spec >= max_total {
+    if all_pods >= max_total {
         return new_spec;
     }
-    let up = (max_total - all_spec).min(replicas - new_spec);
+    let up = (max_total - all_pods).min(replicas - new_spec);
     (new_spec + up.max(0)).max(0)
 }
 
@@ -190,6 +190,16 @@ fn revision(rs: &ReplicaSet) -> i64 {
 
 fn spec_replicas(rs: &ReplicaSet) -> i32 {
     rs.spec.replicas.unwrap_or(0)
+}
+
+/// The pods a set may have right now: its spec, or more while its controller has not yet
+/// deleted the pods of a scale-down (`status.replicas` counts its active pods). The surge is
+/// bounded by these, not by specs alone as kube's NewRSNewReplicas does: otherwise the new set
+/// grows in the window between an old set's scale-down and its pods' deletion, and the
+/// deployment briefly runs more than `replicas + maxSurge` pods.
+fn pods_of(rs: &ReplicaSet) -> i32 {
+    let active = rs.status.as_ref().map_or(0, |s| s.replicas);
+    spec_replicas(rs).max(active)
 }
 
 fn counts(rs: &ReplicaSet) -> SetCounts {
@@ -417,8 +427,8 @@ impl DeploymentController {
             self.new_set(&d, &sets, |_| 0).await?
         } else {
             self.new_set(&d, &sets, |all| {
-                let all_spec: i32 = all.iter().map(|rs| spec_replicas(rs)).sum();
-                new_set_replicas(replicas, surge, all_spec, 0)
+                let all_pods: i32 = all.iter().map(|rs| pods_of(rs)).sum();
+                new_set_replicas(replicas, surge, all_pods, 0)
             })
             .await?
         };
@@ -452,8 +462,8 @@ impl DeploymentController {
                 self.scale(&new, replicas, &d).await?;
             }
         } else {
-            let all_spec: i32 = sets.iter().map(|rs| spec_replicas(rs)).sum();
-            let up = new_set_replicas(replicas, surge, all_spec, spec_replicas(&new));
+            let all_pods: i32 = sets.iter().map(|rs| pods_of(rs)).sum();
+            let up = new_set_replicas(replicas, surge, all_pods, spec_replicas(&new));
             if up != spec_replicas(&new) {
                 self.scale(&new, up, &d).await?;
             } else {

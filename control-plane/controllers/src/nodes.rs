@@ -183,6 +183,11 @@ pub struct Lifecycle {
     /// declaring them all dead and withdrawing every endpoint of the cluster.
     seen:
         std::sync::Mutex<std::collections::HashMap<String, (jiff::Timestamp, std::time::Instant)>>,
+    /// Nodes silent now whose pods this controller has already marked not ready. Pods are
+    /// marked once per silence, as kube-controller-manager does on the transition: a kubelet
+    /// that comes back may report its pods ready before its heartbeat reaches this
+    /// controller, and marking again on every tick would undo those reports for good.
+    marked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Lifecycle {
@@ -196,6 +201,7 @@ impl Lifecycle {
             client,
             grace,
             seen: Default::default(),
+            marked: Default::default(),
         });
         let period = (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         tokio::spawn(async move {
@@ -254,11 +260,18 @@ impl Lifecycle {
             .lock()
             .expect("not poisoned")
             .retain(|name, _| names.contains(name.as_str()));
+        self.marked
+            .lock()
+            .expect("not poisoned")
+            .retain(|name| names.contains(name.as_str()));
     }
 
     async fn check(&self, node: &Node) -> Result<(), ApiError> {
         let name = node.metadata.name.clone().unwrap_or_default();
         let healthy = self.silent_for(&name, self.last_heartbeat(node)) <= self.grace;
+        if healthy {
+            self.marked.lock().expect("not poisoned").remove(&name);
+        }
         let ready = ready_condition(node).map(|c| c.status.as_str());
         if !healthy {
             if ready != Some("Unknown") {
@@ -307,6 +320,9 @@ impl Lifecycle {
                     .await?;
             }
             // Its pods are no longer known to be ready: their endpoints must not be.
+            if self.marked.lock().expect("not poisoned").contains(&name) {
+                return Ok(());
+            }
             for pod in self.pods.list() {
                 if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
                     && pod_ready(&pod)
@@ -338,6 +354,7 @@ impl Lifecycle {
                     }
                 }
             }
+            self.marked.lock().expect("not poisoned").insert(name);
         } else if ready == Some("True") && has_unreachable_taint(node) {
             self.client
                 .update::<Node>(None, &name, false, |n| {
