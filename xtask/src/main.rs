@@ -221,8 +221,10 @@ fn test(extra: &[String]) -> Result<()> {
             ]),
     )?;
     let mut cargo = cargo();
+    // Every test binary runs even after one fails: a run reports all its failures.
     cargo.args([
         "test",
+        "--no-fail-fast",
         "--workspace",
         "--exclude",
         "ebpf-programs",
