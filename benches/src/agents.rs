@@ -428,8 +428,10 @@ fn nft_replay(
                     endpoints: (0..FILLER_ENDPOINTS)
                         .map(|j| SocketAddrV4::new(filler_ip(i, j), 8080))
                         .collect(),
+                    ..Default::default()
                 }],
                 session_affinity: None,
+                ..Default::default()
             })
             .collect();
         state.insert(Service {
@@ -441,8 +443,10 @@ fn nft_replay(
                 protocol: Protocol::Tcp,
                 port: 80,
                 endpoints: (0..PODS).filter(|k| ready[*k]).map(pod_backend).collect(),
+                ..Default::default()
             }],
             session_affinity: None,
+            ..Default::default()
         });
         state
     };

@@ -307,6 +307,7 @@ pub fn workload(n: u32, endpoints: &[Ipv4Addr]) -> ProxyState {
             .iter()
             .map(|ip| SocketAddrV4::new(*ip, target))
             .collect(),
+        ..Default::default()
     };
     let mut state: ProxyState = (0..n.saturating_sub(1))
         .map(|i| {
@@ -323,6 +324,7 @@ pub fn workload(n: u32, endpoints: &[Ipv4Addr]) -> ProxyState {
                 cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i),
                 ports: vec![port("http", Protocol::Tcp, 80, &fillers, 8080)],
                 session_affinity: None,
+                ..Default::default()
             }
         })
         .collect();
@@ -338,6 +340,7 @@ pub fn workload(n: u32, endpoints: &[Ipv4Addr]) -> ProxyState {
             IPERF_PORT,
         )],
         session_affinity: None,
+        ..Default::default()
     });
     state.insert(Service {
         namespace: "bench".into(),
@@ -348,6 +351,7 @@ pub fn workload(n: u32, endpoints: &[Ipv4Addr]) -> ProxyState {
             port("udp", Protocol::Udp, 53, endpoints, BACKEND_PORT),
         ],
         session_affinity: None,
+        ..Default::default()
     });
     state
 }

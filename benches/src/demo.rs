@@ -40,6 +40,7 @@ fn run(lab: &Lab, dataplane: &mut Dataplane) -> Result<()> {
     let maglev = ServiceSpec {
         scheduler: Scheduler::Maglev { table_size: 1021 },
         affinity_timeout: None,
+        ..Default::default()
     };
     dataplane
         .sync([

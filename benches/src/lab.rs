@@ -89,6 +89,7 @@ pub struct ClusterLab {
     pub dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
     binaries: Binaries,
+    prefix: String,
 }
 
 impl ClusterLab {
@@ -188,7 +189,30 @@ impl ClusterLab {
             dir,
             _tempdir: tempdir,
             binaries,
+            prefix: opts.prefix.clone(),
         })
+    }
+
+    /// A host outside the cluster on the node network (a namespace removed when dropped): a
+    /// client of NodePorts and external addresses. `routes` send addresses (ExternalIPs,
+    /// LoadBalancer IPs) to a node, as the router announcing them would.
+    pub fn outside_host(
+        &mut self,
+        name: &str,
+        routes: &[(Ipv4Addr, Ipv4Addr)],
+    ) -> Result<(Netns, Ipv4Addr)> {
+        let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
+        let addr = self.network.add(&ns, "eth0")?;
+        for (dest, via) in routes {
+            ns.ip(&[
+                "route",
+                "add",
+                &format!("{dest}/32"),
+                "via",
+                &via.to_string(),
+            ])?;
+        }
+        Ok((ns, addr))
     }
 
     /// Runs kubectl (the venv's) against the lab.

@@ -45,9 +45,29 @@ impl Process {
         host: IpAddr,
         extra: &[&str],
     ) -> Result<Self> {
-        let free = || -> Result<u16> { Ok(TcpListener::bind((host, 0))?.local_addr()?.port()) };
-        let listen = SocketAddr::new(host, free()?).to_string();
-        let feed = SocketAddr::new(host, free()?).to_string();
+        // A port that is free now may be taken before the child binds it: another start
+        // retries with other ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(binary, store, state_dir, host, extra) {
+                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
+                    continue;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn start_once(
+        binary: &Path,
+        store: &str,
+        state_dir: &Path,
+        host: IpAddr,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let listen = SocketAddr::new(host, free_port(host)?).to_string();
+        let feed = SocketAddr::new(host, free_port(host)?).to_string();
         let kubeconfig = state_dir.join("kubeconfig");
         let mut args: Vec<String> = vec![
             "--store".into(),
@@ -166,6 +186,21 @@ impl Api {
             serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
         ))
     }
+}
+
+/// A port of `host` that is free now, below Linux's ephemeral range (32768-60999), where the
+/// source ports of other processes' connections cannot take it before the control plane binds.
+fn free_port(host: IpAddr) -> Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..100 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = 10_000 + (hasher.finish() % 20_000) as u16;
+        if TcpListener::bind((host, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Ok(TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 
 /// Spawns and waits for the "serving" line (printed once the port is bound). Both outputs are

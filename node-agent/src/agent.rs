@@ -24,7 +24,7 @@ use control_plane_api::{
     view::{Changes, View},
 };
 use node_agent_kubelet::Kubelet;
-use node_agent_proxy::{Mode, Proxier, ProxyConfig, ProxyState};
+use node_agent_proxy::{Mode, NodeSettings, Proxier, ProxyConfig, ProxyState, local_addrs};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
@@ -81,6 +81,8 @@ pub struct Shared {
     /// `--run-pods`: the kubelet's settings, and the kubelet once the source started it.
     pub pods: Option<PodSettings>,
     pub kubelet: Mutex<Option<Arc<Kubelet>>>,
+    /// `--nodeport-addresses`.
+    pub nodeport_cidrs: Vec<ipnet::Ipv4Net>,
 }
 
 impl Shared {
@@ -154,6 +156,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tx: Mutex::new(tx),
         pods: PodSettings::from_args(&args)?,
         kubelet: Mutex::default(),
+        nodeport_cidrs: args.nodeport_addresses.clone(),
     });
 
     // The proxy first: the data plane (re)attached and adopted before anything else.
@@ -211,6 +214,36 @@ pub async fn run(args: RunArgs) -> Result<()> {
     shared.send(Event::Stop);
     let _ = tokio::task::spawn_blocking(move || proxy_thread.join()).await;
     outcome
+}
+
+/// What the proxy must know of this node for traffic from outside the cluster, once the view
+/// has the node: its pod network, its InternalIP (where masqueraded flows leave from), and the
+/// addresses NodePorts answer on (the local ones in `cidrs`, or the InternalIP).
+fn node_settings(view: &View, node: &str, cidrs: &[ipnet::Ipv4Net]) -> Option<NodeSettings> {
+    let n = view.nodes.get(node)?;
+    let internal: Option<std::net::Ipv4Addr> = n.internal_ip.parse().ok();
+    let pod_cidr = n
+        .pod_cidrs
+        .iter()
+        .find_map(|c| c.parse::<ipnet::Ipv4Net>().ok())
+        .map(|c| (c.network(), c.prefix_len()));
+    let mut nodeport_addrs: Vec<std::net::Ipv4Addr> = if cidrs.is_empty() {
+        internal.into_iter().collect()
+    } else {
+        local_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, addr)| addr)
+            .filter(|addr| cidrs.iter().any(|c| c.contains(addr)))
+            .collect()
+    };
+    nodeport_addrs.sort();
+    nodeport_addrs.dedup();
+    Some(NodeSettings {
+        pod_cidr,
+        masquerade_addr: internal,
+        nodeport_addrs,
+    })
 }
 
 /// Collects the data plane's expired flows and publishes what it found.
@@ -341,6 +374,8 @@ struct SyncState {
     /// Services not programmed, and why.
     ignored: HashMap<String, Ignored>,
     ipv6_skipped: HashMap<String, usize>,
+    /// What the proxy was last told of the node.
+    node: Option<NodeSettings>,
 }
 
 impl SyncState {
@@ -388,7 +423,26 @@ impl SyncState {
             }
         }
         let version = view.version;
+        let node = node_settings(&view, &shared.node, &shared.nodeport_cidrs);
         drop(view);
+        if let Some(node) = node
+            && self.node.as_ref() != Some(&node)
+        {
+            match proxier.set_node(&node) {
+                Ok(()) => {
+                    tracing::info!(
+                        nodeport_addresses = ?node.nodeport_addrs,
+                        pod_cidr = ?node.pod_cidr,
+                        "node settings for traffic from outside the cluster"
+                    );
+                    self.node = Some(node);
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "NodePorts and external addresses are not served"
+                ),
+            }
+        }
 
         let started = Instant::now();
         let result = if full {

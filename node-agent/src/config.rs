@@ -97,6 +97,15 @@ pub struct RunArgs {
     /// (glob on paths, repeatable; e.g. '/run/netns/cni-*')
     #[arg(long = "pod-netns", value_name = "GLOB")]
     pub pod_netns: Vec<String>,
+    /// The node addresses NodePorts answer on, as CIDRs: every local address in one of them
+    /// (kube-proxy's --nodeport-addresses; comma-separated or repeated). Default: the node's
+    /// InternalIP
+    #[arg(
+        long = "nodeport-addresses",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub nodeport_addresses: Vec<ipnet::Ipv4Net>,
     /// Which local sockets are load balanced at connect time (eBPF mode)
     #[arg(long, value_enum, default_value = "all")]
     pub socket_lb: SocketLb,

@@ -11,6 +11,10 @@
 //!   refused);
 //! - topology-aware routing: when every ready endpoint carries zone hints, this node has a
 //!   zone and some endpoint is hinted for it, only endpoints hinted for this zone are used;
+//! - traffic from outside the cluster (NodePorts, ExternalIPs, LoadBalancer ingress IPs)
+//!   follows `externalTrafficPolicy`: `Local` uses this node's endpoints only (and keeps the
+//!   client's address), `Cluster` the same endpoints as cluster traffic would without
+//!   `internalTrafficPolicy: Local`;
 //! - ClientIP session affinity with its timeout;
 //! - ignored: ExternalName and headless services, services another proxy owns (label
 //!   `service.kubernetes.io/service-proxy-name`), SCTP ports; IPv6 addresses and IPv6 slices
@@ -101,11 +105,16 @@ pub fn translate(view: &View, key: &str, node: &str) -> Translated {
             };
             let candidates = endpoints_of(&slices, &port.name, &port.protocol);
             let chosen = choose(&candidates, svc.internal_traffic_local, node, zone);
+            // Traffic from outside has its own policy (kube-proxy's external endpoints).
+            let external = (svc.internal_traffic_local != svc.external_traffic_local)
+                .then(|| choose(&candidates, svc.external_traffic_local, node, zone));
             Some(ServicePort {
                 name: port.name.clone(),
                 protocol,
                 port: u16::try_from(port.port).ok()?,
                 endpoints: chosen,
+                node_port: u16::try_from(port.node_port).ok().filter(|p| *p != 0),
+                external_endpoints: external,
             })
         })
         .collect();
@@ -117,10 +126,25 @@ pub fn translate(view: &View, key: &str, node: &str) -> Translated {
             ports,
             session_affinity: (svc.session_affinity_timeout > 0)
                 .then(|| Duration::from_secs(u64::from(svc.session_affinity_timeout))),
+            external_ips: external_ips(svc),
+            external_local: svc.external_traffic_local,
         }),
         ignored: None,
         ipv6_skipped,
     }
+}
+
+/// The service's ExternalIPs and LoadBalancer ingress IPs (IPv4; each once).
+fn external_ips(svc: &feed::Service) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = svc
+        .external_ips
+        .iter()
+        .chain(&svc.load_balancer_ips)
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// One endpoint of one service port, with what the choice needs to know.
@@ -432,6 +456,59 @@ mod tests {
         );
         assert_eq!(t.ipv6_skipped, 2);
         assert_eq!(t.service.unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
+    }
+
+    #[test]
+    fn external_traffic_has_its_own_policy_node_ports_and_addresses() {
+        let mut svc = web();
+        svc.r#type = "LoadBalancer".into();
+        svc.ports[0].node_port = 30080;
+        svc.external_ips = vec!["192.0.2.7".into(), "2001:db8::7".into()];
+        svc.load_balancer_ips = vec!["192.0.2.9".into(), "192.0.2.7".into()];
+        svc.external_traffic_local = true;
+        let mut remote = ep("10.244.2.2");
+        remote.node = "n2";
+        let v = view(
+            svc.clone(),
+            vec![slice("a", 8080, vec![ep("10.244.1.2"), remote])],
+        );
+        let t = translate(&v, "default/web", "n1").service.unwrap();
+        assert_eq!(
+            t.external_ips,
+            [
+                "192.0.2.7".parse::<Ipv4Addr>().unwrap(),
+                "192.0.2.9".parse().unwrap()
+            ],
+            "IPv4 external and load-balancer addresses, each once"
+        );
+        assert!(t.external_local);
+        let port = &t.ports[0];
+        assert_eq!(port.node_port, Some(30080));
+        assert_eq!(port.endpoints.len(), 2, "cluster traffic: every endpoint");
+        assert_eq!(
+            port.external_endpoints(),
+            ["10.244.1.2:8080".parse::<SocketAddrV4>().unwrap()],
+            "traffic from outside: this node's only"
+        );
+        assert!(!port.drops_external());
+
+        // No local endpoint: traffic from outside is dropped (there are endpoints elsewhere).
+        let mut remote = ep("10.244.2.2");
+        remote.node = "n2";
+        let v = view(svc.clone(), vec![slice("a", 8080, vec![remote])]);
+        let t = translate(&v, "default/web", "n1").service.unwrap();
+        assert!(t.ports[0].external_endpoints().is_empty());
+        assert!(t.ports[0].drops_external());
+
+        // Cluster policy with internalTrafficPolicy Local: outside traffic still goes anywhere.
+        svc.external_traffic_local = false;
+        svc.internal_traffic_local = true;
+        let mut remote = ep("10.244.2.2");
+        remote.node = "n2";
+        let v = view(svc, vec![slice("a", 8080, vec![ep("10.244.1.2"), remote])]);
+        let t = translate(&v, "default/web", "n1").service.unwrap();
+        assert_eq!(t.ports[0].endpoints.len(), 1);
+        assert_eq!(t.ports[0].external_endpoints().len(), 2);
     }
 
     #[test]

@@ -382,6 +382,34 @@ impl<S: Store> Registry<S> {
                     .and_then(Value::as_u64)
                     .filter(|p| *p != 0)
                     .map(|p| p as u32);
+                // One node port may serve a port number on two protocols (DNS on TCP and UDP),
+                // as kube-apiserver allows: an earlier port of this service holds it then.
+                let protocol = |j: usize| {
+                    svc["spec"]["ports"][j]
+                        .get("protocol")
+                        .and_then(Value::as_str)
+                        .unwrap_or("TCP")
+                        .to_owned()
+                };
+                let shared = wanted.and_then(|w| {
+                    (0..i).find(|&j| {
+                        svc["spec"]["ports"][j]
+                            .get("nodePort")
+                            .and_then(Value::as_u64)
+                            == Some(u64::from(w))
+                    })
+                });
+                if let (Some(j), Some(port)) = (shared, wanted) {
+                    if protocol(j) == protocol(i) {
+                        self.release(&done).await;
+                        return Err(invalid(
+                            &format!("spec.ports[{i}].nodePort"),
+                            port.to_string(),
+                            "may not be used by two ports of the same protocol".into(),
+                        ));
+                    }
+                    continue;
+                }
                 match self.node_ports.allocate(wanted).await {
                     Ok(port) => {
                         done.push(Allocation::Port(port));

@@ -66,6 +66,11 @@ macro_rules! for_each_map {
             /// `SockFwdKey (socket, service) -> Backend` (LRU): the backend an unconnected UDP
             /// socket's datagrams to a service stick to.
             SOCK_FWD = "keel_sock_fwd",
+            /// `u32 (0) -> NodeConfig`: this node's pod network and the address flows from
+            /// outside are masqueraded to.
+            NODE = "keel_node",
+            /// `u32 address -> u32`: the node addresses NodePorts answer on.
+            NODE_ADDRS = "keel_node_addrs",
         }
     };
 }
@@ -124,6 +129,8 @@ pub mod defaults {
     pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
     /// Unconnected UDP sockets' backends, per service (LRU).
     pub const SOCK_FWD_ENTRIES: u32 = 65_536;
+    /// Node addresses NodePorts answer on.
+    pub const NODE_ADDR_ENTRIES: u32 = 256;
 }
 
 /// Program names (the Rust function names of the entry points).
@@ -132,6 +139,9 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// tc egress on the host side of a pod's veth: packets entering the pod (reverse NAT).
     pub const TO_POD: &str = "to_pod";
+    /// tc ingress on the node's own interfaces: traffic from outside the cluster to NodePorts,
+    /// ExternalIPs and LoadBalancer IPs, and the replies of the flows it sent to other nodes.
+    pub const FROM_OUTSIDE: &str = "from_outside";
     /// Minimal XDP program returning XDP_PASS.
     pub const XDP_FLOOR: &str = "xdp_floor";
     /// Minimal tc program passing every packet on (TCX_NEXT): the floor a tc program's
@@ -170,6 +180,20 @@ const _: () = assert!(size_of::<ServiceKey>() == 8);
 pub const SVC_FLAG_MAGLEV: u32 = 1 << 0;
 /// ClientIP session affinity: a client keeps its backend for `affinity_timeout_s` seconds.
 pub const SVC_FLAG_AFFINITY: u32 = 1 << 1;
+/// The frontend takes traffic from outside the cluster (a NodePort, an ExternalIP, a
+/// LoadBalancer IP): `from_outside` serves it.
+pub const SVC_FLAG_EXTERNAL: u32 = 1 << 2;
+/// `externalTrafficPolicy: Cluster`: a flow sent to a backend on another node leaves from
+/// this node's address (`NodeConfig::masq_addr`, or the node address the client used), so
+/// its replies come back through this node.
+pub const SVC_FLAG_MASQ: u32 = 1 << 3;
+/// No backend here is not the same as none at all (`externalTrafficPolicy: Local` on a node
+/// without local endpoints): new flows are dropped, not rejected, as kube-proxy does, so a
+/// load balancer's health check, not the client, learns about it.
+pub const SVC_FLAG_DROP_EMPTY: u32 = 1 << 4;
+
+/// `ServiceKey::vip` of a NodePort: any address of `NODE_ADDRS`.
+pub const NODEPORT_VIP: u32 = 0;
 
 /// What the kernel needs to pick a backend for a service. Written by userspace only, in one
 /// map update, so a reader never sees a half-updated service.
@@ -255,6 +279,11 @@ pub const CT_FLAG_HAIRPIN: u8 = 1 << 2;
 /// flow of another service already gets its replies on the tuple this flow's would have (two
 /// services sharing a backend, one client port): netfilter's NAT remaps the same way.
 pub const CT_FLAG_SNAT: u8 = 1 << 3;
+/// `CtEntry::flags`: a flow from outside the cluster.
+pub const CT_FLAG_EXTERNAL: u8 = 1 << 4;
+/// `CtEntry::flags`: the client's address is rewritten to `CtEntry::nat_addr` (a flow from
+/// outside sent to another node's backend); always with `CT_FLAG_SNAT`.
+pub const CT_FLAG_MASQ: u8 = 1 << 5;
 
 /// Ports a clashing flow's client port is remapped to: above Linux's ephemeral range
 /// (32768-60999), so they do not collide with the client's own sockets.
@@ -289,8 +318,10 @@ pub struct CtEntry {
     pub flags: u8,
     /// With `CT_FLAG_SNAT`: the port the client's packets leave with (network order).
     pub snat_port: u16,
+    /// With `CT_FLAG_MASQ`: the address the client's packets leave with.
+    pub nat_addr: u32,
 }
-const _: () = assert!(size_of::<CtEntry>() == 20);
+const _: () = assert!(size_of::<CtEntry>() == 24);
 
 impl CtEntry {
     /// The tuple of `flow`'s replies as the backend sends them: from the backend to the
@@ -300,7 +331,9 @@ impl CtEntry {
     pub const fn reply_key(&self, flow: &FlowKey) -> FlowKey {
         FlowKey {
             saddr: self.backend.ip,
-            daddr: if self.flags & CT_FLAG_HAIRPIN != 0 {
+            daddr: if self.flags & CT_FLAG_MASQ != 0 {
+                self.nat_addr
+            } else if self.flags & CT_FLAG_HAIRPIN != 0 {
                 HAIRPIN_ADDR
             } else {
                 flow.saddr
@@ -335,6 +368,11 @@ impl CtEntry {
 pub const REVNAT_FLAG_CLOSING: u16 = 1 << 0;
 /// `RevNat::flags`: the client's port was remapped: replies go back to `client_port`.
 pub const REVNAT_FLAG_SNAT: u16 = 1 << 1;
+/// `RevNat::flags`: the client's address was rewritten too: replies go back to `client`.
+pub const REVNAT_FLAG_MASQ: u16 = 1 << 2;
+/// `RevNat::flags`: the reply of a flow from outside the cluster: its source becomes a node
+/// or external address, so the data plane routes it out itself.
+pub const REVNAT_FLAG_EXTERNAL: u16 = 1 << 3;
 
 /// How to restore a reply: the service address it must come from, and the client port it
 /// must go to.
@@ -348,15 +386,19 @@ pub struct RevNat {
     /// The client's own port (network order; 0 in the socket-level maps).
     pub client_port: u16,
     pub _pad: u16,
+    /// The client's own address (0 in the socket-level maps).
+    pub client: u32,
 }
-const _: () = assert!(size_of::<RevNat>() == 12);
+const _: () = assert!(size_of::<RevNat>() == 16);
 
 impl RevNat {
     /// The conntrack key of the flow whose reverse entry at `reply` this is.
     #[inline(always)]
     pub const fn flow_of(&self, reply: &FlowKey) -> FlowKey {
         FlowKey {
-            saddr: if reply.daddr == HAIRPIN_ADDR {
+            saddr: if self.flags & REVNAT_FLAG_MASQ != 0 {
+                self.client
+            } else if reply.daddr == HAIRPIN_ADDR {
                 reply.saddr
             } else {
                 reply.daddr
@@ -408,6 +450,20 @@ pub struct Ranges {
     pub mask: [u32; MAX_RANGES],
 }
 const _: () = assert!(size_of::<Ranges>() == 4 + 8 * MAX_RANGES);
+
+/// What the programs know of the node they run on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// This node's pod network (network order, and its mask): backends in it are local.
+    pub pod_net: u32,
+    pub pod_mask: u32,
+    /// The address masqueraded flows to ExternalIPs and LoadBalancer IPs leave with (a
+    /// NodePort's leave with the node address the client used).
+    pub masq_addr: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<NodeConfig>() == 16);
 
 /// At most this many IPv4 addresses per pod interface.
 pub const MAX_POD_SOURCES: usize = 4;
@@ -554,10 +610,20 @@ counters! {
     /// A new flow's client port was remapped: its reply tuple was a live flow's of another
     /// service.
     PortRemapped = 25, "port_remapped", Event;
+    /// A flow from outside sent to another node's backend left from a node address.
+    Masqueraded = 26, "masqueraded", Event;
+    /// A packet the data plane must route itself (a flow from outside, or its reply) had no
+    /// route to its destination.
+    DropNoRoute = 27, "drop_no_route", Drop;
+    /// A new flow from outside to a service with endpoints on other nodes only
+    /// (`externalTrafficPolicy: Local`): dropped, as kube-proxy does.
+    DropNoLocalEndpoint = 28, "drop_no_local_endpoint", Drop;
+    /// A packet from outside to a cluster IP: not served from outside, passed untouched.
+    PassClusterOnly = 29, "pass_cluster_only", Verdict;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 26;
+pub const COUNTER_COUNT: u32 = 30;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the
@@ -594,4 +660,5 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for Ranges {}
+    unsafe impl aya::Pod for NodeConfig {}
 }

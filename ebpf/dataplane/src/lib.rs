@@ -43,13 +43,33 @@ use aya::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_LANES, MaglevLanes, MemberKey, PodSources, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
-    ServiceKey, ServiceValue, SockFwdKey, SockRevKey, map_names, program_names,
+    MAGLEV_LANES, MaglevLanes, MemberKey, NodeConfig, PodSources, RevNat, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, ServiceKey,
+    ServiceValue, SockFwdKey, SockRevKey, map_names, program_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
 
 use crate::{alloc::RangeAllocator, mmap::MmapArray};
+
+/// The tc programs attached to interfaces, with the suffix of their links' pins.
+const TC_PROGRAMS: [(&str, &str); 3] = [
+    (program_names::FROM_POD, "ingress"),
+    (program_names::TO_POD, "egress"),
+    (program_names::FROM_OUTSIDE, "outside"),
+];
+
+/// The program a link pin (`if<ifindex>-<suffix>`) runs.
+fn pinned_program(pin_name: &str) -> Option<&'static str> {
+    let suffix = pin_name
+        .strip_prefix("if")?
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .strip_prefix('-')?;
+    TC_PROGRAMS
+        .iter()
+        .find(|(_, s)| *s == suffix)
+        .map(|(program, _)| *program)
+}
 
 /// The compiled kernel programs (built by build.rs from `ebpf/programs`).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ebpf-programs"));
@@ -111,6 +131,12 @@ impl Frontend {
         Self::new(addr, Protocol::Udp)
     }
 
+    /// A NodePort: `port` on every node address of [`NodeSettings::nodeport_addrs`] (the
+    /// frontend's address is 0.0.0.0).
+    pub const fn node_port(port: u16, proto: Protocol) -> Self {
+        Self::new(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port), proto)
+    }
+
     fn key(&self) -> ServiceKey {
         ServiceKey {
             vip: u32::from_ne_bytes(self.addr.ip().octets()),
@@ -170,6 +196,25 @@ pub enum Scheduler {
     Maglev { table_size: u32 },
 }
 
+/// Who a frontend serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reach {
+    /// Pods (and the node's own sockets, with socket-level load balancing): a cluster IP.
+    #[default]
+    Cluster,
+    /// Clients outside the cluster arriving on the node's interfaces (a NodePort, an
+    /// ExternalIP, a LoadBalancer IP), through [`Dataplane::attach_external`].
+    External {
+        /// `externalTrafficPolicy: Cluster`: flows to backends on other nodes leave from a
+        /// node address (the backend sees the node, replies come back through it). `Local`
+        /// keeps the client's address and should be given local backends only.
+        masquerade: bool,
+        /// Without backends, drop new flows instead of rejecting them (`Local` on a node
+        /// without local endpoints, while the service has endpoints elsewhere).
+        drop_when_empty: bool,
+    },
+}
+
 /// A service's load-balancing settings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpec {
@@ -177,6 +222,20 @@ pub struct ServiceSpec {
     /// ClientIP session affinity: a client's new flows keep going to the backend of its
     /// previous one for this long (whole seconds) after its last new flow.
     pub affinity_timeout: Option<Duration>,
+    pub reach: Reach,
+}
+
+/// What the programs must know of the node for traffic from outside.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// This node's pod network: backends in it are local (never masqueraded). None: every
+    /// backend is treated as remote.
+    pub pod_cidr: Option<(Ipv4Addr, u8)>,
+    /// The address flows to ExternalIPs and LoadBalancer IPs are masqueraded to (a NodePort's
+    /// leave with the node address the client used).
+    pub masquerade_addr: Option<Ipv4Addr>,
+    /// The node addresses NodePorts answer on (kube-proxy's `--nodeport-addresses`).
+    pub nodeport_addrs: Vec<Ipv4Addr>,
 }
 
 /// Where the data plane pins its objects and how large its maps are. Sizes apply when the maps
@@ -222,6 +281,8 @@ pub enum Hook {
     FromPod,
     /// tc egress of a pod's host-side veth (reverse NAT).
     ToPod,
+    /// tc ingress of the node's own interface (traffic from outside the cluster).
+    FromOutside,
     /// The minimal tc program (passes every packet on), the cost floor of `FromPod`'s hook.
     TcFloor,
     /// The minimal XDP_PASS program.
@@ -233,6 +294,7 @@ impl Hook {
         match self {
             Hook::FromPod => program_names::FROM_POD,
             Hook::ToPod => program_names::TO_POD,
+            Hook::FromOutside => program_names::FROM_OUTSIDE,
             Hook::TcFloor => program_names::TC_FLOOR,
             Hook::XdpFloor => program_names::XDP_FLOOR,
         }
@@ -493,11 +555,11 @@ impl Dataplane {
             .map_max_entries(map_names::REVNAT, config.ct_entries)
             .map_max_entries(map_names::AFFINITY, config.affinity_entries)
             .load(PROGRAMS)?;
-        for name in [
-            program_names::FROM_POD,
-            program_names::TO_POD,
-            program_names::TC_FLOOR,
-        ] {
+        for name in TC_PROGRAMS
+            .iter()
+            .map(|(name, _)| *name)
+            .chain([program_names::TC_FLOOR])
+        {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
             program
                 .load()
@@ -567,7 +629,7 @@ impl Dataplane {
             let migration = dataplane.migrate_from(&old)?;
             dataplane.migrations.push(migration);
         }
-        let vips: Vec<Ipv4Addr> = dataplane.services.keys().map(|f| *f.addr.ip()).collect();
+        let vips: Vec<Ipv4Addr> = dataplane.cluster_vips().collect();
         dataplane.write_ranges(ranges::cover(vips, ebpf_common::MAX_RANGES))?;
         Ok(dataplane)
     }
@@ -723,13 +785,8 @@ impl Dataplane {
             .collect();
         for pin in pins {
             let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if !name.starts_with("if") {
+            let Some(program) = pinned_program(name) else {
                 continue;
-            }
-            let program = if name.ends_with("-ingress") {
-                program_names::FROM_POD
-            } else {
-                program_names::TO_POD
             };
             self.relink(&pin, program)?;
         }
@@ -865,7 +922,7 @@ impl Dataplane {
         attach_type: TcAttachType,
         order: LinkOrder,
     ) -> Result<(), Error> {
-        let pin = self.link_pin(ifindex, attach_type);
+        let pin = self.link_pin(ifindex, name);
         if self.relink(&pin, name)? {
             return Ok(());
         }
@@ -914,12 +971,12 @@ impl Dataplane {
         self.pod_addrs.insert(ifindex, value, 0).map_err(map_error)
     }
 
-    /// Detaches the programs from `iface`.
+    /// Detaches the programs from `iface` (a pod's or the node's).
     pub fn detach(&mut self, iface: &str) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
         self.set_sources(ifindex, &[])?;
-        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let pin = self.link_pin(ifindex, attach_type);
+        for (program, _) in TC_PROGRAMS {
+            let pin = self.link_pin(ifindex, program);
             if pin.exists() {
                 remove_file(&pin)?;
             }
@@ -927,14 +984,85 @@ impl Dataplane {
         Ok(())
     }
 
-    fn link_pin(&self, ifindex: u32, attach_type: TcAttachType) -> PathBuf {
-        let dir = match attach_type {
-            TcAttachType::Ingress => "ingress",
-            _ => "egress",
+    /// Attaches `from_outside` to tc ingress of one of the node's own interfaces (first in its
+    /// chain, as `from_pod`): NodePorts, ExternalIPs and LoadBalancer IPs for clients outside
+    /// the cluster, and the replies of the flows it masqueraded. Attaching again (a restart)
+    /// replaces the program atomically.
+    pub fn attach_external(&mut self, iface: &str) -> Result<(), Error> {
+        let ifindex = ifindex(iface)?;
+        self.attach_program(
+            iface,
+            ifindex,
+            program_names::FROM_OUTSIDE,
+            TcAttachType::Ingress,
+            LinkOrder::first(),
+        )
+    }
+
+    /// Tells the programs about the node, for traffic from outside: its pod network, the
+    /// address flows are masqueraded to, and the addresses NodePorts answer on (replacing the
+    /// previous ones).
+    pub fn set_node(&mut self, node: &NodeSettings) -> Result<(), Error> {
+        let (pod_net, pod_mask) = match node.pod_cidr {
+            Some((net, len)) if len > 0 => {
+                let mask = u32::MAX << (32 - u32::from(len.min(32)));
+                ((u32::from(net) & mask).to_be(), mask.to_be())
+            }
+            _ => (0, 0),
         };
+        let value = NodeConfig {
+            pod_net,
+            pod_mask,
+            masq_addr: node
+                .masquerade_addr
+                .map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            _pad: 0,
+        };
+        let error = |name| move |source| Error::Map { name, source };
+        let mut config: aya::maps::Array<&mut MapData, NodeConfig> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut(map_names::NODE)
+                .ok_or(Error::MissingMap(map_names::NODE))?,
+        )
+        .map_err(error(map_names::NODE))?;
+        config.set(0, value, 0).map_err(error(map_names::NODE))?;
+        let mut addrs: HashMap<&mut MapData, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::NODE_ADDRS)
+                .ok_or(Error::MissingMap(map_names::NODE_ADDRS))?,
+        )
+        .map_err(error(map_names::NODE_ADDRS))?;
+        let wanted: Vec<u32> = node
+            .nodeport_addrs
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect();
+        let stale: Vec<u32> = addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !wanted.contains(a))
+            .collect();
+        for addr in stale {
+            remove_entry(&mut addrs, &addr).map_err(error(map_names::NODE_ADDRS))?;
+        }
+        for addr in wanted {
+            addrs
+                .insert(addr, 1, 0)
+                .map_err(error(map_names::NODE_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    /// Where the link of tc program `program` on interface `ifindex` is pinned:
+    /// `links/if<ifindex>-<suffix>`.
+    fn link_pin(&self, ifindex: u32, program: &str) -> PathBuf {
+        let suffix = TC_PROGRAMS
+            .iter()
+            .find(|(p, _)| *p == program)
+            .map_or(program, |(_, suffix)| suffix);
         self.pin_dir
             .join("links")
-            .join(format!("if{ifindex}-{dir}"))
+            .join(format!("if{ifindex}-{suffix}"))
     }
 
     /// Attaches the socket-level load-balancing hooks (connect, sendmsg, recvmsg, getpeername)
@@ -1118,7 +1246,10 @@ impl Dataplane {
             .filter_map(|((_, _, backends, _), id)| Some(member_keys(*id.as_ref().ok()?, backends)))
             .flatten()
             .collect();
-        let vips = plans.iter().map(|(f, ..)| *f.addr.ip());
+        let vips = plans
+            .iter()
+            .filter(|(_, spec, ..)| spec.reach == Reach::Cluster)
+            .map(|(f, ..)| *f.addr.ip());
         let prepared = self
             .add_member_keys(members)
             .and_then(|()| self.widen_ranges(vips));
@@ -1240,9 +1371,18 @@ impl Dataplane {
         self.write_ranges(ranges::cover(all, ebpf_common::MAX_RANGES))
     }
 
+    /// The addresses of the frontends pods reach (the ranges cover these only: `from_pod`
+    /// looks nothing else up).
+    fn cluster_vips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.services
+            .iter()
+            .filter(|(_, s)| s.spec.reach == Reach::Cluster)
+            .map(|(f, _)| *f.addr.ip())
+    }
+
     /// Recomputes the ranges from the services (tighter after removals).
     fn refresh_ranges(&mut self) -> Result<(), Error> {
-        let vips = self.services.keys().map(|f| *f.addr.ip());
+        let vips = self.cluster_vips();
         let prefixes = ranges::cover(vips, ebpf_common::MAX_RANGES);
         if prefixes == self.ranges {
             return Ok(());
@@ -1327,7 +1467,9 @@ impl Dataplane {
     ) -> Result<(), Error> {
         let id = self.id_for(&frontend)?;
         self.add_member_keys(member_keys(id, &backends).collect())?;
-        self.widen_ranges([*frontend.addr.ip()])?;
+        if spec.reach == Reach::Cluster {
+            self.widen_ranges([*frontend.addr.ip()])?;
+        }
         let new = backends.clone();
         match self.write_service(frontend, spec, backends, id) {
             Ok(stale) => self.remove_member_keys(stale),
@@ -1378,6 +1520,19 @@ impl Dataplane {
             }
             flags |= SVC_FLAG_MAGLEV;
             maglev_size = table_size;
+        }
+        if let Reach::External {
+            masquerade,
+            drop_when_empty,
+        } = spec.reach
+        {
+            flags |= SVC_FLAG_EXTERNAL;
+            if masquerade {
+                flags |= SVC_FLAG_MASQ;
+            }
+            if drop_when_empty {
+                flags |= SVC_FLAG_DROP_EMPTY;
+            }
         }
         let mut affinity_timeout_s = 0;
         if let Some(timeout) = spec.affinity_timeout {
@@ -1841,11 +1996,20 @@ fn decode_service(
     };
     let affinity_timeout = (value.flags & SVC_FLAG_AFFINITY != 0)
         .then(|| Duration::from_secs(u64::from(value.affinity_timeout_s)));
+    let reach = if value.flags & SVC_FLAG_EXTERNAL != 0 {
+        Reach::External {
+            masquerade: value.flags & SVC_FLAG_MASQ != 0,
+            drop_when_empty: value.flags & SVC_FLAG_DROP_EMPTY != 0,
+        }
+    } else {
+        Reach::Cluster
+    };
     Ok((
         frontend,
         ServiceSpec {
             scheduler,
             affinity_timeout,
+            reach,
         },
         list,
     ))

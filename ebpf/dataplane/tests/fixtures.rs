@@ -480,6 +480,7 @@ fn maglev_chooses_the_backend_userspace_predicts() {
     let spec = ServiceSpec {
         scheduler: Scheduler::Maglev { table_size: 1021 },
         affinity_timeout: None,
+        ..Default::default()
     };
     dp.upsert_service(service, spec).unwrap();
     let backends: Vec<_> = (1..=5).map(|i| addr(10, 2, 0, i, 8443)).collect();
@@ -524,6 +525,7 @@ fn session_affinity_keeps_a_client_on_its_backend_until_it_times_out() {
     let spec = ServiceSpec {
         scheduler: Scheduler::Random,
         affinity_timeout: Some(Duration::from_secs(10_800)),
+        ..Default::default()
     };
     dp.upsert_service(service, spec).unwrap();
     dp.set_backends(service, &web_backends()).unwrap();
@@ -743,6 +745,7 @@ fn services_survive_a_restart_of_the_owner() {
         ServiceSpec {
             scheduler: Scheduler::Maglev { table_size: 251 },
             affinity_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -893,6 +896,7 @@ fn removing_a_backend_leaves_the_other_backends_clients_where_they_are() {
         ServiceSpec {
             scheduler: Scheduler::Random,
             affinity_timeout: Some(Duration::from_secs(3600)),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -1252,6 +1256,7 @@ fn a_maglev_service_adopted_without_backends_can_get_some() {
     let spec = ServiceSpec {
         scheduler: Scheduler::Maglev { table_size: 1021 },
         affinity_timeout: None,
+        ..Default::default()
     };
     dp.upsert_service(service, spec).unwrap();
     // A restarted owner adopts it from the pins, table size and all.

@@ -87,6 +87,7 @@ impl ServiceEntry {
             spec: ServiceSpec {
                 scheduler,
                 affinity_timeout: self.affinity_timeout_s.map(Duration::from_secs),
+                ..Default::default()
             },
             backends: self.backends.clone(),
         })

@@ -11,6 +11,10 @@
 //! first; `from_pod` drops packets whose source is not the pod's, and sends a pod that is its
 //! own backend straight back into itself from a reserved address (hairpin).
 //!
+//! One tc program on the node's own interfaces, `from_outside` (`external`): NodePorts,
+//! ExternalIPs and LoadBalancer IPs for clients outside the cluster; `from_pod` translates the
+//! replies of local backends to them.
+//!
 //! And cgroup hooks (`sock`) that load balance pods' sockets at connect time, so their flows
 //! need no per-packet translation at all.
 //!
@@ -18,12 +22,14 @@
 #![no_std]
 #![no_main]
 
+mod external;
 mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod route;
 mod sock;
 mod stats;
 
@@ -37,11 +43,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ebpf_common::{
-    CT_FLAG_CLIENT_FIN, CT_FLAG_HAIRPIN, CT_FLAG_SERVER_FIN, CT_FLAG_SNAT, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry, FlowKey, FragKey, FragPorts,
-    HAIRPIN_ADDR, IPPROTO_TCP, MAX_POD_SOURCES, MAX_RANGES, REMAP_PORT_FIRST, REMAP_PORTS,
-    REVNAT_FLAG_CLOSING, REVNAT_FLAG_SNAT, RevNat, ServiceKey, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    flow_hash,
+    CT_FLAG_CLIENT_FIN, CT_FLAG_EXTERNAL, CT_FLAG_HAIRPIN, CT_FLAG_MASQ, CT_FLAG_SERVER_FIN,
+    CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry,
+    FlowKey, FragKey, FragPorts, HAIRPIN_ADDR, IPPROTO_TCP, MAX_POD_SOURCES, MAX_RANGES,
+    REMAP_PORT_FIRST, REMAP_PORTS, REVNAT_FLAG_CLOSING, REVNAT_FLAG_EXTERNAL, REVNAT_FLAG_MASQ,
+    REVNAT_FLAG_SNAT, RevNat, SVC_FLAG_MASQ, ServiceKey, ServiceValue, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN, flow_hash,
 };
 
 use crate::{
@@ -62,6 +69,17 @@ pub const TCX_NEXT: i32 = -1;
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     match try_from_pod(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[classifier]
+pub fn from_outside(ctx: TcContext) -> i32 {
+    match external::from_outside(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => {
             count(reason);
@@ -136,7 +154,7 @@ pub fn xdp_floor(_ctx: XdpContext) -> u32 {
 }
 
 /// What the programs do with a parsed packet.
-enum Work {
+pub(crate) enum Work {
     Packet(Packet),
     Icmp(IcmpError),
 }
@@ -145,7 +163,7 @@ enum Work {
 /// A later fragment gets the ports its datagram's first fragment had, if that one was
 /// translated here; the others pass.
 #[inline(always)]
-fn work(ctx: &TcContext) -> Result<Result<Work, i32>, Counter> {
+pub(crate) fn work(ctx: &TcContext) -> Result<Result<Work, i32>, Counter> {
     let mut pkt = match parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::Icmp(error) => return Ok(Ok(Work::Icmp(error))),
@@ -196,7 +214,7 @@ fn track_fragments(pkt: &Packet) {
 
 /// The interface the packet arrived on (tc ingress) or leaves by (tc egress).
 #[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
+pub(crate) fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the program's own context; ifindex is readable by tc programs.
     unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
 }
@@ -252,6 +270,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         return hairpin_reply(ctx, &pkt, ifindex);
     }
     if !in_service_ranges(flow.daddr) {
+        if let Some(revnat) = REVNAT.get_ptr(flow) {
+            // SAFETY: copied out at once from a successful lookup.
+            let revnat = unsafe { revnat.read() };
+            if revnat.flags & REVNAT_FLAG_EXTERNAL != 0 {
+                // A pod's reply to a client outside the cluster: from the NodePort or
+                // external address the client used, routed out here (its source may be a
+                // node address, which the node's own stack would refuse as a martian).
+                restore(ctx, &pkt, &revnat, flow.daddr)?;
+                count(Counter::RevNat);
+                return route::out(ctx);
+            }
+        }
         forget_stale_reply(&pkt);
         count(Counter::PassOutsideRanges);
         return Ok(TCX_NEXT);
@@ -265,44 +295,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
 
     let mut reselect = false;
     if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-        // SAFETY: the pointer comes from a successful lookup; the entry is copied out and
-        // written back field by field (other CPUs may be reading it). LRU entries can be
-        // recycled under us, which at worst sends one packet of a flow evicted this instant
-        // to a stale backend.
-        let entry = unsafe { ct.read() };
-        let keep = if flow.proto == IPPROTO_TCP {
-            // A SYN on the tuple of an established or closing flow opens a new connection
-            // (choose afresh); while the handshake is pending it is a retransmit.
-            pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN || entry.state == CT_STATE_SYN_SENT
-        } else {
-            // UDP has no connection to close: revalidate that the backend is still in the
-            // service, so a removed backend's flows move on (kube-proxy clears their conntrack).
-            still_member(entry.service_id, entry.backend)
-        };
-        if keep {
-            let now = now_s();
-            let reply = entry.reply_key(&flow);
-            if entry.last_seen != now {
-                // SAFETY: as above.
-                unsafe { addr_of_mut!((*ct).last_seen).write(now) };
-                // At most once a second, the reverse entry is checked: an LRU may have evicted
-                // it while the flow was idle, and replies would then show the backend.
-                if REVNAT.get_ptr(reply).is_none() {
-                    let _ = REVNAT.insert(reply, revnat_of(&flow, &entry), 0);
-                    count(Counter::RevNatRepaired);
-                }
-            }
-            let ended = if flow.proto == IPPROTO_TCP {
-                track_tcp(ct, &entry, pkt.tcp_flags, CT_FLAG_CLIENT_FIN, &reply)
-            } else {
-                false
-            };
+        if let Some((entry, ended)) = known_flow(&pkt, ct) {
             let verdict = forward(ctx, &pkt, &entry, ifindex)?;
-            track_fragments(&pkt);
-            if ended {
-                forget(&flow, &reply);
-            }
-            count(Counter::DnatEstablished);
+            finish_known(&pkt, &entry, ended);
             return Ok(verdict);
         }
         reselect = true;
@@ -320,7 +315,85 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         count(Counter::RejectNoBackend);
         return Ok(verdict);
     }
-    let backend = lb::choose(&svc, &flow).ok_or(Counter::DropNoBackendSlot)?;
+    let entry = open_flow(&pkt, &svc, reselect, None)?;
+    let verdict = forward(ctx, &pkt, &entry, ifindex)?;
+    finish_new(&pkt, reselect);
+    Ok(verdict)
+}
+
+/// A packet of a flow conntrack knows (`ct`, its entry): the entry when the flow stays on its
+/// backend (its last-seen time, TCP state and reverse entry kept up to date) and whether the
+/// flow has now ended; `None` when a backend must be chosen again (a new connection on the
+/// tuple of an old one, a UDP flow whose backend left).
+#[inline(always)]
+pub(crate) fn known_flow(pkt: &Packet, ct: *mut CtEntry) -> Option<(CtEntry, bool)> {
+    let flow = &pkt.flow;
+    // SAFETY: the pointer comes from a successful lookup; the entry is copied out and written
+    // back field by field (other CPUs may be reading it). LRU entries can be recycled under
+    // us, which at worst sends one packet of a flow evicted this instant to a stale backend.
+    let entry = unsafe { ct.read() };
+    let keep = if flow.proto == IPPROTO_TCP {
+        // A SYN on the tuple of an established or closing flow opens a new connection
+        // (choose afresh); while the handshake is pending it is a retransmit.
+        pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN || entry.state == CT_STATE_SYN_SENT
+    } else {
+        // UDP has no connection to close: revalidate that the backend is still in the
+        // service, so a removed backend's flows move on (kube-proxy clears their conntrack).
+        still_member(entry.service_id, entry.backend)
+    };
+    if !keep {
+        return None;
+    }
+    let now = now_s();
+    let reply = entry.reply_key(flow);
+    if entry.last_seen != now {
+        // SAFETY: as above.
+        unsafe { addr_of_mut!((*ct).last_seen).write(now) };
+        // At most once a second, the reverse entry is checked: an LRU may have evicted it
+        // while the flow was idle, and replies would then show the backend.
+        if REVNAT.get_ptr(reply).is_none() {
+            let _ = REVNAT.insert(reply, revnat_of(flow, &entry), 0);
+            count(Counter::RevNatRepaired);
+        }
+    }
+    let ended = flow.proto == IPPROTO_TCP
+        && track_tcp(ct, &entry, pkt.tcp_flags, CT_FLAG_CLIENT_FIN, &reply);
+    Some((entry, ended))
+}
+
+/// After a packet of a known flow went to its backend: its fragments are tracked, an ended
+/// flow forgotten.
+#[inline(always)]
+pub(crate) fn finish_known(pkt: &Packet, entry: &CtEntry, ended: bool) {
+    track_fragments(pkt);
+    if ended {
+        forget(&pkt.flow, &entry.reply_key(&pkt.flow));
+    }
+    count(Counter::DnatEstablished);
+}
+
+/// After a new flow's first packet went to its backend.
+#[inline(always)]
+pub(crate) fn finish_new(pkt: &Packet, reselect: bool) {
+    track_fragments(pkt);
+    if reselect {
+        count(Counter::Reselected);
+    }
+    count(Counter::DnatNew);
+}
+
+/// Chooses a backend for a new flow of `svc` (which has some) and records the flow in both
+/// directions. `external`: a flow from outside the cluster, with the address it is
+/// masqueraded to if its backend is on another node and the service says so.
+#[inline(always)]
+pub(crate) fn open_flow(
+    pkt: &Packet,
+    svc: &ServiceValue,
+    reselect: bool,
+    external: Option<u32>,
+) -> Result<CtEntry, Counter> {
+    let flow = pkt.flow;
+    let backend = lb::choose(svc, &flow).ok_or(Counter::DropNoBackendSlot)?;
     let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut entry = CtEntry {
         backend,
@@ -331,13 +404,24 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         } else {
             CT_STATE_ESTABLISHED
         },
-        flags: if backend.ip == flow.saddr {
-            CT_FLAG_HAIRPIN
-        } else {
-            0
-        },
+        flags: 0,
         snat_port: 0,
+        nat_addr: 0,
     };
+    match external {
+        None if backend.ip == flow.saddr => entry.flags = CT_FLAG_HAIRPIN,
+        None => {}
+        Some(nat_addr) => {
+            entry.flags = CT_FLAG_EXTERNAL;
+            if svc.flags & SVC_FLAG_MASQ != 0 && !external::is_local(backend.ip) {
+                // The client's port is kept if no other flow's replies come back on it.
+                entry.flags |= CT_FLAG_MASQ | CT_FLAG_SNAT;
+                entry.nat_addr = nat_addr;
+                entry.snat_port = flow.sport;
+                count(Counter::Masqueraded);
+            }
+        }
+    }
     // A reply tuple of its own first: the client port is remapped if a live flow of another
     // service already gets its replies on the one this flow's would have.
     claim_reply(&flow, &mut entry)?;
@@ -357,13 +441,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         // The winner claimed its reply tuple; ours, if another, is left to the collector.
         let _ = REVNAT.insert(entry.reply_key(&flow), revnat_of(&flow, &entry), 0);
     }
-    let verdict = forward(ctx, &pkt, &entry, ifindex)?;
-    track_fragments(&pkt);
-    if reselect {
-        count(Counter::Reselected);
-    }
-    count(Counter::DnatNew);
-    Ok(verdict)
+    Ok(entry)
 }
 
 /// Whether `daddr` may be a service address (inside one of the ranges userspace keeps).
@@ -400,17 +478,24 @@ fn forget_stale_reply(pkt: &Packet) {
 
 /// The reverse-NAT entry restoring `flow`'s service address (and its client port).
 #[inline(always)]
-fn revnat_of(flow: &FlowKey, entry: &CtEntry) -> RevNat {
+pub(crate) fn revnat_of(flow: &FlowKey, entry: &CtEntry) -> RevNat {
+    let mut flags = 0;
+    if entry.flags & CT_FLAG_SNAT != 0 {
+        flags |= REVNAT_FLAG_SNAT;
+    }
+    if entry.flags & CT_FLAG_MASQ != 0 {
+        flags |= REVNAT_FLAG_MASQ;
+    }
+    if entry.flags & CT_FLAG_EXTERNAL != 0 {
+        flags |= REVNAT_FLAG_EXTERNAL;
+    }
     RevNat {
         vip: flow.daddr,
         port: flow.dport,
-        flags: if entry.flags & CT_FLAG_SNAT != 0 {
-            REVNAT_FLAG_SNAT
-        } else {
-            0
-        },
+        flags,
         client_port: flow.sport,
         _pad: 0,
+        client: flow.saddr,
     }
 }
 
@@ -434,7 +519,8 @@ fn claim_reply(flow: &FlowKey, entry: &mut CtEntry) -> Result<(), Counter> {
             let existing = unsafe { existing.read() };
             let ours = existing.vip == value.vip
                 && existing.port == value.port
-                && existing.client_port == value.client_port;
+                && existing.client_port == value.client_port
+                && existing.client == value.client;
             if ours || CONNTRACK.get_ptr(existing.flow_of(&reply)).is_none() {
                 REVNAT
                     .insert(reply, value, BPF_ANY as u64)
@@ -462,7 +548,12 @@ fn remap_port(flow: &FlowKey, attempt: u32) -> u16 {
 /// Sends a client's packet to its backend: the destination rewritten, and the source too on a
 /// hairpin (the packet then goes straight back into the pod) or a remapped port.
 #[inline(always)]
-fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ifindex: u32) -> Result<i32, Counter> {
+pub(crate) fn forward(
+    ctx: &TcContext,
+    pkt: &Packet,
+    entry: &CtEntry,
+    ifindex: u32,
+) -> Result<i32, Counter> {
     let flow = &pkt.flow;
     let backend = entry.backend;
     rewrite(
@@ -617,10 +708,17 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> Result<i32, Cou
     back_into_pod(ctx, ifindex)
 }
 
-/// Restores the service address as a reply's source; tracks the end of a closing TCP flow
-/// (`client` is the address the flow's client has).
+/// Restores the service address as a reply's source, and the client's own address and port
+/// as its destination where they were rewritten; tracks the end of a closing TCP flow.
+/// `client` is the reply's destination address as it stands (the client's, unless it was
+/// masqueraded).
 #[inline(always)]
-fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Result<(), Counter> {
+pub(crate) fn restore(
+    ctx: &TcContext,
+    pkt: &Packet,
+    revnat: &RevNat,
+    client: u32,
+) -> Result<(), Counter> {
     let flow = &pkt.flow;
     rewrite(
         ctx,
@@ -630,16 +728,19 @@ fn restore(ctx: &TcContext, pkt: &Packet, revnat: &RevNat, client: u32) -> Resul
         (revnat.vip, revnat.port),
     )
     .map_err(|()| Counter::DropRewrite)?;
+    let masq = revnat.flags & REVNAT_FLAG_MASQ != 0;
+    let original = if masq { revnat.client } else { client };
     if revnat.flags & REVNAT_FLAG_SNAT != 0 {
         rewrite(
             ctx,
             pkt,
             End::Destination,
             (client, flow.dport),
-            (client, revnat.client_port),
+            (original, revnat.client_port),
         )
         .map_err(|()| Counter::DropRewrite)?;
     }
+    let client = original;
     track_fragments(pkt);
     if flow.proto != IPPROTO_TCP
         || (pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 && revnat.flags & REVNAT_FLAG_CLOSING == 0)

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, FragKey, FragPorts,
-    MaglevLanes, MemberKey, PodSources, Ranges, RevNat, ServiceKey, ServiceValue, SockFwdKey,
-    SockRevKey, defaults, map_name,
+    MaglevLanes, MemberKey, NodeConfig, PodSources, Ranges, RevNat, ServiceKey, ServiceValue,
+    SockFwdKey, SockRevKey, defaults, map_name,
 };
 
 /// A map definition under its name from the shared list (what aya's `#[map]` does, with the
@@ -105,6 +105,17 @@ map! {
 map! {
     /// SockFwdKey (socket cookie, service) -> Backend: an unconnected UDP socket's backend.
     SOCK_FWD: LruHashMap<SockFwdKey, Backend> = LruHashMap::pinned(defaults::SOCK_FWD_ENTRIES, 0)
+}
+
+map! {
+    /// 0 -> NodeConfig: the node's pod network and masquerade address.
+    NODE: Array<NodeConfig> = Array::pinned(1, 0)
+}
+
+map! {
+    /// Node address -> 1: the addresses NodePorts answer on.
+    NODE_ADDRS: HashMap<u32, u32> =
+        HashMap::pinned(defaults::NODE_ADDR_ENTRIES, BPF_F_NO_PREALLOC)
 }
 
 /// Every map of the shared list is defined above (a name missing there fails to compile).

@@ -4,6 +4,9 @@
 //! reverse hooks make recvmsg() and getpeername() show the service address, as the application
 //! expects.
 //!
+//! A node address with a NodePort's port is that NodePort (pods and the node's own processes
+//! reach NodePorts as they reach cluster IPs).
+//!
 //! Only the network namespaces userspace enables are translated (the node's own processes and
 //! other data planes' pods are not). Services with Maglev or session affinity are left to the
 //! per-packet path, which keys them by the client address and port that a socket does not have
@@ -15,13 +18,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ebpf_common::{
-    Backend, Counter, FlowKey, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, ServiceKey, SockFwdKey,
-    SockRevKey,
+    Backend, Counter, FlowKey, NODEPORT_VIP, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    ServiceKey, SockFwdKey, SockRevKey,
 };
 
 use crate::{
     lb::{self, still_member},
-    maps::{SERVICES, SOCK_FWD, SOCK_NETNS, SOCK_REVNAT},
+    maps::{NODE_ADDRS, SERVICES, SOCK_FWD, SOCK_NETNS, SOCK_REVNAT},
     stats::count,
 };
 
@@ -77,8 +80,16 @@ fn service_of(
             _pad: 0,
         }
     };
+    // A node address may be a NodePort's.
+    let found = SERVICES.get_ptr(key).or_else(|| {
+        NODE_ADDRS.get_ptr(vip)?;
+        SERVICES.get_ptr(ServiceKey {
+            vip: NODEPORT_VIP,
+            ..key
+        })
+    });
     // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
-    let svc = unsafe { *SERVICES.get_ptr(key)? };
+    let svc = unsafe { *found? };
     if svc.backend_count == 0 || svc.flags & (SVC_FLAG_MAGLEV | SVC_FLAG_AFFINITY) != 0 {
         return None;
     }

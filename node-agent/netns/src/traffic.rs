@@ -39,6 +39,26 @@ pub fn tcp_request_from(local: SocketAddrV4, to: SocketAddrV4) -> Result<String>
     conn.ask()
 }
 
+/// An HTTP GET (keel-echo answers it): the backend's name and the client address it saw
+/// (its `X-Client` header).
+pub fn http_get(to: SocketAddrV4) -> Result<(String, String)> {
+    let mut stream = TcpStream::connect_timeout(&to.into(), TIMEOUT)
+        .with_context(|| format!("connect tcp {to}"))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer)
+        .with_context(|| format!("read the answer of {to}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP answer from {to}: {answer:?}"))?;
+    let client = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Client: "))
+        .with_context(|| format!("no X-Client header from {to}: {head:?}"))?;
+    Ok((body.trim().to_owned(), client.to_owned()))
+}
+
 /// Sends one datagram and returns the backend's name from the answer.
 pub fn udp_request(to: SocketAddrV4) -> Result<String> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;

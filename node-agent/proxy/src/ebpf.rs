@@ -13,7 +13,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ebpf_dataplane::{Config, Dataplane, DesiredService, Frontend, Scheduler, ServiceSpec};
+use ebpf_dataplane::{
+    Config, Dataplane, DesiredService, Frontend, NodeSettings, Reach, Scheduler, ServiceSpec,
+};
 
 use crate::{
     KernelUsage, Mode, Proxier, ProxyConfig, ProxyState, SyncReport,
@@ -30,6 +32,8 @@ pub struct EbpfProxier {
     socket_lb: bool,
     /// The cookies of the namespaces enabled for socket-level load balancing, by path.
     netns: HashMap<PathBuf, u64>,
+    /// The node's interfaces `from_outside` is attached to.
+    external: BTreeSet<String>,
 }
 
 impl EbpfProxier {
@@ -71,6 +75,7 @@ impl EbpfProxier {
             frontends: HashMap::new(),
             socket_lb,
             netns: HashMap::new(),
+            external: BTreeSet::new(),
         };
         for netns in &config.pod_netns {
             proxier.enable_netns(netns)?;
@@ -109,26 +114,46 @@ impl EbpfProxier {
     }
 }
 
-/// The data plane's view of one service: a frontend per port.
+/// The data plane's view of one service: a frontend per port on its cluster IP, and for
+/// clients outside the cluster one on each external address and its NodePort.
 fn desired(service: &Service) -> Vec<DesiredService> {
-    service
-        .ports
-        .iter()
-        .map(|port| {
-            let addr = SocketAddrV4::new(service.cluster_ip, port.port);
-            DesiredService {
-                frontend: match port.protocol {
-                    Protocol::Tcp => Frontend::tcp(addr),
-                    Protocol::Udp => Frontend::udp(addr),
-                },
-                spec: ServiceSpec {
-                    scheduler: Scheduler::Random,
-                    affinity_timeout: service.session_affinity,
-                },
-                backends: port.endpoints.clone(),
-            }
-        })
-        .collect()
+    let mut out = Vec::new();
+    for port in &service.ports {
+        let proto = match port.protocol {
+            Protocol::Tcp => ebpf_dataplane::Protocol::Tcp,
+            Protocol::Udp => ebpf_dataplane::Protocol::Udp,
+        };
+        let spec = ServiceSpec {
+            scheduler: Scheduler::Random,
+            affinity_timeout: service.session_affinity,
+            reach: Reach::Cluster,
+        };
+        out.push(DesiredService {
+            frontend: Frontend::new(SocketAddrV4::new(service.cluster_ip, port.port), proto),
+            spec,
+            backends: port.endpoints.clone(),
+        });
+        let external = ServiceSpec {
+            reach: Reach::External {
+                masquerade: !service.external_local,
+                drop_when_empty: port.drops_external(),
+            },
+            ..spec
+        };
+        let frontends = service
+            .external_ips
+            .iter()
+            .map(|ip| Frontend::new(SocketAddrV4::new(*ip, port.port), proto))
+            .chain(port.node_port.map(|p| Frontend::node_port(p, proto)));
+        for frontend in frontends {
+            out.push(DesiredService {
+                frontend,
+                spec: external,
+                backends: port.external_endpoints().to_vec(),
+            });
+        }
+    }
+    out
 }
 
 fn report(report: ebpf_dataplane::SyncReport, full: bool, start: Instant) -> SyncReport {
@@ -184,6 +209,27 @@ impl Proxier for EbpfProxier {
         let done = self.dataplane.update(upserts, removed);
         self.end_sockets(&done.left_udp);
         Ok(report(done, false, start))
+    }
+
+    fn set_node(&mut self, node: &NodeSettings) -> Result<()> {
+        self.dataplane
+            .set_node(node)
+            .context("write the node's settings")?;
+        for (iface, _) in local_addrs()?
+            .into_iter()
+            .filter(|(_, addr)| node.nodeport_addrs.contains(addr))
+        {
+            if self.external.contains(&iface) {
+                continue;
+            }
+            self.dataplane
+                .attach_external(&iface)
+                .with_context(|| format!("attach to the node's interface {iface}"))?;
+            tracing::info!(interface = %iface, "serving NodePorts and external addresses");
+            self.interfaces.push(iface.clone());
+            self.external.insert(iface);
+        }
+        Ok(())
     }
 
     /// Attaches (again, for an interface re-created under the same name: the link pinned for
@@ -265,6 +311,41 @@ pub fn cgroup2_root() -> Result<PathBuf> {
             fields.split(' ').nth(4).map(PathBuf::from)
         })
         .context("no cgroup2 file system is mounted (socket-level load balancing needs one)")
+}
+
+/// The IPv4 addresses of this network namespace's interfaces, with their interface's name.
+pub fn local_addrs() -> Result<Vec<(String, std::net::Ipv4Addr)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut out = Vec::new();
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says its type.
+        if i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in; the name is a C string.
+        let (addr, name) = unsafe {
+            let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
+            (
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                std::ffi::CStr::from_ptr(entry.ifa_name),
+            )
+        };
+        out.push((name.to_string_lossy().into_owned(), addr));
+    }
+    // SAFETY: the list getifaddrs returned, not used after this.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
 }
 
 /// The cookie of the network namespace at `path`, read from a thread inside it.

@@ -2,7 +2,11 @@
 //! port has a `KUBE-SERVICES` rule jumping to its `KUBE-SVC-<hash>` chain, which picks a
 //! `KUBE-SEP-<hash>` chain per endpoint with the `statistic` match (probability 1/n, then
 //! 1/(n-1), ... so each endpoint is equally likely), which DNATs. Services without endpoints are
-//! REJECTed in the filter table. Applied with `iptables-restore --noflush`: the first sync
+//! REJECTed in the filter table. Traffic from outside (ExternalIP rules in `KUBE-SERVICES`,
+//! NodePorts in `KUBE-NODEPORTS`, jumped to by the last rule of `KUBE-SERVICES`) goes through
+//! the port's `KUBE-EXT-<hash>` chain, which masquerades (`externalTrafficPolicy: Cluster`) or
+//! picks among the local endpoints (`KUBE-SVL-<hash>`, `Local`); without endpoints for it, it
+//! is REJECTed, or DROPped when only local ones are missing. Applied with `iptables-restore --noflush`: the first sync
 //! writes every chain, later ones only the chains that changed plus `KUBE-SERVICES`, and delete
 //! stale chains, as kube-proxy's partial syncs do.
 
@@ -52,8 +56,30 @@ const JUMPS: [(&str, &str, &str); 6] = [
     ),
 ];
 
+/// What a sync writes: the filter table's `KUBE-SERVICES`, the nat table's `KUBE-SERVICES` and
+/// `KUBE-NODEPORTS`, and the per-service chains (name -> rules).
+#[derive(Default)]
+struct Rendered {
+    filter: String,
+    services: String,
+    nodeports: String,
+    chains: BTreeMap<String, String>,
+}
+
+impl Rendered {
+    fn rules(&self) -> u64 {
+        let lines = |text: &str| text.lines().count() as u64;
+        lines(&self.filter)
+            + lines(&self.services)
+            + lines(&self.nodeports)
+            + self.chains.values().map(|r| lines(r)).sum::<u64>()
+    }
+}
+
 pub struct IptablesProxier {
     cluster_cidr: String,
+    /// The addresses NodePorts answer on; empty: every local address (`--dst-type LOCAL`).
+    nodeport_addrs: Vec<std::net::Ipv4Addr>,
     sync_timeout: Option<std::time::Duration>,
     /// Per-service chains (`KUBE-SVC-*`, `KUBE-SEP-*`) as last written: name -> rules.
     chains: BTreeMap<String, String>,
@@ -67,7 +93,7 @@ impl IptablesProxier {
         run_with_input(
             "iptables-restore",
             &["-w", "--noflush"],
-            "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n",
+            "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n",
             None,
         )?;
         for (table, chain, rule) in JUMPS {
@@ -75,6 +101,7 @@ impl IptablesProxier {
         }
         Ok(Self {
             cluster_cidr: config.cluster_cidr.clone(),
+            nodeport_addrs: Vec::new(),
             sync_timeout: config.sync_timeout,
             chains: BTreeMap::new(),
             rules: 0,
@@ -82,64 +109,167 @@ impl IptablesProxier {
         })
     }
 
-    /// Renders every rule of `state`: (filter KUBE-SERVICES, nat KUBE-SERVICES, other chains).
-    fn render(&self, state: &ProxyState) -> (String, String, BTreeMap<String, String>) {
-        let mut filter = String::new();
-        let mut services = String::new();
-        let mut chains = BTreeMap::new();
+    /// Renders every rule of `state`.
+    fn render(&self, state: &ProxyState) -> Rendered {
+        let mut out = Rendered::default();
         for service in state.services.values() {
             for port in &service.ports {
-                self.render_port(service, port, &mut filter, &mut services, &mut chains);
+                self.render_port(service, port, &mut out);
             }
         }
-        (filter, services, chains)
+        out
     }
 
-    fn render_port(
-        &self,
-        service: &Service,
-        port: &ServicePort,
-        filter: &mut String,
-        services: &mut String,
-        chains: &mut BTreeMap<String, String>,
-    ) {
+    /// The rules that end `KUBE-SERVICES`: to `KUBE-NODEPORTS` for the node's addresses
+    /// (kube-proxy: "this must be the last rule in this chain").
+    fn nodeports_jump(&self) -> String {
+        let comment = "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+        if self.nodeport_addrs.is_empty() {
+            return format!(
+                "-A KUBE-SERVICES {comment} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n"
+            );
+        }
+        self.nodeport_addrs
+            .iter()
+            .map(|addr| format!("-A KUBE-SERVICES {comment} -d {addr}/32 -j KUBE-NODEPORTS\n"))
+            .collect()
+    }
+
+    fn render_port(&self, service: &Service, port: &ServicePort, out: &mut Rendered) {
         let spn = service.port_name(port);
         let proto = port.protocol.name();
         let vip = service.cluster_ip;
         let dport = port.port;
         let matches = format!("-m {proto} -p {proto} -d {vip}/32 --dport {dport}");
+        let port_hash = hash(&format!("{spn}{proto}"), 16);
+        let svc_chain = format!("KUBE-SVC-{port_hash}");
         if port.endpoints.is_empty() {
             let _ = writeln!(
-                filter,
+                out.filter,
                 "-A KUBE-SERVICES -m comment --comment \"{spn} has no endpoints\" {matches} -j REJECT"
             );
+        } else {
+            let _ = writeln!(
+                out.services,
+                "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {matches} -j {svc_chain}"
+            );
+            let masquerade = format!(
+                "-A {svc_chain} -m comment --comment \"{spn} cluster IP\" {matches} ! -s {} -j KUBE-MARK-MASQ\n",
+                self.cluster_cidr
+            );
+            let rules = self.pick(service, port, &svc_chain, &port.endpoints, &mut out.chains);
+            out.chains.insert(svc_chain.clone(), masquerade + &rules);
+        }
+        self.render_external(service, port, &port_hash, out);
+    }
+
+    /// The ExternalIP and NodePort rules of a port, and its `KUBE-EXT-*` chain.
+    fn render_external(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        port_hash: &str,
+        out: &mut Rendered,
+    ) {
+        if service.external_ips.is_empty() && port.node_port.is_none() {
             return;
         }
-        let svc_chain = format!("KUBE-SVC-{}", hash(&format!("{spn}{proto}"), 16));
-        let _ = writeln!(
-            services,
-            "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {matches} -j {svc_chain}"
-        );
-        let mut svc = String::new();
-        let _ = writeln!(
-            svc,
-            "-A {svc_chain} -m comment --comment \"{spn} cluster IP\" {matches} ! -s {} -j KUBE-MARK-MASQ",
-            self.cluster_cidr
-        );
-        let endpoints: Vec<(String, String)> = port
-            .endpoints
+        let spn = service.port_name(port);
+        let proto = port.protocol.name();
+        let external = port.external_endpoints();
+        if external.is_empty() {
+            let (why, verdict) = if port.drops_external() {
+                ("has no local endpoints", "DROP")
+            } else {
+                ("has no endpoints", "REJECT")
+            };
+            for ip in &service.external_ips {
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {ip}/32 --dport {} -j {verdict}",
+                    port.port
+                );
+            }
+            if let Some(node_port) = port.node_port {
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} {why}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {node_port} -j {verdict}"
+                );
+            }
+            return;
+        }
+        let ext_chain = format!("KUBE-EXT-{port_hash}");
+        for ip in &service.external_ips {
+            let _ = writeln!(
+                out.services,
+                "-A KUBE-SERVICES -m comment --comment \"{spn} external IP\" -m {proto} -p {proto} -d {ip}/32 --dport {} -j {ext_chain}",
+                port.port
+            );
+        }
+        if let Some(node_port) = port.node_port {
+            let _ = writeln!(
+                out.nodeports,
+                "-A KUBE-NODEPORTS -m comment --comment {spn} -m {proto} -p {proto} --dport {node_port} -j {ext_chain}"
+            );
+        }
+        let svc_chain = format!("KUBE-SVC-{port_hash}");
+        let mut rules = String::new();
+        let target = if port.external_endpoints.is_none() {
+            svc_chain.clone()
+        } else {
+            let name = if service.external_local { "SVL" } else { "SVX" };
+            let chain = format!("KUBE-{name}-{port_hash}");
+            let picks = self.pick(service, port, &chain, external, &mut out.chains);
+            out.chains.insert(chain.clone(), picks);
+            chain
+        };
+        if service.external_local {
+            // Pods and the node itself reach the service as cluster traffic would.
+            if !port.endpoints.is_empty() {
+                let _ = writeln!(
+                    rules,
+                    "-A {ext_chain} -s {} -m comment --comment \"pod traffic for {spn} external destinations\" -j {svc_chain}\n\
+                     -A {ext_chain} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ\n\
+                     -A {ext_chain} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc_chain}",
+                    self.cluster_cidr
+                );
+            }
+        } else {
+            let _ = writeln!(
+                rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ"
+            );
+        }
+        let _ = writeln!(rules, "-A {ext_chain} -j {target}");
+        out.chains.insert(ext_chain, rules);
+    }
+
+    /// The rules of `chain` choosing one of `endpoints` (session affinity first, then the
+    /// `statistic` match); their `KUBE-SEP-*` chains go into `chains`.
+    fn pick(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        chain: &str,
+        endpoints: &[std::net::SocketAddrV4],
+        chains: &mut BTreeMap<String, String>,
+    ) -> String {
+        let spn = service.port_name(port);
+        let proto = port.protocol.name();
+        let mut rules = String::new();
+        let endpoints: Vec<(String, String)> = endpoints
             .iter()
             .map(|ep| {
                 let ep = ep.to_string();
-                let chain = format!("KUBE-SEP-{}", hash(&format!("{spn}{proto}{ep}"), 16));
-                (ep, chain)
+                let sep = format!("KUBE-SEP-{}", hash(&format!("{spn}{proto}{ep}"), 16));
+                (ep, sep)
             })
             .collect();
         if let Some(timeout) = service.session_affinity {
             for (ep, sep) in &endpoints {
                 let _ = writeln!(
-                    svc,
-                    "-A {svc_chain} -m comment --comment \"{spn} -> {ep}\" -m recent --name {sep} --rcheck --seconds {} --reap -j {sep}",
+                    rules,
+                    "-A {chain} -m comment --comment \"{spn} -> {ep}\" -m recent --name {sep} --rcheck --seconds {} --reap -j {sep}",
                     timeout.as_secs()
                 );
             }
@@ -155,8 +285,8 @@ impl IptablesProxier {
                 String::new()
             };
             let _ = writeln!(
-                svc,
-                "-A {svc_chain} -m comment --comment \"{spn} -> {ep}\"{statistic} -j {sep}"
+                rules,
+                "-A {chain} -m comment --comment \"{spn} -> {ep}\"{statistic} -j {sep}"
             );
             let ip = ep.split(':').next().unwrap_or_default();
             let recent = if service.session_affinity.is_some() {
@@ -170,7 +300,7 @@ impl IptablesProxier {
             );
             chains.insert(sep.clone(), sep_rules);
         }
-        chains.insert(svc_chain, svc);
+        rules
     }
 }
 
@@ -180,7 +310,13 @@ impl Proxier for IptablesProxier {
     }
 
     fn sync(&mut self, state: &ProxyState) -> Result<SyncReport> {
-        let (filter, services, chains) = self.render(state);
+        let rendered = self.render(state);
+        let Rendered {
+            filter,
+            services,
+            nodeports,
+            chains,
+        } = &rendered;
         let full = !self.synced;
         let changed: Vec<&String> = chains
             .iter()
@@ -195,8 +331,8 @@ impl Proxier for IptablesProxier {
 
         let mut input = String::with_capacity(services.len() * 4);
         input.push_str("*filter\n:KUBE-SERVICES - [0:0]\n");
-        input.push_str(&filter);
-        input.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+        input.push_str(filter);
+        input.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
         for name in changed.iter().chain(&stale) {
             let _ = writeln!(input, ":{name} - [0:0]");
         }
@@ -207,7 +343,9 @@ impl Proxier for IptablesProxier {
              -A KUBE-POSTROUTING -j MARK --xor-mark {MARK_MASQ}\n\
              -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
         );
-        input.push_str(&services);
+        input.push_str(services);
+        input.push_str(&self.nodeports_jump());
+        input.push_str(nodeports);
         for name in &changed {
             input.push_str(&chains[*name]);
         }
@@ -225,10 +363,8 @@ impl Proxier for IptablesProxier {
         )?;
         let duration = start.elapsed();
         let written = changed.len();
-        let lines = |text: &str| text.lines().count() as u64;
-        self.rules =
-            lines(&filter) + lines(&services) + chains.values().map(|r| lines(r)).sum::<u64>() + 4;
-        self.chains = chains;
+        self.rules = rendered.rules() + self.nodeport_addrs.len().max(1) as u64 + 4;
+        self.chains = rendered.chains;
         self.synced = true;
         Ok(SyncReport {
             full,
@@ -248,24 +384,36 @@ impl Proxier for IptablesProxier {
         self.sync(&ProxyState::default())?;
         let services: Vec<&Service> = state.services.values().collect();
         for chunk in services.chunks(step.max(1)) {
-            let (filter, services, chains) =
-                self.render(&chunk.iter().map(|s| (*s).clone()).collect());
-            let mut input = format!("*filter\n{filter}COMMIT\n*nat\n");
-            for name in chains.keys() {
+            let part = self.render(&chunk.iter().map(|s| (*s).clone()).collect());
+            let mut input = format!("*filter\n{}COMMIT\n*nat\n", part.filter);
+            for name in part.chains.keys() {
                 let _ = writeln!(input, ":{name} - [0:0]");
             }
-            input.push_str(&services);
-            for rules in chains.values() {
+            input.push_str(&part.services);
+            input.push_str(&part.nodeports);
+            for rules in part.chains.values() {
                 input.push_str(rules);
             }
             input.push_str("COMMIT\n");
             run_with_input("iptables-restore", &["-w", "--noflush"], &input, None)?;
         }
-        let (filter, services, chains) = self.render(state);
-        let lines = |text: &str| text.lines().count() as u64;
-        self.rules =
-            lines(&filter) + lines(&services) + chains.values().map(|r| lines(r)).sum::<u64>() + 4;
-        self.chains = chains;
+        // The NodePort jump ends KUBE-SERVICES again.
+        let jump = self.nodeports_jump();
+        let mut input = String::from("*nat\n");
+        for rule in jump.lines() {
+            let _ = writeln!(input, "{}", rule.replacen("-A ", "-D ", 1));
+        }
+        input.push_str(&jump);
+        input.push_str("COMMIT\n");
+        run_with_input("iptables-restore", &["-w", "--noflush"], &input, None)?;
+        let rendered = self.render(state);
+        self.rules = rendered.rules() + self.nodeport_addrs.len().max(1) as u64 + 4;
+        self.chains = rendered.chains;
+        Ok(())
+    }
+
+    fn set_node(&mut self, node: &ebpf_dataplane::NodeSettings) -> Result<()> {
+        self.nodeport_addrs = node.nodeport_addrs.clone();
         Ok(())
     }
 
@@ -367,8 +515,10 @@ mod tests {
                 endpoints: (1..=endpoints)
                     .map(|i| format!("10.180.0.{i}:8080").parse().unwrap())
                     .collect(),
+                ..Default::default()
             }],
             session_affinity: None,
+            ..Default::default()
         }
     }
 
@@ -376,13 +526,19 @@ mod tests {
     fn rules_follow_kube_proxys_layout() {
         let proxier = IptablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            nodeport_addrs: Vec::new(),
             sync_timeout: None,
             chains: BTreeMap::new(),
             rules: 0,
             synced: false,
         };
         let state = ProxyState::from_iter([service(3)]);
-        let (filter, services, chains) = proxier.render(&state);
+        let Rendered {
+            filter,
+            services,
+            chains,
+            ..
+        } = proxier.render(&state);
         assert!(filter.is_empty());
         // Chain names as kube-proxy computes them for ns1/svc1:p80 (its unit tests use the
         // same service): base32(sha256("ns1/svc1:p80tcp"))[:16].
@@ -422,17 +578,76 @@ mod tests {
     fn services_without_endpoints_are_rejected_in_the_filter_table() {
         let proxier = IptablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            nodeport_addrs: Vec::new(),
             sync_timeout: None,
             chains: BTreeMap::new(),
             rules: 0,
             synced: false,
         };
-        let (filter, services, chains) = proxier.render(&ProxyState::from_iter([service(0)]));
+        let Rendered {
+            filter,
+            services,
+            chains,
+            ..
+        } = proxier.render(&ProxyState::from_iter([service(0)]));
         assert_eq!(
             filter,
             "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.41/32 --dport 80 -j REJECT\n"
         );
         assert!(services.is_empty() && chains.is_empty());
+    }
+
+    #[test]
+    fn node_ports_and_external_ips_go_through_the_external_chain() {
+        let proxier = IptablesProxier {
+            cluster_cidr: "10.0.0.0/8".into(),
+            nodeport_addrs: vec!["192.0.2.10".parse().unwrap()],
+            sync_timeout: None,
+            chains: BTreeMap::new(),
+            rules: 0,
+            synced: false,
+        };
+        let mut svc = service(2);
+        svc.external_ips = vec!["192.0.2.77".parse().unwrap()];
+        svc.ports[0].node_port = Some(30080);
+        let out = proxier.render(&ProxyState::from_iter([svc.clone()]));
+        let port_hash = hash("ns1/svc1:p80tcp", 16);
+        let ext = format!("KUBE-EXT-{port_hash}");
+        assert!(out.services.contains(&format!(
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 external IP\" -m tcp -p tcp -d 192.0.2.77/32 --dport 80 -j {ext}"
+        )));
+        assert_eq!(
+            out.nodeports,
+            format!(
+                "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 30080 -j {ext}\n"
+            )
+        );
+        assert_eq!(
+            out.chains[&ext],
+            format!(
+                "-A {ext} -m comment --comment \"masquerade traffic for ns1/svc1:p80 external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j KUBE-SVC-{port_hash}\n"
+            )
+        );
+        assert_eq!(
+            proxier.nodeports_jump(),
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d 192.0.2.10/32 -j KUBE-NODEPORTS\n"
+        );
+
+        // externalTrafficPolicy Local: local endpoints through KUBE-SVL, pods short-circuit.
+        svc.external_local = true;
+        svc.ports[0].external_endpoints = Some(vec!["10.180.0.1:8080".parse().unwrap()]);
+        let out = proxier.render(&ProxyState::from_iter([svc.clone()]));
+        let svl = format!("KUBE-SVL-{port_hash}");
+        assert!(out.chains[&ext].ends_with(&format!("-A {ext} -j {svl}\n")));
+        assert!(out.chains[&ext].contains("-s 10.0.0.0/8 -m comment --comment \"pod traffic"));
+        assert_eq!(out.chains[&svl].lines().count(), 1, "one local endpoint");
+
+        // No local endpoint: dropped, not rejected.
+        svc.ports[0].external_endpoints = Some(Vec::new());
+        let out = proxier.render(&ProxyState::from_iter([svc]));
+        assert!(!out.chains.contains_key(&ext));
+        assert!(out.filter.contains("has no local endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j DROP"));
+        assert!(out.filter.contains("-d 192.0.2.77/32 --dport 80 -j DROP"));
     }
 
     #[test]

@@ -22,7 +22,8 @@ mod nftables;
 use std::{collections::BTreeSet, fmt, path::Path, str::FromStr, time::Duration};
 
 use anyhow::Result;
-pub use ebpf::{EbpfProxier, cgroup2_root};
+pub use ebpf::{EbpfProxier, cgroup2_root, local_addrs};
+pub use ebpf_dataplane::NodeSettings;
 pub use exec::SyncTimedOut;
 pub use iptables::IptablesProxier;
 pub use model::{Protocol, ProxyState, Service, ServicePort};
@@ -149,6 +150,14 @@ pub trait Proxier: Send {
     /// accept only `sources` as its packets' source when there are any).
     fn attach_interface(&mut self, iface: &str, sources: &[std::net::Ipv4Addr]) -> Result<()> {
         let _ = (iface, sources);
+        Ok(())
+    }
+    /// What the mode must know of the node for traffic from outside the cluster: its pod
+    /// network and the addresses NodePorts answer on (eBPF mode: the programs' node settings,
+    /// and `from_outside` on the interfaces holding those addresses). Called again when they
+    /// change.
+    fn set_node(&mut self, node: &ebpf_dataplane::NodeSettings) -> Result<()> {
+        let _ = node;
         Ok(())
     }
     /// Periodic housekeeping (eBPF mode: collect conntrack); what it found, if anything.

@@ -1,5 +1,6 @@
 //! The desired state every mode programs: services with their ports, and for each port the
-//! endpoints (address and port) new connections go to.
+//! endpoints (address and port) new connections go to, from pods and from outside the cluster
+//! (NodePorts, ExternalIPs and LoadBalancer IPs).
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -9,8 +10,9 @@ use std::{
 use indexmap::IndexMap;
 
 /// Transport protocol of a service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
 }
@@ -25,7 +27,7 @@ impl Protocol {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     pub name: String,
     pub protocol: Protocol,
@@ -34,6 +36,27 @@ pub struct ServicePort {
     /// this service port on (a named target port can differ from pod to pod). Empty: new
     /// connections are rejected.
     pub endpoints: Vec<SocketAddrV4>,
+    /// The port every node answers on for this service port (NodePort and LoadBalancer
+    /// services).
+    pub node_port: Option<u16>,
+    /// Where new connections from outside the cluster go, when not to `endpoints`
+    /// (`externalTrafficPolicy: Local`: this node's endpoints only, possibly none).
+    pub external_endpoints: Option<Vec<SocketAddrV4>>,
+}
+
+impl ServicePort {
+    /// Where new connections from outside the cluster go.
+    pub fn external_endpoints(&self) -> &[SocketAddrV4] {
+        self.external_endpoints
+            .as_deref()
+            .unwrap_or(&self.endpoints)
+    }
+
+    /// Whether traffic from outside has no endpoint here while the service has some elsewhere
+    /// (kube-proxy drops it then, where no endpoint at all rejects it).
+    pub fn drops_external(&self) -> bool {
+        self.external_endpoints().is_empty() && !self.endpoints.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +67,27 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// ClientIP session affinity timeout.
     pub session_affinity: Option<Duration>,
+    /// ExternalIPs and LoadBalancer ingress IPs: the service's ports answer on these too, for
+    /// clients outside the cluster.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`: traffic from outside keeps its client's address and
+    /// goes to this node's endpoints only. Otherwise (`Cluster`) it goes to any endpoint, and
+    /// leaves from the node's address towards other nodes' (so replies come back).
+    pub external_local: bool,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Self {
+            namespace: String::new(),
+            name: String::new(),
+            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            ports: Vec::new(),
+            session_affinity: None,
+            external_ips: Vec::new(),
+            external_local: false,
+        }
+    }
 }
 
 impl Service {

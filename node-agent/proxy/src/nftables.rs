@@ -2,7 +2,11 @@
 //! `ip kube-proxy` whose `services` chain looks the destination up in the `service-ips`
 //! verdict map; each service port's chain picks an endpoint chain with
 //! `numgen random mod N vmap { ... }`, the endpoint chain DNATs. Services without endpoints are
-//! rejected through the `no-endpoint-services` map. Applied with `nft -f`, one transaction per
+//! rejected through the `no-endpoint-services` map. Traffic from outside (ExternalIP elements of
+//! `service-ips`, NodePorts in `service-nodeports` for the addresses of `nodeport-ips`) goes
+//! through the port's `external-*` chain: masqueraded (`externalTrafficPolicy: Cluster`) or to
+//! its `local-*` endpoint chain (`Local`); without endpoints for it, rejected, or dropped when
+//! only local ones are missing. Applied with `nft -f`, one transaction per
 //! sync: the first writes the whole table, later ones only what changed.
 
 use std::{collections::BTreeMap, fmt::Write, time::Instant};
@@ -47,7 +51,12 @@ fn skeleton() -> String {
          add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}\n\
          add rule {t} filter-forward ct state new jump service-endpoints-check\n\
          add chain {t} filter-output {{ type filter hook output priority -110 ; }}\n\
-         add rule {t} filter-output ct state new jump service-endpoints-check\n"
+         add rule {t} filter-output ct state new jump service-endpoints-check\n\
+         add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}\n\
+         add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n\
+         add rule {t} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n\
+         add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}\n\
+         add rule {t} service-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports\n"
     )
 }
 
@@ -58,6 +67,12 @@ struct Rendered {
     service_ips: BTreeMap<String, String>,
     /// `no-endpoint-services` elements: key -> verdict.
     no_endpoints: BTreeMap<String, String>,
+    /// `service-nodeports` elements (`proto . port`): key -> verdict.
+    nodeports: BTreeMap<String, String>,
+    /// `no-endpoint-nodeports` elements: key -> verdict.
+    no_endpoint_nodeports: BTreeMap<String, String>,
+    /// `nodeport-ips` elements: the addresses NodePorts answer on.
+    nodeport_ips: std::collections::BTreeSet<String>,
     /// Service and endpoint chains: name -> their `add rule` lines.
     chains: BTreeMap<String, String>,
     /// Affinity sets: name -> timeout in seconds.
@@ -67,12 +82,19 @@ struct Rendered {
 impl Rendered {
     fn objects(&self) -> u64 {
         let rules: usize = self.chains.values().map(|r| r.lines().count()).sum();
-        (rules + self.service_ips.len() + self.no_endpoints.len()) as u64
+        (rules
+            + self.service_ips.len()
+            + self.no_endpoints.len()
+            + self.nodeports.len()
+            + self.no_endpoint_nodeports.len()
+            + self.nodeport_ips.len()) as u64
     }
 }
 
 pub struct NftablesProxier {
     cluster_cidr: String,
+    /// The addresses NodePorts answer on.
+    nodeport_addrs: Vec<std::net::Ipv4Addr>,
     sync_timeout: Option<std::time::Duration>,
     last: Option<Rendered>,
 }
@@ -81,6 +103,7 @@ impl NftablesProxier {
     pub fn new(config: &ProxyConfig) -> Result<Self> {
         Ok(Self {
             cluster_cidr: config.cluster_cidr.clone(),
+            nodeport_addrs: Vec::new(),
             sync_timeout: config.sync_timeout,
             last: None,
         })
@@ -93,6 +116,11 @@ impl NftablesProxier {
                 self.render_port(service, port, &mut out);
             }
         }
+        out.nodeport_ips = self
+            .nodeport_addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         out
     }
 
@@ -100,23 +128,116 @@ impl NftablesProxier {
         let t = TABLE;
         let proto = port.protocol.name();
         let spn = service.port_name(port);
-        let key = format!("{} . {proto} . {}", service.cluster_ip, port.port);
-        if port.endpoints.is_empty() {
-            out.no_endpoints.insert(key, "goto reject-chain".into());
-            return;
-        }
+        let port_hash = hash(&format!("{spn}{proto}"), 8);
         // kube-proxy: "service-<hash>-<namespace>/<name>/<protocol>/<port name>".
         let base = format!(
             "{}/{}/{proto}/{}",
             service.namespace, service.name, port.name
         );
-        let chain = format!("service-{}-{base}", hash(&format!("{spn}{proto}"), 8));
-        let mut rules = format!(
-            "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {} jump mark-for-masquerade\n",
-            service.cluster_ip, port.port, self.cluster_cidr
-        );
+        let chain = format!("service-{port_hash}-{base}");
+        let key = format!("{} . {proto} . {}", service.cluster_ip, port.port);
+        if port.endpoints.is_empty() {
+            out.no_endpoints.insert(key, "goto reject-chain".into());
+        } else {
+            let rules = format!(
+                "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {} jump mark-for-masquerade\n{}",
+                service.cluster_ip,
+                port.port,
+                self.cluster_cidr,
+                self.pick(service, port, &chain, &base, &port.endpoints, out)
+            );
+            out.service_ips.insert(key, format!("goto {chain}"));
+            out.chains.insert(chain.clone(), rules);
+        }
+        self.render_external(service, port, &port_hash, &base, out);
+    }
+
+    /// The ExternalIP and NodePort elements of a port, and its `external-*` chain (with its
+    /// `local-*` chain for `externalTrafficPolicy: Local`).
+    fn render_external(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        port_hash: &str,
+        base: &str,
+        out: &mut Rendered,
+    ) {
+        if service.external_ips.is_empty() && port.node_port.is_none() {
+            return;
+        }
+        let t = TABLE;
+        let proto = port.protocol.name();
+        let external = port.external_endpoints();
+        let keys: Vec<String> = service
+            .external_ips
+            .iter()
+            .map(|ip| format!("{ip} . {proto} . {}", port.port))
+            .collect();
+        let node_port = port.node_port.map(|p| format!("{proto} . {p}"));
+        if external.is_empty() {
+            let verdict = if port.drops_external() {
+                "drop"
+            } else {
+                "goto reject-chain"
+            };
+            for key in keys {
+                out.no_endpoints.insert(key, verdict.into());
+            }
+            if let Some(key) = node_port {
+                out.no_endpoint_nodeports.insert(key, verdict.into());
+            }
+            return;
+        }
+        let service_chain = format!("service-{port_hash}-{base}");
+        let ext = format!("external-{port_hash}-{base}");
+        let target = if port.external_endpoints.is_none() {
+            service_chain.clone()
+        } else {
+            let chain = format!("local-{port_hash}-{base}");
+            let rules = self.pick(service, port, &chain, base, external, out);
+            out.chains.insert(chain.clone(), rules);
+            chain
+        };
+        let mut rules = String::new();
+        if !service.external_local {
+            let _ = writeln!(rules, "add rule {t} {ext} jump mark-for-masquerade");
+        } else if !port.endpoints.is_empty() {
+            // Pods and the node itself reach the service as cluster traffic would.
+            let _ = writeln!(
+                rules,
+                "add rule {t} {ext} ip saddr {} goto {service_chain}\n\
+                 add rule {t} {ext} fib saddr type local jump mark-for-masquerade\n\
+                 add rule {t} {ext} fib saddr type local goto {service_chain}",
+                self.cluster_cidr
+            );
+        }
+        let _ = writeln!(rules, "add rule {t} {ext} goto {target}");
+        for key in keys {
+            out.service_ips.insert(key, format!("goto {ext}"));
+        }
+        if let Some(key) = node_port {
+            out.nodeports.insert(key, format!("goto {ext}"));
+        }
+        out.chains.insert(ext, rules);
+    }
+
+    /// The rules of `chain` choosing one of `endpoints` (session affinity first, then
+    /// `numgen`); their endpoint chains (and affinity sets) go into `out`.
+    fn pick(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        chain: &str,
+        base: &str,
+        endpoints: &[std::net::SocketAddrV4],
+        out: &mut Rendered,
+    ) -> String {
+        let t = TABLE;
+        let proto = port.protocol.name();
+        let spn = service.port_name(port);
+        let mut rules = String::new();
         let mut vmap = Vec::new();
-        for (i, endpoint) in port.endpoints.iter().enumerate() {
+        for (i, endpoint) in endpoints.iter().enumerate() {
             let ip = endpoint.ip();
             let ep = format!("{ip}/{}", endpoint.port());
             let ep_hash = hash(&format!("{spn}{proto}{ep}"), 8);
@@ -148,9 +269,28 @@ impl NftablesProxier {
             vmap.len(),
             vmap.join(", ")
         );
-        out.service_ips.insert(key, format!("goto {chain}"));
-        out.chains.insert(chain, rules);
+        rules
     }
+}
+
+/// A verdict map's elements: key -> verdict.
+type Elements = BTreeMap<String, String>;
+
+/// The verdict maps of two renderings, side by side: (name, old elements, new elements).
+fn maps<'a>(
+    old: &'a Rendered,
+    new: &'a Rendered,
+) -> [(&'static str, &'a Elements, &'a Elements); 4] {
+    [
+        ("service-ips", &old.service_ips, &new.service_ips),
+        ("no-endpoint-services", &old.no_endpoints, &new.no_endpoints),
+        ("service-nodeports", &old.nodeports, &new.nodeports),
+        (
+            "no-endpoint-nodeports",
+            &old.no_endpoint_nodeports,
+            &new.no_endpoint_nodeports,
+        ),
+    ]
 }
 
 /// The transaction that takes the table from `old` (None: nothing) to `new`.
@@ -167,10 +307,7 @@ fn transaction(old: Option<&Rendered>, new: &Rendered) -> (String, usize) {
             &empty
         }
     };
-    for (map, old_elems, new_elems) in [
-        ("service-ips", &old.service_ips, &new.service_ips),
-        ("no-endpoint-services", &old.no_endpoints, &new.no_endpoints),
-    ] {
+    for (map, old_elems, new_elems) in maps(old, new) {
         for (key, verdict) in old_elems {
             if new_elems.get(key) != Some(verdict) {
                 let _ = writeln!(script, "delete element {t} {map} {{ {key} }}");
@@ -210,19 +347,26 @@ fn transaction(old: Option<&Rendered>, new: &Rendered) -> (String, usize) {
     for name in &changed {
         script.push_str(&new.chains[*name]);
     }
-    for (map, old_elems, new_elems) in [
-        ("service-ips", &old.service_ips, &new.service_ips),
-        ("no-endpoint-services", &old.no_endpoints, &new.no_endpoints),
-    ] {
+    for addr in old.nodeport_ips.difference(&new.nodeport_ips) {
+        let _ = writeln!(script, "delete element {t} nodeport-ips {{ {addr} }}");
+    }
+    for addr in new.nodeport_ips.difference(&old.nodeport_ips) {
+        let _ = writeln!(script, "add element {t} nodeport-ips {{ {addr} }}");
+    }
+    for (map, old_elems, new_elems) in maps(old, new) {
         for (key, verdict) in new_elems {
             if old_elems.get(key) != Some(verdict) {
                 let _ = writeln!(script, "add element {t} {map} {{ {key} : {verdict} }}");
             }
         }
     }
-    // Service chains first: they are what jumps to endpoint chains.
+    // External chains first, then service and local chains: each jumps to the next kind.
     let (services, endpoints): (Vec<&String>, Vec<&String>) =
-        stale.iter().partition(|n| n.starts_with("service-"));
+        stale.iter().partition(|n| !n.starts_with("endpoint-"));
+    let (external, services): (Vec<&String>, Vec<&String>) = services
+        .into_iter()
+        .partition(|n| n.starts_with("external-"));
+    let services: Vec<&String> = external.into_iter().chain(services).collect();
     for name in services.iter().chain(&endpoints) {
         let _ = writeln!(script, "delete chain {t} {name}");
     }
@@ -273,6 +417,11 @@ impl Proxier for NftablesProxier {
         Ok(())
     }
 
+    fn set_node(&mut self, node: &ebpf_dataplane::NodeSettings) -> Result<()> {
+        self.nodeport_addrs = node.nodeport_addrs.clone();
+        Ok(())
+    }
+
     fn kernel_usage(&self) -> Result<KernelUsage> {
         let skeleton_rules = skeleton()
             .lines()
@@ -316,8 +465,10 @@ mod tests {
                     .iter()
                     .map(|e| format!("{e}:80").parse().unwrap())
                     .collect(),
+                ..Default::default()
             }],
             session_affinity: None,
+            ..Default::default()
         }])
     }
 
@@ -325,6 +476,7 @@ mod tests {
     fn layout_matches_kube_proxys() {
         let proxier = NftablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            nodeport_addrs: vec!["192.0.2.10".parse().unwrap()],
             sync_timeout: None,
             last: None,
         };
@@ -350,9 +502,53 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_and_external_ips_go_through_the_external_chain() {
+        let proxier = NftablesProxier {
+            cluster_cidr: "10.0.0.0/8".into(),
+            nodeport_addrs: vec!["192.0.2.10".parse().unwrap()],
+            sync_timeout: None,
+            last: None,
+        };
+        let mut state = state(&["10.180.0.1", "10.180.0.2"]);
+        let svc = state.services.get_index_mut(0).unwrap().1;
+        svc.external_ips = vec!["192.0.2.77".parse().unwrap()];
+        svc.ports[0].node_port = Some(30080);
+        let r = proxier.render(&state);
+        let h = hash("ns1/svc1:p80tcp", 8);
+        let ext = format!("external-{h}-ns1/svc1/tcp/p80");
+        assert_eq!(
+            r.service_ips["192.0.2.77 . tcp . 80"],
+            format!("goto {ext}")
+        );
+        assert_eq!(r.nodeports["tcp . 30080"], format!("goto {ext}"));
+        assert_eq!(
+            r.chains[&ext],
+            format!(
+                "add rule ip kube-proxy {ext} jump mark-for-masquerade\nadd rule ip kube-proxy {ext} goto service-{h}-ns1/svc1/tcp/p80\n"
+            )
+        );
+        assert!(r.nodeport_ips.contains("192.0.2.10"));
+        let (script, _) = transaction(None, &r);
+        assert!(script.contains(
+            "add element ip kube-proxy service-nodeports { tcp . 30080 : goto external-"
+        ));
+        assert!(script.contains("add element ip kube-proxy nodeport-ips { 192.0.2.10 }"));
+
+        // externalTrafficPolicy Local without a local endpoint: dropped.
+        let svc = state.services.get_index_mut(0).unwrap().1;
+        svc.external_local = true;
+        svc.ports[0].external_endpoints = Some(Vec::new());
+        let r = proxier.render(&state);
+        assert_eq!(r.no_endpoint_nodeports["tcp . 30080"], "drop");
+        assert_eq!(r.no_endpoints["192.0.2.77 . tcp . 80"], "drop");
+        assert!(!r.chains.contains_key(&ext));
+    }
+
+    #[test]
     fn partial_syncs_touch_only_what_changed() {
         let proxier = NftablesProxier {
             cluster_cidr: "10.0.0.0/8".into(),
+            nodeport_addrs: vec!["192.0.2.10".parse().unwrap()],
             sync_timeout: None,
             last: None,
         };

@@ -39,12 +39,14 @@ fn ports(endpoints: &[Ipv4Addr]) -> Vec<ServicePort> {
             protocol: Protocol::Tcp,
             port: 80,
             endpoints: endpoints.clone(),
+            ..Default::default()
         },
         ServicePort {
             name: "dns".into(),
             protocol: Protocol::Udp,
             port: 53,
             endpoints,
+            ..Default::default()
         },
     ]
 }
@@ -57,6 +59,7 @@ fn state(endpoints: &[Ipv4Addr]) -> ProxyState {
             cluster_ip: WEB,
             ports: ports(endpoints),
             session_affinity: None,
+            ..Default::default()
         },
         Service {
             namespace: "default".into(),
@@ -64,6 +67,7 @@ fn state(endpoints: &[Ipv4Addr]) -> ProxyState {
             cluster_ip: EMPTY,
             ports: ports(&[]),
             session_affinity: None,
+            ..Default::default()
         },
     ])
 }

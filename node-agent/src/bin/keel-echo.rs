@@ -2,7 +2,8 @@
 //! It serves on TCP and UDP port `$PORT` (8080), and says who it is: `$POD_NAME@$NODE_NAME`
 //! (the pod's and the node's names, from the downward API; the host name when unset). To a line
 //! it answers with that name and a newline; to an HTTP GET it answers 200 with that name as the
-//! body (so HTTP probes and `wget` work); a datagram gets the name back. It writes one log
+//! body (so HTTP probes and `wget` work) and the client's address as it sees it in an
+//! `X-Client` header (what a NodePort's traffic policy changes); a datagram gets the name back. It writes one log
 //! line when it starts, and exits with 0 on SIGTERM (the kernel's default for a signal it does
 //! not catch would do too: it handles none).
 
@@ -56,6 +57,9 @@ fn serve(stream: TcpStream, name: &str) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
+    let client = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
@@ -68,7 +72,7 @@ fn serve(stream: TcpStream, name: &str) {
             let body = format!("{name}\n");
             let _ = write!(
                 writer,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Client: {client}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             return;

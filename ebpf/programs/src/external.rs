@@ -1,0 +1,147 @@
+//! Traffic from outside the cluster, on tc ingress of the node's own interfaces: NodePorts (a
+//! port on any address of `NODE_ADDRS`), ExternalIPs and LoadBalancer IPs (frontends of their
+//! own, flagged `SVC_FLAG_EXTERNAL`).
+//!
+//! A new flow gets a backend as a pod's would. A backend on this node gets the packet through
+//! the node's stack with the client's address intact; so does a backend elsewhere when the
+//! service keeps the client's address (`externalTrafficPolicy: Local` gives only local
+//! backends anyway). With `SVC_FLAG_MASQ` (`Cluster`), a flow to another node's backend leaves
+//! from a node address, so its replies come back here: they arrive on this same hook, are
+//! translated back and routed out to the client. Replies of local backends are translated on
+//! their way out of the pod (`from_pod`). Packets this node's stack would refuse (a node
+//! address as source) are routed out by the program itself (`route`).
+//!
+//! Traffic for cluster IPs and anything else passes untouched; each packet costs one lookup in
+//! `NODE_ADDRS` and, for a node address, the flow lookups, or one service lookup otherwise.
+
+use aya_ebpf::programs::TcContext;
+use ebpf_common::{
+    CT_FLAG_MASQ, Counter, NODEPORT_VIP, REVNAT_FLAG_EXTERNAL, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_EXTERNAL, ServiceKey, ServiceValue,
+};
+
+use crate::{
+    TCX_NEXT, Work, finish_known, finish_new, forward, ifindex, known_flow,
+    maps::{CONNTRACK, NODE, NODE_ADDRS, REVNAT, SERVICES},
+    open_flow,
+    parse::Packet,
+    reject, restore, route,
+    stats::count,
+    work,
+};
+
+/// Whether `addr` is a pod of this node.
+#[inline(always)]
+pub fn is_local(addr: u32) -> bool {
+    match NODE.get(0) {
+        // Without a pod network to compare with, nothing is local (masquerading always works).
+        Some(node) if node.pod_mask != 0 => addr & node.pod_mask == node.pod_net,
+        _ => false,
+    }
+}
+
+#[inline(always)]
+pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
+    let pkt = match work(ctx)? {
+        Ok(Work::Packet(pkt)) => pkt,
+        Ok(Work::Icmp(_)) => {
+            count(Counter::PassNotService);
+            return Ok(TCX_NEXT);
+        }
+        Err(verdict) => return Ok(verdict),
+    };
+    let flow = pkt.flow;
+    let node_addr = NODE_ADDRS.get_ptr(flow.daddr).is_some();
+    let mut reselect = false;
+    let svc_key = if node_addr {
+        if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+            match known_flow(&pkt, ct) {
+                Some((entry, ended)) => return send(ctx, &pkt, &entry, ended),
+                None => reselect = true,
+            }
+        } else if let Some(revnat) = REVNAT.get_ptr(flow) {
+            // SAFETY: copied out at once from a successful lookup.
+            let revnat = unsafe { revnat.read() };
+            if revnat.flags & REVNAT_FLAG_EXTERNAL != 0 {
+                // The reply of a masqueraded flow: back to the client, from the address it
+                // used.
+                restore(ctx, &pkt, &revnat, flow.daddr)?;
+                count(Counter::RevNat);
+                return route::out(ctx);
+            }
+        }
+        ServiceKey {
+            vip: NODEPORT_VIP,
+            port: flow.dport,
+            proto: flow.proto,
+            _pad: 0,
+        }
+    } else {
+        ServiceKey {
+            vip: flow.daddr,
+            port: flow.dport,
+            proto: flow.proto,
+            _pad: 0,
+        }
+    };
+    let Some(svc) = SERVICES.get_ptr(svc_key) else {
+        count(Counter::PassNotService);
+        return Ok(TCX_NEXT);
+    };
+    // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
+    let svc: ServiceValue = unsafe { *svc };
+    if svc.flags & SVC_FLAG_EXTERNAL == 0 {
+        count(Counter::PassClusterOnly);
+        return Ok(TCX_NEXT);
+    }
+    if !node_addr && let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+        match known_flow(&pkt, ct) {
+            Some((entry, ended)) => return send(ctx, &pkt, &entry, ended),
+            None => reselect = true,
+        }
+    }
+    if svc.backend_count == 0 {
+        if svc.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            return Err(Counter::DropNoLocalEndpoint);
+        }
+        let verdict = reject::port_unreachable(ctx, &pkt)?;
+        count(Counter::RejectNoBackend);
+        return Ok(verdict);
+    }
+    let nat_addr = if node_addr {
+        flow.daddr
+    } else {
+        match NODE.get(0) {
+            Some(node) if node.masq_addr != 0 => node.masq_addr,
+            _ => flow.daddr,
+        }
+    };
+    let entry = open_flow(&pkt, &svc, reselect, Some(nat_addr))?;
+    let verdict = to_backend(ctx, &pkt, &entry)?;
+    finish_new(&pkt, reselect);
+    Ok(verdict)
+}
+
+/// A packet of a known flow from outside, to its backend.
+#[inline(always)]
+fn send(
+    ctx: &TcContext,
+    pkt: &Packet,
+    entry: &ebpf_common::CtEntry,
+    ended: bool,
+) -> Result<i32, Counter> {
+    let verdict = to_backend(ctx, pkt, entry)?;
+    finish_known(pkt, entry, ended);
+    Ok(verdict)
+}
+
+/// Translates a packet from outside for its backend: a masqueraded one is routed out here
+/// (its source is now a node address), the others go on through the node's stack.
+#[inline(always)]
+fn to_backend(ctx: &TcContext, pkt: &Packet, entry: &ebpf_common::CtEntry) -> Result<i32, Counter> {
+    let verdict = forward(ctx, pkt, entry, ifindex(ctx))?;
+    if entry.flags & CT_FLAG_MASQ != 0 {
+        return route::out(ctx);
+    }
+    Ok(verdict)
+}
