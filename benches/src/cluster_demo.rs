@@ -86,6 +86,7 @@ pub fn run(keep: bool) -> Result<()> {
             restart_backoff: 10.0,
             dir: Some(dir.clone()),
             agent_log: "warn",
+            proxy_mode: "ebpf",
         },
         Binaries::siblings()?,
         &mut |step| println!("  {step}"),

@@ -315,6 +315,7 @@ pub fn service(i: u32) -> DesiredService {
         frontend: Frontend::tcp(SocketAddrV4::new(vip, 80)),
         spec: ServiceSpec::default(),
         backends,
+        source_ranges: Vec::new(),
     }
 }
 

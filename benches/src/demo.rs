@@ -48,21 +48,25 @@ fn run(lab: &Lab, dataplane: &mut Dataplane) -> Result<()> {
                 frontend: web,
                 spec: ServiceSpec::default(),
                 backends: backends.clone(),
+                source_ranges: Vec::new(),
             },
             DesiredService {
                 frontend: dns,
                 spec: ServiceSpec::default(),
                 backends: backends.clone(),
+                source_ranges: Vec::new(),
             },
             DesiredService {
                 frontend: sticky,
                 spec: maglev,
                 backends: backends.clone(),
+                source_ranges: Vec::new(),
             },
             DesiredService {
                 frontend: empty,
                 spec: ServiceSpec::default(),
                 backends: vec![],
+                source_ranges: Vec::new(),
             },
         ])
         .check()?;

@@ -36,6 +36,8 @@ pub struct Options {
     pub dir: Option<PathBuf>,
     /// The agents' `RUST_LOG` (their logs go to stderr with the node's name in front).
     pub agent_log: &'static str,
+    /// The agents' `--proxy-mode` (`ebpf`, `iptables`, `nftables`).
+    pub proxy_mode: &'static str,
 }
 
 /// The binaries a lab runs.
@@ -86,6 +88,9 @@ pub struct ClusterLab {
     pub cp: Process,
     pub api: Api,
     pub network: NodeNetwork,
+    /// The addresses the control plane hands LoadBalancer services (a /28 of the node
+    /// network's /24, from .224).
+    pub load_balancer_pool: (Ipv4Addr, u8),
     pub dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
     binaries: Binaries,
@@ -119,12 +124,18 @@ impl ClusterLab {
             namespaces.push((format!("node-{i}"), ns, addr));
         }
         progress("starting the control plane");
+        let load_balancer_pool = (Ipv4Addr::from(u32::from(network.host) - 1 + 224), 28);
         let cp = Process::start_on(
             &binaries.control_plane,
             &format!("embedded:{}", dir.join("store").display()),
             &dir.join("control-plane"),
             network.host.into(),
-            &["--node-monitor-grace-period", &opts.node_grace.to_string()],
+            &[
+                "--node-monitor-grace-period",
+                &opts.node_grace.to_string(),
+                "--load-balancer-ips",
+                &format!("{}/{}", load_balancer_pool.0, load_balancer_pool.1),
+            ],
         )?;
         let api = Api::new(&cp)?;
         progress("building images (busybox, keel-echo)");
@@ -162,6 +173,8 @@ impl ClusterLab {
                 opts.restart_backoff.to_string(),
                 "--metrics-addr".into(),
                 metrics.to_string(),
+                "--proxy-mode".into(),
+                opts.proxy_mode.into(),
             ];
             let (ns_path, binary, log) = (ns.path(), binaries.node_agent.clone(), opts.agent_log);
             let agent = AgentProcess::start(&name, metrics, move || {
@@ -186,6 +199,7 @@ impl ClusterLab {
             cp,
             api,
             network,
+            load_balancer_pool,
             dir,
             _tempdir: tempdir,
             binaries,
@@ -194,20 +208,20 @@ impl ClusterLab {
     }
 
     /// A host outside the cluster on the node network (a namespace removed when dropped): a
-    /// client of NodePorts and external addresses. `routes` send addresses (ExternalIPs,
-    /// LoadBalancer IPs) to a node, as the router announcing them would.
+    /// client of NodePorts and external addresses. `routes` send prefixes (ExternalIPs, the
+    /// LoadBalancer pool) to a node, as the router announcing them would.
     pub fn outside_host(
         &mut self,
         name: &str,
-        routes: &[(Ipv4Addr, Ipv4Addr)],
+        routes: &[((Ipv4Addr, u8), Ipv4Addr)],
     ) -> Result<(Netns, Ipv4Addr)> {
         let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let addr = self.network.add(&ns, "eth0")?;
-        for (dest, via) in routes {
+        for ((dest, len), via) in routes {
             ns.ip(&[
                 "route",
                 "add",
-                &format!("{dest}/32"),
+                &format!("{dest}/{len}"),
                 "via",
                 &via.to_string(),
             ])?;

@@ -47,6 +47,7 @@ pub fn run(pods: usize, progress: &mut dyn FnMut(&str)) -> Result<Figures> {
             restart_backoff: 10.0,
             dir: None,
             agent_log: "warn",
+            proxy_mode: "ebpf",
         },
         Binaries::siblings()?,
         &mut |step| progress(&format!("pods: {step}")),

@@ -1,7 +1,9 @@
 //! Traffic from outside the cluster: a host on the node network that is not a node reaches
-//! the echo pods of a two-node lab through NodePorts (TCP and UDP) and an ExternalIP, with
-//! kube-proxy's traffic policies, through the eBPF data plane's `from_outside`; a masqueraded
-//! connection survives its node's agent being restarted.
+//! the echo pods of a two-node lab through NodePorts (TCP and UDP), an ExternalIP and a
+//! LoadBalancer address the control plane handed out from its pool, with
+//! kube-proxy's traffic policies, `loadBalancerSourceRanges` and health-check node ports, in
+//! every proxy mode (the eBPF data plane's `from_outside`, kube-proxy's iptables and nftables
+//! layouts); a masqueraded connection survives its node's agent being restarted.
 
 mod common;
 
@@ -11,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use benches::lab::ClusterLab;
 use common::*;
 use node_agent_netns::traffic;
 
@@ -34,7 +37,65 @@ spec:
   externalTrafficPolicy: Local
   selector: {app: echo}
   ports: [{name: http, port: 80, targetPort: http, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-lb}
+spec:
+  type: LoadBalancer
+  selector: {app: echo}
+  ports: [{name: http, port: 8000, targetPort: http}]
 "#;
+
+/// One pod on one node behind a LoadBalancer that keeps its clients' addresses.
+const SOLO: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, labels: {app: solo}}
+spec:
+  nodeName: THE_NODE
+  containers:
+  - name: echo
+    image: keel/echo:latest
+    ports: [{name: http, containerPort: 8080}]
+    env:
+    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    readinessProbe:
+      httpGet: {path: /, port: http}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: solo}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30082}]
+"#;
+
+/// A plain HTTP GET: the status code and the body.
+fn http_status(to: SocketAddrV4) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&to.into(), traffic::TIMEOUT)
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    stream.set_read_timeout(Some(traffic::TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not HTTP: {answer:?}"))?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_owned()))
+}
 
 /// The node a keel-echo name (`pod@node`) says its pod runs on.
 fn node_of(name: &str) -> &str {
@@ -59,14 +120,36 @@ fn client_ip(seen: &str) -> Ipv4Addr {
 }
 
 #[test]
-fn nodeports_and_external_ips_reach_pods_with_their_traffic_policies() {
-    let mut lab = lab("ext");
+fn ebpf_serves_traffic_from_outside() {
+    traffic_from_outside("ebpf");
+}
+
+#[test]
+fn iptables_serves_traffic_from_outside() {
+    traffic_from_outside("iptables");
+}
+
+#[test]
+fn nftables_serves_traffic_from_outside() {
+    traffic_from_outside("nftables");
+}
+
+/// Every check, with the agents in `mode`. The eBPF data plane keeps the client's address when
+/// the endpoint is on the node the client addressed; kube-proxy's modes masquerade all
+/// `externalTrafficPolicy: Cluster` traffic.
+fn traffic_from_outside(mode: &'static str) {
+    let mut lab = lab_in(&format!("ext-{mode}"), mode);
+    let masquerades_local = mode != "ebpf";
     let external_ip = Ipv4Addr::from(u32::from(lab.network.host) + 199);
     let nodes: BTreeMap<String, Ipv4Addr> =
         lab.nodes.iter().map(|n| (n.name.clone(), n.addr)).collect();
     let first = lab.nodes[0].name.clone();
+    let pool = lab.load_balancer_pool;
     let (client_ns, client_addr) = lab
-        .outside_host("client", &[(external_ip, nodes[&first])])
+        .outside_host(
+            "client",
+            &[((external_ip, 32), nodes[&first]), (pool, nodes[&first])],
+        )
         .expect("an outside host");
     let client = client_ns.path();
     lab.apply(ECHO_DEPLOYMENT).unwrap();
@@ -97,15 +180,38 @@ fn nodeports_and_external_ips_reach_pods_with_their_traffic_policies() {
             "pods on both nodes answer on {to}: {answers:?}"
         );
         for (name, seen_client) in &answers {
-            let expected = if node_of(name) == node {
-                client_addr
+            let seen_ip = client_ip(seen_client);
+            if node_of(name) != node {
+                assert_eq!(
+                    seen_ip, *addr,
+                    "{name} through {to}: masqueraded to the node"
+                );
+            } else if masquerades_local {
+                // kube-proxy masquerades to the address of the interface towards the pod.
+                assert_ne!(seen_ip, client_addr, "{name} through {to}: masqueraded");
             } else {
-                *addr
-            };
+                assert_eq!(seen_ip, client_addr, "{name} through {to}: the client kept");
+            }
+        }
+    }
+
+    if mode == "ebpf" {
+        // Maglev: whichever node a client's flow (address and port) reaches, it goes to the
+        // same backend, so a load balancer may spread a connection's packets over nodes.
+        for port in [40001u16, 40002, 40003, 40004] {
+            let local = SocketAddrV4::new(client_addr, port);
+            let answers: BTreeSet<String> = nodes
+                .values()
+                .map(|addr| {
+                    let to = SocketAddrV4::new(*addr, 30080);
+                    in_pod(&client, || traffic::tcp_request_from(local, to))
+                        .unwrap_or_else(|e| format!("error: {e:#}"))
+                })
+                .collect();
             assert_eq!(
-                client_ip(seen_client),
-                expected,
-                "{name} through {to} sees the client as {seen_client}"
+                answers.len(),
+                1,
+                "one backend for {local} via every node: {answers:?}"
             );
         }
     }
@@ -117,6 +223,12 @@ fn nodeports_and_external_ips_reach_pods_with_their_traffic_policies() {
         answer.as_ref().is_ok_and(|n| n.contains('@')),
         "a datagram to {udp} is answered: {answer:?}"
     );
+
+    // A pod reaches a NodePort on a node address (socket-level load balancing).
+    let pod_netns = ClusterLab::pod_netns(&pods[0]);
+    let last = lab.nodes[lab.nodes.len() - 1].addr;
+    let answer = in_pod(&pod_netns, || ask(SocketAddrV4::new(last, 30080)));
+    assert!(answer.contains('@'), "a pod reaches {last}:30080: {answer}");
 
     // externalTrafficPolicy Local: only the addressed node's pods, which see the client.
     for (node, addr) in &nodes {
@@ -144,6 +256,102 @@ fn nodeports_and_external_ips_reach_pods_with_their_traffic_policies() {
         nodes.keys().map(String::as_str).collect(),
         "pods on both nodes answer on the ExternalIP {to}: {answers:?}"
     );
+
+    // The LoadBalancer service got an address of the lab's pool, routed to the first node.
+    let lb_ip: Ipv4Addr = eventually(30, "a LoadBalancer address", || {
+        let svc: serde_json::Value = serde_json::from_str(
+            &lab.kubectl_ok(&["get", "svc", "echo-lb", "-o", "json"])
+                .unwrap(),
+        )
+        .unwrap();
+        let ip = svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok());
+        ip.ok_or_else(|| svc["status"].to_string())
+    });
+    assert_eq!(
+        u32::from(lb_ip) & !0xf,
+        u32::from(pool.0),
+        "{lb_ip} is in the pool {pool:?}"
+    );
+    let to = SocketAddrV4::new(lb_ip, 8000);
+    eventually(30, &format!("{to} answering"), || {
+        let (name, _) = gets(&client, to, 1).remove(0);
+        seen(!name.starts_with("error"), (), &name.clone().into())
+    });
+    let answers = gets(&client, to, 40);
+    let answering: BTreeSet<&str> = answers.iter().map(|(n, _)| node_of(n)).collect();
+    assert_eq!(
+        answering,
+        nodes.keys().map(String::as_str).collect(),
+        "pods on both nodes answer on the LoadBalancer address {to}: {answers:?}"
+    );
+
+    // externalTrafficPolicy Local on a LoadBalancer: its health-check node port says which
+    // node has the one pod; the other node drops new flows instead of sending them away.
+    lab.apply(&SOLO.replace("THE_NODE", &first)).unwrap();
+    lab.wait_ready("app=solo", 1, Duration::from_secs(60))
+        .expect("the solo pod ready");
+    let svc: serde_json::Value = serde_json::from_str(
+        &lab.kubectl_ok(&["get", "svc", "solo", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let hc = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("a health check node port: {}", svc["spec"]));
+    for (node, addr) in &nodes {
+        let local = usize::from(*node == first);
+        let (code, body) = eventually(30, &format!("{node}'s health check saying {local}"), || {
+            let answer = in_pod(&client, || http_status(SocketAddrV4::new(*addr, hc)))?;
+            let body: serde_json::Value =
+                serde_json::from_str(&answer.1).map_err(|e| e.to_string())?;
+            seen(body["localEndpoints"] == local, answer.clone(), &body)
+        });
+        assert_eq!(code, if local == 1 { 200 } else { 503 }, "{node}: {body}");
+        assert!(body.contains("\"name\":\"solo\""), "{body}");
+    }
+    let (name, seen_client) = gets(&client, SocketAddrV4::new(nodes[&first], 30082), 1).remove(0);
+    assert_eq!(node_of(&name), first, "the solo pod answers: {name}");
+    assert_eq!(
+        client_ip(&seen_client),
+        client_addr,
+        "the client's address is kept"
+    );
+    let other = nodes
+        .iter()
+        .find(|(n, _)| **n != first)
+        .map(|(_, a)| *a)
+        .unwrap();
+    let (name, _) = gets(&client, SocketAddrV4::new(other, 30082), 1).remove(0);
+    assert!(
+        name.starts_with("error"),
+        "a node without the pod drops the flow: {name}"
+    );
+
+    // loadBalancerSourceRanges: a client outside them cannot open flows to the LB address.
+    let lb = SocketAddrV4::new(lb_ip, 8000);
+    let ranges = |ranges: &str| {
+        lab.kubectl_ok(&[
+            "patch",
+            "svc",
+            "echo-lb",
+            "-p",
+            &format!("{{\"spec\":{{\"loadBalancerSourceRanges\":{ranges}}}}}"),
+        ])
+        .unwrap();
+    };
+    ranges("[\"192.0.2.0/24\"]");
+    eventually(30, "the LB address refusing the client", || {
+        let (name, _) = gets(&client, lb, 1).remove(0);
+        seen(name.starts_with("error"), (), &name.clone().into())
+    });
+    ranges(&format!("[\"192.0.2.0/24\", \"{client_addr}/32\"]"));
+    eventually(30, "the LB address accepting the client again", || {
+        let (name, _) = gets(&client, lb, 1).remove(0);
+        seen(!name.starts_with("error"), (), &name.clone().into())
+    });
 
     // A connection masqueraded by the first node to a pod on the other keeps working while
     // the first node's agent is killed and started again (its flows are pinned).

@@ -51,6 +51,10 @@ struct Args {
     /// How often the ClusterIP and NodePort allocations are checked against the services.
     #[arg(long, default_value = "180", value_name = "SECONDS")]
     repair_interval: f64,
+    /// Addresses for LoadBalancer services, as CIDRs (comma-separated or repeated), handed out
+    /// in `status.loadBalancer.ingress` as MetalLB does; without it they stay pending.
+    #[arg(long = "load-balancer-ips", value_name = "CIDR", value_delimiter = ',')]
+    load_balancer_ips: Vec<ipnet::Ipv4Net>,
     /// Changes the feed keeps for agents to resume from after a reconnect.
     #[arg(long, default_value = "20000")]
     feed_history: usize,
@@ -112,6 +116,7 @@ fn main() -> Result<()> {
             node_cidr_mask_size: args.node_cidr_mask_size,
             node_monitor_grace_period: seconds(args.node_monitor_grace_period),
             repair_interval: seconds(args.repair_interval),
+            load_balancer_pool: args.load_balancer_ips,
         };
         let client = if args.disable_controllers {
             control_plane_controllers::client_only(registry.clone())

@@ -31,6 +31,7 @@ use serde::Serialize;
 use crate::{
     config::{RunArgs, SocketLb},
     discover,
+    healthcheck::HealthChecks,
     metrics::{DataplaneCollector, Metrics, ReasonLabels, ResultLabels, SyncLabels},
     pods::PodSettings,
     services::{Ignored, translate},
@@ -168,6 +169,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         socket_lb: args.socket_lb != SocketLb::Off,
         host_socket_lb: args.socket_lb == SocketLb::All,
         socket_cgroup: None,
+        external_maglev: (args.external_maglev_table_size > 0)
+            .then_some(args.external_maglev_table_size),
         sync_timeout: None,
     };
     let proxier = node_agent_proxy::start(args.proxy_mode, &config)
@@ -175,9 +178,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!(node = %node, mode = %args.proxy_mode, source = %shared.source, "node agent starting");
     let min_period = args.min_sync_period();
     let thread_shared = shared.clone();
+    let runtime = tokio::runtime::Handle::current();
     let proxy_thread = std::thread::Builder::new()
         .name("proxy".into())
-        .spawn(move || proxy_loop(&thread_shared, rx, proxier, min_period))?;
+        .spawn(move || proxy_loop(&thread_shared, rx, proxier, min_period, runtime))?;
 
     let http = crate::http::serve(args.metrics_addr, shared.clone(), registry).await?;
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /status");
@@ -274,8 +278,10 @@ fn proxy_loop(
     rx: Receiver<Event>,
     mut proxier: Box<dyn Proxier>,
     min_period: Duration,
+    runtime: tokio::runtime::Handle,
 ) {
     let mut sync = SyncState::default();
+    let mut health = HealthChecks::new(runtime);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut retry_at: Option<Instant> = None;
     let mut last_sync: Option<Instant> = None;
@@ -337,7 +343,11 @@ fn proxy_loop(
                 std::thread::sleep(wait);
             }
         }
-        match sync.apply(shared, proxier.as_mut()) {
+        let applied = sync.apply(shared, proxier.as_mut());
+        if !matches!(applied, Applied::Waiting) {
+            health.update(&sync.state);
+        }
+        match applied {
             Applied::Waiting => {}
             Applied::Ok => {
                 backoff.reset();

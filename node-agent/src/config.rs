@@ -106,6 +106,10 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// Maglev table size (a prime) of NodePorts and external addresses, so every node sends a
+    /// client's flow to the same backend (eBPF mode; 0: random)
+    #[arg(long, default_value_t = ebpf_dataplane::defaults::EXTERNAL_MAGLEV_TABLE_SIZE)]
+    pub external_maglev_table_size: u32,
     /// Which local sockets are load balanced at connect time (eBPF mode)
     #[arg(long, value_enum, default_value = "all")]
     pub socket_lb: SocketLb,

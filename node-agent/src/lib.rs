@@ -10,11 +10,13 @@
 //! - [`source`]: the feed and the Kubernetes watches;
 //! - [`services`]: from the view to the proxy's model, as kube-proxy decides;
 //! - [`discover`]: pods' interfaces and network namespaces as they appear;
-//! - [`http`], [`metrics`]: what the agent reports.
+//! - [`http`], [`metrics`]: what the agent reports;
+//! - [`healthcheck`]: load balancers' health checks of `externalTrafficPolicy: Local` services.
 
 pub mod agent;
 pub mod config;
 pub mod discover;
+pub mod healthcheck;
 pub mod http;
 pub mod kubelet_server;
 pub mod launch;

@@ -126,22 +126,27 @@ pub fn translate(view: &View, key: &str, node: &str) -> Translated {
             ports,
             session_affinity: (svc.session_affinity_timeout > 0)
                 .then(|| Duration::from_secs(u64::from(svc.session_affinity_timeout))),
-            external_ips: external_ips(svc),
+            external_ips: ipv4s(&svc.external_ips),
+            load_balancer_ips: ipv4s(&svc.load_balancer_ips),
+            load_balancer_source_ranges: svc
+                .load_balancer_source_ranges
+                .iter()
+                .filter_map(|r| r.trim().parse::<ipnet::Ipv4Net>().ok())
+                .map(|net| (net.network(), net.prefix_len()))
+                .collect(),
             external_local: svc.external_traffic_local,
+            health_check_node_port: u16::try_from(svc.health_check_node_port)
+                .ok()
+                .filter(|p| *p != 0 && svc.external_traffic_local),
         }),
         ignored: None,
         ipv6_skipped,
     }
 }
 
-/// The service's ExternalIPs and LoadBalancer ingress IPs (IPv4; each once).
-fn external_ips(svc: &feed::Service) -> Vec<Ipv4Addr> {
-    let mut ips: Vec<Ipv4Addr> = svc
-        .external_ips
-        .iter()
-        .chain(&svc.load_balancer_ips)
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
+/// The IPv4 addresses of a list (each once).
+fn ipv4s(list: &[String]) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = list.iter().filter_map(|ip| ip.parse().ok()).collect();
     ips.sort();
     ips.dedup();
     ips
@@ -464,7 +469,8 @@ mod tests {
         svc.r#type = "LoadBalancer".into();
         svc.ports[0].node_port = 30080;
         svc.external_ips = vec!["192.0.2.7".into(), "2001:db8::7".into()];
-        svc.load_balancer_ips = vec!["192.0.2.9".into(), "192.0.2.7".into()];
+        svc.load_balancer_ips = vec!["192.0.2.9".into(), "192.0.2.7".into(), "192.0.2.9".into()];
+        svc.load_balancer_source_ranges = vec!["203.0.113.0/24".into(), "2001:db8::/64".into()];
         svc.external_traffic_local = true;
         let mut remote = ep("10.244.2.2");
         remote.node = "n2";
@@ -475,11 +481,20 @@ mod tests {
         let t = translate(&v, "default/web", "n1").service.unwrap();
         assert_eq!(
             t.external_ips,
+            ["192.0.2.7".parse::<Ipv4Addr>().unwrap()],
+            "IPv4 external addresses"
+        );
+        assert_eq!(
+            t.load_balancer_ips,
             [
                 "192.0.2.7".parse::<Ipv4Addr>().unwrap(),
                 "192.0.2.9".parse().unwrap()
             ],
-            "IPv4 external and load-balancer addresses, each once"
+            "load-balancer addresses, each once"
+        );
+        assert_eq!(
+            t.load_balancer_source_ranges,
+            [("203.0.113.0".parse::<Ipv4Addr>().unwrap(), 24)]
         );
         assert!(t.external_local);
         let port = &t.ports[0];

@@ -12,7 +12,8 @@
 //!   run writes nothing into it, with `/root` (where the tree builds and runs) bind-mounted from
 //!   a directory on the host's file system, as a real machine's home is on a real one, and a
 //!   tmpfs on `/tmp`; fresh proc, sysfs, bpffs and /run, the host's /dev and cgroup
-//!   hierarchies, as a privileged container sees them; the host's rustup toolchains through an
+//!   hierarchies, as a privileged container sees them; commands enter it with `pivot_root`,
+//!   as a container's do (under `chroot`, `runc exec` enters containers at the host's root); the host's rustup toolchains through an
 //!   overlay of their own, with the nightly `rust-src` removed there by `rustup component
 //!   remove` and no bpf-linker and no crate cache (set-up must add them); the working tree
 //!   copied in (tracked and untracked files, not ignored ones).
@@ -60,9 +61,12 @@ pub struct Inside {
     /// Where the commands' logs go (outside the run directory, so they outlive it)
     #[arg(long)]
     logs: PathBuf,
+    /// Commands to run instead of the README's
+    #[arg(long = "command")]
+    commands: Vec<String>,
 }
 
-pub fn fresh(rebuild_base: bool) -> Result<()> {
+pub fn fresh(rebuild_base: bool, commands: &[String]) -> Result<()> {
     let dir = workspace_root().join("target/fresh");
     fs::create_dir_all(&dir)?;
     remove_stale_runs(&dir);
@@ -74,7 +78,7 @@ pub fn fresh(rebuild_base: bool) -> Result<()> {
     let logs = dir.join("logs");
     fs::create_dir_all(&logs)?;
     fs::create_dir_all(&run_dir)?;
-    let result = run_inside_namespaces(&run_dir, &base, &logs);
+    let result = run_inside_namespaces(&run_dir, &base, &logs, commands);
     eprintln!("fresh: removing {}", run_dir.display());
     let removed =
         fs::remove_dir_all(&run_dir).with_context(|| format!("remove {}", run_dir.display()));
@@ -93,7 +97,12 @@ extern "C" fn kill_child(_: libc::c_int) {
     }
 }
 
-fn run_inside_namespaces(run_dir: &Path, base: &Path, logs: &Path) -> Result<()> {
+fn run_inside_namespaces(
+    run_dir: &Path,
+    base: &Path,
+    logs: &Path,
+    commands: &[String],
+) -> Result<()> {
     let xtask = std::env::current_exe().context("find xtask's own binary")?;
     let mut cmd = Command::new("unshare");
     cmd.args([
@@ -112,6 +121,9 @@ fn run_inside_namespaces(run_dir: &Path, base: &Path, logs: &Path) -> Result<()>
     .arg(base)
     .arg("--logs")
     .arg(logs);
+    for command in commands {
+        cmd.arg("--command").arg(command);
+    }
     // SAFETY: prctl(2) is async-signal-safe: unshare (and so the run) dies with xtask.
     unsafe {
         cmd.pre_exec(|| {
@@ -155,7 +167,11 @@ pub fn inside(args: Inside) -> Result<()> {
         BASE_PACKAGES.join(" "),
     );
 
-    let commands = readme_commands()?;
+    let commands = if args.commands.is_empty() {
+        readme_commands()?
+    } else {
+        args.commands.clone()
+    };
     let mut results = Vec::new();
     for (i, command) in commands.iter().enumerate() {
         let log = args.logs.join(format!("{}.log", i + 1));
@@ -170,7 +186,7 @@ pub fn inside(args: Inside) -> Result<()> {
         results.push((command.clone(), verdict, elapsed));
     }
 
-    eprintln!("\nfresh: the README's commands on a fresh Debian root");
+    eprintln!("\nfresh: the commands on a fresh Debian root");
     let width = commands.iter().map(String::len).max().unwrap_or(0);
     for (command, verdict, elapsed) in &results {
         eprintln!("  {command:<width$}  {:>9}  {verdict}", minutes(*elapsed));
@@ -179,6 +195,44 @@ pub fn inside(args: Inside) -> Result<()> {
         bail!("a README command failed on a fresh machine");
     }
     Ok(())
+}
+
+/// A command that runs `program` (a path inside `root`) with `root` as its root file system, as
+/// a container's processes have theirs: in a mount namespace of its own whose root mount is
+/// `root` (`pivot_root`), not under `chroot`, in which the mount namespaces `runc` makes keep
+/// the host's root and `runc exec` would enter a container there instead of its root.
+fn in_root(root: &Path, program: &str) -> Result<Command> {
+    use std::os::unix::ffi::OsStrExt;
+    let root = std::ffi::CString::new(root.as_os_str().as_bytes())?;
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe system calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::chdir(root.as_ptr()))?;
+            // pivot_root(".", "."): the old root ends up on top of the new one, then goes.
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            )?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(c"/".as_ptr()))
+        });
+    }
+    Ok(cmd)
 }
 
 fn minutes(d: Duration) -> String {
@@ -221,10 +275,9 @@ fn readme_commands() -> Result<Vec<String>> {
 /// nothing of xtask's environment; its output goes to the terminal and to `log`. Fails on a
 /// non-zero exit and on any sign of a panic in the output.
 fn run_logged(root: &Path, command: &str, log: &Path) -> Result<()> {
-    let mut child = Command::new("chroot")
-        .arg(root)
-        .args(["/bin/bash", "-c"])
-        .arg(format!("cd /{TREE_IN_ROOT} && exec {command} 2>&1"))
+    let mut child = in_root(root, "/bin/bash")?
+        .arg("-c")
+        .arg(format!("cd /{TREE_IN_ROOT} && ( {command} ) 2>&1"))
         .env_clear()
         .envs(machine_network_env())
         .env("HOME", "/root")
@@ -240,7 +293,7 @@ fn run_logged(root: &Path, command: &str, log: &Path) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .context("chroot into the fresh root")?;
+        .context("start a shell in the fresh root")?;
     let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let mut panics = Vec::new();
     let mut last_lines = Vec::new();
@@ -422,10 +475,8 @@ fn prepare_toolchains(root: &Path) -> Result<()> {
         fs::write(root.join("root/.cargo/env"), env)?;
     }
 
-    let rustup = |args: &[&str]| {
-        run(Command::new("chroot")
-            .arg(root)
-            .arg("/root/.cargo/bin/rustup")
+    let rustup = |args: &[&str]| -> Result<()> {
+        run(in_root(root, "/root/.cargo/bin/rustup")?
             .args(args)
             .env_clear()
             .envs(machine_network_env())

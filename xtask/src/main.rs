@@ -79,6 +79,11 @@ enum Task {
         /// Build the cached base root again (debootstrap)
         #[arg(long)]
         rebuild_base: bool,
+        /// Run these shell commands in the fresh root instead of the README's (repeatable;
+        /// e.g. `--command 'cargo xtask setup' --command 'cargo test -p benches --test pods'`
+        /// to chase one failure)
+        #[arg(long = "command", value_name = "SHELL")]
+        commands: Vec<String>,
     },
     /// `fresh`'s own second half, inside its mount and PID namespaces
     #[command(hide = true)]
@@ -180,9 +185,12 @@ fn run(task: Task) -> Result<()> {
                     .current_dir(workspace_root()),
             )
         }
-        Task::Fresh { rebuild_base } => {
+        Task::Fresh {
+            rebuild_base,
+            commands,
+        } => {
             require_root()?;
-            fresh::fresh(rebuild_base)
+            fresh::fresh(rebuild_base, &commands)
         }
         Task::FreshInside(args) => fresh::inside(args),
     }

@@ -22,6 +22,11 @@ pub fn require_root() {
 }
 
 pub fn lab(test: &str) -> ClusterLab {
+    lab_in(test, "ebpf")
+}
+
+/// A two-node lab whose agents run in `proxy_mode`.
+pub fn lab_in(test: &str, proxy_mode: &'static str) -> ClusterLab {
     require_root();
     ClusterLab::start(
         &Options {
@@ -31,6 +36,7 @@ pub fn lab(test: &str) -> ClusterLab {
             restart_backoff: 1.0,
             dir: None,
             agent_log: "info",
+            proxy_mode,
         },
         Binaries::siblings().expect("the workspace's binaries"),
         &mut |_| {},

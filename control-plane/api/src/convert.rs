@@ -59,6 +59,8 @@ pub fn service(svc: &Service) -> feed::Service {
         },
         external_traffic_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port: spec.health_check_node_port.unwrap_or(0) as u32,
+        load_balancer_source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
         labels: svc
             .metadata
             .labels

@@ -437,6 +437,43 @@ impl<S: Store> Registry<S> {
                 }
             }
         }
+        // A LoadBalancer that keeps the client's address (externalTrafficPolicy Local) gets a
+        // node port where each node says whether it has local endpoints, for the load
+        // balancer's health checks (kube-apiserver allocates it from the NodePort range).
+        let local = svc
+            .pointer("/spec/externalTrafficPolicy")
+            .and_then(Value::as_str)
+            == Some("Local");
+        if kind == "LoadBalancer" && local {
+            let wanted = svc
+                .pointer("/spec/healthCheckNodePort")
+                .and_then(Value::as_u64)
+                .filter(|p| *p != 0)
+                .map(|p| p as u32);
+            match self.node_ports.allocate(wanted).await {
+                Ok(port) => {
+                    done.push(Allocation::Port(port));
+                    svc["spec"]["healthCheckNodePort"] = json!(port);
+                }
+                Err(AllocError::Store(e)) => {
+                    self.release(&done).await;
+                    return Err(ApiError::internal(e));
+                }
+                Err(e) => {
+                    self.release(&done).await;
+                    let why = match e {
+                        AllocError::Taken => "provided port is already allocated",
+                        AllocError::Full => "range is full",
+                        _ => "provided port is not in the valid range",
+                    };
+                    return Err(invalid(
+                        "spec.healthCheckNodePort",
+                        wanted.unwrap_or(0).to_string(),
+                        why.into(),
+                    ));
+                }
+            }
+        }
         Ok(done)
     }
 
@@ -468,6 +505,12 @@ impl<S: Store> Registry<S> {
             if let Some(port) = p.get("nodePort").and_then(Value::as_u64) {
                 out.push(Allocation::Port(port as u32));
             }
+        }
+        if let Some(port) = svc
+            .pointer("/spec/healthCheckNodePort")
+            .and_then(Value::as_u64)
+        {
+            out.push(Allocation::Port(port as u32));
         }
         out
     }

@@ -2,13 +2,14 @@
 //! running in the control-plane process on shared informers and writing through the API
 //! server's registry (see [`client`]): the scheduler, the Deployment, ReplicaSet and
 //! EndpointSlice controllers, node IPAM and lifecycle, namespace deletion, garbage collection,
-//! and the repair of ClusterIP and NodePort allocations. All are level-triggered: each
+//! the repair of ClusterIP and NodePort allocations, and LoadBalancer addresses from a pool. All are level-triggered: each
 //! reconciles one object from the cache's current state, however many events led there.
 
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
 pub mod gc;
+pub mod loadbalancer;
 pub mod namespace;
 pub mod nodes;
 pub mod quantity;
@@ -34,6 +35,8 @@ pub struct Settings {
     pub node_monitor_grace_period: Duration,
     /// How often the ClusterIP/NodePort allocations are checked against the services.
     pub repair_interval: Duration,
+    /// Addresses LoadBalancer services get (none: they stay pending).
+    pub load_balancer_pool: Vec<ipnet::Ipv4Net>,
 }
 
 impl Default for Settings {
@@ -43,6 +46,7 @@ impl Default for Settings {
             node_cidr_mask_size: 24,
             node_monitor_grace_period: Duration::from_secs(40),
             repair_interval: Duration::from_secs(180),
+            load_balancer_pool: Vec::new(),
         }
     }
 }
@@ -65,6 +69,10 @@ pub fn start(
     namespace::start(client.clone());
     gc::GarbageCollector::start(client.clone());
     repair::start(client.clone(), settings.repair_interval);
+    loadbalancer::LoadBalancerController::start(
+        client.clone(),
+        settings.load_balancer_pool.clone(),
+    );
     informers.start(registry.store.clone());
     Ok(client)
 }

@@ -71,6 +71,9 @@ macro_rules! for_each_map {
             NODE = "keel_node",
             /// `u32 address -> u32`: the node addresses NodePorts answer on.
             NODE_ADDRS = "keel_node_addrs",
+            /// `SourceRange (service, client prefix) -> u32` (LPM trie): the clients a
+            /// LoadBalancer address accepts (`loadBalancerSourceRanges`).
+            SOURCE_RANGES = "keel_src_ranges",
         }
     };
 }
@@ -113,6 +116,10 @@ pub mod defaults {
     pub const MAGLEV_ELEMENTS: u32 = 1_048_576;
     /// Maglev table size M per service (a prime, as Cilium's default).
     pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
+    /// Maglev table size of the frontends for traffic from outside (a prime): 256 elements
+    /// each, so the default Maglev space holds 4,096 of them; balanced within a few percent up
+    /// to ~20 backends.
+    pub const EXTERNAL_MAGLEV_TABLE_SIZE: u32 = 1_021;
     /// Conntrack and reverse-NAT entries: one LRU for all CPUs each (the least recently used
     /// flow of the node is evicted when full); closed flows are removed at once and idle ones
     /// by the userspace collector, so eviction only happens under real pressure.
@@ -131,6 +138,8 @@ pub mod defaults {
     pub const SOCK_FWD_ENTRIES: u32 = 65_536;
     /// Node addresses NodePorts answer on.
     pub const NODE_ADDR_ENTRIES: u32 = 256;
+    /// Source prefixes of LoadBalancer addresses, over all services.
+    pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 }
 
 /// Program names (the Rust function names of the entry points).
@@ -191,6 +200,9 @@ pub const SVC_FLAG_MASQ: u32 = 1 << 3;
 /// without local endpoints): new flows are dropped, not rejected, as kube-proxy does, so a
 /// load balancer's health check, not the client, learns about it.
 pub const SVC_FLAG_DROP_EMPTY: u32 = 1 << 4;
+/// Only clients in the frontend's `SOURCE_RANGES` may open flows to it
+/// (`loadBalancerSourceRanges`); the others are dropped.
+pub const SVC_FLAG_SOURCE_RANGES: u32 = 1 << 5;
 
 /// `ServiceKey::vip` of a NodePort: any address of `NODE_ADDRS`.
 pub const NODEPORT_VIP: u32 = 0;
@@ -451,6 +463,17 @@ pub struct Ranges {
 }
 const _: () = assert!(size_of::<Ranges>() == 4 + 8 * MAX_RANGES);
 
+/// The data of a `SOURCE_RANGES` key: a frontend's service id, matched whole, then a client
+/// address (network order) matched to the prefix's length. A key's prefix length counts the
+/// id's 32 bits too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<SourceRange>() == 8);
+
 /// What the programs know of the node they run on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -620,10 +643,13 @@ counters! {
     DropNoLocalEndpoint = 28, "drop_no_local_endpoint", Drop;
     /// A packet from outside to a cluster IP: not served from outside, passed untouched.
     PassClusterOnly = 29, "pass_cluster_only", Verdict;
+    /// A new flow to a LoadBalancer address from a client outside its
+    /// `loadBalancerSourceRanges`.
+    DropSourceRange = 30, "drop_source_range", Drop;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 30;
+pub const COUNTER_COUNT: u32 = 31;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the
@@ -661,4 +687,5 @@ mod user {
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for Ranges {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for SourceRange {}
 }

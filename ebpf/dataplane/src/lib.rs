@@ -44,8 +44,8 @@ use aya::{
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
     MAGLEV_LANES, MaglevLanes, MemberKey, NodeConfig, PodSources, RevNat, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, ServiceKey,
-    ServiceValue, SockFwdKey, SockRevKey, map_names, program_names,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SockFwdKey, SockRevKey, SourceRange, map_names, program_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
@@ -58,6 +58,24 @@ const TC_PROGRAMS: [(&str, &str); 3] = [
     (program_names::TO_POD, "egress"),
     (program_names::FROM_OUTSIDE, "outside"),
 ];
+
+/// The `SOURCE_RANGES` key of a frontend's client prefix.
+fn source_key(id: u32, (addr, len): SourcePrefix) -> aya::maps::lpm_trie::Key<SourceRange> {
+    let len = len.min(32);
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    let net = u32::from(addr) & mask;
+    aya::maps::lpm_trie::Key::new(
+        32 + u32::from(len),
+        SourceRange {
+            service_id: id,
+            addr: u32::from_ne_bytes(net.to_be_bytes()),
+        },
+    )
+}
 
 /// The program a link pin (`if<ifindex>-<suffix>`) runs.
 fn pinned_program(pin_name: &str) -> Option<&'static str> {
@@ -439,8 +457,13 @@ pub struct ServiceState {
     pub spec: ServiceSpec,
     /// Backends in slot order.
     pub backends: Vec<SocketAddrV4>,
+    /// The client prefixes it accepts (sorted; empty: any).
+    pub source_ranges: Vec<SourcePrefix>,
     value: ServiceValue,
 }
+
+/// A client prefix: address and length.
+pub type SourcePrefix = (Ipv4Addr, u8);
 
 /// One service as a [`Dataplane::sync`] caller wants it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -448,6 +471,9 @@ pub struct DesiredService {
     pub frontend: Frontend,
     pub spec: ServiceSpec,
     pub backends: Vec<SocketAddrV4>,
+    /// `loadBalancerSourceRanges`: the clients that may open flows to an external frontend
+    /// (empty: any; others are dropped and counted as `drop_source_range`).
+    pub source_ranges: Vec<SourcePrefix>,
 }
 
 /// What a [`Dataplane::sync`] or [`Dataplane::update`] changed.
@@ -503,6 +529,7 @@ pub struct Dataplane {
     members: HashMap<MapData, MemberKey, u32>,
     /// What `members` holds (so only what changes is written).
     members_present: std::collections::HashSet<MemberKey>,
+    source_ranges: aya::maps::LpmTrie<MapData, SourceRange, u32>,
     ranges_map: aya::maps::Array<MapData, ebpf_common::Ranges>,
     /// The prefixes `ranges_map` holds (host order).
     ranges: Vec<ranges::Prefix>,
@@ -596,6 +623,13 @@ impl Dataplane {
         let revnat = typed_map(&mut ebpf, map_names::REVNAT)?;
         let pod_addrs = typed_map(&mut ebpf, map_names::POD_ADDRS)?;
         let members = typed_map(&mut ebpf, map_names::MEMBERS)?;
+        let source_ranges =
+            aya::maps::LpmTrie::try_from(take_map(&mut ebpf, map_names::SOURCE_RANGES)?).map_err(
+                |source| Error::Map {
+                    name: map_names::SOURCE_RANGES,
+                    source,
+                },
+            )?;
         let ranges_map = aya::maps::Array::try_from(take_map(&mut ebpf, map_names::RANGES)?)
             .map_err(|source| Error::Map {
                 name: map_names::RANGES,
@@ -614,6 +648,7 @@ impl Dataplane {
             pod_addrs,
             members,
             members_present: std::collections::HashSet::new(),
+            source_ranges,
             ranges_map,
             ranges: Vec::new(),
             backends,
@@ -644,6 +679,22 @@ impl Dataplane {
                 name: map_names::SERVICES,
                 source,
             })?;
+        let mut adopted_ranges: std::collections::HashMap<u32, Vec<SourcePrefix>> =
+            std::collections::HashMap::new();
+        for key in self.source_ranges.keys().filter_map(Result::ok) {
+            let data = key.data();
+            let prefix = (
+                Ipv4Addr::from(data.addr.to_ne_bytes()),
+                key.prefix_len().saturating_sub(32) as u8,
+            );
+            adopted_ranges
+                .entry(data.service_id)
+                .or_default()
+                .push(prefix);
+        }
+        for prefixes in adopted_ranges.values_mut() {
+            prefixes.sort();
+        }
         for (key, value) in entries {
             let inconsistent = |why: &str| Error::Inconsistent(format!("service {key:?}: {why}"));
             let (frontend, spec, backends) =
@@ -671,14 +722,22 @@ impl Dataplane {
                 }
             }
             self.next_id = self.next_id.max(value.id.wrapping_add(1));
+            let source_ranges = adopted_ranges.remove(&value.id).unwrap_or_default();
             self.services.insert(
                 frontend,
                 ServiceState {
                     spec,
                     backends,
+                    source_ranges,
                     value,
                 },
             );
+        }
+        // Prefixes of services that are gone (an owner died between the two writes) go.
+        for (id, prefixes) in adopted_ranges {
+            for prefix in prefixes {
+                let _ = self.source_ranges.remove(&source_key(id, prefix));
+            }
         }
         // Members are written around each service update; an owner that died between the two
         // writes left some missing or some extra: make them what the services say.
@@ -1213,10 +1272,17 @@ impl Dataplane {
             }
         }
         let mut plans: Vec<(Frontend, ServiceSpec, Vec<SocketAddrV4>, bool)> = Vec::new();
-        for service in services {
+        let mut wanted_ranges: std::collections::HashMap<Frontend, Vec<SourcePrefix>> =
+            std::collections::HashMap::new();
+        for mut service in services {
+            service.source_ranges.sort();
+            service.source_ranges.dedup();
             let current = self.services.get(&service.frontend);
+            let same_ranges = current.is_some_and(|c| c.source_ranges == service.source_ranges);
             // Most services are unchanged from one sync to the next: compare before computing.
-            if current.is_some_and(|c| c.spec == service.spec && c.backends == service.backends) {
+            if same_ranges
+                && current.is_some_and(|c| c.spec == service.spec && c.backends == service.backends)
+            {
                 report.unchanged += 1;
                 continue;
             }
@@ -1225,13 +1291,14 @@ impl Dataplane {
                 &service.backends,
             );
             let created = match current {
-                Some(c) if c.spec == service.spec && c.backends == backends => {
+                Some(c) if same_ranges && c.spec == service.spec && c.backends == backends => {
                     report.unchanged += 1;
                     continue;
                 }
                 Some(_) => false,
                 None => true,
             };
+            wanted_ranges.insert(service.frontend, service.source_ranges);
             plans.push((service.frontend, service.spec, backends, created));
         }
         // Every service's members and address range first, in a few syscalls, before any
@@ -1258,7 +1325,8 @@ impl Dataplane {
                 (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
                 (Ok(()), Ok(id)) => {
                     let new = backends.clone();
-                    self.write_service(frontend, spec, backends, *id)
+                    let ranges = wanted_ranges.remove(&frontend).unwrap_or_default();
+                    self.write_service(frontend, spec, backends, ranges, *id)
                         .map_err(|e| {
                             // The members added for it go again (those it still has stay).
                             stale.extend(self.unused_members(frontend, *id, &new));
@@ -1355,7 +1423,16 @@ impl Dataplane {
                 source,
             })?;
         self.release_ranges(&state.value);
+        self.remove_source_ranges(state.value.id, &state.source_ranges);
         Ok(member_keys(state.value.id, &state.backends).collect())
+    }
+
+    /// Removes a frontend's client prefixes (best effort: a leftover one matches nothing once
+    /// its service id is gone, and is collected when the data plane is next adopted).
+    fn remove_source_ranges(&mut self, id: u32, prefixes: &[SourcePrefix]) {
+        for prefix in prefixes {
+            let _ = self.source_ranges.remove(&source_key(id, *prefix));
+        }
     }
 
     /// Makes the ranges cover `vips` (before services on them are published), if they do not.
@@ -1471,7 +1548,12 @@ impl Dataplane {
             self.widen_ranges([*frontend.addr.ip()])?;
         }
         let new = backends.clone();
-        match self.write_service(frontend, spec, backends, id) {
+        let ranges = self
+            .services
+            .get(&frontend)
+            .map(|s| s.source_ranges.clone())
+            .unwrap_or_default();
+        match self.write_service(frontend, spec, backends, ranges, id) {
             Ok(stale) => self.remove_member_keys(stale),
             Err(e) => {
                 let _ = self.remove_member_keys(self.unused_members(frontend, id, &new));
@@ -1506,6 +1588,7 @@ impl Dataplane {
         frontend: Frontend,
         spec: ServiceSpec,
         backends: Vec<SocketAddrV4>,
+        source_ranges: Vec<SourcePrefix>,
         id: u32,
     ) -> Result<Vec<MemberKey>, Error> {
         let count = u32::try_from(backends.len()).map_err(|_| Error::TooManyBackends(frontend))?;
@@ -1533,6 +1616,9 @@ impl Dataplane {
             if drop_when_empty {
                 flags |= SVC_FLAG_DROP_EMPTY;
             }
+        }
+        if !source_ranges.is_empty() {
+            flags |= SVC_FLAG_SOURCE_RANGES;
         }
         let mut affinity_timeout_s = 0;
         if let Some(timeout) = spec.affinity_timeout {
@@ -1588,6 +1674,16 @@ impl Dataplane {
             flags,
             _pad: 0,
         };
+        // The prefixes a frontend accepts are there before a value that checks them.
+        for prefix in &source_ranges {
+            if let Err(source) = self.source_ranges.insert(&source_key(id, *prefix), 1, 0) {
+                self.release_unpublished(&value);
+                return Err(Error::Map {
+                    name: map_names::SOURCE_RANGES,
+                    source,
+                });
+            }
+        }
         if let Err(source) = self.services_map.insert(frontend.key(), value, 0) {
             self.release_unpublished(&value);
             return Err(Error::Map {
@@ -1600,6 +1696,7 @@ impl Dataplane {
             ServiceState {
                 spec,
                 backends,
+                source_ranges,
                 value,
             },
         );
@@ -1607,6 +1704,13 @@ impl Dataplane {
             return Ok(Vec::new());
         };
         self.release_ranges(&old.value);
+        let dropped: Vec<SourcePrefix> = old
+            .source_ranges
+            .iter()
+            .filter(|p| !self.services[&frontend].source_ranges.contains(p))
+            .copied()
+            .collect();
+        self.remove_source_ranges(id, &dropped);
         let kept: std::collections::HashSet<MemberKey> =
             member_keys(id, &self.services[&frontend].backends).collect();
         Ok(member_keys(id, &old.backends)

@@ -959,6 +959,7 @@ fn a_full_map_converges_once_services_are_removed() {
                 frontend: Frontend::tcp(addr(10, 96, 2, i, 80)),
                 spec: ServiceSpec::default(),
                 backends: (1..=4).map(|j| addr(10, 3, i, j, 80)).collect(),
+                source_ranges: Vec::new(),
             })
             .collect()
     };
@@ -1150,6 +1151,7 @@ fn traffic_outside_the_service_ranges_leaves_at_once() {
             frontend: *f,
             spec: s.spec,
             backends: s.backends.clone(),
+            source_ranges: Vec::new(),
         })
         .collect();
     dp.sync(rest);
@@ -1220,6 +1222,7 @@ fn members_follow_every_change_in_bulk_and_alone() {
                     .iter()
                     .map(|j| addr(10, 4, i, j + shift, 8080))
                     .collect(),
+                source_ranges: Vec::new(),
             })
             .collect()
     };

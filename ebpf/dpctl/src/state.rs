@@ -90,6 +90,7 @@ impl ServiceEntry {
                 ..Default::default()
             },
             backends: self.backends.clone(),
+            source_ranges: Vec::new(),
         })
     }
 }

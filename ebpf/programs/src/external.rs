@@ -11,18 +11,20 @@
 //! their way out of the pod (`from_pod`). Packets this node's stack would refuse (a node
 //! address as source) are routed out by the program itself (`route`).
 //!
+//! A frontend with `loadBalancerSourceRanges` takes new flows only from clients in them.
+//!
 //! Traffic for cluster IPs and anything else passes untouched; each packet costs one lookup in
 //! `NODE_ADDRS` and, for a node address, the flow lookups, or one service lookup otherwise.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use ebpf_common::{
     CT_FLAG_MASQ, Counter, NODEPORT_VIP, REVNAT_FLAG_EXTERNAL, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_EXTERNAL, ServiceKey, ServiceValue,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
 };
 
 use crate::{
     TCX_NEXT, Work, finish_known, finish_new, forward, ifindex, known_flow,
-    maps::{CONNTRACK, NODE, NODE_ADDRS, REVNAT, SERVICES},
+    maps::{CONNTRACK, NODE, NODE_ADDRS, REVNAT, SERVICES, SOURCE_RANGES},
     open_flow,
     parse::Packet,
     reject, restore, route,
@@ -98,6 +100,18 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
         match known_flow(&pkt, ct) {
             Some((entry, ended)) => return send(ctx, &pkt, &entry, ended),
             None => reselect = true,
+        }
+    }
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        let key = Key::new(
+            64,
+            SourceRange {
+                service_id: svc.id,
+                addr: flow.saddr,
+            },
+        );
+        if SOURCE_RANGES.get(&key).is_none() {
+            return Err(Counter::DropSourceRange);
         }
     }
     if svc.backend_count == 0 {

@@ -74,6 +74,14 @@ pub fn choose(svc: &ServiceValue, flow: &FlowKey) -> Option<Backend> {
     Some(backend)
 }
 
+/// Any backend, uniformly at random (socket-level load balancing, which has no client port
+/// to hash yet, and serves Maglev's external frontends to pods that way).
+#[inline(always)]
+pub fn choose_random(svc: &ServiceValue) -> Option<Backend> {
+    // SAFETY: no arguments.
+    backend_at(svc, (unsafe { bpf_get_prandom_u32() }) % svc.backend_count)
+}
+
 #[inline(always)]
 fn choose_fresh(svc: &ServiceValue, flow: &FlowKey) -> Option<Backend> {
     let index = if svc.flags & SVC_FLAG_MAGLEV != 0 && svc.maglev_size != 0 {

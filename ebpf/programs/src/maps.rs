@@ -5,12 +5,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, FragKey, FragPorts,
     MaglevLanes, MemberKey, NodeConfig, PodSources, Ranges, RevNat, ServiceKey, ServiceValue,
-    SockFwdKey, SockRevKey, defaults, map_name,
+    SockFwdKey, SockRevKey, SourceRange, defaults, map_name,
 };
 
 /// A map definition under its name from the shared list (what aya's `#[map]` does, with the
@@ -116,6 +116,12 @@ map! {
     /// Node address -> 1: the addresses NodePorts answer on.
     NODE_ADDRS: HashMap<u32, u32> =
         HashMap::pinned(defaults::NODE_ADDR_ENTRIES, BPF_F_NO_PREALLOC)
+}
+
+map! {
+    /// (service id, client prefix) -> 1: the clients LoadBalancer addresses accept.
+    SOURCE_RANGES: LpmTrie<SourceRange, u32> =
+        LpmTrie::pinned(defaults::SOURCE_RANGE_ENTRIES, BPF_F_NO_PREALLOC)
 }
 
 /// Every map of the shared list is defined above (a name missing there fails to compile).

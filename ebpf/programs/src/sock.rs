@@ -10,7 +10,9 @@
 //! Only the network namespaces userspace enables are translated (the node's own processes and
 //! other data planes' pods are not). Services with Maglev or session affinity are left to the
 //! per-packet path, which keys them by the client address and port that a socket does not have
-//! yet at connect time; so are services without backends, which the per-packet path rejects.
+//! yet at connect time (except external frontends' Maglev, which is for flows reaching several
+//! nodes from outside: a pod's socket gets any backend); so are services without backends,
+//! which the per-packet path rejects.
 
 use aya_ebpf::{
     EbpfContext,
@@ -18,7 +20,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ebpf_common::{
-    Backend, Counter, FlowKey, NODEPORT_VIP, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    Backend, Counter, NODEPORT_VIP, RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV,
     ServiceKey, SockFwdKey, SockRevKey,
 };
 
@@ -90,7 +92,10 @@ fn service_of(
     });
     // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
     let svc = unsafe { *found? };
-    if svc.backend_count == 0 || svc.flags & (SVC_FLAG_MAGLEV | SVC_FLAG_AFFINITY) != 0 {
+    // Maglev's external frontends are fine: consistent hashing is for the flows that reach
+    // several nodes from outside; a pod's socket gets any backend.
+    let maglev = svc.flags & SVC_FLAG_MAGLEV != 0 && svc.flags & SVC_FLAG_EXTERNAL == 0;
+    if svc.backend_count == 0 || maglev || svc.flags & SVC_FLAG_AFFINITY != 0 {
         return None;
     }
     Some((key, svc))
@@ -127,8 +132,7 @@ pub fn connect(ctx: &SockAddrContext, family: Family) -> i32 {
     let Some((key, svc)) = service_of(ctx, family) else {
         return ALLOW;
     };
-    let flow = FlowKey::default();
-    let Some(backend) = lb::choose(&svc, &flow) else {
+    let Some(backend) = lb::choose_random(&svc) else {
         return ALLOW;
     };
     // SAFETY: a socket cookie of the call's socket.
@@ -160,7 +164,7 @@ pub fn sendmsg(ctx: &SockAddrContext, family: Family) -> i32 {
     let backend = match kept {
         Some(backend) => backend,
         None => {
-            let Some(backend) = lb::choose(&svc, &FlowKey::default()) else {
+            let Some(backend) = lb::choose_random(&svc) else {
                 return ALLOW;
             };
             let _ = SOCK_FWD.insert(fwd, backend, 0);

@@ -81,6 +81,15 @@ impl Probe {
             Err(message) => {
                 self.failures += 1;
                 self.successes = 0;
+                if self.passing == Some(false) && message != self.last_message {
+                    // Still failing, for another reason now (a timeout after a refusal, ...).
+                    tracing::info!(
+                        container = target.container_id,
+                        probe = ?self.kind,
+                        output = %message,
+                        "probe still failing"
+                    );
+                }
                 self.last_message = message;
                 if self.failures >= self.spec.failure_threshold.unwrap_or(3).max(1) {
                     self.passing = Some(false);

@@ -34,6 +34,7 @@ pub struct EbpfProxier {
     netns: HashMap<PathBuf, u64>,
     /// The node's interfaces `from_outside` is attached to.
     external: BTreeSet<String>,
+    external_maglev: Option<u32>,
 }
 
 impl EbpfProxier {
@@ -76,6 +77,7 @@ impl EbpfProxier {
             socket_lb,
             netns: HashMap::new(),
             external: BTreeSet::new(),
+            external_maglev: config.external_maglev,
         };
         for netns in &config.pod_netns {
             proxier.enable_netns(netns)?;
@@ -116,7 +118,7 @@ impl EbpfProxier {
 
 /// The data plane's view of one service: a frontend per port on its cluster IP, and for
 /// clients outside the cluster one on each external address and its NodePort.
-fn desired(service: &Service) -> Vec<DesiredService> {
+fn desired(service: &Service, external_maglev: Option<u32>) -> Vec<DesiredService> {
     let mut out = Vec::new();
     for port in &service.ports {
         let proto = match port.protocol {
@@ -132,24 +134,41 @@ fn desired(service: &Service) -> Vec<DesiredService> {
             frontend: Frontend::new(SocketAddrV4::new(service.cluster_ip, port.port), proto),
             spec,
             backends: port.endpoints.clone(),
+            source_ranges: Vec::new(),
         });
         let external = ServiceSpec {
+            scheduler: match external_maglev {
+                Some(table_size) => Scheduler::Maglev { table_size },
+                None => Scheduler::Random,
+            },
             reach: Reach::External {
                 masquerade: !service.external_local,
                 drop_when_empty: port.drops_external(),
             },
             ..spec
         };
+        // loadBalancerSourceRanges apply to the LoadBalancer addresses only, as in kube-proxy.
+        let on = |ip: &std::net::Ipv4Addr| Frontend::new(SocketAddrV4::new(*ip, port.port), proto);
         let frontends = service
             .external_ips
             .iter()
-            .map(|ip| Frontend::new(SocketAddrV4::new(*ip, port.port), proto))
-            .chain(port.node_port.map(|p| Frontend::node_port(p, proto)));
-        for frontend in frontends {
+            .map(|ip| (on(ip), Vec::new()))
+            .chain(
+                service
+                    .load_balancer_ips
+                    .iter()
+                    .map(|ip| (on(ip), service.load_balancer_source_ranges.clone())),
+            )
+            .chain(
+                port.node_port
+                    .map(|p| (Frontend::node_port(p, proto), Vec::new())),
+            );
+        for (frontend, source_ranges) in frontends {
             out.push(DesiredService {
                 frontend,
                 spec: external,
                 backends: port.external_endpoints().to_vec(),
+                source_ranges,
             });
         }
     }
@@ -179,7 +198,7 @@ impl Proxier for EbpfProxier {
         self.frontends.clear();
         let mut all = Vec::new();
         for (key, service) in &state.services {
-            let services = desired(service);
+            let services = desired(service, self.external_maglev);
             self.frontends
                 .insert(key.clone(), services.iter().map(|d| d.frontend).collect());
             all.extend(services);
@@ -195,7 +214,11 @@ impl Proxier for EbpfProxier {
         let mut removed = Vec::new();
         for key in changed {
             let old = self.frontends.remove(key).unwrap_or_default();
-            let new = state.services.get(key).map(desired).unwrap_or_default();
+            let new = state
+                .services
+                .get(key)
+                .map(|s| desired(s, self.external_maglev))
+                .unwrap_or_default();
             removed.extend(
                 old.into_iter()
                     .filter(|f| !new.iter().any(|d| d.frontend == *f)),

@@ -171,19 +171,26 @@ impl IptablesProxier {
         port_hash: &str,
         out: &mut Rendered,
     ) {
-        if service.external_ips.is_empty() && port.node_port.is_none() {
+        if service.external_ips.is_empty()
+            && service.load_balancer_ips.is_empty()
+            && port.node_port.is_none()
+        {
             return;
         }
         let spn = service.port_name(port);
         let proto = port.protocol.name();
         let external = port.external_endpoints();
+        let addresses = service
+            .external_ips
+            .iter()
+            .chain(&service.load_balancer_ips);
         if external.is_empty() {
             let (why, verdict) = if port.drops_external() {
                 ("has no local endpoints", "DROP")
             } else {
                 ("has no endpoints", "REJECT")
             };
-            for ip in &service.external_ips {
+            for ip in addresses {
                 let _ = writeln!(
                     out.filter,
                     "-A KUBE-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {ip}/32 --dport {} -j {verdict}",
@@ -205,6 +212,41 @@ impl IptablesProxier {
                 "-A KUBE-SERVICES -m comment --comment \"{spn} external IP\" -m {proto} -p {proto} -d {ip}/32 --dport {} -j {ext_chain}",
                 port.port
             );
+        }
+        // loadBalancerSourceRanges: the allowed clients go on through KUBE-FW-*; the others
+        // keep the LoadBalancer address as destination and are dropped in the filter table.
+        let ranges = &service.load_balancer_source_ranges;
+        let fw_chain = format!("KUBE-FW-{port_hash}");
+        let lb_target = if ranges.is_empty() {
+            &ext_chain
+        } else {
+            let mut fw = String::new();
+            for (net, len) in ranges {
+                let _ = writeln!(
+                    fw,
+                    "-A {fw_chain} -m comment --comment \"{spn} loadbalancer IP\" -s {net}/{len} -j {ext_chain}"
+                );
+            }
+            let _ = writeln!(
+                fw,
+                "-A {fw_chain} -m comment --comment \"other traffic to {spn} will be dropped by KUBE-SERVICES\""
+            );
+            out.chains.insert(fw_chain.clone(), fw);
+            &fw_chain
+        };
+        for ip in &service.load_balancer_ips {
+            let _ = writeln!(
+                out.services,
+                "-A KUBE-SERVICES -m comment --comment \"{spn} loadbalancer IP\" -m {proto} -p {proto} -d {ip}/32 --dport {} -j {lb_target}",
+                port.port
+            );
+            if !ranges.is_empty() {
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} traffic not accepted by {fw_chain}\" -m {proto} -p {proto} -d {ip}/32 --dport {} -j DROP",
+                    port.port
+                );
+            }
         }
         if let Some(node_port) = port.node_port {
             let _ = writeln!(

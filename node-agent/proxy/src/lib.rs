@@ -90,6 +90,10 @@ pub struct ProxyConfig {
     /// the root of the unified hierarchy, every process on the node (benchmarks narrow it so
     /// the other modes' load generators do not pay for the hooks).
     pub socket_cgroup: Option<std::path::PathBuf>,
+    /// eBPF mode: the Maglev table size of frontends for traffic from outside (NodePorts,
+    /// external and LoadBalancer addresses), so every node sends a flow to the same backend;
+    /// None: random.
+    pub external_maglev: Option<u32>,
     /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
     /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
     pub sync_timeout: Option<Duration>,
@@ -105,6 +109,7 @@ impl Default for ProxyConfig {
             socket_lb: false,
             host_socket_lb: false,
             socket_cgroup: None,
+            external_maglev: Some(ebpf_dataplane::defaults::EXTERNAL_MAGLEV_TABLE_SIZE),
             sync_timeout: None,
         }
     }

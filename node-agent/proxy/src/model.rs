@@ -67,13 +67,18 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// ClientIP session affinity timeout.
     pub session_affinity: Option<Duration>,
-    /// ExternalIPs and LoadBalancer ingress IPs: the service's ports answer on these too, for
-    /// clients outside the cluster.
+    /// ExternalIPs: the service's ports answer on these too, for clients outside the cluster.
     pub external_ips: Vec<Ipv4Addr>,
+    /// LoadBalancer ingress IPs: the same, for the clients of `load_balancer_source_ranges`.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// The client prefixes LoadBalancer IPs accept (empty: any).
+    pub load_balancer_source_ranges: Vec<(Ipv4Addr, u8)>,
     /// `externalTrafficPolicy: Local`: traffic from outside keeps its client's address and
     /// goes to this node's endpoints only. Otherwise (`Cluster`) it goes to any endpoint, and
     /// leaves from the node's address towards other nodes' (so replies come back).
     pub external_local: bool,
+    /// Where the node answers a load balancer's health check (with `external_local`).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl Default for Service {
@@ -85,7 +90,10 @@ impl Default for Service {
             ports: Vec::new(),
             session_affinity: None,
             external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
             external_local: false,
+            health_check_node_port: None,
         }
     }
 }

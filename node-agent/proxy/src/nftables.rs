@@ -56,7 +56,14 @@ fn skeleton() -> String {
          add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n\
          add rule {t} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n\
          add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}\n\
-         add rule {t} service-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports\n"
+         add rule {t} service-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports\n\
+         add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}\n\
+         add chain {t} firewall-check\n\
+         add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n\
+         add chain {t} filter-prerouting-pre-dnat {{ type filter hook prerouting priority -110 ; }}\n\
+         add rule {t} filter-prerouting-pre-dnat ct state new jump firewall-check\n\
+         add chain {t} filter-output-pre-dnat {{ type filter hook output priority -110 ; }}\n\
+         add rule {t} filter-output-pre-dnat ct state new jump firewall-check\n"
     )
 }
 
@@ -73,6 +80,8 @@ struct Rendered {
     no_endpoint_nodeports: BTreeMap<String, String>,
     /// `nodeport-ips` elements: the addresses NodePorts answer on.
     nodeport_ips: std::collections::BTreeSet<String>,
+    /// `firewall-ips` elements: key -> verdict.
+    firewall: BTreeMap<String, String>,
     /// Service and endpoint chains: name -> their `add rule` lines.
     chains: BTreeMap<String, String>,
     /// Affinity sets: name -> timeout in seconds.
@@ -87,7 +96,8 @@ impl Rendered {
             + self.no_endpoints.len()
             + self.nodeports.len()
             + self.no_endpoint_nodeports.len()
-            + self.nodeport_ips.len()) as u64
+            + self.nodeport_ips.len()
+            + self.firewall.len()) as u64
     }
 }
 
@@ -162,17 +172,38 @@ impl NftablesProxier {
         base: &str,
         out: &mut Rendered,
     ) {
-        if service.external_ips.is_empty() && port.node_port.is_none() {
+        if service.external_ips.is_empty()
+            && service.load_balancer_ips.is_empty()
+            && port.node_port.is_none()
+        {
             return;
         }
         let t = TABLE;
         let proto = port.protocol.name();
         let external = port.external_endpoints();
+        let key = |ip: &std::net::Ipv4Addr| format!("{ip} . {proto} . {}", port.port);
         let keys: Vec<String> = service
             .external_ips
             .iter()
-            .map(|ip| format!("{ip} . {proto} . {}", port.port))
+            .chain(&service.load_balancer_ips)
+            .map(key)
             .collect();
+        // loadBalancerSourceRanges: checked before DNAT, for new flows to the LB addresses.
+        let ranges = &service.load_balancer_source_ranges;
+        if !ranges.is_empty() {
+            let chain = format!("firewall-{port_hash}-{base}");
+            let set: Vec<String> = ranges.iter().map(|(n, l)| format!("{n}/{l}")).collect();
+            out.chains.insert(
+                chain.clone(),
+                format!(
+                    "add rule {t} {chain} ip saddr != {{ {} }} drop\n",
+                    set.join(", ")
+                ),
+            );
+            for ip in &service.load_balancer_ips {
+                out.firewall.insert(key(ip), format!("goto {chain}"));
+            }
+        }
         let node_port = port.node_port.map(|p| format!("{proto} . {p}"));
         if external.is_empty() {
             let verdict = if port.drops_external() {
@@ -280,8 +311,9 @@ type Elements = BTreeMap<String, String>;
 fn maps<'a>(
     old: &'a Rendered,
     new: &'a Rendered,
-) -> [(&'static str, &'a Elements, &'a Elements); 4] {
+) -> [(&'static str, &'a Elements, &'a Elements); 5] {
     [
+        ("firewall-ips", &old.firewall, &new.firewall),
         ("service-ips", &old.service_ips, &new.service_ips),
         ("no-endpoint-services", &old.no_endpoints, &new.no_endpoints),
         ("service-nodeports", &old.nodeports, &new.nodeports),
