@@ -238,10 +238,11 @@ impl Proxier for EbpfProxier {
         self.dataplane
             .set_node(node)
             .context("write the node's settings")?;
-        for (iface, _) in local_addrs()?
-            .into_iter()
-            .filter(|(_, addr)| node.nodeport_addrs.contains(addr))
-        {
+        // The interfaces clients reach NodePorts on, and the masquerade address's, where the
+        // replies of flows masqueraded to it come back.
+        for (iface, _) in local_addrs()?.into_iter().filter(|(_, addr)| {
+            node.nodeport_addrs.contains(addr) || node.masquerade_addr == Some(*addr)
+        }) {
             if self.external.contains(&iface) {
                 continue;
             }
