@@ -24,7 +24,7 @@ metadata: {name: echo-cluster}
 spec:
   type: NodePort
   selector: {app: echo}
-  externalIPs: [EXTERNAL_IP]
+  externalIPs: [EXTERNAL_IP, NODE_IP]
   ports:
   - {name: http, port: 80, targetPort: http, nodePort: 30080}
   - {name: dns, port: 80, protocol: UDP, targetPort: 8080, nodePort: 30080}
@@ -153,8 +153,12 @@ fn traffic_from_outside(mode: &'static str) {
         .expect("an outside host");
     let client = client_ns.path();
     lab.apply(ECHO_DEPLOYMENT).unwrap();
-    lab.apply(&SERVICES.replace("EXTERNAL_IP", &external_ip.to_string()))
-        .unwrap();
+    lab.apply(
+        &SERVICES
+            .replace("EXTERNAL_IP", &external_ip.to_string())
+            .replace("NODE_IP", &nodes[&first].to_string()),
+    )
+    .unwrap();
     let pods = lab
         .wait_ready("app=echo", 4, Duration::from_secs(90))
         .expect("4 echo pods running and ready");
@@ -224,11 +228,11 @@ fn traffic_from_outside(mode: &'static str) {
         "a datagram to {udp} is answered: {answer:?}"
     );
 
-    // A pod reaches a NodePort on a node address (socket-level load balancing).
+    // A pod reaches a NodePort on its node's address (socket-level load balancing).
     let pod_netns = ClusterLab::pod_netns(&pods[0]);
-    let last = lab.nodes[lab.nodes.len() - 1].addr;
-    let answer = in_pod(&pod_netns, || ask(SocketAddrV4::new(last, 30080)));
-    assert!(answer.contains('@'), "a pod reaches {last}:30080: {answer}");
+    let own = nodes[pods[0]["spec"]["nodeName"].as_str().unwrap()];
+    let answer = in_pod(&pod_netns, || ask(SocketAddrV4::new(own, 30080)));
+    assert!(answer.contains('@'), "a pod reaches {own}:30080: {answer}");
 
     // externalTrafficPolicy Local: only the addressed node's pods, which see the client.
     for (node, addr) in &nodes {
@@ -255,6 +259,14 @@ fn traffic_from_outside(mode: &'static str) {
         answering,
         nodes.keys().map(String::as_str).collect(),
         "pods on both nodes answer on the ExternalIP {to}: {answers:?}"
+    );
+
+    // An ExternalIP may be a node's own address.
+    let to = SocketAddrV4::new(nodes[&first], 80);
+    let answers = gets(&client, to, 10);
+    assert!(
+        answers.iter().all(|(n, _)| n.contains('@')),
+        "the node address as an ExternalIP answers: {answers:?}"
     );
 
     // The LoadBalancer service got an address of the lab's pool, routed to the first node.

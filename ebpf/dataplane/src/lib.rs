@@ -52,6 +52,25 @@ pub use error::Error;
 
 use crate::{alloc::RangeAllocator, mmap::MmapArray};
 
+/// Runs a program load again when the verifier was interrupted: it gives up with EAGAIN when a
+/// signal arrives for the loading thread (a child process of the same program ending, ...), the
+/// longer the program the likelier. libbpf retries the same way (up to 5 attempts).
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 =>
+            {
+                attempts -= 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// The tc programs attached to interfaces, with the suffix of their links' pins.
 const TC_PROGRAMS: [(&str, &str); 3] = [
     (program_names::FROM_POD, "ingress"),
@@ -588,19 +607,15 @@ impl Dataplane {
             .chain([program_names::TC_FLOOR])
         {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?;
-            program
-                .load()
+            retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
         }
         let name = program_names::XDP_FLOOR;
         let program: &mut Xdp = program_mut(&mut ebpf, name)?;
-        program
-            .load()
-            .map_err(|source| Error::Program { name, source })?;
+        retry_interrupted(|| program.load()).map_err(|source| Error::Program { name, source })?;
         for name in SOCK_PROGRAMS {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program
-                .load()
+            retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
         }
 

@@ -55,7 +55,7 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
     let flow = pkt.flow;
     let node_addr = NODE_ADDRS.get_ptr(flow.daddr).is_some();
     let mut reselect = false;
-    let svc_key = if node_addr {
+    if node_addr {
         if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
             match known_flow(&pkt, ct) {
                 Some((entry, ended)) => return send(ctx, &pkt, &entry, ended),
@@ -72,21 +72,25 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
                 return route::out(ctx);
             }
         }
-        ServiceKey {
-            vip: NODEPORT_VIP,
-            port: flow.dport,
-            proto: flow.proto,
-            _pad: 0,
-        }
-    } else {
-        ServiceKey {
-            vip: flow.daddr,
-            port: flow.dport,
-            proto: flow.proto,
-            _pad: 0,
-        }
+    }
+    let exact = ServiceKey {
+        vip: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
     };
-    let Some(svc) = SERVICES.get_ptr(svc_key) else {
+    // A node address may also be an ExternalIP of its own (`externalIPs: [<node IP>]`); else it
+    // is a NodePort's.
+    let found = SERVICES.get_ptr(exact).or_else(|| {
+        if !node_addr {
+            return None;
+        }
+        SERVICES.get_ptr(ServiceKey {
+            vip: NODEPORT_VIP,
+            ..exact
+        })
+    });
+    let Some(svc) = found else {
         count(Counter::PassNotService);
         return Ok(TCX_NEXT);
     };
