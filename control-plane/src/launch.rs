@@ -45,53 +45,43 @@ impl Process {
         host: IpAddr,
         extra: &[&str],
     ) -> Result<Self> {
+        let start = || -> Result<Self> {
+            let listen = SocketAddr::new(host, free_port(host)?).to_string();
+            let feed = SocketAddr::new(host, free_port(host)?).to_string();
+            let kubeconfig = state_dir.join("kubeconfig");
+            let mut args: Vec<String> = vec![
+                "--store".into(),
+                store.into(),
+                "--listen".into(),
+                listen.clone(),
+            ];
+            args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
+            args.extend([
+                "--state-dir".into(),
+                state_dir.join("state").display().to_string(),
+            ]);
+            args.extend(["--feed-listen".into(), feed.clone()]);
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            let child = spawn(binary, &args)?;
+            Ok(Self {
+                child,
+                binary: binary.to_owned(),
+                args,
+                kubeconfig,
+                listen,
+                feed_url: format!("https://{feed}"),
+                node_token: state_dir.join("state").join("node-token"),
+            })
+        };
         // A port that is free now may be taken before the child binds it: another start
         // retries with other ports.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::start_once(binary, store, state_dir, host, extra) {
-                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
-                    continue;
-                }
+        for _ in 1..5 {
+            match start() {
+                Err(e) if format!("{e:#}").contains("Address already in use") => continue,
                 outcome => return outcome,
             }
         }
-    }
-
-    fn start_once(
-        binary: &Path,
-        store: &str,
-        state_dir: &Path,
-        host: IpAddr,
-        extra: &[&str],
-    ) -> Result<Self> {
-        let listen = SocketAddr::new(host, free_port(host)?).to_string();
-        let feed = SocketAddr::new(host, free_port(host)?).to_string();
-        let kubeconfig = state_dir.join("kubeconfig");
-        let mut args: Vec<String> = vec![
-            "--store".into(),
-            store.into(),
-            "--listen".into(),
-            listen.clone(),
-        ];
-        args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
-        args.extend([
-            "--state-dir".into(),
-            state_dir.join("state").display().to_string(),
-        ]);
-        args.extend(["--feed-listen".into(), feed.clone()]);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let child = spawn(binary, &args)?;
-        Ok(Self {
-            child,
-            binary: binary.to_owned(),
-            args,
-            kubeconfig,
-            listen,
-            feed_url: format!("https://{feed}"),
-            node_token: state_dir.join("state").join("node-token"),
-        })
+        start()
     }
 
     /// Kills the process (as a crash would) and starts it again on the same state and port.
