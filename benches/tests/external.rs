@@ -233,6 +233,21 @@ fn traffic_from_outside(mode: &'static str) {
     let own = nodes[pods[0]["spec"]["nodeName"].as_str().unwrap()];
     let answer = in_pod(&pod_netns, || ask(SocketAddrV4::new(own, 30080)));
     assert!(answer.contains('@'), "a pod reaches {own}:30080: {answer}");
+    // A pod reaches the other node's NodePort, whichever node's pod answers. The pod leaves
+    // its node masqueraded to that node's address, which is also an ExternalIP here (in the
+    // service ranges): the answering node must still see its pod's replies as replies.
+    for pod in &pods {
+        let netns = ClusterLab::pod_netns(pod);
+        let node = pod["spec"]["nodeName"].as_str().unwrap();
+        for (other, addr) in nodes.iter().filter(|(n, _)| *n != node) {
+            let to = SocketAddrV4::new(*addr, 30080);
+            let answers: Vec<String> = (0..8).map(|_| in_pod(&netns, || ask(to))).collect();
+            assert!(
+                answers.iter().all(|a| a.contains('@')),
+                "a pod on {node} reaches {other}'s NodePort {to} every time: {answers:?}"
+            );
+        }
+    }
 
     // externalTrafficPolicy Local: only the addressed node's pods, which see the client.
     for (node, addr) in &nodes {

@@ -263,7 +263,7 @@ fn cleanup_leftovers() {
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = ["kt-", "kb-", "ka-", "keel-"]
+            let ours = ["kt-", "kb-", "ka-", "kp-", "keel-"]
                 .iter()
                 .any(|p| name.starts_with(p));
             if ours && !alive(&name) {

@@ -270,17 +270,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         return hairpin_reply(ctx, &pkt, ifindex);
     }
     if !in_service_ranges(flow.daddr) {
-        if let Some(revnat) = REVNAT.get_ptr(flow) {
-            // SAFETY: copied out at once from a successful lookup.
-            let revnat = unsafe { revnat.read() };
-            if revnat.flags & REVNAT_FLAG_EXTERNAL != 0 {
-                // A pod's reply to a client outside the cluster: from the NodePort or
-                // external address the client used, routed out here (its source may be a
-                // node address, which the node's own stack would refuse as a martian).
-                restore(ctx, &pkt, &revnat, flow.daddr)?;
-                count(Counter::RevNat);
-                return route::out(ctx);
-            }
+        if let Some(verdict) = reply_to_outside(ctx, &pkt)? {
+            return Ok(verdict);
         }
         forget_stale_reply(&pkt);
         count(Counter::PassOutsideRanges);
@@ -301,6 +292,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
             return Ok(verdict);
         }
         reselect = true;
+    } else if let Some(verdict) = reply_to_outside(ctx, &pkt)? {
+        // An outside client may have an address in the service ranges (a node's, when it is
+        // also an ExternalIP; pods masqueraded to it); its replies are not new flows.
+        return Ok(verdict);
     }
 
     let Some(svc) = SERVICES.get_ptr(svc_key) else {
@@ -319,6 +314,24 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let verdict = forward(ctx, &pkt, &entry, ifindex)?;
     finish_new(&pkt, reselect);
     Ok(verdict)
+}
+
+/// A pod's reply to a client outside the cluster, if `pkt` is one: from the NodePort or
+/// external address the client used, routed out here (its source may be a node address, which
+/// the node's own stack would refuse as a martian).
+#[inline(always)]
+fn reply_to_outside(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Counter> {
+    let Some(revnat) = REVNAT.get_ptr(pkt.flow) else {
+        return Ok(None);
+    };
+    // SAFETY: copied out at once from a successful lookup.
+    let revnat = unsafe { revnat.read() };
+    if revnat.flags & REVNAT_FLAG_EXTERNAL == 0 {
+        return Ok(None);
+    }
+    restore(ctx, pkt, &revnat, pkt.flow.daddr)?;
+    count(Counter::RevNat);
+    route::out(ctx).map(Some)
 }
 
 /// A packet of a flow conntrack knows (`ct`, its entry): the entry when the flow stays on its
