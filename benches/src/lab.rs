@@ -18,7 +18,10 @@ use node_agent::launch::AgentProcess;
 use node_agent_kubelet::image::{
     ImageConfig, ImageSpec, ImageStore, build_layout, shared_libraries,
 };
-use node_agent_netns::{lab::NodeNetwork, netns::Netns};
+use node_agent_netns::{
+    lab::{NodeNetwork, set_tx_checksum},
+    netns::Netns,
+};
 
 /// The images every node of a lab has.
 pub const BUSYBOX: &str = "busybox:latest";
@@ -36,7 +39,8 @@ pub struct Options {
     pub dir: Option<PathBuf>,
     /// The agents' `RUST_LOG` (their logs go to stderr with the node's name in front).
     pub agent_log: &'static str,
-    /// The agents' `--proxy-mode` (`ebpf`, `iptables`, `nftables`).
+    /// The agents' `--proxy-mode` (`ebpf`, `iptables`, `nftables`), or `ebpf-xdp` (eBPF with
+    /// `--xdp native`).
     pub proxy_mode: &'static str,
 }
 
@@ -117,6 +121,9 @@ impl ClusterLab {
         };
         progress("building the node network");
         let mut network = NodeNetwork::new(&opts.prefix)?;
+        if opts.proxy_mode.ends_with("-xdp") {
+            network.accept_xdp_frames()?;
+        }
         let mut namespaces = Vec::new();
         for i in 0..opts.nodes {
             let ns = Netns::new(&format!("{}-node{i}", opts.prefix))?;
@@ -150,7 +157,7 @@ impl ClusterLab {
             }
             let pin_dir = PathBuf::from(format!("/sys/fs/bpf/keel-{}-{name}", opts.prefix));
             let metrics = SocketAddr::from((addr, 10249));
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "run".into(),
                 "--node-name".into(),
                 name.clone(),
@@ -173,9 +180,17 @@ impl ClusterLab {
                 opts.restart_backoff.to_string(),
                 "--metrics-addr".into(),
                 metrics.to_string(),
-                "--proxy-mode".into(),
-                opts.proxy_mode.into(),
             ];
+            // `ebpf-xdp`: the eBPF mode with its XDP fast path in the driver.
+            match opts.proxy_mode.strip_suffix("-xdp") {
+                Some(mode) => args.extend([
+                    "--proxy-mode".into(),
+                    mode.into(),
+                    "--xdp".into(),
+                    "native".into(),
+                ]),
+                None => args.extend(["--proxy-mode".into(), opts.proxy_mode.into()]),
+            }
             let (ns_path, binary, log) = (ns.path(), binaries.node_agent.clone(), opts.agent_log);
             let agent = AgentProcess::start(&name, metrics, move || {
                 let mut cmd = in_netns(&ns_path, &binary)?;
@@ -217,6 +232,10 @@ impl ClusterLab {
     ) -> Result<(Netns, Ipv4Addr)> {
         let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let addr = self.network.add(&ns, "eth0")?;
+        // Full checksums, as frames from a wire carry them: over a veth the stack would leave
+        // them to an offload that never comes (CHECKSUM_PARTIAL), which XDP cannot complete.
+        ns.run(|| set_tx_checksum("eth0", false))?
+            .context("turn off checksum offload")?;
         for ((dest, len), via) in routes {
             ns.ip(&[
                 "route",

@@ -124,6 +124,13 @@ fn ebpf_serves_traffic_from_outside() {
     traffic_from_outside("ebpf");
 }
 
+/// The same with the XDP fast path in the nodes' drivers: what it forwards must answer as tc
+/// does, and it must really forward (the outside host sends full checksums, as a wire would).
+#[test]
+fn ebpf_xdp_serves_traffic_from_outside() {
+    traffic_from_outside("ebpf-xdp");
+}
+
 #[test]
 fn iptables_serves_traffic_from_outside() {
     traffic_from_outside("iptables");
@@ -139,7 +146,8 @@ fn nftables_serves_traffic_from_outside() {
 /// `externalTrafficPolicy: Cluster` traffic.
 fn traffic_from_outside(mode: &'static str) {
     let mut lab = lab_in(&format!("ext-{mode}"), mode);
-    let masquerades_local = mode != "ebpf";
+    let ebpf = mode.starts_with("ebpf");
+    let masquerades_local = !ebpf;
     let external_ip = Ipv4Addr::from(u32::from(lab.network.host) + 199);
     let nodes: BTreeMap<String, Ipv4Addr> =
         lab.nodes.iter().map(|n| (n.name.clone(), n.addr)).collect();
@@ -199,7 +207,24 @@ fn traffic_from_outside(mode: &'static str) {
         }
     }
 
-    if mode == "ebpf" {
+    if mode == "ebpf-xdp" {
+        let forwarded: u64 = lab
+            .nodes
+            .iter()
+            .map(|n| {
+                let stats = ebpf_dataplane::Pinned::open(&n.pin_dir)
+                    .and_then(|p| p.stats())
+                    .expect("the node's counters");
+                stats.get(ebpf_dataplane::Counter::XdpForwarded)
+            })
+            .sum();
+        // Half of 120 connections went to the other node's pods: their packets both ways.
+        assert!(
+            forwarded >= 100,
+            "XDP forwarded the masqueraded flows' packets: {forwarded}"
+        );
+    }
+    if ebpf {
         // Maglev: whichever node a client's flow (address and port) reaches, it goes to the
         // same backend, so a load balancer may spread a connection's packets over nodes.
         for port in [40001u16, 40002, 40003, 40004] {

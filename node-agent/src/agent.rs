@@ -171,6 +171,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         socket_cgroup: None,
         external_maglev: (args.external_maglev_table_size > 0)
             .then_some(args.external_maglev_table_size),
+        xdp: args.xdp,
         sync_timeout: None,
     };
     let proxier = node_agent_proxy::start(args.proxy_mode, &config)

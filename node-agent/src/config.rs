@@ -110,6 +110,10 @@ pub struct RunArgs {
     /// client's flow to the same backend (eBPF mode; 0: random)
     #[arg(long, default_value_t = ebpf_dataplane::defaults::EXTERNAL_MAGLEV_TABLE_SIZE)]
     pub external_maglev_table_size: u32,
+    /// The XDP fast path for traffic from outside on the node's interfaces (eBPF mode): off,
+    /// native (in the driver; on a veth its peer needs XDP or GRO) or generic
+    #[arg(long, default_value = "off")]
+    pub xdp: ebpf_dataplane::XdpAcceleration,
     /// Which local sockets are load balanced at connect time (eBPF mode)
     #[arg(long, value_enum, default_value = "all")]
     pub socket_lb: SocketLb,

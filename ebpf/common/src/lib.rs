@@ -151,6 +151,9 @@ pub mod program_names {
     /// tc ingress on the node's own interfaces: traffic from outside the cluster to NodePorts,
     /// ExternalIPs and LoadBalancer IPs, and the replies of the flows it sent to other nodes.
     pub const FROM_OUTSIDE: &str = "from_outside";
+    /// XDP on the node's own interfaces: the fast path of `from_outside` (flows masqueraded to
+    /// other nodes' backends, and their replies, sent out before the stack).
+    pub const FROM_OUTSIDE_XDP: &str = "from_outside_xdp";
     /// Minimal XDP program returning XDP_PASS.
     pub const XDP_FLOOR: &str = "xdp_floor";
     /// Minimal tc program passing every packet on (TCX_NEXT): the floor a tc program's
@@ -646,10 +649,18 @@ counters! {
     /// A new flow to a LoadBalancer address from a client outside its
     /// `loadBalancerSourceRanges`.
     DropSourceRange = 30, "drop_source_range", Drop;
+    /// A packet the data plane had to route itself arrived with no hops left to live.
+    DropTtlExceeded = 31, "drop_ttl_exceeded", Drop;
+    /// A packet from outside forwarded by the XDP program: translated and sent out of the
+    /// node without the kernel's stack (it also counts under its tc-path verdict).
+    XdpForwarded = 32, "xdp_forwarded", Event;
+    /// A packet the XDP program left to tc because its L4 checksum was only the pseudo-header
+    /// sum (CHECKSUM_PARTIAL, sent by this host's own stack over a veth).
+    XdpPartialChecksum = 33, "xdp_partial_checksum", Event;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 31;
+pub const COUNTER_COUNT: u32 = 34;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the

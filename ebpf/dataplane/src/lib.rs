@@ -37,8 +37,10 @@ use aya::{
     maps::{HashMap, IterableMap, Map, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TestRun, TestRunOptions, Xdp,
+        XdpMode as AttachMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use ebpf_common::{
@@ -311,6 +313,33 @@ impl Config {
     }
 }
 
+/// How the XDP fast path for traffic from outside runs on an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpAcceleration {
+    /// Not at all: tc's `from_outside` does everything.
+    #[default]
+    Off,
+    /// In the driver (the fast path proper). On a veth, the peer must take XDP frames: it needs
+    /// an XDP program of its own or GRO enabled, or what the fast path sends out is lost.
+    Native,
+    /// In the kernel's generic hook, after the skb is built (any interface; little gain).
+    Generic,
+}
+
+impl std::str::FromStr for XdpAcceleration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(XdpAcceleration::Off),
+            "native" => Ok(XdpAcceleration::Native),
+            "generic" => Ok(XdpAcceleration::Generic),
+            other => Err(format!(
+                "XDP mode {other:?}: expected off, native or generic"
+            )),
+        }
+    }
+}
+
 /// A program to run under BPF_PROG_TEST_RUN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -324,6 +353,8 @@ pub enum Hook {
     TcFloor,
     /// The minimal XDP_PASS program.
     XdpFloor,
+    /// XDP on the node's own interface (the fast path of `FromOutside`).
+    FromOutsideXdp,
 }
 
 impl Hook {
@@ -334,6 +365,7 @@ impl Hook {
             Hook::FromOutside => program_names::FROM_OUTSIDE,
             Hook::TcFloor => program_names::TC_FLOOR,
             Hook::XdpFloor => program_names::XDP_FLOOR,
+            Hook::FromOutsideXdp => program_names::FROM_OUTSIDE_XDP,
         }
     }
 }
@@ -356,7 +388,10 @@ pub mod verdict {
     pub const TCX_NEXT: u32 = u32::MAX;
     pub const TC_ACT_SHOT: u32 = 2;
     pub const TC_ACT_REDIRECT: u32 = 7;
+    pub const XDP_DROP: u32 = 1;
     pub const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
+    pub const XDP_REDIRECT: u32 = 4;
 }
 
 /// How often the node agent collects conntrack ([`Dataplane::gc`]).
@@ -610,9 +645,11 @@ impl Dataplane {
             retry_interrupted(|| program.load())
                 .map_err(|source| Error::Program { name, source })?;
         }
-        let name = program_names::XDP_FLOOR;
-        let program: &mut Xdp = program_mut(&mut ebpf, name)?;
-        retry_interrupted(|| program.load()).map_err(|source| Error::Program { name, source })?;
+        for name in [program_names::XDP_FLOOR, program_names::FROM_OUTSIDE_XDP] {
+            let program: &mut Xdp = program_mut(&mut ebpf, name)?;
+            retry_interrupted(|| program.load())
+                .map_err(|source| Error::Program { name, source })?;
+        }
         for name in SOCK_PROGRAMS {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             retry_interrupted(|| program.load())
@@ -1049,12 +1086,64 @@ impl Dataplane {
     pub fn detach(&mut self, iface: &str) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
         self.set_sources(ifindex, &[])?;
-        for (program, _) in TC_PROGRAMS {
+        for program in TC_PROGRAMS
+            .iter()
+            .map(|(program, _)| *program)
+            .chain([program_names::FROM_OUTSIDE_XDP])
+        {
             let pin = self.link_pin(ifindex, program);
             if pin.exists() {
                 remove_file(&pin)?;
             }
         }
+        Ok(())
+    }
+
+    /// Attaches the XDP fast path of `from_outside` to one of the node's own interfaces
+    /// ([`XdpAcceleration`]), or removes it (`Off`). Attaching again (a restart) replaces the program
+    /// atomically. `from_outside` must be attached too: the fast path leaves it everything
+    /// else.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpAcceleration) -> Result<(), Error> {
+        let ifindex = ifindex(iface)?;
+        let name = program_names::FROM_OUTSIDE_XDP;
+        let pin = self.link_pin(ifindex, name);
+        let flags = match mode {
+            XdpAcceleration::Off => {
+                if pin.exists() {
+                    remove_file(&pin)?;
+                }
+                return Ok(());
+            }
+            XdpAcceleration::Native => AttachMode::Driver,
+            XdpAcceleration::Generic => AttachMode::Skb,
+        };
+        let program: &mut Xdp = program_mut(&mut self.ebpf, name)?;
+        let program_error = |source| Error::Program { name, source };
+        if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| Error::Link {
+                path: pin.clone(),
+                source,
+            })?;
+            if let Ok(id) = program.attach_to_link(link) {
+                // The pin keeps the link attached; our handle can go.
+                drop(program.take_link(id).map_err(program_error)?);
+                return Ok(());
+            }
+            // The interface the link was on is gone: the pin is stale.
+            remove_file(&pin)?;
+        }
+        let id = program.attach(iface, flags).map_err(program_error)?;
+        let link = program.take_link(id).map_err(program_error)?;
+        FdLink::try_from(link)
+            .map_err(|source| Error::Link {
+                path: pin.clone(),
+                source,
+            })?
+            .pin(&pin)
+            .map_err(|source| Error::Pin {
+                path: pin.clone(),
+                source: io::Error::other(source),
+            })?;
         Ok(())
     }
 
@@ -1130,10 +1219,14 @@ impl Dataplane {
     /// Where the link of tc program `program` on interface `ifindex` is pinned:
     /// `links/if<ifindex>-<suffix>`.
     fn link_pin(&self, ifindex: u32, program: &str) -> PathBuf {
-        let suffix = TC_PROGRAMS
-            .iter()
-            .find(|(p, _)| *p == program)
-            .map_or(program, |(_, suffix)| suffix);
+        let suffix = if program == program_names::FROM_OUTSIDE_XDP {
+            "xdp"
+        } else {
+            TC_PROGRAMS
+                .iter()
+                .find(|(p, _)| *p == program)
+                .map_or(program, |(_, suffix)| suffix)
+        };
         self.pin_dir
             .join("links")
             .join(format!("if{ifindex}-{suffix}"))
@@ -1823,7 +1916,9 @@ impl Dataplane {
             ..TestRunOptions::default()
         };
         let result = match hook {
-            Hook::XdpFloor => program_mut::<Xdp>(&mut self.ebpf, name)?.test_run(opts),
+            Hook::XdpFloor | Hook::FromOutsideXdp => {
+                program_mut::<Xdp>(&mut self.ebpf, name)?.test_run(opts)
+            }
             _ => program_mut::<SchedClassifier>(&mut self.ebpf, name)?.test_run(opts),
         }
         .map_err(|source| Error::Program { name, source })?;

@@ -18,8 +18,9 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use ebpf_common::{
-    CT_FLAG_MASQ, Counter, NODEPORT_VIP, REVNAT_FLAG_EXTERNAL, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_EXTERNAL, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    CT_FLAG_MASQ, Counter, CtEntry, NODEPORT_VIP, REVNAT_FLAG_EXTERNAL, RevNat,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRange,
 };
 
 use crate::{
@@ -42,23 +43,36 @@ pub fn is_local(addr: u32) -> bool {
     }
 }
 
+/// What a packet from outside calls for.
+pub enum Action {
+    /// Not ours: let it through (this verdict counter says why).
+    Pass(Counter),
+    /// A packet of a known flow, for its backend; whether the flow has now ended.
+    Known(CtEntry, bool),
+    /// A new flow's first packet, for its backend; whether it reselected a reused tuple.
+    New(CtEntry, bool),
+    /// The reply of a flow masqueraded here, back to its client.
+    Reply(RevNat),
+    /// A new flow to a service without endpoints: refused with an ICMP error.
+    Reject,
+}
+
+/// Decides what a packet from outside calls for, updating the flow state as the packet goes
+/// (its flow's entry, a new flow's entries). `fast` (XDP): a known flow that is not
+/// masqueraded is passed before its state is touched, so tc, which forwards it, updates it
+/// once.
 #[inline(always)]
-pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
-    let pkt = match work(ctx)? {
-        Ok(Work::Packet(pkt)) => pkt,
-        Ok(Work::Icmp(_)) => {
-            count(Counter::PassNotService);
-            return Ok(TCX_NEXT);
-        }
-        Err(verdict) => return Ok(verdict),
-    };
+pub fn decide(pkt: &Packet, fast: bool) -> Result<Action, Counter> {
     let flow = pkt.flow;
     let node_addr = NODE_ADDRS.get_ptr(flow.daddr).is_some();
     let mut reselect = false;
     if node_addr {
         if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-            match known_flow(&pkt, ct) {
-                Some((entry, ended)) => return send(ctx, &pkt, &entry, ended),
+            if fast && !masqueraded(ct) {
+                return Ok(Action::Pass(Counter::PassNotService));
+            }
+            match known_flow(pkt, ct) {
+                Some((entry, ended)) => return Ok(Action::Known(entry, ended)),
                 None => reselect = true,
             }
         } else if let Some(revnat) = REVNAT.get_ptr(flow) {
@@ -67,9 +81,7 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
             if revnat.flags & REVNAT_FLAG_EXTERNAL != 0 {
                 // The reply of a masqueraded flow: back to the client, from the address it
                 // used.
-                restore(ctx, &pkt, &revnat, flow.daddr)?;
-                count(Counter::RevNat);
-                return route::out(ctx);
+                return Ok(Action::Reply(revnat));
             }
         }
     }
@@ -91,18 +103,19 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
         })
     });
     let Some(svc) = found else {
-        count(Counter::PassNotService);
-        return Ok(TCX_NEXT);
+        return Ok(Action::Pass(Counter::PassNotService));
     };
     // SAFETY: SERVICES is not preallocated: a value stays valid for this RCU section.
     let svc: ServiceValue = unsafe { *svc };
     if svc.flags & SVC_FLAG_EXTERNAL == 0 {
-        count(Counter::PassClusterOnly);
-        return Ok(TCX_NEXT);
+        return Ok(Action::Pass(Counter::PassClusterOnly));
     }
     if !node_addr && let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-        match known_flow(&pkt, ct) {
-            Some((entry, ended)) => return send(ctx, &pkt, &entry, ended),
+        if fast && !masqueraded(ct) {
+            return Ok(Action::Pass(Counter::PassNotService));
+        }
+        match known_flow(pkt, ct) {
+            Some((entry, ended)) => return Ok(Action::Known(entry, ended)),
             None => reselect = true,
         }
     }
@@ -122,9 +135,7 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
         if svc.flags & SVC_FLAG_DROP_EMPTY != 0 {
             return Err(Counter::DropNoLocalEndpoint);
         }
-        let verdict = reject::port_unreachable(ctx, &pkt)?;
-        count(Counter::RejectNoBackend);
-        return Ok(verdict);
+        return Ok(Action::Reject);
     }
     let nat_addr = if node_addr {
         flow.daddr
@@ -134,20 +145,55 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
             _ => flow.daddr,
         }
     };
-    let entry = open_flow(&pkt, &svc, reselect, Some(nat_addr))?;
-    let verdict = to_backend(ctx, &pkt, &entry)?;
-    finish_new(&pkt, reselect);
-    Ok(verdict)
+    let entry = open_flow(pkt, &svc, reselect, Some(nat_addr))?;
+    Ok(Action::New(entry, reselect))
+}
+
+/// Whether the flow of conntrack entry `ct` is masqueraded to another node's backend.
+#[inline(always)]
+fn masqueraded(ct: *mut CtEntry) -> bool {
+    // SAFETY: the pointer comes from a successful lookup; one field read.
+    let flags = unsafe { (*ct).flags };
+    flags & CT_FLAG_MASQ != 0
+}
+
+#[inline(always)]
+pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
+    let pkt = match work(ctx)? {
+        Ok(Work::Packet(pkt)) => pkt,
+        Ok(Work::Icmp(_)) => {
+            count(Counter::PassNotService);
+            return Ok(TCX_NEXT);
+        }
+        Err(verdict) => return Ok(verdict),
+    };
+    match decide(&pkt, false)? {
+        Action::Pass(counter) => {
+            count(counter);
+            Ok(TCX_NEXT)
+        }
+        Action::Known(entry, ended) => send(ctx, &pkt, &entry, ended),
+        Action::New(entry, reselect) => {
+            let verdict = to_backend(ctx, &pkt, &entry)?;
+            finish_new(&pkt, reselect);
+            Ok(verdict)
+        }
+        Action::Reply(revnat) => {
+            restore(ctx, &pkt, &revnat, pkt.flow.daddr)?;
+            count(Counter::RevNat);
+            route::out(ctx)
+        }
+        Action::Reject => {
+            let verdict = reject::port_unreachable(ctx, &pkt)?;
+            count(Counter::RejectNoBackend);
+            Ok(verdict)
+        }
+    }
 }
 
 /// A packet of a known flow from outside, to its backend.
 #[inline(always)]
-fn send(
-    ctx: &TcContext,
-    pkt: &Packet,
-    entry: &ebpf_common::CtEntry,
-    ended: bool,
-) -> Result<i32, Counter> {
+fn send(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ended: bool) -> Result<i32, Counter> {
     let verdict = to_backend(ctx, pkt, entry)?;
     finish_known(pkt, entry, ended);
     Ok(verdict)
@@ -156,7 +202,7 @@ fn send(
 /// Translates a packet from outside for its backend: a masqueraded one is routed out here
 /// (its source is now a node address), the others go on through the node's stack.
 #[inline(always)]
-fn to_backend(ctx: &TcContext, pkt: &Packet, entry: &ebpf_common::CtEntry) -> Result<i32, Counter> {
+fn to_backend(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, Counter> {
     let verdict = forward(ctx, pkt, entry, ifindex(ctx))?;
     if entry.flags & CT_FLAG_MASQ != 0 {
         return route::out(ctx);

@@ -42,7 +42,7 @@ pub fn translate(ctx: &TcContext, e: &IcmpError, t: &Translation) -> Result<(), 
             } else {
                 UDP_CSUM_OFF
             };
-        let old = read_at::<u16>(ctx, off).ok_or(())?;
+        let old = read_at::<u16, _>(ctx, off).ok_or(())?;
         // A UDP checksum of 0 means none: it stays 0.
         if inner.proto == IPPROTO_TCP || old != 0 {
             let mut new = csum_replace4(old, inner.saddr, t.inner_src.0);

@@ -32,6 +32,7 @@ mod reject;
 mod route;
 mod sock;
 mod stats;
+mod xdp;
 
 use core::ptr::addr_of_mut;
 
@@ -138,6 +139,19 @@ pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx, Family::V6)
+}
+
+/// XDP on the node's own interfaces: the fast path for flows from outside masqueraded to
+/// other nodes' backends (`xdp`); everything else goes on to `from_outside`.
+#[xdp]
+pub fn from_outside_xdp(ctx: XdpContext) -> u32 {
+    match xdp::from_outside(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
 }
 
 /// The per-packet cost floor of a tc program: the least one can do on the hook `from_pod`
@@ -601,7 +615,7 @@ pub(crate) fn forward(
 /// came in on), as if its gateway had sent it: the MAC addresses swap.
 #[inline(always)]
 fn back_into_pod(ctx: &TcContext, ifindex: u32) -> Result<i32, Counter> {
-    let macs = read_at::<[u8; 12]>(ctx, 0).ok_or(Counter::DropRewrite)?;
+    let macs = read_at::<[u8; 12], _>(ctx, 0).ok_or(Counter::DropRewrite)?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
@@ -753,12 +767,20 @@ pub(crate) fn restore(
         )
         .map_err(|()| Counter::DropRewrite)?;
     }
-    let client = original;
     track_fragments(pkt);
+    track_reply(pkt, revnat, original);
+    Ok(())
+}
+
+/// A reply of a TCP flow closing: the flow's state follows the server's FIN, and the flow is
+/// forgotten once it has ended. `client`: the client's own address.
+#[inline(always)]
+pub(crate) fn track_reply(pkt: &Packet, revnat: &RevNat, client: u32) {
+    let flow = &pkt.flow;
     if flow.proto != IPPROTO_TCP
         || (pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 && revnat.flags & REVNAT_FLAG_CLOSING == 0)
     {
-        return Ok(());
+        return;
     }
     let client_flow = FlowKey {
         saddr: client,
@@ -775,7 +797,6 @@ pub(crate) fn restore(
             forget(&client_flow, flow);
         }
     }
-    Ok(())
 }
 
 /// An ICMP error a pod sends about a packet a service sent it (its kernel refused a reply, or

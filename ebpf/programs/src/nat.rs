@@ -77,7 +77,7 @@ pub fn rewrite(
 /// callers that must also account for them elsewhere, like an ICMP checksum over a quote).
 #[inline(always)]
 pub fn set_ip_addr(ctx: &TcContext, ip_off: usize, end: End, new: u32) -> Result<(u16, u16), ()> {
-    let ip = read_at::<Ipv4Hdr>(ctx, ip_off).ok_or(())?;
+    let ip = read_at::<Ipv4Hdr, _>(ctx, ip_off).ok_or(())?;
     let (mut saddr, mut daddr) = (ip.saddr, ip.daddr);
     let old = match end {
         End::Destination => core::mem::replace(&mut daddr, new),

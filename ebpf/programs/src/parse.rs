@@ -1,9 +1,11 @@
 //! Packet parsing: one bounds-checked accessor and the few header fields the data plane reads.
-//! Everything the verifier needs to prove packet access safe goes through [`ptr_at`].
+//! Everything the verifier needs to prove packet access safe goes through [`ptr_at`]. The
+//! same parser serves tc (an skb, maybe paged) and XDP (one linear buffer): [`Frame`] is what
+//! it needs of either.
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use ebpf_common::{Counter, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -40,11 +42,69 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+/// A frame the parser can read: its linear data, its length, and a way to make more of it
+/// linear.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole frame's length (linear data and pages).
+    fn frame_len(&self) -> usize;
+    /// Makes sure the first `len` bytes of the frame are in the linear data, pulling them in
+    /// if the frame has pages; false if the frame is shorter. Invalidates packet pointers. The
+    /// accessors still check bounds: this only makes the data reachable.
+    fn ensure_linear(&self, len: usize) -> bool;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
+    }
+    /// A paged skb (GRO) has its first bytes pulled in once.
+    #[inline(always)]
+    fn ensure_linear(&self, len: usize) -> bool {
+        if self.data() + len <= self.data_end() {
+            return true;
+        }
+        self.pull_data(len as u32).is_ok() && self.data() + len <= self.data_end()
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+    /// An XDP buffer (single-buffer mode, the only one the program declares) is all linear;
+    /// the accessors' own bounds checks are the only ones (a second, equal check here would be
+    /// merged by the compiler into one the verifier cannot follow).
+    #[inline(always)]
+    fn ensure_linear(&self, _len: usize) -> bool {
+        true
+    }
+}
+
 /// A pointer to a `T` at `offset` from the start of the frame, if the linear data holds it.
 /// Packet data has no alignment guarantee: read and write through it with
 /// `read_unaligned`/`write_unaligned`, or with byte arrays.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T, C: Frame>(ctx: &C, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -55,9 +115,9 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
 
 /// Reads a `T` at `offset`, if the linear data holds it (any alignment).
 #[inline(always)]
-pub fn read_at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub fn read_at<T: Copy, C: Frame>(ctx: &C, offset: usize) -> Option<T> {
     // SAFETY: ptr_at checked the bounds; read_unaligned makes no alignment assumption.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+    ptr_at::<T, C>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
 /// Where a packet stands in its datagram's fragmentation.
@@ -117,37 +177,27 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
-/// Makes sure the first `len` bytes of the frame are in the linear data, pulling them in once
-/// if the skb is paged (GRO). False if the packet is shorter. Invalidates packet pointers.
-#[inline(always)]
-fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
-    if ctx.data() + len <= ctx.data_end() {
-        return true;
-    }
-    ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
-}
-
 /// Parses Ethernet, IPv4 and the TCP/UDP ports, or an ICMP error and its quote.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
-    let Some(eth_proto) = read_at::<u16>(ctx, 12) else {
+pub fn parse<C: Frame>(ctx: &C) -> Parsed {
+    let Some(eth_proto) = read_at::<u16, C>(ctx, 12) else {
         return Parsed::Pass(Counter::PassNotIpv4);
     };
     if eth_proto != ETH_P_IP.to_be() {
         return Parsed::Pass(Counter::PassNotIpv4);
     }
-    if !ensure_linear(ctx, ETH_HLEN + IP_HLEN) {
+    if !ctx.ensure_linear(ETH_HLEN + IP_HLEN) {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     }
-    let Some(ip) = read_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+    let Some(ip) = read_at::<Ipv4Hdr, C>(ctx, ETH_HLEN) else {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     };
     let frag_off = u16::from_be(ip.frag_off);
     let tot_len = u16::from_be(ip.tot_len);
     let ihl = (ip.version_ihl & 0x0f) as usize * 4;
     // A total length of 0 is BIG TCP (a GRO packet over 64 KiB): its length is the skb's.
-    let tot_len_bad = tot_len != 0
-        && ((tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > ctx.len() as usize);
+    let tot_len_bad =
+        tot_len != 0 && ((tot_len as usize) < ihl || ETH_HLEN + tot_len as usize > ctx.frame_len());
     if ip.version_ihl >> 4 != 4 || ihl < IP_HLEN || tot_len_bad {
         return Parsed::Drop(Counter::DropMalformedIpv4);
     }
@@ -177,10 +227,10 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // through one bounds-checked pointer, which the verifier follows (a byte-wise unaligned
     // copy from a variable offset it does not).
     if fragment != Fragment::Later && ip.proto == IPPROTO_TCP {
-        if !ensure_linear(ctx, l4_off + TCP_HLEN) {
+        if !ctx.ensure_linear(l4_off + TCP_HLEN) {
             return Parsed::Drop(Counter::DropTruncatedL4);
         }
-        let Some(tcp) = ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off) else {
+        let Some(tcp) = ptr_at::<[u8; TCP_HLEN], C>(ctx, l4_off) else {
             return Parsed::Drop(Counter::DropTruncatedL4);
         };
         // SAFETY: ptr_at checked the bounds; a byte array has no alignment.
@@ -189,10 +239,10 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         flow.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
         tcp_flags = tcp[13];
     } else if fragment != Fragment::Later {
-        if !ensure_linear(ctx, l4_off + UDP_HLEN) {
+        if !ctx.ensure_linear(l4_off + UDP_HLEN) {
             return Parsed::Drop(Counter::DropTruncatedL4);
         }
-        let Some(udp) = ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off) else {
+        let Some(udp) = ptr_at::<[u8; UDP_HLEN], C>(ctx, l4_off) else {
             return Parsed::Drop(Counter::DropTruncatedL4);
         };
         // SAFETY: as above.
@@ -211,20 +261,20 @@ pub fn parse(ctx: &TcContext) -> Parsed {
 
 /// An ICMP error quoting a TCP or UDP packet (with at least its ports), or a pass.
 #[inline(always)]
-fn icmp(ctx: &TcContext, outer: &FlowKey) -> Parsed {
+fn icmp<C: Frame>(ctx: &C, outer: &FlowKey) -> Parsed {
     let icmp_off = ETH_HLEN + IP_HLEN;
     // The ICMP header, the quoted IP header (no options), the quoted ports.
-    if !ensure_linear(ctx, icmp_off + ICMP_HLEN + IP_HLEN + 4) {
+    if !ctx.ensure_linear(icmp_off + ICMP_HLEN + IP_HLEN + 4) {
         return Parsed::Pass(Counter::PassNotService);
     }
-    let Some(kind) = read_at::<u8>(ctx, icmp_off) else {
+    let Some(kind) = read_at::<u8, C>(ctx, icmp_off) else {
         return Parsed::Pass(Counter::PassNotService);
     };
     if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
         return Parsed::Pass(Counter::PassNotService);
     }
     let inner_off = icmp_off + ICMP_HLEN;
-    let Some(inner) = read_at::<Ipv4Hdr>(ctx, inner_off) else {
+    let Some(inner) = read_at::<Ipv4Hdr, C>(ctx, inner_off) else {
         return Parsed::Pass(Counter::PassNotService);
     };
     let inner_ihl = (inner.version_ihl & 0x0f) as usize * 4;
@@ -236,7 +286,7 @@ fn icmp(ctx: &TcContext, outer: &FlowKey) -> Parsed {
     {
         return Parsed::Pass(Counter::PassNotService);
     }
-    let Some(ports) = read_at::<[u16; 2]>(ctx, inner_off + IP_HLEN) else {
+    let Some(ports) = read_at::<[u16; 2], C>(ctx, inner_off + IP_HLEN) else {
         return Parsed::Pass(Counter::PassNotService);
     };
     let csum_off = if inner.proto == IPPROTO_TCP {

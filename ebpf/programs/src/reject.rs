@@ -25,7 +25,7 @@ const MAX_QUOTED_WORDS: usize = (60 + TCP_HLEN) / 4;
 /// the interface it arrived on. Returns the tc verdict.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
-    let eth = read_at::<EthHdr>(ctx, 0).ok_or(Counter::DropReject)?;
+    let eth = read_at::<EthHdr, _>(ctx, 0).ok_or(Counter::DropReject)?;
     let (client_mac, our_mac) = (eth.src, eth.dst);
     let skb = ctx.as_ptr() as *mut __sk_buff;
 
@@ -59,12 +59,12 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
             break;
         }
         // The quote starts 42 bytes into the frame: not 4-byte aligned.
-        let word = read_at::<u32>(ctx, quoted_off + i * 4).ok_or(Counter::DropReject)?;
+        let word = read_at::<u32, _>(ctx, quoted_off + i * 4).ok_or(Counter::DropReject)?;
         sum += word as u64;
     }
     let icmp_csum = fold(sum);
 
-    let inner = read_at::<Ipv4Hdr>(ctx, quoted_off).ok_or(Counter::DropReject)?;
+    let inner = read_at::<Ipv4Hdr, _>(ctx, quoted_off).ok_or(Counter::DropReject)?;
     let (client, service) = (inner.saddr, inner.daddr);
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,

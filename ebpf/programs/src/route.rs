@@ -20,19 +20,47 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+/// Offsets of the TTL and the header checksum in the IPv4 header.
+pub const TTL_OFF: usize = 8;
+pub const IP_CSUM_OFF: usize = 10;
 
-/// Redirects the (already translated) packet towards its destination. Returns the tc verdict.
+/// The 16-bit header word holding the TTL (with the protocol), before and after the TTL is
+/// decremented, as they sit in memory (for incremental checksum updates).
 #[inline(always)]
-pub fn out(ctx: &TcContext) -> Result<i32, Counter> {
-    let ip = read_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Counter::DropRewrite)?;
+pub fn ttl_words(ip: &Ipv4Hdr) -> (u16, u16) {
+    (
+        u16::from_ne_bytes([ip.ttl, ip.proto]),
+        u16::from_ne_bytes([ip.ttl.wrapping_sub(1), ip.proto]),
+    )
+}
+
+/// Where the FIB sends a packet.
+pub enum Hop {
+    /// Out of `ifindex`, with these destination and source MAC addresses.
+    Resolved { ifindex: u32, macs: [u8; 12] },
+    /// Out of `ifindex`, to a next hop whose MAC address the kernel has not resolved yet.
+    Unresolved { ifindex: u32 },
+}
+
+/// Looks up the route of a packet `saddr` -> `daddr` that came in on `ifindex` (tc or XDP
+/// context alike).
+#[inline(always)]
+pub fn lookup<C: EbpfContext>(
+    ctx: &C,
+    ifindex: u32,
+    proto: u8,
+    tot_len: u16,
+    saddr: u32,
+    daddr: u32,
+) -> Result<Hop, Counter> {
     // SAFETY: a plain C struct of integers and unions of integers: all zeroes is valid.
     let mut params: bpf_fib_lookup = unsafe { zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = ip.proto;
-    params.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len);
-    params.ifindex = ifindex(ctx);
-    params.__bindgen_anon_3.ipv4_src = ip.saddr;
-    params.__bindgen_anon_4.ipv4_dst = ip.daddr;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: our context and a params struct of the size passed.
     let rc = unsafe {
         fib_lookup(
@@ -46,17 +74,50 @@ pub fn out(ctx: &TcContext) -> Result<i32, Counter> {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);
         macs[6..].copy_from_slice(&params.smac);
-        ctx.store(0, &macs, 0).map_err(|_| Counter::DropRewrite)?;
-        // SAFETY: no pointers.
-        return Ok(unsafe { bpf_redirect(params.ifindex, 0) } as i32);
+        return Ok(Hop::Resolved {
+            ifindex: params.ifindex,
+            macs,
+        });
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // The next hop's address is not resolved yet: the kernel resolves it (and queues the
-        // packet meanwhile).
-        // SAFETY: no parameters: the kernel looks the next hop up itself.
-        return Ok(
-            unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
-        );
+        return Ok(Hop::Unresolved {
+            ifindex: params.ifindex,
+        });
     }
     Err(Counter::DropNoRoute)
+}
+
+/// Redirects the (already translated) packet towards its destination. Returns the tc verdict.
+#[inline(always)]
+pub fn out(ctx: &TcContext) -> Result<i32, Counter> {
+    let ip = read_at::<Ipv4Hdr, _>(ctx, ETH_HLEN).ok_or(Counter::DropRewrite)?;
+    // Forwarded, as a router would: one hop less to live.
+    if ip.ttl <= 1 {
+        return Err(Counter::DropTtlExceeded);
+    }
+    ctx.store(ETH_HLEN + TTL_OFF, &(ip.ttl - 1), 0)
+        .map_err(|_| Counter::DropRewrite)?;
+    let (old, new) = ttl_words(&ip);
+    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old as u64, new as u64, 2)
+        .map_err(|_| Counter::DropRewrite)?;
+    let hop = lookup(
+        ctx,
+        ifindex(ctx),
+        ip.proto,
+        u16::from_be(ip.tot_len),
+        ip.saddr,
+        ip.daddr,
+    )?;
+    match hop {
+        Hop::Resolved { ifindex, macs } => {
+            ctx.store(0, &macs, 0).map_err(|_| Counter::DropRewrite)?;
+            // SAFETY: no pointers.
+            Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+        }
+        // The kernel resolves the next hop (and queues the packet meanwhile).
+        // SAFETY: no parameters: the kernel looks the next hop up itself.
+        Hop::Unresolved { ifindex } => {
+            Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
+    }
 }

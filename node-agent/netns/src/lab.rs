@@ -75,6 +75,10 @@ pub struct NodeNetwork {
     pub host: Ipv4Addr,
     base: u32,
     nodes: u32,
+    /// The bridge's ports to the nodes.
+    ports: Vec<String>,
+    xdp_frames: bool,
+    xdp_links: Vec<std::os::fd::OwnedFd>,
     _link: HostLink,
 }
 
@@ -95,6 +99,9 @@ impl NodeNetwork {
             host,
             base,
             nodes: 0,
+            ports: Vec::new(),
+            xdp_frames: false,
+            xdp_links: Vec::new(),
             _link: HostLink {
                 host,
                 node: host,
@@ -111,9 +118,109 @@ impl NodeNetwork {
         veth(&self.net, &bridge_port, node, ifname)?;
         self.net
             .ip(&["link", "set", &bridge_port, "master", "br0"])?;
+        if self.xdp_frames {
+            self.accept_xdp(&bridge_port)?;
+        }
         node.ip(&["addr", "add", &format!("{addr}/24"), "dev", ifname])?;
+        self.ports.push(bridge_port);
         Ok(addr)
     }
+
+    /// Makes the bridge's ports take frames a node's native XDP sends back out of its
+    /// interface (XDP_TX): a veth hands XDP frames only to a peer running XDP itself, so each
+    /// port gets a program that passes everything. Also for the ports of nodes added later.
+    pub fn accept_xdp_frames(&mut self) -> Result<()> {
+        self.xdp_frames = true;
+        for port in self.ports.clone() {
+            self.accept_xdp(&port)?;
+        }
+        Ok(())
+    }
+
+    fn accept_xdp(&mut self, port: &str) -> Result<()> {
+        let link = self
+            .net
+            .run(|| attach_xdp_pass(port))?
+            .with_context(|| format!("attach an XDP_PASS program to {port}"))?;
+        self.xdp_links.push(link);
+        Ok(())
+    }
+}
+
+/// Attaches to interface `ifname` (of this thread's network namespace), in the driver, an XDP
+/// program of two instructions that passes every frame. It stays attached as long as the
+/// returned link lives. Raw bpf(2): loading the data plane's object for it would create all of
+/// its maps.
+pub fn attach_xdp_pass(ifname: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    // r0 = XDP_PASS (2); exit.
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let bpf = |cmd: libc::c_long, attr: &mut [u8; 128]| -> Result<OwnedFd> {
+        // SAFETY: bpf(2) reads an attribute union of the size given, zero-padded.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        anyhow::ensure!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        // SAFETY: a new descriptor the kernel gave us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    let program = bpf(BPF_PROG_LOAD, &mut attr)?;
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(ifindex != 0, "no interface {ifname}");
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&program) as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+    attr[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
+    bpf(BPF_LINK_CREATE, &mut attr)
+}
+
+/// Turns transmit checksumming on or off for interface `ifname` of this thread's network
+/// namespace (off: the stack computes full checksums itself). The ethtool ioctl: netlink has no
+/// message for it.
+pub fn set_tx_checksum(ifname: &str, on: bool) -> Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: u32::from(on),
+    };
+    anyhow::ensure!(
+        ifname.len() < libc::IFNAMSIZ,
+        "interface name {ifname:?} too long"
+    );
+    // SAFETY: an all-zero ifreq is valid; the name is copied in below, NUL-terminated.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: a socket we own and close; the request points at `value`, alive for the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, libc::SIOCETHTOOL, &mut request);
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        anyhow::ensure!(rc == 0, "SIOCETHTOOL {ifname}: {error}");
+    }
+    Ok(())
 }
 
 /// The link between a lab's node and the host ([`Lab::link_host`]).

@@ -35,6 +35,7 @@ pub struct EbpfProxier {
     /// The node's interfaces `from_outside` is attached to.
     external: BTreeSet<String>,
     external_maglev: Option<u32>,
+    xdp: ebpf_dataplane::XdpAcceleration,
 }
 
 impl EbpfProxier {
@@ -78,6 +79,7 @@ impl EbpfProxier {
             netns: HashMap::new(),
             external: BTreeSet::new(),
             external_maglev: config.external_maglev,
+            xdp: config.xdp,
         };
         for netns in &config.pod_netns {
             proxier.enable_netns(netns)?;
@@ -249,7 +251,10 @@ impl Proxier for EbpfProxier {
             self.dataplane
                 .attach_external(&iface)
                 .with_context(|| format!("attach to the node's interface {iface}"))?;
-            tracing::info!(interface = %iface, "serving NodePorts and external addresses");
+            self.dataplane
+                .attach_xdp(&iface, self.xdp)
+                .with_context(|| format!("attach XDP ({:?}) to {iface}", self.xdp))?;
+            tracing::info!(interface = %iface, xdp = ?self.xdp, "serving NodePorts and external addresses");
             self.interfaces.push(iface.clone());
             self.external.insert(iface);
         }

@@ -94,6 +94,8 @@ pub struct ProxyConfig {
     /// external and LoadBalancer addresses), so every node sends a flow to the same backend;
     /// None: random.
     pub external_maglev: Option<u32>,
+    /// eBPF mode: the XDP fast path on the node's interfaces that take traffic from outside.
+    pub xdp: ebpf_dataplane::XdpAcceleration,
     /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
     /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
     pub sync_timeout: Option<Duration>,
@@ -110,6 +112,7 @@ impl Default for ProxyConfig {
             host_socket_lb: false,
             socket_cgroup: None,
             external_maglev: Some(ebpf_dataplane::defaults::EXTERNAL_MAGLEV_TABLE_SIZE),
+            xdp: ebpf_dataplane::XdpAcceleration::Off,
             sync_timeout: None,
         }
     }
