@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod lab;
 pub mod loadgen;
+pub mod nodeport;
 pub mod pods;
 pub mod report;
 pub mod servers;

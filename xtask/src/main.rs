@@ -11,6 +11,8 @@
 //! - `bench cluster [--quick] [--json]`: the eBPF data plane against kube-proxy's iptables and
 //!   nftables rules on the same topology and traffic, one run.
 //! - `bench control-plane [--quick] [--json]`: the API server on the embedded store and on etcd.
+//! - `bench nodeport [--quick] [--json]`: NodePort forwarding to another node, XDP and tc
+//!   against iptables and nftables.
 //! - `fresh`: the README's two commands in a throw-away Debian root, as a newcomer runs them.
 //!
 //! xtask itself depends on nothing that needs the set-up (no protoc, no eBPF build), so it
@@ -106,6 +108,8 @@ enum Bench {
     Cluster,
     /// API creates/s and watch latency on both stores; scheduler; feed
     ControlPlane,
+    /// NodePort forwarding to another node: XDP, tc, iptables, nftables (pps, CPU/packet)
+    Nodeport,
 }
 
 fn main() -> ExitCode {
@@ -171,6 +175,10 @@ fn run(task: Task) -> Result<()> {
                 Bench::Cluster => {
                     require_root()?;
                     build_release("benches", "bench-cluster")?
+                }
+                Bench::Nodeport => {
+                    require_root()?;
+                    build_release("benches", "bench-nodeport")?
                 }
                 Bench::ControlPlane => {
                     // Real node agents too (eBPF data planes in network namespaces), and a
