@@ -75,6 +75,23 @@ spec:
   ports: [{name: http, port: 80, targetPort: http, nodePort: 30082}]
 "#;
 
+/// A pod asking for a host port on one node.
+const HOST_PORT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: hostport}
+spec:
+  nodeName: THE_NODE
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: echo
+    image: keel/echo:latest
+    ports: [{name: http, containerPort: 8080, hostPort: 8088}]
+    env:
+    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+"#;
+
 /// A plain HTTP GET: the status code and the body.
 fn http_status(to: SocketAddrV4) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
@@ -308,6 +325,40 @@ fn traffic_from_outside(mode: &'static str) {
         answers.iter().all(|(n, _)| n.contains('@')),
         "the node address as an ExternalIP answers: {answers:?}"
     );
+
+    // A pod's hostPort: its node's addresses answer on it, from the pod, which sees the
+    // client; the other node does not; gone with the pod.
+    lab.apply(&HOST_PORT.replace("THE_NODE", &first)).unwrap();
+    let to = SocketAddrV4::new(nodes[&first], 8088);
+    let (name, seen_client) = eventually(60, &format!("the host port {to} answering"), || {
+        let (name, seen_client) = gets(&client, to, 1).remove(0);
+        seen(
+            name.contains('@'),
+            (name.clone(), seen_client),
+            &name.into(),
+        )
+    });
+    assert_eq!(name, format!("hostport@{first}"), "the pod answers on {to}");
+    assert_eq!(
+        client_ip(&seen_client),
+        client_addr,
+        "the pod sees the client"
+    );
+    let other = nodes
+        .iter()
+        .find(|(n, _)| **n != first)
+        .map(|(_, a)| *a)
+        .unwrap();
+    let (name, _) = gets(&client, SocketAddrV4::new(other, 8088), 1).remove(0);
+    assert!(
+        name.starts_with("error"),
+        "no host port on the other node: {name}"
+    );
+    lab.kubectl_ok(&["delete", "pod", "hostport"]).unwrap();
+    eventually(60, &format!("{to} closed with the pod gone"), || {
+        let (name, _) = gets(&client, to, 1).remove(0);
+        seen(name.starts_with("error"), (), &name.clone().into())
+    });
 
     // The LoadBalancer service got an address of the lab's pool, routed to the first node.
     let lb_ip: Ipv4Addr = eventually(30, "a LoadBalancer address", || {

@@ -399,7 +399,7 @@ impl SyncState {
             return Applied::Waiting;
         }
         let full = changes.replaced || !self.synced;
-        let keys: BTreeSet<String> = if full {
+        let mut keys: BTreeSet<String> = if full {
             view.services
                 .keys()
                 .chain(self.state.services.keys())
@@ -412,6 +412,9 @@ impl SyncState {
             s.ports.iter().map(|p| p.endpoints.len()).sum()
         };
         for key in &keys {
+            if crate::services::is_host_port_key(key) {
+                continue;
+            }
             let t = translate(&view, key, &shared.node);
             let old = match t.service {
                 Some(service) => {
@@ -431,6 +434,31 @@ impl SyncState {
                 self.ipv6_skipped.insert(key.clone(), t.ipv6_skipped);
             } else {
                 self.ipv6_skipped.remove(key);
+            }
+        }
+        // The host ports of this node's running pods (their addresses are the kubelet's).
+        let host_ports = crate::services::host_port_services(&view, &crate::pods::pod_ips(shared));
+        let stale: Vec<String> = self
+            .state
+            .services
+            .keys()
+            .filter(|k| crate::services::is_host_port_key(k))
+            .filter(|k| !host_ports.iter().any(|s| s.key() == **k))
+            .cloned()
+            .collect();
+        for key in stale {
+            if let Some(old) = self.state.remove(&key) {
+                self.endpoints -= endpoints_of(&old);
+            }
+            keys.insert(key);
+        }
+        for service in host_ports {
+            if self.state.services.get(&service.key()) != Some(&service) {
+                keys.insert(service.key());
+                self.endpoints += endpoints_of(&service);
+                if let Some(old) = self.state.insert(service) {
+                    self.endpoints -= endpoints_of(&old);
+                }
             }
         }
         let version = view.version;

@@ -103,9 +103,12 @@ pub fn start_kubelet(
                     ));
                 }
                 ready.send(Event::Netns(netns.to_path_buf()));
+                // Its host ports, if any, are served from now on.
+                ready.send(Event::Changed);
             }),
             sandbox_gone: Box::new(move |netns: &Path| {
-                gone.send(Event::NetnsGone(netns.to_path_buf()))
+                gone.send(Event::NetnsGone(netns.to_path_buf()));
+                gone.send(Event::Changed);
             }),
             services: Box::new(move |namespace: &str| {
                 let view = services.view.lock().expect("not poisoned");
@@ -117,6 +120,19 @@ pub fn start_kubelet(
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable IP forwarding")?;
     masquerade(&settings.cluster_cidr)?;
     Ok(kubelet)
+}
+
+/// The addresses of this node's pods whose sandboxes are up, by pod uid (none without
+/// `--run-pods`).
+pub fn pod_ips(shared: &Shared) -> std::collections::HashMap<String, Ipv4Addr> {
+    let Some(kubelet) = shared.kubelet.lock().expect("not poisoned").clone() else {
+        return Default::default();
+    };
+    kubelet
+        .pod_ips()
+        .into_iter()
+        .filter_map(|(netns, ip)| Some((uid_of(&netns)?.to_owned(), ip)))
+        .collect()
 }
 
 fn uid_of(netns: &Path) -> Option<&str> {

@@ -145,6 +145,79 @@ pub fn translate(view: &View, key: &str, node: &str) -> Translated {
 }
 
 /// The IPv4 addresses of a list (each once).
+/// Whether `key` is one of [`host_port_services`]'s (a service name cannot hold '_'; the
+/// name must also fit nftables chain names, which ':' does not).
+pub fn is_host_port_key(key: &str) -> bool {
+    key.ends_with(HOST_PORTS_SUFFIX)
+}
+
+const HOST_PORTS_SUFFIX: &str = "_hostports";
+
+/// The `hostPort`s of this node's pods, as the proxy serves them: for each pod with some and an
+/// address (`ips`, by pod uid), a service of its own (`namespace/pod_hostports`) without a
+/// cluster IP, whose "NodePorts" are the host ports, to the pod's container ports only, keeping
+/// the client's address (`externalTrafficPolicy: Local`), as the CNI `portmap` plugin does.
+/// `hostIP` is not honoured: a host port answers on every address NodePorts answer on.
+pub fn host_port_services(
+    view: &View,
+    ips: &std::collections::HashMap<String, Ipv4Addr>,
+) -> Vec<Service> {
+    let mut out = Vec::new();
+    for pod in view.pods.values() {
+        let Some(ip) = ips.get(&pod.uid) else {
+            continue;
+        };
+        let Ok(spec) =
+            serde_json::from_slice::<k8s_openapi::api::core::v1::PodSpec>(&pod.spec_json)
+        else {
+            continue;
+        };
+        let mut ports = Vec::new();
+        for container in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
+            for port in container.ports.iter().flatten() {
+                let (Some(host_port), Ok(container_port)) =
+                    (port.host_port, u16::try_from(port.container_port))
+                else {
+                    continue;
+                };
+                let Ok(host_port) = u16::try_from(host_port) else {
+                    continue;
+                };
+                let protocol = match port.protocol.as_deref() {
+                    None | Some("TCP") => Protocol::Tcp,
+                    Some("UDP") => Protocol::Udp,
+                    Some(_) => continue,
+                };
+                ports.push(ServicePort {
+                    name: format!("{}-{}-{host_port}", container.name, protocol.name()),
+                    protocol,
+                    port: host_port,
+                    endpoints: vec![SocketAddrV4::new(*ip, container_port)],
+                    node_port: Some(host_port),
+                    external_endpoints: None,
+                });
+            }
+        }
+        if ports.is_empty() {
+            continue;
+        }
+        out.push(Service {
+            namespace: pod.namespace.clone(),
+            name: format!("{}{HOST_PORTS_SUFFIX}", pod.name),
+            cluster_ip: Ipv4Addr::UNSPECIFIED,
+            ports,
+            external_local: true,
+            ..Service::default()
+        });
+    }
+    out
+}
+
 fn ipv4s(list: &[String]) -> Vec<Ipv4Addr> {
     let mut ips: Vec<Ipv4Addr> = list.iter().filter_map(|ip| ip.parse().ok()).collect();
     ips.sort();
@@ -250,6 +323,60 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn host_ports_become_local_node_ports_of_running_pods() {
+        let spec = serde_json::json!({"containers": [
+            {"name": "web", "ports": [
+                {"containerPort": 8080, "hostPort": 80},
+                {"containerPort": 53, "hostPort": 5353, "protocol": "UDP"},
+                {"containerPort": 9090},
+                {"containerPort": 7, "hostPort": 7, "protocol": "SCTP"},
+            ]},
+        ]});
+        let mut view = View::default();
+        for (name, uid) in [("web", "u1"), ("starting", "u2")] {
+            view.pods.insert(
+                format!("default/{name}"),
+                feed::Pod {
+                    namespace: "default".into(),
+                    name: name.into(),
+                    uid: uid.into(),
+                    spec_json: serde_json::to_vec(&spec).unwrap(),
+                    ..Default::default()
+                },
+            );
+        }
+        // Only the pod whose sandbox is up (it has an address) is served.
+        let ips = HashMap::from([("u1".to_owned(), Ipv4Addr::new(10, 244, 0, 5))]);
+        let services = host_port_services(&view, &ips);
+        assert_eq!(services.len(), 1, "{services:?}");
+        let svc = &services[0];
+        assert!(is_host_port_key(&svc.key()), "{}", svc.key());
+        assert!(svc.cluster_ip.is_unspecified() && svc.external_local);
+        let ports: Vec<(Protocol, u16, Option<u16>, Vec<SocketAddrV4>)> = svc
+            .ports
+            .iter()
+            .map(|p| (p.protocol, p.port, p.node_port, p.endpoints.clone()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (
+                    Protocol::Tcp,
+                    80,
+                    Some(80),
+                    vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 8080)]
+                ),
+                (
+                    Protocol::Udp,
+                    5353,
+                    Some(5353),
+                    vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 53)]
+                ),
+            ]
+        );
+    }
 
     struct Ep {
         ip: &'static str,

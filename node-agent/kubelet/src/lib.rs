@@ -184,6 +184,12 @@ impl Kubelet {
         (self.hooks.sandbox_gone)(netns);
     }
 
+    /// The pods' network namespaces whose sandboxes are up, with the pods' addresses.
+    pub fn pod_ips(&self) -> Vec<(PathBuf, Ipv4Addr)> {
+        let ips = self.ips.lock().expect("not poisoned");
+        ips.iter().map(|(netns, ip)| (netns.clone(), *ip)).collect()
+    }
+
     fn pod_ip_of(&self, netns: &Path) -> Option<Ipv4Addr> {
         self.ips.lock().expect("not poisoned").get(netns).copied()
     }

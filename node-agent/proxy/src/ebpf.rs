@@ -132,12 +132,15 @@ fn desired(service: &Service, external_maglev: Option<u32>) -> Vec<DesiredServic
             affinity_timeout: service.session_affinity,
             reach: Reach::Cluster,
         };
-        out.push(DesiredService {
-            frontend: Frontend::new(SocketAddrV4::new(service.cluster_ip, port.port), proto),
-            spec,
-            backends: port.endpoints.clone(),
-            source_ranges: Vec::new(),
-        });
+        // Without a cluster IP (a pod's host ports), external frontends only.
+        if !service.cluster_ip.is_unspecified() {
+            out.push(DesiredService {
+                frontend: Frontend::new(SocketAddrV4::new(service.cluster_ip, port.port), proto),
+                spec,
+                backends: port.endpoints.clone(),
+                source_ranges: Vec::new(),
+            });
+        }
         let external = ServiceSpec {
             scheduler: match external_maglev {
                 Some(table_size) => Scheduler::Maglev { table_size },

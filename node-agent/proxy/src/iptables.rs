@@ -143,22 +143,31 @@ impl IptablesProxier {
         let matches = format!("-m {proto} -p {proto} -d {vip}/32 --dport {dport}");
         let port_hash = hash(&format!("{spn}{proto}"), 16);
         let svc_chain = format!("KUBE-SVC-{port_hash}");
+        // Without a cluster IP (a pod's host ports) only the external rules refer to the
+        // service's chain.
+        let cluster = !vip.is_unspecified();
         if port.endpoints.is_empty() {
-            let _ = writeln!(
-                out.filter,
-                "-A KUBE-SERVICES -m comment --comment \"{spn} has no endpoints\" {matches} -j REJECT"
-            );
+            if cluster {
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} has no endpoints\" {matches} -j REJECT"
+                );
+            }
         } else {
-            let _ = writeln!(
-                out.services,
-                "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {matches} -j {svc_chain}"
-            );
-            let masquerade = format!(
-                "-A {svc_chain} -m comment --comment \"{spn} cluster IP\" {matches} ! -s {} -j KUBE-MARK-MASQ\n",
-                self.cluster_cidr
-            );
-            let rules = self.pick(service, port, &svc_chain, &port.endpoints, &mut out.chains);
-            out.chains.insert(svc_chain.clone(), masquerade + &rules);
+            let mut rules = String::new();
+            if cluster {
+                let _ = writeln!(
+                    out.services,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" {matches} -j {svc_chain}"
+                );
+                let _ = writeln!(
+                    rules,
+                    "-A {svc_chain} -m comment --comment \"{spn} cluster IP\" {matches} ! -s {} -j KUBE-MARK-MASQ",
+                    self.cluster_cidr
+                );
+            }
+            rules += &self.pick(service, port, &svc_chain, &port.endpoints, &mut out.chains);
+            out.chains.insert(svc_chain.clone(), rules);
         }
         self.render_external(service, port, &port_hash, out);
     }

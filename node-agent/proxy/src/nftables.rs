@@ -146,17 +146,23 @@ impl NftablesProxier {
         );
         let chain = format!("service-{port_hash}-{base}");
         let key = format!("{} . {proto} . {}", service.cluster_ip, port.port);
+        // Without a cluster IP (a pod's host ports) only the external rules refer to the
+        // service's chain.
+        let cluster = !service.cluster_ip.is_unspecified();
         if port.endpoints.is_empty() {
-            out.no_endpoints.insert(key, "goto reject-chain".into());
+            if cluster {
+                out.no_endpoints.insert(key, "goto reject-chain".into());
+            }
         } else {
-            let rules = format!(
-                "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {} jump mark-for-masquerade\n{}",
-                service.cluster_ip,
-                port.port,
-                self.cluster_cidr,
-                self.pick(service, port, &chain, &base, &port.endpoints, out)
-            );
-            out.service_ips.insert(key, format!("goto {chain}"));
+            let mut rules = String::new();
+            if cluster {
+                rules = format!(
+                    "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {} jump mark-for-masquerade\n",
+                    service.cluster_ip, port.port, self.cluster_cidr,
+                );
+                out.service_ips.insert(key, format!("goto {chain}"));
+            }
+            rules += &self.pick(service, port, &chain, &base, &port.endpoints, out);
             out.chains.insert(chain.clone(), rules);
         }
         self.render_external(service, port, &port_hash, &base, out);
