@@ -37,7 +37,7 @@ use node_agent_netns::{lab::NodeNetwork, netns::Netns};
 use node_agent_proxy::{Mode, Protocol, Proxier, ProxyConfig, ProxyState, Service, ServicePort};
 use serde::Serialize;
 
-use crate::cpu;
+use crate::{cpu, loadgen::median};
 
 pub const NODE_PORT: u16 = 30080;
 /// The backend pods, on the backend node's pod network: 32 of them, so that masquerading to
@@ -430,10 +430,6 @@ fn measure(
         cpu.as_nanos() as f64 / delivered as f64
     };
     Ok((delivered as f64 / secs, per_packet, sent as f64 / secs))
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    crate::loadgen::median(values)
 }
 
 /// Every mode at every service count.

@@ -18,7 +18,7 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
-use ebpf_common::{Counter, CtEntry, IPPROTO_TCP, RevNat};
+use ebpf_common::{CT_FLAG_MASQ, Counter, CtEntry, IPPROTO_TCP, REVNAT_FLAG_SNAT, RevNat};
 
 use crate::{
     external::{Action, decide},
@@ -47,14 +47,14 @@ pub fn from_outside(ctx: &XdpContext) -> Result<u32, Counter> {
     }
     let flow = pkt.flow;
     match decide(&pkt, true)? {
-        Action::Known(entry, ended) if masqueraded(&entry) => {
+        Action::Known(entry, ended) if entry.flags & CT_FLAG_MASQ != 0 => {
             let verdict = send(ctx, &pkt, forward_to(&pkt, &entry))?;
             if verdict != xdp_action::XDP_PASS {
                 finish_known(&pkt, &entry, ended);
             }
             Ok(verdict)
         }
-        Action::New(entry, reselect) if masqueraded(&entry) => {
+        Action::New(entry, reselect) if entry.flags & CT_FLAG_MASQ != 0 => {
             let verdict = send(ctx, &pkt, forward_to(&pkt, &entry))?;
             if verdict != xdp_action::XDP_PASS {
                 finish_new(&pkt, reselect);
@@ -81,11 +81,6 @@ pub fn from_outside(ctx: &XdpContext) -> Result<u32, Counter> {
     }
 }
 
-#[inline(always)]
-fn masqueraded(entry: &CtEntry) -> bool {
-    entry.flags & ebpf_common::CT_FLAG_MASQ != 0
-}
-
 /// Source and destination (address, port) of a masqueraded flow's packet to its backend.
 #[inline(always)]
 fn forward_to(pkt: &Packet, entry: &CtEntry) -> ((u32, u16), (u32, u16)) {
@@ -99,7 +94,7 @@ fn forward_to(pkt: &Packet, entry: &CtEntry) -> ((u32, u16), (u32, u16)) {
 /// The destination of a masqueraded flow's reply: the client's own address and port.
 #[inline(always)]
 fn reply_to(revnat: &RevNat, daddr: u32, dport: u16) -> (u32, u16) {
-    if revnat.flags & ebpf_common::REVNAT_FLAG_SNAT != 0 {
+    if revnat.flags & REVNAT_FLAG_SNAT != 0 {
         (revnat.client, revnat.client_port)
     } else {
         (daddr, dport)
