@@ -67,6 +67,14 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: closed}
+spec:
+  type: NodePort
+  selector: {app: solo}
+  ports: [{name: nothing, port: 99, protocol: UDP, targetPort: 9999, nodePort: 30084}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: solo}
 spec:
   type: LoadBalancer
@@ -432,6 +440,28 @@ fn traffic_from_outside(mode: &'static str) {
         name.starts_with("error"),
         "a node without the pod drops the flow: {name}"
     );
+
+    // ICMP errors about flows from outside reach their client, about what it sent: a datagram
+    // to a port nothing listens on in the pod is refused (ECONNREFUSED on the connected
+    // socket), from the pod's own node and through the other one, which masquerades it.
+    for addr in nodes.values() {
+        let to = SocketAddrV4::new(*addr, 30084);
+        let answer = eventually(30, &format!("{to} refusing"), || {
+            let answer = in_pod(&client, || traffic::udp_request(to));
+            let refused = answer.as_ref().is_err_and(|e| {
+                e.root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .map(|e| e.kind())
+                    == Some(std::io::ErrorKind::ConnectionRefused)
+            });
+            let seen_answer = match &answer {
+                Ok(name) => format!("an answer: {name}"),
+                Err(e) => format!("{e:#}"),
+            };
+            seen(refused, seen_answer.clone(), &seen_answer.into())
+        });
+        assert!(answer.contains("refused"), "{to}: {answer}");
+    }
 
     // loadBalancerSourceRanges: a client outside them cannot open flows to the LB address.
     let lb = SocketAddrV4::new(lb_ip, 8000);

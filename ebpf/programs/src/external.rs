@@ -24,7 +24,7 @@ use ebpf_common::{
 };
 
 use crate::{
-    TCX_NEXT, Work, finish_known, finish_new, forward, ifindex, known_flow,
+    TCX_NEXT, Work, finish_known, finish_new, forward, icmp_to_outside, ifindex, known_flow,
     maps::{CONNTRACK, NODE, NODE_ADDRS, REVNAT, SERVICES, SOURCE_RANGES},
     open_flow,
     parse::Packet,
@@ -161,7 +161,12 @@ fn masqueraded(ct: *mut CtEntry) -> bool {
 pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
     let pkt = match work(ctx)? {
         Ok(Work::Packet(pkt)) => pkt,
-        Ok(Work::Icmp(_)) => {
+        // An error about a flow masqueraded here (the backend's port unreachable, a router's
+        // fragmentation needed): to its client.
+        Ok(Work::Icmp(error)) => {
+            if let Some(verdict) = icmp_to_outside(ctx, &error)? {
+                return Ok(verdict);
+            }
             count(Counter::PassNotService);
             return Ok(TCX_NEXT);
         }

@@ -804,6 +804,11 @@ pub(crate) fn track_reply(pkt: &Packet, revnat: &RevNat, client: u32) {
 /// quote is the reply as the pod got it, from the service address.
 #[inline(always)]
 fn icmp_from_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
+    // A local backend's error about a packet of a client outside the cluster (port
+    // unreachable): to that client, about what it sent.
+    if let Some(verdict) = icmp_to_outside(ctx, error)? {
+        return Ok(verdict);
+    }
     let quoted = &error.inner;
     let Some(ct) = CONNTRACK.get_ptr(reversed(quoted)) else {
         count(Counter::PassNotService);
@@ -844,26 +849,58 @@ fn icmp_from_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
 /// packet it sent, to the service address, and from the service when the backend sent it.
 #[inline(always)]
 fn icmp_to_pod(ctx: &TcContext, error: &IcmpError) -> Result<i32, Counter> {
-    let quoted = &error.inner;
-    let Some(revnat) = REVNAT.get_ptr(reversed(quoted)) else {
+    let Some(revnat) = REVNAT.get_ptr(reversed(&error.inner)) else {
         count(Counter::PassNotService);
         return Ok(TCX_NEXT);
     };
     // SAFETY: copied out at once from a successful lookup.
     let revnat = unsafe { revnat.read() };
-    let translation = Translation {
+    icmp::translate(ctx, error, &to_client(error, &revnat)).map_err(|()| Counter::DropRewrite)?;
+    count(Counter::IcmpTranslated);
+    Ok(TCX_NEXT)
+}
+
+/// An ICMP error about a packet of a client outside the cluster (`None` if it is not one),
+/// from its backend or a router on the way: translated for the client, about the packet it
+/// sent to the NodePort or external address, and routed out to it by the data plane (the
+/// error's source may now be a node address).
+#[inline(always)]
+pub(crate) fn icmp_to_outside(ctx: &TcContext, error: &IcmpError) -> Result<Option<i32>, Counter> {
+    let Some(revnat) = REVNAT.get_ptr(reversed(&error.inner)) else {
+        return Ok(None);
+    };
+    // SAFETY: copied out at once from a successful lookup.
+    let revnat = unsafe { revnat.read() };
+    if revnat.flags & REVNAT_FLAG_EXTERNAL == 0 {
+        return Ok(None);
+    }
+    icmp::translate(ctx, error, &to_client(error, &revnat)).map_err(|()| Counter::DropRewrite)?;
+    count(Counter::IcmpTranslated);
+    route::out(ctx).map(Some)
+}
+
+/// How an ICMP error about a client's packet to a service (`revnat`: the flow's reverse
+/// entry) must reach the client: from the service when its backend sent it, to the client's
+/// own address, quoting the packet as the client sent it.
+#[inline(always)]
+fn to_client(error: &IcmpError, revnat: &RevNat) -> Translation {
+    let quoted = &error.inner;
+    let masqueraded = revnat.flags & REVNAT_FLAG_MASQ != 0;
+    let client = if masqueraded {
+        revnat.client
+    } else {
+        quoted.saddr
+    };
+    Translation {
         outer_src: if error.saddr == quoted.daddr {
             revnat.vip
         } else {
             error.saddr
         },
-        outer_dst: error.daddr,
-        inner_src: (quoted.saddr, revnat.client_port),
+        outer_dst: if masqueraded { client } else { error.daddr },
+        inner_src: (client, revnat.client_port),
         inner_dst: (revnat.vip, revnat.port),
-    };
-    icmp::translate(ctx, error, &translation).map_err(|()| Counter::DropRewrite)?;
-    count(Counter::IcmpTranslated);
-    Ok(TCX_NEXT)
+    }
 }
 
 #[cfg(not(test))]
