@@ -41,37 +41,88 @@ struct NodeInfo {
     requested: Resources,
     /// Requests with the scoring defaults for containers that request nothing.
     nonzero: Resources,
+    /// Host ports the pods on the node hold (one entry per pod port).
+    host_ports: Vec<HostPort>,
+}
+
+/// A `hostPort` a pod asks for: protocol, host address (empty: every address) and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HostPort {
+    protocol: String,
+    ip: String,
+    port: i32,
+}
+
+impl HostPort {
+    /// Whether two pods asking for these cannot share a node (kube-scheduler's NodePorts
+    /// filter): the same protocol and port on the same address, or on every address.
+    fn conflicts(&self, other: &HostPort) -> bool {
+        let wildcard = |ip: &str| ip.is_empty() || ip == "0.0.0.0";
+        self.port == other.port
+            && self.protocol == other.protocol
+            && (self.ip == other.ip || wildcard(&self.ip) || wildcard(&other.ip))
+    }
+}
+
+/// The host ports `pod` asks for.
+fn host_ports(pod: &Pod) -> Vec<HostPort> {
+    let Some(spec) = &pod.spec else {
+        return Vec::new();
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(HostPort {
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                ip: p.host_ip.clone().unwrap_or_default(),
+                port: p.host_port.filter(|port| *port > 0)?,
+            })
+        })
+        .collect()
+}
+
+/// What a pod counted on a node holds there.
+struct Placed {
+    node: String,
+    req: Resources,
+    nonzero: Resources,
+    host_ports: Vec<HostPort>,
 }
 
 #[derive(Default)]
 struct Cache {
     nodes: HashMap<String, NodeInfo>,
     /// Pods counted on a node (bound, or assumed while their binding is written).
-    placed: HashMap<String, (String, Resources, Resources)>,
+    placed: HashMap<String, Placed>,
 }
 
 impl Cache {
-    fn place(&mut self, pod: String, node: &str, req: Resources, nonzero: Resources) {
-        if let Some((n, _, _)) = self.placed.get(&pod)
-            && n == node
-        {
+    fn place(&mut self, pod: String, placed: Placed) {
+        if self.placed.get(&pod).is_some_and(|p| p.node == placed.node) {
             return;
         }
         self.remove(&pod);
-        if let Some(info) = self.nodes.get_mut(node) {
-            info.requested.add(&req);
-            info.nonzero.add(&nonzero);
+        if let Some(info) = self.nodes.get_mut(&placed.node) {
+            info.add(&placed);
         }
-        self.placed.insert(pod, (node.to_owned(), req, nonzero));
+        self.placed.insert(pod, placed);
     }
 
     fn remove(&mut self, pod: &str) -> bool {
-        let Some((node, req, nonzero)) = self.placed.remove(pod) else {
+        let Some(placed) = self.placed.remove(pod) else {
             return false;
         };
-        if let Some(info) = self.nodes.get_mut(&node) {
-            info.requested.sub(&req);
-            info.nonzero.sub(&nonzero);
+        if let Some(info) = self.nodes.get_mut(&placed.node) {
+            info.requested.sub(&placed.req);
+            info.nonzero.sub(&placed.nonzero);
+            for port in &placed.host_ports {
+                if let Some(i) = info.host_ports.iter().position(|p| p == port) {
+                    info.host_ports.swap_remove(i);
+                }
+            }
         }
         true
     }
@@ -95,12 +146,10 @@ impl Cache {
                     allocatable,
                     requested: Resources::default(),
                     nonzero: Resources::default(),
+                    host_ports: Vec::new(),
                 };
-                for (n, req, nonzero) in self.placed.values() {
-                    if *n == name {
-                        info.requested.add(req);
-                        info.nonzero.add(nonzero);
-                    }
+                for placed in self.placed.values().filter(|p| p.node == name) {
+                    info.add(placed);
                 }
                 self.nodes.insert(name, info);
             }
@@ -138,6 +187,14 @@ fn ours(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.scheduler_name.as_deref())
         .is_none_or(|n| n.is_empty() || n == SCHEDULER_NAME)
+}
+
+impl NodeInfo {
+    fn add(&mut self, placed: &Placed) {
+        self.requested.add(&placed.req);
+        self.nonzero.add(&placed.nonzero);
+        self.host_ports.extend(placed.host_ports.iter().cloned());
+    }
 }
 
 fn wants_scheduling(pod: &Pod) -> bool {
@@ -196,6 +253,12 @@ fn filter(pod: &Pod, req: &Resources, info: &NodeInfo) -> Result<(), Vec<String>
     }
     if info.requested.pods + 1 > info.allocatable.pods {
         reasons.push("Too many pods".to_owned());
+    }
+    if host_ports(pod)
+        .iter()
+        .any(|wanted| info.host_ports.iter().any(|held| wanted.conflicts(held)))
+    {
+        reasons.push("node(s) didn't have free ports for the requested pod ports".to_owned());
     }
     if reasons.is_empty() {
         Ok(())
@@ -379,9 +442,12 @@ impl Scheduler {
                 let (req, nonzero) = pod_requests(pod);
                 self.cache.lock().expect("not poisoned").place(
                     key.clone(),
-                    bound(pod).expect("bound"),
-                    req,
-                    nonzero,
+                    Placed {
+                        node: bound(pod).expect("bound").to_owned(),
+                        req,
+                        nonzero,
+                        host_ports: host_ports(pod),
+                    },
                 );
                 self.unschedulable
                     .lock()
@@ -466,7 +532,15 @@ impl Scheduler {
             }
             match best.map(|(n, _)| n.to_owned()) {
                 Some(node) => {
-                    cache.place(key.to_owned(), &node, req, nonzero);
+                    cache.place(
+                        key.to_owned(),
+                        Placed {
+                            node: node.clone(),
+                            req,
+                            nonzero,
+                            host_ports: host_ports(&pod),
+                        },
+                    );
                     Ok(node)
                 }
                 None => Err(failure_message(cache.nodes.len(), &reasons)),
@@ -594,6 +668,7 @@ mod tests {
             node: Arc::new(node),
             requested: Resources::default(),
             nonzero: Resources::default(),
+            host_ports: Vec::new(),
         }
     }
 
@@ -616,6 +691,47 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn host_ports_keep_pods_apart() {
+        let with_port = |protocol: &str, ip: Option<&str>, port: i32| {
+            let mut p = pod("100m");
+            p.spec.as_mut().unwrap().containers[0].ports =
+                Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+                    container_port: 8080,
+                    host_port: Some(port),
+                    host_ip: ip.map(Into::into),
+                    protocol: Some(protocol.into()),
+                    ..Default::default()
+                }]);
+            p
+        };
+        let mut cache = Cache::default();
+        cache.set_node(node("n", "4", &[], vec![]).node);
+        let held = with_port("TCP", None, 80);
+        let (req, nonzero) = pod_requests(&held);
+        cache.place(
+            "default/held".into(),
+            Placed {
+                node: "n".into(),
+                req,
+                nonzero,
+                host_ports: host_ports(&held),
+            },
+        );
+        let fits = |cache: &Cache, p: &Pod| filter(p, &pod_requests(p).0, &cache.nodes["n"]);
+        assert_eq!(
+            fits(&cache, &with_port("TCP", Some("10.0.0.1"), 80)),
+            Err(vec![
+                "node(s) didn't have free ports for the requested pod ports".to_owned()
+            ])
+        );
+        assert_eq!(fits(&cache, &with_port("UDP", None, 80)), Ok(()));
+        assert_eq!(fits(&cache, &with_port("TCP", None, 81)), Ok(()));
+        // Gone with the pod that held it.
+        cache.remove("default/held");
+        assert_eq!(fits(&cache, &with_port("TCP", None, 80)), Ok(()));
     }
 
     #[test]
