@@ -40,7 +40,8 @@ fn main() -> Result<()> {
     let dir = report::dir();
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("nodeport.md"), &table)?;
-    let json_text = serde_json::to_string_pretty(&serde_json::json!({ "results": rows }))?;
+    // One line: with --json, stdout ends with it.
+    let json_text = serde_json::to_string(&serde_json::json!({ "results": rows }))?;
     std::fs::write(dir.join("nodeport.json"), &json_text)?;
     print!("{table}");
     println!("\nWritten: {}/nodeport.md, nodeport.json", dir.display());
