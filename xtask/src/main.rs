@@ -265,8 +265,13 @@ fn require_root() -> Result<()> {
 /// process is gone), so they cannot confuse this run. Names carry the owner's pid.
 fn cleanup_leftovers() {
     let alive = |name: &str| {
+        // A pod's namespace (`keel-<uid>`) belongs to a kubelet, not to a run: a UUID's
+        // all-digit group would read as a pid.
+        let pod = name
+            .strip_prefix("keel-")
+            .is_some_and(|uid| uid.len() == 36 && uid.split('-').count() == 5);
         let pid = name.split('-').find_map(|part| part.parse::<u32>().ok());
-        pid.is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        pod || pid.is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
     };
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for entry in entries.flatten() {
