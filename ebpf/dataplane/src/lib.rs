@@ -98,6 +98,24 @@ fn source_key(id: u32, (addr, len): SourcePrefix) -> aya::maps::lpm_trie::Key<So
     )
 }
 
+/// Pins a link just made at `pin`, so it outlives this process (a restart adopts it).
+fn pin_link<L>(link: L, pin: &Path) -> Result<(), Error>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link)
+        .map_err(|source| Error::Link {
+            path: pin.to_path_buf(),
+            source,
+        })?
+        .pin(pin)
+        .map_err(|source| Error::Pin {
+            path: pin.to_path_buf(),
+            source: io::Error::other(source),
+        })?;
+    Ok(())
+}
+
 /// The program a link pin (`if<ifindex>-<suffix>`) runs.
 fn pinned_program(pin_name: &str) -> Option<&'static str> {
     let suffix = pin_name
@@ -1043,18 +1061,7 @@ impl Dataplane {
         let id = program
             .attach_with_options(iface, attach_type, options)
             .map_err(program_error)?;
-        let link = program.take_link(id).map_err(program_error)?;
-        FdLink::try_from(link)
-            .map_err(|source| Error::Link {
-                path: pin.clone(),
-                source,
-            })?
-            .pin(&pin)
-            .map_err(|source| Error::Pin {
-                path: pin.clone(),
-                source: io::Error::other(source),
-            })?;
-        Ok(())
+        pin_link(program.take_link(id).map_err(program_error)?, &pin)
     }
 
     /// Replaces the addresses an interface may send from (none: unchecked).
@@ -1133,18 +1140,7 @@ impl Dataplane {
             remove_file(&pin)?;
         }
         let id = program.attach(iface, flags).map_err(program_error)?;
-        let link = program.take_link(id).map_err(program_error)?;
-        FdLink::try_from(link)
-            .map_err(|source| Error::Link {
-                path: pin.clone(),
-                source,
-            })?
-            .pin(&pin)
-            .map_err(|source| Error::Pin {
-                path: pin.clone(),
-                source: io::Error::other(source),
-            })?;
-        Ok(())
+        pin_link(program.take_link(id).map_err(program_error)?, &pin)
     }
 
     /// Attaches `from_outside` to tc ingress of one of the node's own interfaces (first in its
