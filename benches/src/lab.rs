@@ -39,8 +39,8 @@ pub struct Options {
     pub dir: Option<PathBuf>,
     /// The agents' `RUST_LOG` (their logs go to stderr with the node's name in front).
     pub agent_log: &'static str,
-    /// The agents' `--proxy-mode` (`ebpf`, `iptables`, `nftables`), or `ebpf-xdp` (eBPF with
-    /// `--xdp native`).
+    /// The agents' `--proxy-mode` (`ebpf`, `iptables`, `nftables`), with `-xdp` (`--xdp
+    /// native`) and/or `-dsr` (`--lb-mode dsr`) after `ebpf`: `ebpf-xdp`, `ebpf-dsr`.
     pub proxy_mode: &'static str,
 }
 
@@ -121,7 +121,7 @@ impl ClusterLab {
         };
         progress("building the node network");
         let mut network = NodeNetwork::new(&opts.prefix)?;
-        if opts.proxy_mode.ends_with("-xdp") {
+        if opts.proxy_mode.contains("-xdp") {
             network.accept_xdp_frames()?;
         }
         let mut namespaces = Vec::new();
@@ -181,16 +181,7 @@ impl ClusterLab {
                 "--metrics-addr".into(),
                 metrics.to_string(),
             ];
-            // `ebpf-xdp`: the eBPF mode with its XDP fast path in the driver.
-            match opts.proxy_mode.strip_suffix("-xdp") {
-                Some(mode) => args.extend([
-                    "--proxy-mode".into(),
-                    mode.into(),
-                    "--xdp".into(),
-                    "native".into(),
-                ]),
-                None => args.extend(["--proxy-mode".into(), opts.proxy_mode.into()]),
-            }
+            args.extend(proxy_args(opts.proxy_mode));
             let (ns_path, binary, log) = (ns.path(), binaries.node_agent.clone(), opts.agent_log);
             let agent = AgentProcess::start(&name, metrics, move || {
                 let mut cmd = in_netns(&ns_path, &binary)?;
@@ -357,6 +348,22 @@ impl Drop for ClusterLab {
             clean_node(node);
         }
     }
+}
+
+/// The agent's arguments for a lab's proxy mode (see [`Options::proxy_mode`]).
+fn proxy_args(proxy_mode: &str) -> Vec<String> {
+    let mut parts = proxy_mode.split('-');
+    let mut args = vec![
+        "--proxy-mode".to_owned(),
+        parts.next().unwrap_or("ebpf").to_owned(),
+    ];
+    for option in parts {
+        match option {
+            "xdp" => args.extend(["--xdp".into(), "native".into()]),
+            other => args.extend(["--lb-mode".into(), other.into()]),
+        }
+    }
+    args
 }
 
 /// Removes what a node's kubelet left: containers (runc), pod namespaces, cgroups, pins.

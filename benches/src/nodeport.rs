@@ -246,6 +246,7 @@ fn start_mode(
         pod_cidr: Some((Ipv4Addr::new(10, 250, 0, 0), 24)),
         masquerade_addr: Some(topo.fwd_addr),
         nodeport_addrs: vec![topo.fwd_addr],
+        peer_addrs: Vec::new(),
     };
     topo.fwd.run(|| -> Result<Box<dyn Proxier>> {
         let mut proxier = node_agent_proxy::start(mode, &config)?;

@@ -2,8 +2,9 @@
 //! the echo pods of a two-node lab through NodePorts (TCP and UDP), an ExternalIP and a
 //! LoadBalancer address the control plane handed out from its pool, with
 //! kube-proxy's traffic policies, `loadBalancerSourceRanges` and health-check node ports, in
-//! every proxy mode (the eBPF data plane's `from_outside`, kube-proxy's iptables and nftables
-//! layouts); a masqueraded connection survives its node's agent being restarted.
+//! every proxy mode (the eBPF data plane's `from_outside`, with its XDP fast path, with direct
+//! server return; kube-proxy's iptables and nftables layouts); a connection to another node's
+//! pod survives its node's agent being restarted.
 
 mod common;
 
@@ -156,6 +157,13 @@ fn ebpf_xdp_serves_traffic_from_outside() {
     traffic_from_outside("ebpf-xdp");
 }
 
+/// The same with direct server return (`--lb-mode dsr`): pods on the other node see the
+/// client and answer it from their own node.
+#[test]
+fn ebpf_dsr_serves_traffic_from_outside() {
+    traffic_from_outside("ebpf-dsr");
+}
+
 #[test]
 fn iptables_serves_traffic_from_outside() {
     traffic_from_outside("iptables");
@@ -168,10 +176,11 @@ fn nftables_serves_traffic_from_outside() {
 
 /// Every check, with the agents in `mode`. The eBPF data plane keeps the client's address when
 /// the endpoint is on the node the client addressed; kube-proxy's modes masquerade all
-/// `externalTrafficPolicy: Cluster` traffic.
+/// `externalTrafficPolicy: Cluster` traffic; with DSR, pods on other nodes see the client too.
 fn traffic_from_outside(mode: &'static str) {
     let mut lab = lab_in(&format!("ext-{mode}"), mode);
     let ebpf = mode.starts_with("ebpf");
+    let dsr = mode.ends_with("-dsr");
     let masquerades_local = !ebpf;
     let external_ip = Ipv4Addr::from(u32::from(lab.network.host) + 199);
     let nodes: BTreeMap<String, Ipv4Addr> =
@@ -218,7 +227,12 @@ fn traffic_from_outside(mode: &'static str) {
         );
         for (name, seen_client) in &answers {
             let seen_ip = client_ip(seen_client);
-            if node_of(name) != node {
+            if node_of(name) != node && dsr {
+                assert_eq!(
+                    seen_ip, client_addr,
+                    "{name} through {to}: DSR keeps the client"
+                );
+            } else if node_of(name) != node {
                 assert_eq!(
                     seen_ip, *addr,
                     "{name} through {to}: masqueraded to the node"
@@ -248,6 +262,9 @@ fn traffic_from_outside(mode: &'static str) {
             forwarded >= 100,
             "XDP forwarded the masqueraded flows' packets: {forwarded}"
         );
+    }
+    if ebpf {
+        replies_come_from_the_backends_node(&lab, &client, client_addr, dsr);
     }
     if ebpf {
         // Maglev: whichever node a client's flow (address and port) reaches, it goes to the
@@ -518,4 +535,127 @@ fn traffic_from_outside(mode: &'static str) {
         again.iter().all(|(n, _)| !n.starts_with("error")),
         "new connections after the restart: {again:?}"
     );
+}
+
+/// Which machine answers: the client asks the first node's NodePort from a dozen ports while
+/// capturing its frames; each SYN-ACK must come from the MAC address the SYN went to (the
+/// first node), except, with DSR, those of pods on the other node, which must come from
+/// another (their own node). The data planes must have sent and recorded the DSR options.
+fn replies_come_from_the_backends_node(
+    lab: &ClusterLab,
+    client: &std::path::Path,
+    client_addr: Ipv4Addr,
+    dsr: bool,
+) {
+    let first = &lab.nodes[0];
+    let to = SocketAddrV4::new(first.addr, 30080);
+    let (answers, frames) = in_pod(client, || {
+        captured(|| {
+            (41001..=41012u16)
+                .map(|port| {
+                    let local = SocketAddrV4::new(client_addr, port);
+                    let answer = traffic::tcp_request_from(local, to)
+                        .unwrap_or_else(|e| format!("error: {e:#}"));
+                    (port, answer)
+                })
+                .collect::<Vec<_>>()
+        })
+    });
+    let mut remote = 0;
+    for (port, name) in &answers {
+        assert!(name.contains('@'), "{to} from port {port}: {name}");
+        let segment = |src: SocketAddrV4, dst: SocketAddrV4, flags: u8| {
+            frames
+                .iter()
+                .find(|f| tcp_of(f) == Some((src, dst, flags)))
+                .unwrap_or_else(|| panic!("no {flags:#x} segment {src} -> {dst} captured"))
+        };
+        let client_end = SocketAddrV4::new(client_addr, *port);
+        let syn = segment(client_end, to, 0x02);
+        let syn_ack = segment(to, client_end, 0x12);
+        let (sent_to, answered_by) = (&syn[0..6], &syn_ack[6..12]);
+        if dsr && node_of(name) != first.name {
+            remote += 1;
+            assert_ne!(
+                answered_by, sent_to,
+                "{name} (port {port}) answers from its own node, not through {}",
+                first.name
+            );
+        } else {
+            assert_eq!(
+                answered_by, sent_to,
+                "{name} (port {port}) answers through {}",
+                first.name
+            );
+        }
+    }
+    if dsr {
+        assert!(remote > 0, "some answers from the other node: {answers:?}");
+        for (node, counter) in [
+            (&lab.nodes[0], ebpf_dataplane::Counter::DsrSent),
+            (&lab.nodes[1], ebpf_dataplane::Counter::DsrRecorded),
+        ] {
+            let stats = ebpf_dataplane::Pinned::open(&node.pin_dir)
+                .and_then(|p| p.stats())
+                .expect("the node's counters");
+            assert!(stats.get(counter) >= remote, "{}: {counter:?}", node.name);
+        }
+    }
+}
+
+/// Runs `f` while capturing the frames this namespace's interfaces send and receive (call
+/// it inside the namespace).
+fn captured<T>(f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket() with constant arguments; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            i32::from(all),
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: an int option of its size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let out = f();
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: a buffer of the length passed.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            break;
+        }
+        frames.push(buf[..n as usize].to_vec());
+    }
+    (out, frames)
+}
+
+/// A captured frame's TCP segment: (source, destination, flags).
+fn tcp_of(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u8)> {
+    if frame.get(12..14)? != [0x08, 0x00] || *frame.get(23)? != 6 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let ip = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    let tcp = frame.get(14 + ihl..14 + ihl + 14)?;
+    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
+    Some((
+        SocketAddrV4::new(ip(26), port(0)),
+        SocketAddrV4::new(ip(30), port(2)),
+        tcp[13],
+    ))
 }

@@ -172,6 +172,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         external_maglev: (args.external_maglev_table_size > 0)
             .then_some(args.external_maglev_table_size),
         xdp: args.xdp,
+        lb_mode: args.lb_mode,
         sync_timeout: None,
     };
     let proxier = node_agent_proxy::start(args.proxy_mode, &config)
@@ -222,8 +223,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// What the proxy must know of this node for traffic from outside the cluster, once the view
-/// has the node: its pod network, its InternalIP (where masqueraded flows leave from), and the
-/// addresses NodePorts answer on (the local ones in `cidrs`, or the InternalIP).
+/// has the node: its pod network, its InternalIP (where masqueraded flows leave from), the
+/// addresses NodePorts answer on (the local ones in `cidrs`, or the InternalIP) and the other
+/// nodes' InternalIPs.
 fn node_settings(view: &View, node: &str, cidrs: &[ipnet::Ipv4Net]) -> Option<NodeSettings> {
     let n = view.nodes.get(node)?;
     let internal: Option<std::net::Ipv4Addr> = n.internal_ip.parse().ok();
@@ -244,10 +246,18 @@ fn node_settings(view: &View, node: &str, cidrs: &[ipnet::Ipv4Net]) -> Option<No
     };
     nodeport_addrs.sort();
     nodeport_addrs.dedup();
+    let mut peer_addrs: Vec<std::net::Ipv4Addr> = view
+        .nodes
+        .iter()
+        .filter(|(name, _)| *name != node)
+        .filter_map(|(_, n)| n.internal_ip.parse().ok())
+        .collect();
+    peer_addrs.sort();
     Some(NodeSettings {
         pod_cidr,
         masquerade_addr: internal,
         nodeport_addrs,
+        peer_addrs,
     })
 }
 
@@ -472,6 +482,7 @@ impl SyncState {
                     tracing::info!(
                         nodeport_addresses = ?node.nodeport_addrs,
                         pod_cidr = ?node.pod_cidr,
+                        other_nodes = node.peer_addrs.len(),
                         "node settings for traffic from outside the cluster"
                     );
                     self.node = Some(node);

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use node_agent_proxy::Mode;
+use node_agent_proxy::{LbMode, Mode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -114,6 +114,13 @@ pub struct RunArgs {
     /// native (in the driver; on a veth its peer needs XDP or GRO) or generic
     #[arg(long, default_value = "off")]
     pub xdp: ebpf_dataplane::XdpAcceleration,
+    /// How flows from outside reach backends on other nodes under externalTrafficPolicy
+    /// Cluster (eBPF mode): snat (masqueraded to the node, as kube-proxy), dsr (direct server
+    /// return: the backend sees the client and its node answers the client directly, the
+    /// service address carried in an IPv4 option; every node must run the eBPF mode) or
+    /// hybrid (DSR for TCP, SNAT for UDP)
+    #[arg(long, default_value = "snat")]
+    pub lb_mode: LbMode,
     /// Which local sockets are load balanced at connect time (eBPF mode)
     #[arg(long, value_enum, default_value = "all")]
     pub socket_lb: SocketLb,

@@ -136,8 +136,8 @@ pub mod defaults {
     pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
     /// Unconnected UDP sockets' backends, per service (LRU).
     pub const SOCK_FWD_ENTRIES: u32 = 65_536;
-    /// Node addresses NodePorts answer on.
-    pub const NODE_ADDR_ENTRIES: u32 = 256;
+    /// Node addresses: this node's NodePort addresses and the other nodes' addresses.
+    pub const NODE_ADDR_ENTRIES: u32 = 8192;
     /// Source prefixes of LoadBalancer addresses, over all services.
     pub const SOURCE_RANGE_ENTRIES: u32 = 16_384;
 }
@@ -206,6 +206,23 @@ pub const SVC_FLAG_DROP_EMPTY: u32 = 1 << 4;
 /// Only clients in the frontend's `SOURCE_RANGES` may open flows to it
 /// (`loadBalancerSourceRanges`); the others are dropped.
 pub const SVC_FLAG_SOURCE_RANGES: u32 = 1 << 5;
+/// Direct server return (instead of `SVC_FLAG_MASQ`): a flow sent to a backend on another node
+/// keeps the client's address and its first packet (every UDP datagram) carries the frontend
+/// in an IPv4 option (`DSR_OPTION_TYPE`), so the backend's node answers the client itself,
+/// from the frontend, and replies skip this node.
+pub const SVC_FLAG_DSR: u32 = 1 << 6;
+
+/// The IPv4 option carrying a DSR flow's frontend to the backend's node: type (copied on
+/// fragmentation, class 0, number 26), length 8, the frontend's port and address (network
+/// order). Cilium's layout, so either side may be Cilium's.
+pub const DSR_OPTION_TYPE: u8 = 0x9a;
+pub const DSR_OPTION_LEN: usize = 8;
+
+/// `NODE_ADDRS` values: an address of this node NodePorts answer on; another node's address
+/// (pods' sockets reach NodePorts on it too, as on this node's; DSR is never used for flows
+/// from it).
+pub const NODE_ADDR_LOCAL: u32 = 1;
+pub const NODE_ADDR_PEER: u32 = 2;
 
 /// `ServiceKey::vip` of a NodePort: any address of `NODE_ADDRS`.
 pub const NODEPORT_VIP: u32 = 0;
@@ -299,6 +316,9 @@ pub const CT_FLAG_EXTERNAL: u8 = 1 << 4;
 /// `CtEntry::flags`: the client's address is rewritten to `CtEntry::nat_addr` (a flow from
 /// outside sent to another node's backend); always with `CT_FLAG_SNAT`.
 pub const CT_FLAG_MASQ: u8 = 1 << 5;
+/// `CtEntry::flags`: a flow from outside sent to another node's backend by direct server
+/// return (`SVC_FLAG_DSR`): only its destination is rewritten; its replies never come here.
+pub const CT_FLAG_DSR: u8 = 1 << 6;
 
 /// Ports a clashing flow's client port is remapped to: above Linux's ephemeral range
 /// (32768-60999), so they do not collide with the client's own sockets.
@@ -388,6 +408,10 @@ pub const REVNAT_FLAG_MASQ: u16 = 1 << 2;
 /// `RevNat::flags`: the reply of a flow from outside the cluster: its source becomes a node
 /// or external address, so the data plane routes it out itself.
 pub const REVNAT_FLAG_EXTERNAL: u16 = 1 << 3;
+/// `RevNat::flags`: recorded on a backend's node from a DSR option (with
+/// `REVNAT_FLAG_EXTERNAL`): `vip` and `port` are the frontend of another node; the replies keep
+/// the flow's conntrack entry here alive, as no packet of the client's is seen here again.
+pub const REVNAT_FLAG_DSR: u16 = 1 << 4;
 
 /// How to restore a reply: the service address it must come from, and the client port it
 /// must go to.
@@ -657,10 +681,21 @@ counters! {
     /// A packet the XDP program left to tc because its L4 checksum was only the pseudo-header
     /// sum (CHECKSUM_PARTIAL, sent by this host's own stack over a veth).
     XdpPartialChecksum = 33, "xdp_partial_checksum", Event;
+    /// A flow's first packet (every UDP datagram) sent to another node's backend by direct
+    /// server return, with its frontend in an IPv4 option.
+    DsrSent = 34, "dsr_sent", Event;
+    /// A packet from another node carrying a DSR option for a pod of this node: its flow was
+    /// recorded (the pod's replies go from the frontend straight to the client) and the
+    /// option removed.
+    DsrRecorded = 35, "dsr_recorded", Event;
+    /// A packet the data plane routes itself is larger than the path MTU (with a DSR option's
+    /// 8 bytes, or no room left for them): dropped; an untranslated one is answered with an
+    /// ICMP fragmentation needed giving the MTU it must fit.
+    DropTooBig = 36, "drop_too_big", Drop;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 34;
+pub const COUNTER_COUNT: u32 = 37;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the

@@ -45,9 +45,10 @@ use aya::{
 };
 use ebpf_common::{
     AffinityEntry, AffinityKey, Backend, COUNTER_COUNT, CtEntry, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_LANES, MaglevLanes, MemberKey, NodeConfig, PodSources, RevNat, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SockFwdKey, SockRevKey, SourceRange, map_names, program_names,
+    MAGLEV_LANES, MaglevLanes, MemberKey, NODE_ADDR_LOCAL, NODE_ADDR_PEER, NodeConfig, PodSources,
+    RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SockFwdKey,
+    SockRevKey, SourceRange, map_names, program_names,
 };
 pub use ebpf_common::{Counter, CounterKind, defaults};
 pub use error::Error;
@@ -262,14 +263,28 @@ pub enum Reach {
     /// Clients outside the cluster arriving on the node's interfaces (a NodePort, an
     /// ExternalIP, a LoadBalancer IP), through [`Dataplane::attach_external`].
     External {
-        /// `externalTrafficPolicy: Cluster`: flows to backends on other nodes leave from a
-        /// node address (the backend sees the node, replies come back through it). `Local`
-        /// keeps the client's address and should be given local backends only.
-        masquerade: bool,
+        /// How flows reach backends on other nodes.
+        remote: Remote,
         /// Without backends, drop new flows instead of rejecting them (`Local` on a node
         /// without local endpoints, while the service has endpoints elsewhere).
         drop_when_empty: bool,
     },
+}
+
+/// How a flow from outside reaches a backend on another node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Remote {
+    /// As it came, the client's address kept (`externalTrafficPolicy: Local`, whose frontends
+    /// should be given local backends only).
+    #[default]
+    AsItCame,
+    /// Masqueraded to a node address (`externalTrafficPolicy: Cluster`, as kube-proxy): the
+    /// backend sees the node, replies come back through it.
+    Masquerade,
+    /// Direct server return (`externalTrafficPolicy: Cluster`, as Cilium's DSR mode): the
+    /// backend sees the client; the frontend travels to its node in an IPv4 option, and that
+    /// node sends the replies straight to the client. Every node must run this data plane.
+    DirectReturn,
 }
 
 /// A service's load-balancing settings.
@@ -293,6 +308,9 @@ pub struct NodeSettings {
     pub masquerade_addr: Option<Ipv4Addr>,
     /// The node addresses NodePorts answer on (kube-proxy's `--nodeport-addresses`).
     pub nodeport_addrs: Vec<Ipv4Addr>,
+    /// The other nodes' addresses: pods' sockets reach NodePorts on them as on this node's
+    /// (balanced here), and flows from them (pods masqueraded to them) are never sent by DSR.
+    pub peer_addrs: Vec<Ipv4Addr>,
 }
 
 /// Where the data plane pins its objects and how large its maps are. Sizes apply when the maps
@@ -1159,8 +1177,8 @@ impl Dataplane {
     }
 
     /// Tells the programs about the node, for traffic from outside: its pod network, the
-    /// address flows are masqueraded to, and the addresses NodePorts answer on (replacing the
-    /// previous ones).
+    /// address flows are masqueraded to, the addresses NodePorts answer on and the other
+    /// nodes' (replacing the previous ones).
     pub fn set_node(&mut self, node: &NodeSettings) -> Result<(), Error> {
         let (pod_net, pod_mask) = match node.pod_cidr {
             Some((net, len)) if len > 0 => {
@@ -1191,22 +1209,25 @@ impl Dataplane {
                 .ok_or(Error::MissingMap(map_names::NODE_ADDRS))?,
         )
         .map_err(error(map_names::NODE_ADDRS))?;
-        let wanted: Vec<u32> = node
-            .nodeport_addrs
+        // This node's addresses win over the same address among the peers.
+        let wanted: BTreeMap<u32, u32> = node
+            .peer_addrs
             .iter()
-            .map(|a| u32::from_ne_bytes(a.octets()))
+            .map(|a| (a, NODE_ADDR_PEER))
+            .chain(node.nodeport_addrs.iter().map(|a| (a, NODE_ADDR_LOCAL)))
+            .map(|(a, kind)| (u32::from_ne_bytes(a.octets()), kind))
             .collect();
         let stale: Vec<u32> = addrs
             .keys()
             .filter_map(Result::ok)
-            .filter(|a| !wanted.contains(a))
+            .filter(|a| !wanted.contains_key(a))
             .collect();
         for addr in stale {
             remove_entry(&mut addrs, &addr).map_err(error(map_names::NODE_ADDRS))?;
         }
-        for addr in wanted {
+        for (addr, kind) in wanted {
             addrs
-                .insert(addr, 1, 0)
+                .insert(addr, kind, 0)
                 .map_err(error(map_names::NODE_ADDRS))?;
         }
         Ok(())
@@ -1709,14 +1730,16 @@ impl Dataplane {
             maglev_size = table_size;
         }
         if let Reach::External {
-            masquerade,
+            remote,
             drop_when_empty,
         } = spec.reach
         {
             flags |= SVC_FLAG_EXTERNAL;
-            if masquerade {
-                flags |= SVC_FLAG_MASQ;
-            }
+            flags |= match remote {
+                Remote::AsItCame => 0,
+                Remote::Masquerade => SVC_FLAG_MASQ,
+                Remote::DirectReturn => SVC_FLAG_DSR,
+            };
             if drop_when_empty {
                 flags |= SVC_FLAG_DROP_EMPTY;
             }
@@ -2208,7 +2231,13 @@ fn decode_service(
         .then(|| Duration::from_secs(u64::from(value.affinity_timeout_s)));
     let reach = if value.flags & SVC_FLAG_EXTERNAL != 0 {
         Reach::External {
-            masquerade: value.flags & SVC_FLAG_MASQ != 0,
+            remote: if value.flags & SVC_FLAG_DSR != 0 {
+                Remote::DirectReturn
+            } else if value.flags & SVC_FLAG_MASQ != 0 {
+                Remote::Masquerade
+            } else {
+                Remote::AsItCame
+            },
             drop_when_empty: value.flags & SVC_FLAG_DROP_EMPTY != 0,
         }
     } else {

@@ -18,13 +18,13 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use ebpf_common::{
-    CT_FLAG_MASQ, Counter, CtEntry, NODEPORT_VIP, REVNAT_FLAG_EXTERNAL, RevNat,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRange,
+    CT_FLAG_DSR, CT_FLAG_MASQ, Counter, CtEntry, NODE_ADDR_LOCAL, NODEPORT_VIP,
+    REVNAT_FLAG_EXTERNAL, RevNat, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRange,
 };
 
 use crate::{
-    TCX_NEXT, Work, finish_known, finish_new, forward, icmp_to_outside, ifindex, known_flow,
+    TCX_NEXT, Work, dsr, finish_known, finish_new, forward, icmp_to_outside, ifindex, known_flow,
     maps::{CONNTRACK, NODE, NODE_ADDRS, REVNAT, SERVICES, SOURCE_RANGES},
     open_flow,
     parse::Packet,
@@ -41,6 +41,15 @@ pub fn is_local(addr: u32) -> bool {
         Some(node) if node.pod_mask != 0 => addr & node.pod_mask == node.pod_net,
         _ => false,
     }
+}
+
+/// Whether `addr` is in `NODE_ADDRS` as `kind` (`NODE_ADDR_*`).
+#[inline(always)]
+pub fn is_node_addr(addr: u32, kind: u32) -> bool {
+    // SAFETY: copied out at once from a successful lookup.
+    NODE_ADDRS
+        .get_ptr(addr)
+        .is_some_and(|value| unsafe { value.read() } == kind)
 }
 
 /// What a packet from outside calls for.
@@ -64,11 +73,11 @@ pub enum Action {
 #[inline(always)]
 pub fn decide(pkt: &Packet, fast: bool) -> Result<Action, Counter> {
     let flow = pkt.flow;
-    let node_addr = NODE_ADDRS.get_ptr(flow.daddr).is_some();
+    let node_addr = is_node_addr(flow.daddr, NODE_ADDR_LOCAL);
     let mut reselect = false;
     if node_addr {
         if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-            if fast && !masqueraded(ct) {
+            if fast && !xdp_takes(ct, pkt) {
                 return Ok(Action::Pass(Counter::PassNotService));
             }
             match known_flow(pkt, ct) {
@@ -111,7 +120,7 @@ pub fn decide(pkt: &Packet, fast: bool) -> Result<Action, Counter> {
         return Ok(Action::Pass(Counter::PassClusterOnly));
     }
     if !node_addr && let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-        if fast && !masqueraded(ct) {
+        if fast && !xdp_takes(ct, pkt) {
             return Ok(Action::Pass(Counter::PassNotService));
         }
         match known_flow(pkt, ct) {
@@ -149,12 +158,20 @@ pub fn decide(pkt: &Packet, fast: bool) -> Result<Action, Counter> {
     Ok(Action::New(entry, reselect))
 }
 
-/// Whether the flow of conntrack entry `ct` is masqueraded to another node's backend.
+/// Whether the XDP fast path sends `pkt` of the flow of conntrack entry `ct` itself: a flow
+/// masqueraded to another node's backend, or sent there by DSR (but for the packets carrying
+/// the option, which tc inserts).
 #[inline(always)]
-fn masqueraded(ct: *mut CtEntry) -> bool {
+fn xdp_takes(ct: *mut CtEntry, pkt: &Packet) -> bool {
     // SAFETY: the pointer comes from a successful lookup; one field read.
     let flags = unsafe { (*ct).flags };
-    flags & CT_FLAG_MASQ != 0
+    xdp_sends(flags, pkt)
+}
+
+/// The same, from the flow's entry's flags.
+#[inline(always)]
+pub fn xdp_sends(flags: u8, pkt: &Packet) -> bool {
+    flags & CT_FLAG_MASQ != 0 || (flags & CT_FLAG_DSR != 0 && !dsr::carries_option(pkt))
 }
 
 #[inline(always)]
@@ -172,6 +189,10 @@ pub fn from_outside(ctx: &TcContext) -> Result<i32, Counter> {
         }
         Err(verdict) => return Ok(verdict),
     };
+    // On a backend's node: a flow another node sent here by DSR.
+    if let Some(verdict) = dsr::arrival(ctx, &pkt)? {
+        return Ok(verdict);
+    }
     match decide(&pkt, false)? {
         Action::Pass(counter) => {
             count(counter);
@@ -205,9 +226,13 @@ fn send(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, ended: bool) -> Result<i
 }
 
 /// Translates a packet from outside for its backend: a masqueraded one is routed out here
-/// (its source is now a node address), the others go on through the node's stack.
+/// (its source is now a node address), as is a DSR one (with its option); the others go on
+/// through the node's stack.
 #[inline(always)]
 fn to_backend(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, Counter> {
+    if entry.flags & CT_FLAG_DSR != 0 {
+        return dsr::send(ctx, pkt, entry);
+    }
     let verdict = forward(ctx, pkt, entry, ifindex(ctx))?;
     if entry.flags & CT_FLAG_MASQ != 0 {
         return route::out(ctx);

@@ -22,6 +22,7 @@
 #![no_std]
 #![no_main]
 
+mod dsr;
 mod external;
 mod icmp;
 mod lb;
@@ -44,12 +45,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ebpf_common::{
-    CT_FLAG_CLIENT_FIN, CT_FLAG_EXTERNAL, CT_FLAG_HAIRPIN, CT_FLAG_MASQ, CT_FLAG_SERVER_FIN,
-    CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtEntry,
-    FlowKey, FragKey, FragPorts, HAIRPIN_ADDR, IPPROTO_TCP, MAX_POD_SOURCES, MAX_RANGES,
-    REMAP_PORT_FIRST, REMAP_PORTS, REVNAT_FLAG_CLOSING, REVNAT_FLAG_EXTERNAL, REVNAT_FLAG_MASQ,
-    REVNAT_FLAG_SNAT, RevNat, SVC_FLAG_MASQ, ServiceKey, ServiceValue, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, flow_hash,
+    CT_FLAG_CLIENT_FIN, CT_FLAG_DSR, CT_FLAG_EXTERNAL, CT_FLAG_HAIRPIN, CT_FLAG_MASQ,
+    CT_FLAG_SERVER_FIN, CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT,
+    Counter, CtEntry, FlowKey, FragKey, FragPorts, HAIRPIN_ADDR, IPPROTO_TCP, MAX_POD_SOURCES,
+    MAX_RANGES, NODE_ADDR_PEER, REMAP_PORT_FIRST, REMAP_PORTS, REVNAT_FLAG_CLOSING,
+    REVNAT_FLAG_DSR, REVNAT_FLAG_EXTERNAL, REVNAT_FLAG_MASQ, REVNAT_FLAG_SNAT, RevNat,
+    SVC_FLAG_DSR, SVC_FLAG_MASQ, ServiceKey, ServiceValue, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    flow_hash,
 };
 
 use crate::{
@@ -331,8 +333,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
 }
 
 /// A pod's reply to a client outside the cluster, if `pkt` is one: from the NodePort or
-/// external address the client used, routed out here (its source may be a node address, which
-/// the node's own stack would refuse as a martian).
+/// external address the client used (another node's, for a flow that node sent here by DSR),
+/// routed out here (its source may be a node address, which the node's own stack would refuse
+/// as a martian).
 #[inline(always)]
 fn reply_to_outside(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Counter> {
     let Some(revnat) = REVNAT.get_ptr(pkt.flow) else {
@@ -342,6 +345,9 @@ fn reply_to_outside(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, Counte
     let revnat = unsafe { revnat.read() };
     if revnat.flags & REVNAT_FLAG_EXTERNAL == 0 {
         return Ok(None);
+    }
+    if revnat.flags & REVNAT_FLAG_DSR != 0 {
+        dsr::refresh(pkt, &revnat);
     }
     restore(ctx, pkt, &revnat, pkt.flow.daddr)?;
     count(Counter::RevNat);
@@ -411,7 +417,8 @@ pub(crate) fn finish_new(pkt: &Packet, reselect: bool) {
 
 /// Chooses a backend for a new flow of `svc` (which has some) and records the flow in both
 /// directions. `external`: a flow from outside the cluster, with the address it is
-/// masqueraded to if its backend is on another node and the service says so.
+/// masqueraded to if its backend is on another node and the service says so (or if a DSR
+/// flow cannot have its reply tuple).
 #[inline(always)]
 pub(crate) fn open_flow(
     pkt: &Packet,
@@ -440,12 +447,17 @@ pub(crate) fn open_flow(
         None => {}
         Some(nat_addr) => {
             entry.flags = CT_FLAG_EXTERNAL;
-            if svc.flags & SVC_FLAG_MASQ != 0 && !external::is_local(backend.ip) {
-                // The client's port is kept if no other flow's replies come back on it.
-                entry.flags |= CT_FLAG_MASQ | CT_FLAG_SNAT;
-                entry.nat_addr = nat_addr;
-                entry.snat_port = flow.sport;
-                count(Counter::Masqueraded);
+            entry.nat_addr = nat_addr;
+            if !external::is_local(backend.ip) {
+                // A client that is another node (a pod masqueraded to it) would get its own
+                // address back as a source from outside, a martian: masqueraded.
+                if svc.flags & SVC_FLAG_DSR != 0
+                    && !external::is_node_addr(flow.saddr, NODE_ADDR_PEER)
+                {
+                    entry.flags |= CT_FLAG_DSR;
+                } else if svc.flags & SVC_FLAG_MASQ != 0 {
+                    masquerade(&flow, &mut entry);
+                }
             }
         }
     }
@@ -469,6 +481,15 @@ pub(crate) fn open_flow(
         let _ = REVNAT.insert(entry.reply_key(&flow), revnat_of(&flow, &entry), 0);
     }
     Ok(entry)
+}
+
+/// Makes a flow from outside leave from `entry.nat_addr`. The client's port is kept if no
+/// other flow's replies come back on it.
+#[inline(always)]
+fn masquerade(flow: &FlowKey, entry: &mut CtEntry) {
+    entry.flags = entry.flags & !CT_FLAG_DSR | CT_FLAG_MASQ | CT_FLAG_SNAT;
+    entry.snat_port = flow.sport;
+    count(Counter::Masqueraded);
 }
 
 /// Whether `daddr` may be a service address (inside one of the ranges userspace keeps).
@@ -554,6 +575,12 @@ fn claim_reply(flow: &FlowKey, entry: &mut CtEntry) -> Result<(), Counter> {
                     .map_err(|_| Counter::DropCtInsert)?;
                 return Ok(());
             }
+        }
+        if entry.flags & CT_FLAG_DSR != 0 {
+            // The backend answers the client itself, to the port it sees: the client's port
+            // cannot be remapped, and the pod could not tell the two flows apart.
+            masquerade(flow, entry);
+            continue;
         }
         entry.flags |= CT_FLAG_SNAT;
         entry.snat_port = remap_port(flow, attempt);

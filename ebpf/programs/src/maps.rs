@@ -113,7 +113,8 @@ map! {
 }
 
 map! {
-    /// Node address -> 1: the addresses NodePorts answer on.
+    /// Node address -> `NODE_ADDR_LOCAL` (the addresses NodePorts answer on here) or
+    /// `NODE_ADDR_PEER` (another node's).
     NODE_ADDRS: HashMap<u32, u32> =
         HashMap::pinned(defaults::NODE_ADDR_ENTRIES, BPF_F_NO_PREALLOC)
 }

@@ -1,6 +1,7 @@
 //! Rejecting new flows to a service without backends, as kube-proxy does: the client gets an
 //! ICMP port unreachable from the service address (a TCP connect fails at once with
-//! ECONNREFUSED) instead of a silent black hole.
+//! ECONNREFUSED) instead of a silent black hole. And telling a client its packet cannot go on
+//! at its size (fragmentation needed, with the MTU it must fit), as a router would.
 //!
 //! The packet itself becomes the reply: trimmed to its IP and L4 headers, 28 bytes pushed
 //! in front for the new IP and ICMP headers, and sent back out of the interface it came in on.
@@ -17,6 +18,7 @@ use crate::parse::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, Packet, TCP_HLEN, UDP_HL
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 const NEW_HEADERS: usize = 20 + 8;
 /// The quote is the IP header (at most 60 bytes) and the L4 header (at most 20 used).
 const MAX_QUOTED_WORDS: usize = (60 + TCP_HLEN) / 4;
@@ -25,6 +27,20 @@ const MAX_QUOTED_WORDS: usize = (60 + TCP_HLEN) / 4;
 /// the interface it arrived on. Returns the tc verdict.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    unreachable(ctx, pkt, ICMP_PORT_UNREACH, 0)
+}
+
+/// Turns the (untranslated) packet into an ICMP fragmentation needed saying `mtu` to its
+/// sender, and redirects it back out of the interface it arrived on.
+#[inline(always)]
+pub fn fragmentation_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Result<i32, Counter> {
+    unreachable(ctx, pkt, ICMP_FRAG_NEEDED, mtu)
+}
+
+/// An ICMP destination unreachable with `code` (and the next hop's MTU, RFC 1191) from the
+/// address the packet was sent to.
+#[inline(always)]
+fn unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<i32, Counter> {
     let eth = read_at::<EthHdr, _>(ctx, 0).ok_or(Counter::DropReject)?;
     let (client_mac, our_mac) = (eth.src, eth.dst);
     let skb = ctx.as_ptr() as *mut __sk_buff;
@@ -52,8 +68,8 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
 
     // The new frame: [eth][ip 20][icmp 8][quoted ip header + 8 bytes].
     let quoted_off = ETH_HLEN + NEW_HEADERS;
-    let mut sum: u64 =
-        (((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be()) as u64;
+    let type_code = ((ICMP_DEST_UNREACH as u16) << 8 | code as u16).to_be();
+    let mut sum: u64 = type_code as u64 + mtu.to_be() as u64;
     for i in 0..MAX_QUOTED_WORDS {
         if i * 4 >= quoted {
             break;
@@ -89,12 +105,7 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
             proto: ETH_P_IP.to_be(),
         },
         ip,
-        icmp: [
-            ((ICMP_DEST_UNREACH as u16) << 8 | ICMP_PORT_UNREACH as u16).to_be(),
-            icmp_csum,
-            0,
-            0,
-        ],
+        icmp: [type_code, icmp_csum, 0, mtu.to_be()],
     };
     ctx.store(0, &headers, 0).map_err(|_| Counter::DropReject)?;
     // SAFETY: skb is this program's context.

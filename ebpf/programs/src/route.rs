@@ -8,14 +8,17 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use ebpf_common::Counter;
 
 use crate::{
-    ifindex,
+    TCX_NEXT, ifindex,
     parse::{ETH_HLEN, Ipv4Hdr, read_at},
 };
 
@@ -40,10 +43,14 @@ pub enum Hop {
     Resolved { ifindex: u32, macs: [u8; 12] },
     /// Out of `ifindex`, to a next hop whose MAC address the kernel has not resolved yet.
     Unresolved { ifindex: u32 },
+    /// To this node itself (the node's stack delivers it).
+    Local,
+    /// Larger than the route's MTU.
+    TooBig { mtu: u16 },
 }
 
-/// Looks up the route of a packet `saddr` -> `daddr` that came in on `ifindex` (tc or XDP
-/// context alike).
+/// Looks up the route of a packet `saddr` -> `daddr` of `tot_len` bytes that came in on
+/// `ifindex` (tc or XDP context alike).
 #[inline(always)]
 pub fn lookup<C: EbpfContext>(
     ctx: &C,
@@ -84,6 +91,14 @@ pub fn lookup<C: EbpfContext>(
             ifindex: params.ifindex,
         });
     }
+    if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return Ok(Hop::Local);
+    }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the kernel wrote the MTU into the union's other member.
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+        return Ok(Hop::TooBig { mtu });
+    }
     Err(Counter::DropNoRoute)
 }
 
@@ -91,15 +106,6 @@ pub fn lookup<C: EbpfContext>(
 #[inline(always)]
 pub fn out(ctx: &TcContext) -> Result<i32, Counter> {
     let ip = read_at::<Ipv4Hdr, _>(ctx, ETH_HLEN).ok_or(Counter::DropRewrite)?;
-    // Forwarded, as a router would: one hop less to live.
-    if ip.ttl <= 1 {
-        return Err(Counter::DropTtlExceeded);
-    }
-    ctx.store(ETH_HLEN + TTL_OFF, &(ip.ttl - 1), 0)
-        .map_err(|_| Counter::DropRewrite)?;
-    let (old, new) = ttl_words(&ip);
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old as u64, new as u64, 2)
-        .map_err(|_| Counter::DropRewrite)?;
     let hop = lookup(
         ctx,
         ifindex(ctx),
@@ -108,16 +114,37 @@ pub fn out(ctx: &TcContext) -> Result<i32, Counter> {
         ip.saddr,
         ip.daddr,
     )?;
-    match hop {
-        Hop::Resolved { ifindex, macs } => {
+    out_to(ctx, &ip, hop)
+}
+
+/// Sends the packet, whose IPv4 header was `ip` (its TTL and protocol still are), to `hop`.
+#[inline(always)]
+pub fn out_to(ctx: &TcContext, ip: &Ipv4Hdr, hop: Hop) -> Result<i32, Counter> {
+    let (ifindex, macs) = match hop {
+        Hop::Resolved { ifindex, macs } => (ifindex, Some(macs)),
+        Hop::Unresolved { ifindex } => (ifindex, None),
+        // A destination on this node (a client masqueraded to a node address): its stack
+        // takes it from here, through its own NAT.
+        Hop::Local => return Ok(TCX_NEXT),
+        Hop::TooBig { .. } => return Err(Counter::DropTooBig),
+    };
+    // Forwarded, as a router would: one hop less to live.
+    if ip.ttl <= 1 {
+        return Err(Counter::DropTtlExceeded);
+    }
+    ctx.store(ETH_HLEN + TTL_OFF, &(ip.ttl - 1), 0)
+        .map_err(|_| Counter::DropRewrite)?;
+    let (old, new) = ttl_words(ip);
+    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old as u64, new as u64, 2)
+        .map_err(|_| Counter::DropRewrite)?;
+    match macs {
+        Some(macs) => {
             ctx.store(0, &macs, 0).map_err(|_| Counter::DropRewrite)?;
             // SAFETY: no pointers.
             Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
         }
         // The kernel resolves the next hop (and queues the packet meanwhile).
         // SAFETY: no parameters: the kernel looks the next hop up itself.
-        Hop::Unresolved { ifindex } => {
-            Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
-        }
+        None => Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32),
     }
 }

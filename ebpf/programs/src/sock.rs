@@ -82,7 +82,8 @@ fn service_of(
             _pad: 0,
         }
     };
-    // A node address may be a NodePort's.
+    // A node address, this node's or another's, may be a NodePort's (as Cilium, a pod's
+    // socket is balanced here, not on the node it named).
     let found = SERVICES.get_ptr(key).or_else(|| {
         NODE_ADDRS.get_ptr(vip)?;
         SERVICES.get_ptr(ServiceKey {

@@ -1,8 +1,10 @@
 //! The XDP fast path for traffic from outside, on the same interfaces as `from_outside`: a flow
 //! to a NodePort, ExternalIP or LoadBalancer address masqueraded to another node's backend,
 //! and that flow's replies, are translated and sent straight back out (the FIB says where),
-//! before the kernel allocates an skb. Everything else passes to tc, which has the full
-//! feature set: flows to this node's pods, rejects, ICMP errors, fragments, IP options.
+//! before the kernel allocates an skb; so are the packets of a flow sent to another node by
+//! DSR, but for those carrying its option (a TCP SYN, UDP). Everything else passes to tc,
+//! which has the full feature set: flows to this node's pods, rejects, ICMP errors,
+//! fragments, IP options.
 //!
 //! Both programs decide alike (`external::decide`, on the same maps), so a flow may move
 //! between them at any packet (a pass on a missing neighbour entry, an agent running without
@@ -21,7 +23,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext
 use ebpf_common::{CT_FLAG_MASQ, Counter, CtEntry, IPPROTO_TCP, REVNAT_FLAG_SNAT, RevNat};
 
 use crate::{
-    external::{Action, decide},
+    external::{Action, decide, xdp_sends},
     finish_known, finish_new,
     parse::{
         ETH_HLEN, Fragment, IP_HLEN, Ipv4Hdr, Packet, Parsed, TCP_CSUM_OFF, TCP_HLEN, UDP_CSUM_OFF,
@@ -47,7 +49,7 @@ pub fn from_outside(ctx: &XdpContext) -> Result<u32, Counter> {
     }
     let flow = pkt.flow;
     match decide(&pkt, true)? {
-        Action::Known(entry, ended) if entry.flags & CT_FLAG_MASQ != 0 => {
+        Action::Known(entry, ended) if xdp_sends(entry.flags, &pkt) => {
             let verdict = send(ctx, &pkt, forward_to(&pkt, &entry))?;
             if verdict != xdp_action::XDP_PASS {
                 finish_known(&pkt, &entry, ended);

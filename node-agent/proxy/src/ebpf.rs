@@ -14,11 +14,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use ebpf_dataplane::{
-    Config, Dataplane, DesiredService, Frontend, NodeSettings, Reach, Scheduler, ServiceSpec,
+    Config, Dataplane, DesiredService, Frontend, NodeSettings, Reach, Remote, Scheduler,
+    ServiceSpec,
 };
 
 use crate::{
-    KernelUsage, Mode, Proxier, ProxyConfig, ProxyState, SyncReport,
+    KernelUsage, LbMode, Mode, Proxier, ProxyConfig, ProxyState, SyncReport,
     model::{Protocol, Service},
 };
 
@@ -35,6 +36,7 @@ pub struct EbpfProxier {
     /// The node's interfaces `from_outside` is attached to.
     external: BTreeSet<String>,
     external_maglev: Option<u32>,
+    lb_mode: LbMode,
     xdp: ebpf_dataplane::XdpAcceleration,
 }
 
@@ -79,6 +81,7 @@ impl EbpfProxier {
             netns: HashMap::new(),
             external: BTreeSet::new(),
             external_maglev: config.external_maglev,
+            lb_mode: config.lb_mode,
             xdp: config.xdp,
         };
         for netns in &config.pod_netns {
@@ -120,7 +123,11 @@ impl EbpfProxier {
 
 /// The data plane's view of one service: a frontend per port on its cluster IP, and for
 /// clients outside the cluster one on each external address and its NodePort.
-fn desired(service: &Service, external_maglev: Option<u32>) -> Vec<DesiredService> {
+fn desired(
+    service: &Service,
+    external_maglev: Option<u32>,
+    lb_mode: LbMode,
+) -> Vec<DesiredService> {
     let mut out = Vec::new();
     for port in &service.ports {
         let proto = match port.protocol {
@@ -147,7 +154,11 @@ fn desired(service: &Service, external_maglev: Option<u32>) -> Vec<DesiredServic
                 None => Scheduler::Random,
             },
             reach: Reach::External {
-                masquerade: !service.external_local,
+                remote: if service.external_local {
+                    Remote::AsItCame
+                } else {
+                    lb_mode.remote(port.protocol)
+                },
                 drop_when_empty: port.drops_external(),
             },
             ..spec
@@ -203,7 +214,7 @@ impl Proxier for EbpfProxier {
         self.frontends.clear();
         let mut all = Vec::new();
         for (key, service) in &state.services {
-            let services = desired(service, self.external_maglev);
+            let services = desired(service, self.external_maglev, self.lb_mode);
             self.frontends
                 .insert(key.clone(), services.iter().map(|d| d.frontend).collect());
             all.extend(services);
@@ -222,7 +233,7 @@ impl Proxier for EbpfProxier {
             let new = state
                 .services
                 .get(key)
-                .map(|s| desired(s, self.external_maglev))
+                .map(|s| desired(s, self.external_maglev, self.lb_mode))
                 .unwrap_or_default();
             removed.extend(
                 old.into_iter()
@@ -401,4 +412,62 @@ fn in_netns<T: Send>(path: &Path, work: impl FnOnce() -> Result<T> + Send) -> Re
             .join()
             .expect("netns thread")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServicePort;
+
+    /// How each frontend of a NodePort service with a TCP and a UDP port reaches other nodes'
+    /// backends.
+    fn remotes(external_local: bool, lb_mode: LbMode) -> Vec<(Frontend, Reach)> {
+        let port = |protocol| ServicePort {
+            protocol,
+            port: 80,
+            node_port: Some(30080),
+            endpoints: vec!["10.244.1.5:8080".parse().unwrap()],
+            ..ServicePort::default()
+        };
+        let service = Service {
+            cluster_ip: "10.96.0.10".parse().unwrap(),
+            ports: vec![port(Protocol::Tcp), port(Protocol::Udp)],
+            external_local,
+            ..Service::default()
+        };
+        desired(&service, None, lb_mode)
+            .into_iter()
+            .map(|d| (d.frontend, d.spec.reach))
+            .collect()
+    }
+
+    #[test]
+    fn lb_modes_choose_how_flows_reach_other_nodes() {
+        let external = |remote| Reach::External {
+            remote,
+            drop_when_empty: false,
+        };
+        let cluster_ip = |proto| Frontend::new("10.96.0.10:80".parse().unwrap(), proto);
+        let (tcp, udp) = (ebpf_dataplane::Protocol::Tcp, ebpf_dataplane::Protocol::Udp);
+        let expect = |tcp_remote, udp_remote| {
+            vec![
+                (cluster_ip(tcp), Reach::Cluster),
+                (Frontend::node_port(30080, tcp), external(tcp_remote)),
+                (cluster_ip(udp), Reach::Cluster),
+                (Frontend::node_port(30080, udp), external(udp_remote)),
+            ]
+        };
+        use Remote::*;
+        assert_eq!(remotes(false, LbMode::Snat), expect(Masquerade, Masquerade));
+        assert_eq!(
+            remotes(false, LbMode::Dsr),
+            expect(DirectReturn, DirectReturn)
+        );
+        assert_eq!(
+            remotes(false, LbMode::Hybrid),
+            expect(DirectReturn, Masquerade)
+        );
+        // externalTrafficPolicy Local keeps the client whatever the mode.
+        assert_eq!(remotes(true, LbMode::Dsr), expect(AsItCame, AsItCame));
+    }
 }

@@ -66,6 +66,46 @@ impl FromStr for Mode {
     }
 }
 
+/// How the eBPF mode sends flows from outside to backends on other nodes
+/// (`externalTrafficPolicy: Cluster`); Cilium's `loadBalancer.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbMode {
+    /// Masqueraded to the node (kube-proxy's way): replies come back through it.
+    #[default]
+    Snat,
+    /// Direct server return: the backend sees the client and its node answers the client
+    /// directly; every node must run the eBPF mode.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP (every UDP datagram would carry the DSR option).
+    Hybrid,
+}
+
+impl LbMode {
+    /// The way a flow of `protocol` reaches another node's backend.
+    pub fn remote(self, protocol: Protocol) -> ebpf_dataplane::Remote {
+        match (self, protocol) {
+            (LbMode::Dsr, _) | (LbMode::Hybrid, Protocol::Tcp) => {
+                ebpf_dataplane::Remote::DirectReturn
+            }
+            _ => ebpf_dataplane::Remote::Masquerade,
+        }
+    }
+}
+
+impl std::str::FromStr for LbMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "snat" => Ok(LbMode::Snat),
+            "dsr" => Ok(LbMode::Dsr),
+            "hybrid" => Ok(LbMode::Hybrid),
+            other => Err(format!(
+                "load-balancing mode {other:?}: expected snat, dsr or hybrid"
+            )),
+        }
+    }
+}
+
 /// Settings shared by the modes.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -96,6 +136,8 @@ pub struct ProxyConfig {
     pub external_maglev: Option<u32>,
     /// eBPF mode: the XDP fast path on the node's interfaces that take traffic from outside.
     pub xdp: ebpf_dataplane::XdpAcceleration,
+    /// eBPF mode: how flows from outside reach backends on other nodes.
+    pub lb_mode: LbMode,
     /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
     /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
     pub sync_timeout: Option<Duration>,
@@ -113,6 +155,7 @@ impl Default for ProxyConfig {
             socket_cgroup: None,
             external_maglev: Some(ebpf_dataplane::defaults::EXTERNAL_MAGLEV_TABLE_SIZE),
             xdp: ebpf_dataplane::XdpAcceleration::Off,
+            lb_mode: LbMode::Snat,
             sync_timeout: None,
         }
     }

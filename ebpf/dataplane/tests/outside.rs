@@ -1,10 +1,17 @@
+//! Traffic from outside, packet by packet (BPF_PROG_TEST_RUN).
+//!
 //! The XDP fast path against tc, on one fixture table: every packet goes through `from_outside`
 //! (tc) on one data plane, and through `from_outside_xdp` then, if XDP passes it, `from_outside`
 //! on another, as the kernel would run them on a node's interface. Both must end alike: the
 //! same packet sent out, passed to the stack or dropped, byte for byte. The fixtures cover
-//! what the fast path takes (masqueraded flows both ways, UDP with and without checksum) and
-//! what it must leave to tc (local backends, rejects, fragments, IP options, packets whose
-//! checksum is only the pseudo-header sum, a last hop).
+//! what the fast path takes (masqueraded flows both ways, UDP with and without checksum, DSR
+//! flows past their first packet) and what it must leave to tc (local backends, rejects,
+//! fragments, IP options, packets whose checksum is only the pseudo-header sum, a last hop,
+//! packets that must carry the DSR option).
+//!
+//! Direct server return between two nodes' data planes: the option the first node inserts,
+//! what the backend's node records and removes, the reply it sends the client directly, and
+//! what happens to packets too large for the option and to forged options.
 //!
 //! BPF_PROG_TEST_RUN runs the programs in the calling thread's network namespace: the test
 //! runs them on a thread of a namespace of its own (unshared, gone with the thread) holding
@@ -19,7 +26,7 @@ use std::{
 
 use common::{TestDataplane, addr};
 use ebpf_dataplane::{
-    Counter, Frontend, Hook, NodeSettings, Protocol, Reach, ServiceSpec,
+    Counter, Frontend, Hook, NodeSettings, Protocol, Reach, Remote, ServiceSpec,
     packet::{self, L4, TCP_ACK, TCP_SYN, tcp, udp},
     verdict::{TC_ACT_REDIRECT, TC_ACT_SHOT, TCX_NEXT, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
@@ -79,10 +86,10 @@ fn xdp_then_tc(dp: &mut TestDataplane, frame: &[u8]) -> (Outcome, bool) {
     }
 }
 
-fn spec(masquerade: bool) -> ServiceSpec {
+fn spec(remote: Remote) -> ServiceSpec {
     ServiceSpec {
         reach: Reach::External {
-            masquerade,
+            remote,
             drop_when_empty: false,
         },
         ..ServiceSpec::default()
@@ -90,23 +97,34 @@ fn spec(masquerade: bool) -> ServiceSpec {
 }
 
 /// A node's data plane: NodePorts 30080 (TCP and UDP) to a pod on another node, 30081 to a
-/// pod on this node, 30082 without endpoints.
+/// pod on this node, 30082 without endpoints; 30083 and 30085 (TCP and UDP) to the pod on
+/// another node by DSR.
 fn node_dataplane(test: &str) -> TestDataplane {
+    node_with_pods(test, NODE, (Ipv4Addr::new(10, 1, 0, 0), 24))
+}
+
+/// The same services on a node at `addr` whose pods are in `pod_cidr`.
+fn node_with_pods(test: &str, addr: Ipv4Addr, pod_cidr: (Ipv4Addr, u8)) -> TestDataplane {
     let mut dp = TestDataplane::open(test);
     dp.set_node(&NodeSettings {
-        pod_cidr: Some((Ipv4Addr::new(10, 1, 0, 0), 24)),
-        masquerade_addr: Some(NODE),
-        nodeport_addrs: vec![NODE],
+        pod_cidr: Some(pod_cidr),
+        masquerade_addr: Some(addr),
+        nodeport_addrs: vec![addr],
+        peer_addrs: Vec::new(),
     })
     .expect("node settings");
-    for (port, proto, backend) in [
-        (30080, Protocol::Tcp, Some(remote_pod())),
-        (30080, Protocol::Udp, Some(remote_pod())),
-        (30081, Protocol::Tcp, Some(local_pod())),
-        (30082, Protocol::Tcp, None),
+    let (snat, dsr) = (Remote::Masquerade, Remote::DirectReturn);
+    for (port, proto, backend, remote) in [
+        (30080, Protocol::Tcp, Some(remote_pod()), snat),
+        (30080, Protocol::Udp, Some(remote_pod()), snat),
+        (30081, Protocol::Tcp, Some(local_pod()), snat),
+        (30082, Protocol::Tcp, None, snat),
+        (30083, Protocol::Tcp, Some(remote_pod()), dsr),
+        (30083, Protocol::Udp, Some(remote_pod()), dsr),
+        (30085, Protocol::Tcp, Some(remote_pod()), dsr),
     ] {
         let frontend = Frontend::node_port(port, proto);
-        dp.upsert_service(frontend, spec(true)).expect("upsert");
+        dp.upsert_service(frontend, spec(remote)).expect("upsert");
         dp.set_backends(frontend, &backend.into_iter().collect::<Vec<_>>())
             .expect("backends");
     }
@@ -245,6 +263,23 @@ fn xdp_and_tc_end_alike_on_every_fixture() {
             false,
         ),
         (
+            "SYN to a DSR NodePort (carries the option: tc)",
+            tcp(client(40011), node(30083), TCP_SYN).build(),
+            false,
+        ),
+        (
+            "ACK of that DSR flow (destination only)",
+            tcp(client(40011), node(30083), TCP_ACK)
+                .payload(b"GET /")
+                .build(),
+            true,
+        ),
+        (
+            "UDP to a DSR NodePort (every datagram carries the option: tc)",
+            udp(client(40012), node(30083), b"ping").build(),
+            false,
+        ),
+        (
             "first fragment",
             packet::Builder {
                 frag_off: 0x2000,
@@ -286,4 +321,164 @@ fn xdp_and_tc_end_alike_on_every_fixture() {
         assert!(stats.get(Counter::XdpForwarded) >= 7, "{stats:?}");
         assert_eq!(stats.get(Counter::XdpPartialChecksum), 1, "{stats:?}");
     });
+}
+
+/// The other node, whose pods (10.1.1.0/24) include `remote_pod`.
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+
+/// The DSR option naming `frontend`, as it must lie after the fixed IPv4 header: type 0x9a
+/// (copied, option 26), length 8, port, address (Cilium's layout).
+fn dsr_option(frontend: SocketAddrV4) -> [u8; 8] {
+    let port = frontend.port().to_be_bytes();
+    let ip = frontend.ip().octets();
+    [0x9a, 8, port[0], port[1], ip[0], ip[1], ip[2], ip[3]]
+}
+
+#[test]
+fn dsr_carries_the_frontend_to_the_backends_node_which_answers_the_client() {
+    in_node_netns(|| {
+        let mut first = node_dataplane("dsr-first");
+        let mut second = node_with_pods("dsr-second", OTHER_NODE, (Ipv4Addr::new(10, 1, 1, 0), 24));
+
+        // The first node rewrites only the destination and inserts the option.
+        let syn = tcp(client(41000), node(30083), TCP_SYN).build();
+        let Outcome::Out(sent) = tc(&mut first, &syn) else {
+            panic!("the SYN is routed out by the first node");
+        };
+        let read = packet::read(&sent).expect("valid checksums");
+        assert_eq!(
+            read.src(),
+            Some(client(41000)),
+            "the client's address is kept"
+        );
+        assert_eq!(read.dst(), Some(remote_pod()));
+        assert_eq!(read.dst_mac, ROUTER_MAC);
+        assert_eq!(sent[14], 0x47, "IPv4, 5 header words and the option's 2");
+        assert_eq!(sent.len(), syn.len() + 8);
+        assert_eq!(
+            sent[34..42],
+            dsr_option(node(30083)),
+            "the option names the frontend"
+        );
+        assert_eq!(sent[22], 63, "one hop older");
+
+        // The backend's node records the flow, removes the option and gives it to its stack.
+        let Outcome::Stack(delivered) = tc(&mut second, &sent) else {
+            panic!("the backend's node passes the SYN on to its pod");
+        };
+        let read = packet::read(&delivered).expect("valid checksums");
+        assert_eq!(delivered[14], 0x45, "the option removed");
+        assert_eq!(read.src(), Some(client(41000)));
+        assert_eq!(read.dst(), Some(remote_pod()));
+        assert_eq!(delivered[34..], sent[42..], "the segment itself untouched");
+
+        // The pod's reply leaves its node from the frontend, straight to the client.
+        let reply = tcp(remote_pod(), client(41000), TCP_SYN | TCP_ACK).build();
+        let out = second.test_run(Hook::FromPod, &reply, 1).expect("from_pod");
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed out by the data plane");
+        let read = packet::read(&out.frame).expect("valid checksums");
+        assert_eq!(
+            read.src(),
+            Some(node(30083)),
+            "the reply comes from the frontend"
+        );
+        assert_eq!(read.dst(), Some(client(41000)));
+        assert_eq!(read.dst_mac, ROUTER_MAC);
+
+        // The flow's later packets carry no option (XDP may send them).
+        let ack = tcp(client(41000), node(30083), TCP_ACK).build();
+        let (Outcome::Out(sent), true) = xdp_then_tc(&mut first, &ack) else {
+            panic!("the ACK is sent out by XDP");
+        };
+        assert_eq!(sent[14], 0x45, "no option past the first packet");
+        assert_eq!(packet::read(&sent).unwrap().dst(), Some(remote_pod()));
+
+        // Every UDP datagram carries it: the backend's node may see any one first.
+        for _ in 0..2 {
+            let datagram = udp(client(41001), node(30083), b"ping").build();
+            let Outcome::Out(sent) = tc(&mut first, &datagram) else {
+                panic!("the datagram is routed out");
+            };
+            assert_eq!(sent[34..42], dsr_option(node(30083)));
+            let Outcome::Stack(delivered) = tc(&mut second, &sent) else {
+                panic!("the backend's node passes the datagram on");
+            };
+            let expected = with_ttl(with_dst(&datagram, remote_pod()), 63);
+            assert_eq!(
+                delivered[14..],
+                expected[14..],
+                "as sent, but for the destination"
+            );
+        }
+        let reply = udp(remote_pod(), client(41001), b"pong").build();
+        let out = second.test_run(Hook::FromPod, &reply, 1).expect("from_pod");
+        let read = packet::read(&out.frame).expect("valid checksums");
+        assert_eq!(
+            read.src(),
+            Some(node(30083)),
+            "the UDP reply from the frontend"
+        );
+
+        // A datagram the option would make larger than the path MTU: the client hears the
+        // size that fits (8 bytes less than the route's 1500), about what it sent.
+        let big = packet::Builder {
+            frag_off: 0x4000,
+            ..udp(client(41002), node(30083), &[7; 1472])
+        }
+        .build();
+        let Outcome::Out(error) = tc(&mut first, &big) else {
+            panic!("an ICMP error goes back");
+        };
+        let read = packet::read(&error).expect("valid checksums");
+        assert_eq!(
+            read.l4,
+            L4::Unreachable {
+                code: 4,
+                quoted_src: client(41002),
+                quoted_dst: node(30083),
+                quoted_proto: 17,
+            }
+        );
+        assert_eq!((read.src_ip, read.dst_ip), (NODE, *client(0).ip()));
+        assert_eq!(error[40..42], 1492u16.to_be_bytes(), "the next-hop MTU");
+
+        // A forged option, naming a frontend the backend's node does not serve: ignored, and
+        // the pod's replies are not rewritten.
+        let forged = packet::Builder {
+            ip_options: dsr_option(node(31999)).to_vec(),
+            ..tcp(client(41003), remote_pod(), TCP_SYN)
+        }
+        .build();
+        assert_eq!(tc(&mut second, &forged), Outcome::Stack(forged.clone()));
+        let reply = tcp(remote_pod(), client(41003), TCP_SYN | TCP_ACK).build();
+        let out = second.test_run(Hook::FromPod, &reply, 1).expect("from_pod");
+        assert_eq!((out.verdict, out.frame), (TCX_NEXT, reply), "untouched");
+
+        // The same client port towards another DSR frontend of the same pod while the first
+        // flow lives: the pod could not tell them apart, so this one is masqueraded.
+        let syn = tcp(client(41000), node(30085), TCP_SYN).build();
+        let Outcome::Out(sent) = tc(&mut first, &syn) else {
+            panic!("routed out");
+        };
+        assert_eq!(sent[14], 0x45, "no option");
+        assert_eq!(packet::read(&sent).unwrap().src(), Some(node(41000)));
+
+        let (first, second) = (first.stats().unwrap(), second.stats().unwrap());
+        assert_eq!(first.get(Counter::DsrSent), 3, "{first:?}");
+        assert_eq!(first.get(Counter::DropTooBig), 1, "{first:?}");
+        assert_eq!(first.get(Counter::Masqueraded), 1, "{first:?}");
+        assert_eq!(second.get(Counter::DsrRecorded), 3, "{second:?}");
+    });
+}
+
+/// A frame with another destination (and every checksum fixed).
+fn with_dst(frame: &[u8], to: SocketAddrV4) -> Vec<u8> {
+    let read = packet::read(frame).expect("a valid frame");
+    let from = read.src().expect("TCP or UDP");
+    let builder = match read.l4 {
+        L4::Udp { payload, .. } => udp(from, to, &payload),
+        L4::Tcp { flags, payload, .. } => tcp(from, to, flags).payload(&payload),
+        other => panic!("{other:?}"),
+    };
+    builder.build()
 }
