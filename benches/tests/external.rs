@@ -84,7 +84,7 @@ spec:
   ports: [{name: http, port: 80, targetPort: http, nodePort: 30082}]
 "#;
 
-/// A pod asking for a host port on one node.
+/// A pod asking for a host port on one node, and another on the node's address only.
 const HOST_PORT: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -95,7 +95,9 @@ spec:
   containers:
   - name: echo
     image: keel/echo:latest
-    ports: [{name: http, containerPort: 8080, hostPort: 8088}]
+    ports:
+    - {name: http, containerPort: 8080, hostPort: 8088}
+    - {name: dns, containerPort: 8080, protocol: UDP, hostPort: 8089, hostIP: NODE_IP}
     env:
     - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
     - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
@@ -353,7 +355,12 @@ fn traffic_from_outside(mode: &'static str) {
 
     // A pod's hostPort: its node's addresses answer on it, from the pod, which sees the
     // client; the other node does not; gone with the pod.
-    lab.apply(&HOST_PORT.replace("THE_NODE", &first)).unwrap();
+    lab.apply(
+        &HOST_PORT
+            .replace("THE_NODE", &first)
+            .replace("NODE_IP", &nodes[&first].to_string()),
+    )
+    .unwrap();
     let to = SocketAddrV4::new(nodes[&first], 8088);
     let (name, seen_client) = eventually(60, &format!("the host port {to} answering"), || {
         let (name, seen_client) = gets(&client, to, 1).remove(0);
@@ -368,6 +375,13 @@ fn traffic_from_outside(mode: &'static str) {
         client_ip(&seen_client),
         client_addr,
         "the pod sees the client"
+    );
+    let on_ip = SocketAddrV4::new(nodes[&first], 8089);
+    let answer = in_pod(&client, || traffic::udp_request(on_ip));
+    assert_eq!(
+        answer.ok().as_deref(),
+        Some(name.as_str()),
+        "the UDP host port on its hostIP {on_ip}"
     );
     let other = nodes
         .iter()

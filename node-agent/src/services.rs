@@ -21,7 +21,7 @@
 //!   are counted and skipped until dual-stack lands.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
@@ -144,11 +144,10 @@ pub fn translate(view: &View, key: &str, node: &str) -> Translated {
     }
 }
 
-/// The IPv4 addresses of a list (each once).
 /// Whether `key` is one of [`host_port_services`]'s (a service name cannot hold '_'; the
-/// name must also fit nftables chain names, which ':' does not).
+/// name must also fit nftables chain names, which ':' and '.' do not).
 pub fn is_host_port_key(key: &str) -> bool {
-    key.ends_with(HOST_PORTS_SUFFIX)
+    key.contains(HOST_PORTS_SUFFIX)
 }
 
 const HOST_PORTS_SUFFIX: &str = "_hostports";
@@ -157,7 +156,8 @@ const HOST_PORTS_SUFFIX: &str = "_hostports";
 /// address (`ips`, by pod uid), a service of its own (`namespace/pod_hostports`) without a
 /// cluster IP, whose "NodePorts" are the host ports, to the pod's container ports only, keeping
 /// the client's address (`externalTrafficPolicy: Local`), as the CNI `portmap` plugin does.
-/// `hostIP` is not honoured: a host port answers on every address NodePorts answer on.
+/// Host ports with a `hostIP` answer on that address only: one more service per address
+/// (`namespace/pod_hostports-10-0-0-1`), whose external IP it is.
 pub fn host_port_services(
     view: &View,
     ips: &std::collections::HashMap<String, Ipv4Addr>,
@@ -172,7 +172,8 @@ pub fn host_port_services(
         else {
             continue;
         };
-        let mut ports = Vec::new();
+        // By host address; unspecified: every address NodePorts answer on.
+        let mut by_host_ip: BTreeMap<Ipv4Addr, Vec<ServicePort>> = BTreeMap::new();
         for container in spec
             .init_containers
             .iter()
@@ -193,31 +194,49 @@ pub fn host_port_services(
                     Some("UDP") => Protocol::Udp,
                     Some(_) => continue,
                 };
-                ports.push(ServicePort {
+                // An IPv6 or malformed hostIP is not served (IPv4 only, as the rest).
+                let host_ip = match port.host_ip.as_deref() {
+                    None | Some("") => Ipv4Addr::UNSPECIFIED,
+                    Some(ip) => match ip.parse() {
+                        Ok(ip) => ip,
+                        Err(_) => continue,
+                    },
+                };
+                by_host_ip.entry(host_ip).or_default().push(ServicePort {
                     name: format!("{}-{}-{host_port}", container.name, protocol.name()),
                     protocol,
                     port: host_port,
                     endpoints: vec![SocketAddrV4::new(*ip, container_port)],
-                    node_port: Some(host_port),
+                    node_port: host_ip.is_unspecified().then_some(host_port),
                     external_endpoints: None,
                 });
             }
         }
-        if ports.is_empty() {
-            continue;
+        for (host_ip, ports) in by_host_ip {
+            let (name, external_ips) = if host_ip.is_unspecified() {
+                (format!("{}{HOST_PORTS_SUFFIX}", pod.name), Vec::new())
+            } else {
+                let dashed = host_ip.to_string().replace('.', "-");
+                (
+                    format!("{}{HOST_PORTS_SUFFIX}-{dashed}", pod.name),
+                    vec![host_ip],
+                )
+            };
+            out.push(Service {
+                namespace: pod.namespace.clone(),
+                name,
+                cluster_ip: Ipv4Addr::UNSPECIFIED,
+                ports,
+                external_ips,
+                external_local: true,
+                ..Service::default()
+            });
         }
-        out.push(Service {
-            namespace: pod.namespace.clone(),
-            name: format!("{}{HOST_PORTS_SUFFIX}", pod.name),
-            cluster_ip: Ipv4Addr::UNSPECIFIED,
-            ports,
-            external_local: true,
-            ..Service::default()
-        });
     }
     out
 }
 
+/// The IPv4 addresses of a list (each once).
 fn ipv4s(list: &[String]) -> Vec<Ipv4Addr> {
     let mut ips: Vec<Ipv4Addr> = list.iter().filter_map(|ip| ip.parse().ok()).collect();
     ips.sort();
@@ -332,6 +351,8 @@ mod tests {
                 {"containerPort": 53, "hostPort": 5353, "protocol": "UDP"},
                 {"containerPort": 9090},
                 {"containerPort": 7, "hostPort": 7, "protocol": "SCTP"},
+                {"containerPort": 8443, "hostPort": 443, "hostIP": "192.0.2.10"},
+                {"containerPort": 8444, "hostPort": 444, "hostIP": "2001:db8::1"},
             ]},
         ]});
         let mut view = View::default();
@@ -350,7 +371,7 @@ mod tests {
         // Only the pod whose sandbox is up (it has an address) is served.
         let ips = HashMap::from([("u1".to_owned(), Ipv4Addr::new(10, 244, 0, 5))]);
         let services = host_port_services(&view, &ips);
-        assert_eq!(services.len(), 1, "{services:?}");
+        assert_eq!(services.len(), 2, "{services:?}");
         let svc = &services[0];
         assert!(is_host_port_key(&svc.key()), "{}", svc.key());
         assert!(svc.cluster_ip.is_unspecified() && svc.external_local);
@@ -375,6 +396,25 @@ mod tests {
                     vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 53)]
                 ),
             ]
+        );
+        // A hostIP: that address only (an external IP, no NodePort); an IPv6 one is skipped.
+        let on_ip = &services[1];
+        assert_eq!(on_ip.key(), "default/web_hostports-192-0-2-10");
+        assert!(is_host_port_key(&on_ip.key()));
+        assert!(on_ip.cluster_ip.is_unspecified() && on_ip.external_local);
+        assert_eq!(on_ip.external_ips, [Ipv4Addr::new(192, 0, 2, 10)]);
+        let ports: Vec<(u16, Option<u16>, Vec<SocketAddrV4>)> = on_ip
+            .ports
+            .iter()
+            .map(|p| (p.port, p.node_port, p.endpoints.clone()))
+            .collect();
+        assert_eq!(
+            ports,
+            [(
+                443,
+                None,
+                vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 8443)]
+            )]
         );
     }
 
