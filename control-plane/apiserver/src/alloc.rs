@@ -130,33 +130,36 @@ impl<S: Store> Allocator<S> {
     /// Allocates `wanted` if given (it must be free and in range), else the first free number
     /// after a random start. Retries on concurrent changes.
     pub async fn allocate(&self, wanted: Option<u32>) -> Result<u32, AllocError> {
-        if let Some(n) = wanted
-            && !self.range.contains(n)
-        {
-            return Err(AllocError::OutOfRange);
-        }
         loop {
             let (mut data, revision) = self.load().await?;
-            let bit = |data: &[u8], i: u32| data[(i / 8) as usize] & (1 << (i % 8)) != 0;
-            let offset = match wanted {
-                Some(n) => {
-                    let i = n - self.range.first;
-                    if bit(&data, i) {
-                        return Err(AllocError::Taken);
-                    }
-                    i
-                }
-                None => {
-                    let start = rand::random_range(0..self.range.size);
-                    (0..self.range.size)
-                        .map(|k| (start + k) % self.range.size)
-                        .find(|&i| i >= self.reserved && !bit(&data, i))
-                        .ok_or(AllocError::Full)?
-                }
-            };
+            let offset = self.find(&data, wanted)?;
             data[(offset / 8) as usize] |= 1 << (offset % 8);
             if self.save(&data, revision).await? {
                 return Ok(self.range.first + offset);
+            }
+        }
+    }
+
+    /// What [`Allocator::allocate`] would give now, reserving nothing (dry-run requests).
+    pub async fn available(&self, wanted: Option<u32>) -> Result<u32, AllocError> {
+        let (data, _) = self.load().await?;
+        Ok(self.range.first + self.find(&data, wanted)?)
+    }
+
+    /// The offset of `wanted` if it is free and in range, else of the first free number after
+    /// a random start.
+    fn find(&self, data: &[u8], wanted: Option<u32>) -> Result<u32, AllocError> {
+        let bit = |i: u32| data[(i / 8) as usize] & (1 << (i % 8)) != 0;
+        match wanted {
+            Some(n) if !self.range.contains(n) => Err(AllocError::OutOfRange),
+            Some(n) if bit(n - self.range.first) => Err(AllocError::Taken),
+            Some(n) => Ok(n - self.range.first),
+            None => {
+                let start = rand::random_range(0..self.range.size);
+                (0..self.range.size)
+                    .map(|k| (start + k) % self.range.size)
+                    .find(|&i| i >= self.reserved && !bit(i))
+                    .ok_or(AllocError::Full)
             }
         }
     }

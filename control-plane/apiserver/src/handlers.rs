@@ -467,10 +467,13 @@ fn object_body(def: &ResourceDef, obj: Value, accept: &str) -> Value {
     obj
 }
 
+/// DeleteOptions, from the query and the body (where client-go sends them, `dryRun`
+/// included).
 fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteParams> {
     let mut params = DeleteParams {
         grace_period_seconds: q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
         propagation_policy: q.get("propagationPolicy").cloned(),
+        dry_run: dry_run(q)?,
         ..DeleteParams::default()
     };
     if !body.is_empty() {
@@ -490,6 +493,14 @@ fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteP
             .pointer("/preconditions/resourceVersion")
             .and_then(Value::as_str)
             .map(str::to_owned);
+        for value in options
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            params.dry_run |= dry_run_value(value.as_str().unwrap_or_default())?;
+        }
     }
     if params.propagation_policy.is_none()
         && let Some(orphan) = orphan_dependents(q, body)
@@ -632,6 +643,7 @@ async fn resource<S: Store>(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_owned();
+    let dry = dry_run(q)?;
 
     match (method.clone(), target.name.as_deref(), target.sub) {
         (Method::GET, Some(name), Some(sub)) if sub.name == "log" => {
@@ -695,13 +707,7 @@ async fn resource<S: Store>(
                     "the namespace of the provided object does not match the namespace sent on the request",
                 ));
             }
-            if dry_run(q) {
-                return Ok(with_warnings(
-                    json_response(StatusCode::CREATED, &obj),
-                    &warnings,
-                ));
-            }
-            let created = reg.create(def, ns, obj).await?;
+            let created = reg.create(def, ns, obj, dry).await?;
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &created),
                 &warnings,
@@ -729,7 +735,7 @@ async fn resource<S: Store>(
                     )
                 })?
                 .to_owned();
-            reg.bind(def, ns, name, sub, &node)
+            reg.bind(def, ns, name, sub, &node, dry)
                 .await
             .map(|_| json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
         }
@@ -744,7 +750,7 @@ async fn resource<S: Store>(
                     q,
                 )?;
                 let updated = reg
-                    .guaranteed_update(def, ns, name, None, |w| apply_scale(w, &scale))
+                    .guaranteed_update(def, ns, name, None, dry, |w| apply_scale(w, &scale))
                     .await?;
                 let _ = s;
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
@@ -756,10 +762,7 @@ async fn resource<S: Store>(
                 decode_body(headers, &body)?,
                 q,
             )?;
-            if dry_run(q) {
-                return Ok(json_response(StatusCode::OK, &obj));
-            }
-            let updated = reg.update(def, ns, name, obj, sub).await?;
+            let updated = reg.update(def, ns, name, obj, sub, dry).await?;
             Ok(with_warnings(
                 json_response(StatusCode::OK, &updated),
                 &warnings,
@@ -782,6 +785,7 @@ async fn resource<S: Store>(
                     ns,
                     name,
                     sub.filter(|s| s.name != "scale"),
+                    dry,
                     |current| {
                         let unconditional =
                             patch_body.pointer("/metadata/resourceVersion").is_none();
@@ -830,10 +834,6 @@ async fn resource<S: Store>(
         (Method::DELETE, Some(name), None) => {
             allowed("delete")?;
             let params = delete_params(q, &body)?;
-            if dry_run(q) {
-                let obj = reg.get(def, ns, name).await?;
-                return Ok(json_response(StatusCode::OK, &obj));
-            }
             let (obj, gone) = reg.delete(def, ns, name, &params).await?;
             // As kube-apiserver: 200 also when the object is only marked (graceful deletion,
             // finalizers, a namespace's cleanup); 202 only for the legacy orphanDependents=false.
@@ -868,8 +868,20 @@ async fn resource<S: Store>(
     }
 }
 
-fn dry_run(q: &HashMap<String, String>) -> bool {
-    q.get("dryRun").is_some_and(|v| v == "All")
+/// `dryRun=All`: the request goes through every step but storing (kube-apiserver's only
+/// value); anything else is refused rather than ignored (a client asking for a dry run must
+/// never change the cluster).
+fn dry_run(q: &HashMap<String, String>) -> ApiResult<bool> {
+    q.get("dryRun").map_or(Ok(false), |v| dry_run_value(v))
+}
+
+fn dry_run_value(value: &str) -> ApiResult<bool> {
+    match value {
+        "All" => Ok(true),
+        other => Err(ApiError::bad_request(format!(
+            "dryRun: Unsupported value: {other:?}: supported values: \"All\""
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,8 @@ pub struct DeleteParams {
     pub propagation_policy: Option<String>,
     pub precondition_uid: Option<String>,
     pub precondition_resource_version: Option<String>,
+    /// `dryRun: [All]`: what would happen, nothing written.
+    pub dry_run: bool,
 }
 
 pub struct Registry<S: Store> {
@@ -242,12 +244,14 @@ impl<S: Store> Registry<S> {
         Ok(())
     }
 
-    /// Creates an object; `obj` has been decoded and checked against its type.
+    /// Creates an object; `obj` has been decoded and checked against its type. `dry`: every
+    /// step (defaults, validation, allocation checks, a taken name) but storing.
     pub async fn create(
         &self,
         def: &ResourceDef,
         ns: Option<&str>,
         mut obj: Value,
+        dry: bool,
     ) -> ApiResult<Value> {
         if def.namespaced {
             let ns = ns.ok_or_else(|| ApiError::bad_request("a namespace is required"))?;
@@ -278,42 +282,86 @@ impl<S: Store> Registry<S> {
                 meta.remove(field);
             }
         }
+        strategy::prepare_create(def, &mut obj);
         strategy::default(def, &mut obj);
         let obj_name = name(&obj).unwrap_or_default().to_owned();
         let causes = strategy::validate(def, &obj);
         if !causes.is_empty() {
             return Err(ApiError::invalid(def.group, def.kind, &obj_name, causes));
         }
+        let key = def.key(ns, &obj_name);
         let allocated = if def.kind == "Service" {
-            self.allocate_service(&mut obj).await?
+            self.allocate_service(&mut obj, None, dry).await?
         } else {
-            Vec::new()
+            Allocations::default()
         };
-        match self
-            .store
-            .create(&def.key(ns, &obj_name), encode(&obj))
-            .await
-        {
+        if dry {
+            return match self.store.get(&key).await {
+                Ok(None) => Ok(obj),
+                Ok(Some(_)) => Err(ApiError::already_exists(subject(def, &obj_name))),
+                Err(e) => Err(ApiError::from_store(e, subject(def, &obj_name))),
+            };
+        }
+        match self.store.create(&key, encode(&obj)).await {
             Ok(kv) => {
                 set_resource_version(&mut obj, kv.mod_revision);
                 Ok(obj)
             }
             Err(e) => {
-                self.release(&allocated).await;
+                self.release(&allocated.fresh).await;
                 Err(ApiError::from_store(e, subject(def, &obj_name)))
             }
         }
     }
 
-    /// Allocates a service's ClusterIP (unless headless or ExternalName) and NodePorts (for
-    /// NodePort and LoadBalancer services); returns what to release if the create fails.
-    async fn allocate_service(&self, svc: &mut Value) -> ApiResult<Vec<Allocation>> {
+    /// Allocates what a service needs, on create (`old` None) or update: its ClusterIP (unless
+    /// headless or ExternalName), NodePorts (NodePort and LoadBalancer services) and health
+    /// check node port (LoadBalancer, `externalTrafficPolicy: Local`), keeping what `old`
+    /// already holds, as kube-apiserver does: a port that asks for no nodePort keeps the one
+    /// it had, a type change drops the fields the new type has no use for (an ExternalName
+    /// loses its ClusterIP), a nodePort set in an update is reserved like one set on create.
+    /// `dry`: checks availability and reserves nothing.
+    async fn allocate_service(
+        &self,
+        svc: &mut Value,
+        old: Option<&Value>,
+        dry: bool,
+    ) -> ApiResult<Allocations> {
+        let held = old.map(Self::service_allocations).unwrap_or_default();
+        let mut fresh = Vec::new();
+        if let Err(e) = self
+            .allocate_service_fields(svc, old, &held, dry, &mut fresh)
+            .await
+        {
+            if !dry {
+                self.release(&fresh).await;
+            }
+            return Err(e);
+        }
+        let kept = Self::service_allocations(svc);
+        let freed = held.into_iter().filter(|a| !kept.contains(a)).collect();
+        if dry {
+            fresh.clear();
+        }
+        Ok(Allocations { fresh, freed })
+    }
+
+    async fn allocate_service_fields(
+        &self,
+        svc: &mut Value,
+        old: Option<&Value>,
+        held: &[Allocation],
+        dry: bool,
+        fresh: &mut Vec<Allocation>,
+    ) -> ApiResult<()> {
         let name = name(svc).unwrap_or_default().to_owned();
-        let kind = svc
-            .pointer("/spec/type")
-            .and_then(Value::as_str)
-            .unwrap_or("ClusterIP")
-            .to_owned();
+        let type_of = |svc: &Value| {
+            svc.pointer("/spec/type")
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP")
+                .to_owned()
+        };
+        let kind = type_of(svc);
         let invalid = |field: &str, value: String, why: String| {
             ApiError::invalid(
                 "",
@@ -322,159 +370,211 @@ impl<S: Store> Registry<S> {
                 vec![Cause::invalid(field, value, why)],
             )
         };
-        let mut done = Vec::new();
-        if kind != "ExternalName" {
-            let wanted = svc
-                .pointer("/spec/clusterIP")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned();
-            if wanted != "None" {
-                let requested = if wanted.is_empty() {
-                    None
-                } else {
-                    let ip: Ipv4Addr = wanted.parse().map_err(|_| {
-                        invalid(
-                            "spec.clusterIPs",
-                            format!("[]string{{\"{wanted}\"}}"),
-                            "must be a valid IP address".into(),
-                        )
-                    })?;
-                    Some(u32::from(ip))
-                };
-                let ip = match self.cluster_ips.allocate(requested).await {
-                    Ok(ip) => Ipv4Addr::from(ip),
-                    Err(e) => {
+        // Fields a type has no use for were refused by validation, or dropped with an
+        // update's type change (`strategy::prepare_update`).
+        let wanted_ip = svc
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        if kind == "ExternalName" {
+            // No address.
+        } else if wanted_ip == "None" {
+            svc["spec"]["clusterIPs"] = json!(["None"]);
+        } else {
+            let requested = if wanted_ip.is_empty() {
+                None
+            } else {
+                let ip: Ipv4Addr = wanted_ip.parse().map_err(|_| {
+                    invalid(
+                        "spec.clusterIPs",
+                        format!("[]string{{\"{wanted_ip}\"}}"),
+                        "must be a valid IP address".into(),
+                    )
+                })?;
+                Some(u32::from(ip))
+            };
+            let ip = match requested {
+                Some(ip) if held.contains(&Allocation::Ip(ip)) => ip,
+                _ => {
+                    let got = if dry {
+                        self.cluster_ips.available(requested).await
+                    } else {
+                        self.cluster_ips.allocate(requested).await
+                    };
+                    let ip = got.map_err(|e| {
                         let why = match e {
                             AllocError::OutOfRange => format!(
-                                "failed to allocate IP {wanted}: provided IP is not in the valid range"
+                                "failed to allocate IP {wanted_ip}: provided IP is not in the valid range"
                             ),
                             AllocError::Taken => format!(
-                                "failed to allocate IP {wanted}: provided IP is already allocated"
+                                "failed to allocate IP {wanted_ip}: provided IP is already allocated"
                             ),
                             AllocError::Full => {
                                 "failed to allocate a serviceIP: range is full".into()
                             }
-                            AllocError::Store(e) => return Err(ApiError::internal(e)),
+                            AllocError::Store(e) => return ApiError::internal(e),
                         };
-                        return Err(invalid(
+                        invalid(
                             "spec.clusterIPs",
-                            format!("[]string{{\"{wanted}\"}}"),
+                            format!("[]string{{\"{wanted_ip}\"}}"),
                             why,
-                        ));
-                    }
-                };
-                done.push(Allocation::Ip(u32::from(ip)));
-                svc["spec"]["clusterIP"] = json!(ip.to_string());
-                svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
-            } else {
-                svc["spec"]["clusterIPs"] = json!(["None"]);
-            }
-        }
-        if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
-            let count = svc
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
-            for i in 0..count {
-                let wanted = svc["spec"]["ports"][i]
-                    .get("nodePort")
-                    .and_then(Value::as_u64)
-                    .filter(|p| *p != 0)
-                    .map(|p| p as u32);
-                // One node port may serve a port number on two protocols (DNS on TCP and UDP),
-                // as kube-apiserver allows: an earlier port of this service holds it then.
-                let protocol = |j: usize| {
-                    svc["spec"]["ports"][j]
-                        .get("protocol")
-                        .and_then(Value::as_str)
-                        .unwrap_or("TCP")
-                        .to_owned()
-                };
-                let shared = wanted.and_then(|w| {
-                    (0..i).find(|&j| {
-                        svc["spec"]["ports"][j]
-                            .get("nodePort")
-                            .and_then(Value::as_u64)
-                            == Some(u64::from(w))
-                    })
-                });
-                if let (Some(j), Some(port)) = (shared, wanted) {
-                    if protocol(j) == protocol(i) {
-                        self.release(&done).await;
-                        return Err(invalid(
-                            &format!("spec.ports[{i}].nodePort"),
-                            port.to_string(),
-                            "may not be used by two ports of the same protocol".into(),
-                        ));
-                    }
-                    continue;
+                        )
+                    })?;
+                    fresh.push(Allocation::Ip(ip));
+                    ip
                 }
-                match self.node_ports.allocate(wanted).await {
-                    Ok(port) => {
-                        done.push(Allocation::Port(port));
-                        svc["spec"]["ports"][i]["nodePort"] = json!(port);
-                    }
-                    Err(e) => {
-                        self.release(&done).await;
-                        let range = self.node_ports.range();
-                        let why = match e {
-                            AllocError::OutOfRange => format!(
-                                "provided port is not in the valid range. The range of valid ports is {}-{}",
-                                range.first,
-                                range.first + range.size - 1
-                            ),
-                            AllocError::Taken => "provided port is already allocated".into(),
-                            AllocError::Full => "range is full".into(),
-                            AllocError::Store(e) => return Err(ApiError::internal(e)),
-                        };
-                        return Err(invalid(
-                            &format!("spec.ports[{i}].nodePort"),
-                            wanted.unwrap_or(0).to_string(),
-                            why,
-                        ));
-                    }
-                }
-            }
+            };
+            let ip = Ipv4Addr::from(ip).to_string();
+            svc["spec"]["clusterIP"] = json!(ip);
+            svc["spec"]["clusterIPs"] = json!([ip]);
         }
-        // A LoadBalancer that keeps the client's address (externalTrafficPolicy Local) gets a
-        // node port where each node says whether it has local endpoints, for the load
-        // balancer's health checks (kube-apiserver allocates it from the NodePort range).
-        let local = svc
-            .pointer("/spec/externalTrafficPolicy")
-            .and_then(Value::as_str)
-            == Some("Local");
-        if kind == "LoadBalancer" && local {
-            let wanted = svc
-                .pointer("/spec/healthCheckNodePort")
+
+        let needs_node_ports = strategy::node_ports_of(&kind);
+        let old_needed = old.is_some_and(|o| strategy::node_ports_of(&type_of(o)));
+        let count = svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let port_field = |svc: &Value, i: usize, field: &str| -> Value {
+            svc["spec"]["ports"][i]
+                .get(field)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        for i in 0..count {
+            let mut wanted = svc["spec"]["ports"][i]
+                .get("nodePort")
                 .and_then(Value::as_u64)
                 .filter(|p| *p != 0)
                 .map(|p| p as u32);
-            match self.node_ports.allocate(wanted).await {
-                Ok(port) => {
-                    done.push(Allocation::Port(port));
-                    svc["spec"]["healthCheckNodePort"] = json!(port);
-                }
-                Err(AllocError::Store(e)) => {
-                    self.release(&done).await;
-                    return Err(ApiError::internal(e));
-                }
-                Err(e) => {
-                    self.release(&done).await;
-                    let why = match e {
-                        AllocError::Taken => "provided port is already allocated",
-                        AllocError::Full => "range is full",
-                        _ => "provided port is not in the valid range",
-                    };
+            if !needs_node_ports {
+                continue;
+            }
+            // A port asking for none keeps the one it had (same port number and protocol).
+            if wanted.is_none() && old_needed {
+                let protocol = |p: &Value| p.get("protocol").cloned().unwrap_or(json!("TCP"));
+                let this = (
+                    port_field(svc, i, "port"),
+                    protocol(&svc["spec"]["ports"][i]),
+                );
+                wanted = old
+                    .and_then(|o| o.pointer("/spec/ports"))
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find(|p| (p.get("port").cloned().unwrap_or(Value::Null), protocol(p)) == this)
+                    .and_then(|p| p.get("nodePort"))
+                    .and_then(Value::as_u64)
+                    .filter(|p| *p != 0)
+                    .map(|p| p as u32);
+            }
+            // One node port may serve a port number on two protocols (DNS on TCP and UDP),
+            // as kube-apiserver allows: an earlier port of this service holds it then.
+            let protocol = |j: usize| {
+                svc["spec"]["ports"][j]
+                    .get("protocol")
+                    .and_then(Value::as_str)
+                    .unwrap_or("TCP")
+                    .to_owned()
+            };
+            let shared = wanted.and_then(|w| {
+                (0..i).find(|&j| {
+                    svc["spec"]["ports"][j]
+                        .get("nodePort")
+                        .and_then(Value::as_u64)
+                        == Some(u64::from(w))
+                })
+            });
+            if let (Some(j), Some(port)) = (shared, wanted) {
+                if protocol(j) == protocol(i) {
                     return Err(invalid(
-                        "spec.healthCheckNodePort",
-                        wanted.unwrap_or(0).to_string(),
-                        why.into(),
+                        &format!("spec.ports[{i}].nodePort"),
+                        port.to_string(),
+                        "may not be used by two ports of the same protocol".into(),
                     ));
                 }
+                svc["spec"]["ports"][i]["nodePort"] = json!(port);
+                continue;
             }
+            let port = match wanted {
+                Some(port) if held.contains(&Allocation::Port(port)) => port,
+                _ => {
+                    self.allocate_node_port(wanted, dry, fresh, |why| {
+                        invalid(
+                            &format!("spec.ports[{i}].nodePort"),
+                            wanted.unwrap_or(0).to_string(),
+                            why,
+                        )
+                    })
+                    .await?
+                }
+            };
+            svc["spec"]["ports"][i]["nodePort"] = json!(port);
         }
-        Ok(done)
+
+        // A LoadBalancer that keeps the client's address (externalTrafficPolicy Local) gets a
+        // node port where each node says whether it has local endpoints, for the load
+        // balancer's health checks (kube-apiserver allocates it from the NodePort range).
+        let mut wanted = svc
+            .pointer("/spec/healthCheckNodePort")
+            .and_then(Value::as_u64)
+            .filter(|p| *p != 0)
+            .map(|p| p as u32);
+        if strategy::health_check_of(&svc["spec"]) {
+            if wanted.is_none() {
+                wanted = old
+                    .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+                    .and_then(Value::as_u64)
+                    .map(|p| p as u32);
+            }
+            let port = match wanted {
+                Some(port) if held.contains(&Allocation::Port(port)) => port,
+                _ => {
+                    self.allocate_node_port(wanted, dry, fresh, |why| {
+                        invalid(
+                            "spec.healthCheckNodePort",
+                            wanted.unwrap_or(0).to_string(),
+                            why,
+                        )
+                    })
+                    .await?
+                }
+            };
+            svc["spec"]["healthCheckNodePort"] = json!(port);
+        }
+        Ok(())
+    }
+
+    /// Allocates a node port (`wanted`, or any), or checks it could be (`dry`); `invalid`
+    /// makes the error of a port that cannot be had from the reason.
+    async fn allocate_node_port(
+        &self,
+        wanted: Option<u32>,
+        dry: bool,
+        fresh: &mut Vec<Allocation>,
+        invalid: impl Fn(String) -> ApiError,
+    ) -> ApiResult<u32> {
+        let got = if dry {
+            self.node_ports.available(wanted).await
+        } else {
+            self.node_ports.allocate(wanted).await
+        };
+        let range = self.node_ports.range();
+        match got {
+            Ok(port) => {
+                fresh.push(Allocation::Port(port));
+                Ok(port)
+            }
+            Err(AllocError::OutOfRange) => Err(invalid(format!(
+                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                range.first,
+                range.first + range.size - 1
+            ))),
+            Err(AllocError::Taken) => Err(invalid("provided port is already allocated".into())),
+            Err(AllocError::Full) => Err(invalid("range is full".into())),
+            Err(AllocError::Store(e)) => Err(ApiError::internal(e)),
+        }
     }
 
     async fn release(&self, allocations: &[Allocation]) {
@@ -524,6 +624,7 @@ impl<S: Store> Registry<S> {
         obj_name: &str,
         obj: Value,
         sub: Option<&Subresource>,
+        dry: bool,
     ) -> ApiResult<Value> {
         if name(&obj).is_some_and(|n| n != obj_name) {
             return Err(ApiError::bad_request(format!(
@@ -531,25 +632,9 @@ impl<S: Store> Registry<S> {
                 name(&obj).unwrap_or_default()
             )));
         }
-        let precondition = resource_version(&obj).map(parse_rv).transpose()?;
-        loop {
-            let current = self.get_kv(def, ns, obj_name).await?;
-            if let Some(rv) = precondition
-                && rv != current.mod_revision
-            {
-                return Err(ApiError::conflict(subject(def, obj_name)));
-            }
-            let old = decode(&current)?;
-            let mut candidate = obj.clone();
-            self.apply_update_rules(def, &old, &mut candidate, sub)?;
-            match self
-                .commit_update(def, ns, obj_name, &old, candidate, current.mod_revision)
-                .await
-            {
-                Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
-                result => return result,
-            }
-        }
+        // The object replaces the latest; its resourceVersion, if any, is the precondition.
+        self.guaranteed_update(def, ns, obj_name, sub, dry, |_| Ok(obj.clone()))
+            .await
     }
 
     /// Applies `f` to the latest object and stores the result, retrying on concurrent changes
@@ -560,6 +645,7 @@ impl<S: Store> Registry<S> {
         ns: Option<&str>,
         obj_name: &str,
         sub: Option<&Subresource>,
+        dry: bool,
         f: impl Fn(&Value) -> ApiResult<Value>,
     ) -> ApiResult<Value> {
         loop {
@@ -574,7 +660,15 @@ impl<S: Store> Registry<S> {
             }
             self.apply_update_rules(def, &old, &mut candidate, sub)?;
             match self
-                .commit_update(def, ns, obj_name, &old, candidate, current.mod_revision)
+                .commit_update(
+                    def,
+                    ns,
+                    obj_name,
+                    &old,
+                    candidate,
+                    current.mod_revision,
+                    dry,
+                )
                 .await
             {
                 Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
@@ -659,7 +753,12 @@ impl<S: Store> Registry<S> {
         Ok(())
     }
 
-    /// Stores an update (or, when the last finalizer went, the deletion).
+    /// Stores an update (or, when the last finalizer went, the deletion); a service's
+    /// allocations follow its new version. `dry`: everything but the writes.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "where, both versions, the revision expected and dry-run"
+    )]
     async fn commit_update(
         &self,
         def: &ResourceDef,
@@ -668,10 +767,14 @@ impl<S: Store> Registry<S> {
         old: &Value,
         mut new: Value,
         expected: i64,
+        dry: bool,
     ) -> ApiResult<Value> {
         let key = def.key(ns, obj_name);
         let deleting = meta_str(&new, "deletionTimestamp").is_some();
         if deleting && finalizers_done(&new) && !graceful_pending(def, &new) {
+            if dry {
+                return Ok(new);
+            }
             let kv = self
                 .store
                 .delete(&key, Some(expected))
@@ -681,17 +784,29 @@ impl<S: Store> Registry<S> {
             set_resource_version(&mut new, kv.mod_revision);
             return Ok(new);
         }
-        if new == *old {
-            // Nothing changes: no new revision (kube-apiserver skips no-op writes too).
+        let allocated = if def.kind == "Service" {
+            self.allocate_service(&mut new, Some(old), dry).await?
+        } else {
+            Allocations::default()
+        };
+        if same_object(&new, old) {
+            // Nothing changes: no new revision, no event (kube-apiserver skips no-op writes).
+            return Ok(old.clone());
+        }
+        if dry {
             return Ok(new);
         }
-        let kv = self
-            .store
-            .update(&key, encode(&new), expected)
-            .await
-            .map_err(|e| ApiError::from_store(e, subject(def, obj_name)))?;
-        set_resource_version(&mut new, kv.mod_revision);
-        Ok(new)
+        match self.store.update(&key, encode(&new), expected).await {
+            Ok(kv) => {
+                self.release(&allocated.freed).await;
+                set_resource_version(&mut new, kv.mod_revision);
+                Ok(new)
+            }
+            Err(e) => {
+                self.release(&allocated.fresh).await;
+                Err(ApiError::from_store(e, subject(def, obj_name)))
+            }
+        }
     }
 
     async fn after_delete(&self, def: &ResourceDef, obj: &Value) {
@@ -710,6 +825,7 @@ impl<S: Store> Registry<S> {
         obj_name: &str,
         params: &DeleteParams,
     ) -> ApiResult<(Value, bool)> {
+        let dry = params.dry_run;
         loop {
             let current = self.get_kv(def, ns, obj_name).await?;
             let mut obj = decode(&current)?;
@@ -778,6 +894,9 @@ impl<S: Store> Registry<S> {
                     .is_some_and(|f| !f.is_empty());
             let already = meta_str(&obj, "deletionTimestamp").is_some();
             if finalizers.is_empty() && grace == 0 && !namespace_cleanup {
+                if dry {
+                    return Ok((obj, true));
+                }
                 match self
                     .store
                     .delete(&current.key, Some(current.mod_revision))
@@ -815,6 +934,9 @@ impl<S: Store> Registry<S> {
             if def.kind == "Namespace" {
                 obj["status"]["phase"] = json!("Terminating");
             }
+            if dry {
+                return Ok((obj, false));
+            }
             match self
                 .store
                 .update(&current.key, encode(&obj), current.mod_revision)
@@ -839,6 +961,7 @@ impl<S: Store> Registry<S> {
         pod_name: &str,
         binding: &Subresource,
         node: &str,
+        dry: bool,
     ) -> ApiResult<Value> {
         let conflict = |message: String| {
             ApiError::conflict_message(
@@ -850,7 +973,7 @@ impl<S: Store> Registry<S> {
                 message,
             )
         };
-        self.guaranteed_update(def, ns, pod_name, Some(binding), |pod| {
+        self.guaranteed_update(def, ns, pod_name, Some(binding), dry, |pod| {
             if let Some(bound) = pod
                 .pointer("/spec/nodeName")
                 .and_then(Value::as_str)
@@ -885,11 +1008,23 @@ impl<S: Store> Registry<S> {
 
     /// Makes sure an object exists (server bootstrap: default namespaces).
     pub async fn ensure(&self, def: &ResourceDef, obj: Value) -> ApiResult<()> {
-        match self.create(def, None, obj).await {
+        match self.create(def, None, obj, false).await {
             Err(e) if e.reason == "AlreadyExists" => Ok(()),
             other => other.map(drop),
         }
     }
+}
+
+/// Whether two versions of an object are the same but for their resourceVersions.
+fn same_object(a: &Value, b: &Value) -> bool {
+    let without_rv = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        v
+    };
+    without_rv(a) == without_rv(b)
 }
 
 fn finalizers_done(obj: &Value) -> bool {
@@ -916,8 +1051,16 @@ fn graceful_pending(def: &ResourceDef, obj: &Value) -> bool {
 }
 
 /// Something a service holds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Allocation {
     Ip(u32),
     Port(u32),
+}
+
+/// What a service's write allocated (released if the write fails) and what its old version
+/// held that the new one does not (released once the write is stored).
+#[derive(Debug, Default)]
+struct Allocations {
+    fresh: Vec<Allocation>,
+    freed: Vec<Allocation>,
 }

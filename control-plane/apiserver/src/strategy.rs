@@ -77,6 +77,19 @@ pub fn default(def: &ResourceDef, obj: &mut Value) {
     }
 }
 
+/// What a create may not set: the status of kinds whose status is written through `/status`
+/// (a client's `podIP` and `Ready` must not reach EndpointSlices and every node's data
+/// plane), as kube-apiserver's PrepareForCreate resets it. Nodes keep theirs (a kubelet
+/// registers its node with its addresses and capacity).
+pub fn prepare_create(def: &ResourceDef, obj: &mut Value) {
+    if def.has_status()
+        && def.kind != "Node"
+        && let Some(m) = obj.as_object_mut()
+    {
+        m.remove("status");
+    }
+}
+
 fn set_if_missing(obj: &mut Value, field: &str, value: Value) {
     if !obj.is_object() {
         *obj = json!({});
@@ -329,14 +342,35 @@ fn validate_service(obj: &Value, causes: &mut Vec<Cause>) {
         }
         keys.push((port, proto));
         if let Some(node_port) = p.get("nodePort").and_then(Value::as_i64)
-            && kind == "ClusterIP"
+            && !node_ports_of(kind)
             && node_port != 0
         {
             causes.push(Cause::forbidden(
                 format!("{at}.nodePort"),
-                "may not be used when `type` is 'ClusterIP'",
+                format!("may not be used when `type` is '{kind}'"),
             ));
         }
+    }
+    if let Some(port) = spec.get("healthCheckNodePort").and_then(Value::as_i64)
+        && port != 0
+        && !health_check_of(&spec)
+    {
+        causes.push(Cause::invalid(
+            "spec.healthCheckNodePort",
+            port,
+            "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
+        ));
+    }
+    if kind == "ExternalName"
+        && spec
+            .get("clusterIP")
+            .and_then(Value::as_str)
+            .is_some_and(|ip| !ip.is_empty())
+    {
+        causes.push(Cause::forbidden(
+            "spec.clusterIPs",
+            "may not be set for ExternalName services",
+        ));
     }
     if let Some(affinity) = spec.get("sessionAffinity").and_then(Value::as_str)
         && !["None", "ClientIP"].contains(&affinity)
@@ -346,6 +380,71 @@ fn validate_service(obj: &Value, causes: &mut Vec<Cause>) {
             affinity,
             &["ClientIP", "None"],
         ));
+    }
+}
+
+/// Whether services of type `kind` have node ports.
+pub fn node_ports_of(kind: &str) -> bool {
+    matches!(kind, "NodePort" | "LoadBalancer")
+}
+
+/// Whether a service spec has a health check node port (a LoadBalancer keeping the client's
+/// address).
+pub fn health_check_of(spec: &Value) -> bool {
+    spec.get("type").and_then(Value::as_str) == Some("LoadBalancer")
+        && spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local")
+}
+
+/// What an update of a service's type leaves behind goes with it, when the client left it
+/// as it was (kube-apiserver's dropTypeDependentFields): the ClusterIP of a service becoming
+/// an ExternalName, the node ports of one becoming a ClusterIP, the health check node port of
+/// one no longer a `Local` LoadBalancer. Changed values stay, for validation to refuse.
+fn drop_type_dependent_fields(old: &Value, new: &mut Value) {
+    let type_of = |svc: &Value| {
+        svc.pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_owned()
+    };
+    let (old_type, new_type) = (type_of(old), type_of(new));
+    let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if old_type != "ExternalName"
+        && new_type == "ExternalName"
+        && spec.get("clusterIP") == old.pointer("/spec/clusterIP")
+    {
+        spec.remove("clusterIP");
+        spec.remove("clusterIPs");
+    }
+    if node_ports_of(&old_type) && !node_ports_of(&new_type) {
+        let old_ports: Vec<&Value> = old
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("nodePort"))
+            .collect();
+        for port in spec
+            .get_mut("ports")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if port.get("nodePort").is_some_and(|n| old_ports.contains(&n))
+                && let Some(port) = port.as_object_mut()
+            {
+                port.remove("nodePort");
+            }
+        }
+    }
+    let old_spec = old.get("spec").cloned().unwrap_or_default();
+    let new_spec = Value::Object(spec.clone());
+    if health_check_of(&old_spec)
+        && !health_check_of(&new_spec)
+        && spec.get("healthCheckNodePort") == old_spec.get("healthCheckNodePort")
+    {
+        spec.remove("healthCheckNodePort");
     }
 }
 
@@ -435,9 +534,15 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, new: &mut Value) -> Vec<Ca
     }
     match def.kind {
         "Service" => {
-            let old_ip = old.pointer("/spec/clusterIP");
+            drop_type_dependent_fields(old, new);
+            // An address, once given, stays (an ExternalName has none to keep or change).
+            let old_ip = old
+                .pointer("/spec/clusterIP")
+                .filter(|ip| ip.as_str().is_some_and(|ip| !ip.is_empty()));
             let new_ip = new.pointer("/spec/clusterIP");
-            if new_ip.is_none_or(|v| v.as_str() == Some("")) {
+            if old_ip.is_none() || new.pointer("/spec/type") == Some(&json!("ExternalName")) {
+                // Nothing to keep.
+            } else if new_ip.is_none_or(|v| v.as_str() == Some("")) {
                 if let Some(ip) = old_ip {
                     new["spec"]["clusterIP"] = ip.clone();
                     if let Some(ips) = old.pointer("/spec/clusterIPs") {

@@ -58,7 +58,7 @@ impl Client {
     pub async fn create<K: Object>(&self, obj: &K) -> ApiResult<K> {
         let created = self
             .registry
-            .create(def::<K>(), namespace(obj), to_value(obj)?)
+            .create(def::<K>(), namespace(obj), to_value(obj)?, false)
             .await?;
         Ok(self.cached(from_value(created)?))
     }
@@ -74,7 +74,7 @@ impl Client {
         let name = obj.metadata().name.clone().unwrap_or_default();
         let updated = self
             .registry
-            .update(def, namespace(obj), &name, to_value(obj)?, sub)
+            .update(def, namespace(obj), &name, to_value(obj)?, sub, false)
             .await?;
         Ok(self.cached(from_value(updated)?))
     }
@@ -96,7 +96,7 @@ impl Client {
         };
         let updated = self
             .registry
-            .guaranteed_update(def, ns, name, sub, |current| {
+            .guaranteed_update(def, ns, name, sub, false, |current| {
                 let mut obj: K = from_value(current.clone())?;
                 if change(&mut obj) {
                     // Unconditional: a concurrent write makes it apply `change` again.
@@ -143,7 +143,7 @@ impl Client {
             .expect("pods have a binding subresource");
         let bound = self
             .registry
-            .bind(def, Some(ns), name, binding, node)
+            .bind(def, Some(ns), name, binding, node, false)
             .await?;
         Ok(self.cached(from_value(bound)?))
     }

@@ -183,7 +183,7 @@ impl GarbageCollector {
         let result = self
             .client
             .registry
-            .guaranteed_update(r.def, r.namespace.as_deref(), &r.name, None, |obj| {
+            .guaranteed_update(r.def, r.namespace.as_deref(), &r.name, None, false, |obj| {
                 let mut obj = unconditional(obj);
                 if let Some(list) = obj
                     .pointer_mut("/metadata/finalizers")
@@ -215,7 +215,7 @@ impl GarbageCollector {
                 let result = self
                     .client
                     .registry
-                    .guaranteed_update(d.def, d.namespace.as_deref(), &d.name, None, |obj| {
+                    .guaranteed_update(d.def, d.namespace.as_deref(), &d.name, None, false, |obj| {
                         let mut obj = unconditional(obj);
                         if let Some(list) = obj
                             .pointer_mut("/metadata/ownerReferences")

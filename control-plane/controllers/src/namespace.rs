@@ -81,7 +81,7 @@ pub fn start(client: Client) {
                 "spec": {"finalizers": kept},
             });
             match registry
-                .update(def::<Namespace>(), None, &ns_name, body, finalize)
+                .update(def::<Namespace>(), None, &ns_name, body, finalize, false)
                 .await
             {
                 Err(e) if e.reason != "NotFound" => Err(e),

@@ -1,0 +1,448 @@
+//! Kubernetes semantics clients depend on, through kubectl and raw requests, on both stores:
+//! dry runs change nothing, service updates allocate and release what the new version needs,
+//! writes that change nothing store nothing, and a create cannot set a status. The control
+//! loops are off (`--disable-controllers`): nothing but the test writes, so the store's
+//! revision says whether anything was written.
+
+mod common;
+
+use common::{Api, ControlPlane, runtime};
+use reqwest::{Method, header::CONTENT_TYPE};
+use serde_json::{Value, json};
+
+const SERVICES: &str = "/api/v1/namespaces/default/services";
+const PODS: &str = "/api/v1/namespaces/default/pods";
+
+/// The store's revision, as a list reports it.
+async fn revision(api: &Api) -> String {
+    let (code, list) = api.call(Method::GET, "/api/v1/namespaces", None).await;
+    assert_eq!(code, 200, "{list}");
+    list["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("a list's resourceVersion")
+        .to_owned()
+}
+
+/// A merge patch: (status code, body).
+async fn merge_patch(api: &Api, path: &str, patch: Value) -> (u16, Value) {
+    let resp = api
+        .request(Method::PATCH, path)
+        .header(CONTENT_TYPE, "application/merge-patch+json")
+        .body(patch.to_string())
+        .send()
+        .await
+        .expect("PATCH");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.expect("a JSON answer"))
+}
+
+fn node_ports(svc: &Value) -> Vec<u64> {
+    svc["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["nodePort"].as_u64())
+        .collect()
+}
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {app: web}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: "busybox:1.36"}]}
+"#;
+
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30444}]
+"#;
+
+fn dry_runs_change_nothing(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    let deployment = cp.file("deployment.yaml", DEPLOYMENT);
+    cp.ok(&["apply", "-f", &deployment]);
+    let namespace = cp.file(
+        "namespace.yaml",
+        "{apiVersion: v1, kind: Namespace, metadata: {name: scratch}}",
+    );
+    cp.ok(&["apply", "-f", &namespace]);
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]}
+    });
+    runtime().block_on(async {
+        let (code, created) = api.call(Method::POST, PODS, Some(pod.clone())).await;
+        assert_eq!(code, 201, "{created}");
+    });
+    let before = runtime().block_on(revision(&api));
+
+    // What kubectl users run to see a change before making it.
+    let service = cp.file("service.yaml", SERVICE);
+    let out = cp.ok(&["apply", "--dry-run=server", "-f", &service, "-o", "json"]);
+    let would: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        would["spec"]["clusterIP"].is_string(),
+        "a dry-run create is defaulted and allocated: {would}"
+    );
+    assert_eq!(node_ports(&would), [30444]);
+    cp.ok(&[
+        "scale",
+        "deployment/web",
+        "--replicas=5",
+        "--dry-run=server",
+    ]);
+    cp.ok(&[
+        "patch",
+        "deployment/web",
+        "--dry-run=server",
+        "-p",
+        r#"{"spec":{"replicas":3}}"#,
+    ]);
+    let changed = cp.file(
+        "changed.yaml",
+        &DEPLOYMENT.replace("replicas: 1", "replicas: 2"),
+    );
+    let diff = cp.kubectl(&["diff", "-f", &changed]);
+    assert_eq!(
+        diff.status.code(),
+        Some(1),
+        "kubectl diff finds the change: {}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    assert!(String::from_utf8_lossy(&diff.stdout).contains("replicas: 2"));
+    cp.ok(&["delete", "deployment/web", "--dry-run=server"]);
+    cp.ok(&["delete", "pods", "--all", "--dry-run=server"]);
+    cp.ok(&["delete", "namespace", "scratch", "--dry-run=server"]);
+
+    runtime().block_on(async {
+        // A binding, and a create that would fail: the checks run, nothing is kept.
+        let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": "n1"}});
+        let (code, body) = api
+            .call(
+                Method::POST,
+                &format!("{PODS}/p/binding?dryRun=All"),
+                Some(binding),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        let (code, body) = api
+            .call(
+                Method::POST,
+                &format!("{PODS}?dryRun=All"),
+                Some(pod.clone()),
+            )
+            .await;
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (409, Some("AlreadyExists")),
+            "a dry-run create still checks the name: {body}"
+        );
+        let mut invalid = pod.clone();
+        invalid["metadata"]["name"] = json!("q");
+        invalid["spec"]["containers"] = json!([]);
+        let (code, body) = api
+            .call(Method::POST, &format!("{PODS}?dryRun=All"), Some(invalid))
+            .await;
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (422, Some("Invalid")),
+            "{body}"
+        );
+        let (code, body) = api
+            .call(
+                Method::POST,
+                &format!("{PODS}?dryRun=Yes"),
+                Some(pod.clone()),
+            )
+            .await;
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (400, Some("BadRequest")),
+            "an unknown dryRun value is refused: {body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("dryRun"),
+            "{body}"
+        );
+
+        assert_eq!(
+            revision(&api).await,
+            before,
+            "no dry run wrote anything to the store"
+        );
+        let (_, pod) = api.call(Method::GET, &format!("{PODS}/p"), None).await;
+        assert!(pod["spec"]["nodeName"].is_null(), "not bound: {pod}");
+    });
+    assert_eq!(
+        cp.ok(&["get", "deployment/web", "-o", "jsonpath={.spec.replicas}"]),
+        "1"
+    );
+    cp.fails(&["get", "service/web"]);
+    cp.ok(&["get", "namespace/scratch"]);
+    // The dry-run service held nothing: its node port is still free.
+    cp.ok(&["apply", "-f", &service]);
+}
+
+fn service_updates_allocate_and_release(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    let svc = |name: &str, spec: Value| json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec});
+    let port = json!([{"port": 80, "targetPort": 8080}]);
+    runtime().block_on(async {
+        let at = |name: &str| format!("{SERVICES}/{name}");
+        let create = |name: &'static str, spec: Value| {
+            let body = svc(name, spec);
+            let api = &api;
+            async move {
+                let (code, created) = api.call(Method::POST, SERVICES, Some(body)).await;
+                assert_eq!(code, 201, "{created}");
+                created
+            }
+        };
+
+        // ClusterIP -> NodePort: node ports allocated.
+        let a = create("a", json!({"ports": port})).await;
+        let a_ip = a["spec"]["clusterIP"].as_str().unwrap().to_owned();
+        let (code, a) = merge_patch(&api, &at("a"), json!({"spec": {"type": "NodePort"}})).await;
+        assert_eq!(code, 200, "{a}");
+        let [a_port] = node_ports(&a)[..] else {
+            panic!("a node port: {a}");
+        };
+        assert!((30000..=32767).contains(&a_port), "{a}");
+        // A port's nodePort is kept when an update leaves it out (kubectl apply of the
+        // original manifest).
+        let mut put = a.clone();
+        put["spec"]["ports"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("nodePort");
+        put["metadata"]["labels"] = json!({"touched": "yes"});
+        let (code, kept) = api.call(Method::PUT, &at("a"), Some(put)).await;
+        assert_eq!((code, node_ports(&kept)), (200, vec![a_port]), "{kept}");
+
+        // A nodePort set in an update is reserved: another service cannot take it.
+        let b = create(
+            "b",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30555}]}),
+        )
+        .await;
+        assert_eq!(node_ports(&b), [30555]);
+        let (code, body) = merge_patch(
+            &api,
+            &at("a"),
+            json!({"spec": {"ports": [{"port": 80, "targetPort": 8080, "nodePort": 30555}]}}),
+        )
+        .await;
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (422, Some("Invalid")),
+            "{body}"
+        );
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("already allocated"),
+            "{body}"
+        );
+        let (code, body) = merge_patch(
+            &api,
+            &at("a"),
+            json!({"spec": {"ports": [{"port": 80, "targetPort": 8080, "nodePort": 30556}]}}),
+        )
+        .await;
+        assert_eq!((code, node_ports(&body)), (200, vec![30556]), "{body}");
+        let (code, body) = api
+            .call(
+                Method::POST,
+                SERVICES,
+                Some(svc(
+                    "c",
+                    json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30556}]}),
+                )),
+            )
+            .await;
+        assert_eq!(code, 422, "30556 is a's now: {body}");
+        // a's first port went back to the range when it changed.
+        create(
+            "d",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": a_port}]}),
+        )
+        .await;
+
+        // NodePort -> ClusterIP: the node port goes with the type, and is free again.
+        let (code, body) =
+            merge_patch(&api, &at("a"), json!({"spec": {"type": "ClusterIP"}})).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(node_ports(&body).is_empty(), "{body}");
+        create(
+            "e",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30556}]}),
+        )
+        .await;
+
+        // ClusterIP -> ExternalName releases the address; ExternalName -> ClusterIP gets one.
+        let (code, body) = merge_patch(
+            &api,
+            &at("a"),
+            json!({"spec": {"type": "ExternalName", "externalName": "example.com"}}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body["spec"]["clusterIP"].is_null(), "{body}");
+        create("f", json!({"clusterIP": a_ip, "ports": port})).await;
+        let (code, body) = merge_patch(
+            &api,
+            &at("a"),
+            json!({"spec": {"type": "ClusterIP", "externalName": null}}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let ip = body["spec"]["clusterIP"].as_str().expect("an address");
+        assert_ne!(ip, a_ip, "{body}");
+        assert_eq!(body["spec"]["clusterIPs"], json!([ip]));
+
+        // A LoadBalancer turning Local gets a health check node port, and loses it again.
+        let (code, body) = merge_patch(
+            &api,
+            &at("a"),
+            json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let hc = body["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("a port");
+        let (code, body) = merge_patch(
+            &api,
+            &at("a"),
+            json!({"spec": {"externalTrafficPolicy": "Cluster"}}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body["spec"]["healthCheckNodePort"].is_null(), "{body}");
+        create(
+            "g",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": hc}]}),
+        )
+        .await;
+
+        // A nodePort on a ClusterIP service is refused, as kube-apiserver does.
+        let (code, body) = api
+            .call(
+                Method::POST,
+                SERVICES,
+                Some(svc(
+                    "h",
+                    json!({"ports": [{"port": 80, "nodePort": 30999}]}),
+                )),
+            )
+            .await;
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (422, Some("Invalid")),
+            "{body}"
+        );
+    });
+}
+
+fn writes_that_change_nothing_store_nothing(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    let deployment = cp.file("deployment.yaml", DEPLOYMENT);
+    cp.ok(&["apply", "-f", &deployment]);
+    runtime().block_on(async {
+        let path = "/apis/apps/v1/namespaces/default/deployments/web";
+        let (_, current) = api.call(Method::GET, path, None).await;
+        let before = revision(&api).await;
+        let (code, same) =
+            merge_patch(&api, path, json!({"metadata": {"labels": {"app": "web"}}})).await;
+        assert_eq!(code, 200, "{same}");
+        let (code, put) = api.call(Method::PUT, path, Some(current.clone())).await;
+        assert_eq!(code, 200, "{put}");
+        for answer in [&same, &put] {
+            assert_eq!(
+                answer["metadata"]["resourceVersion"], current["metadata"]["resourceVersion"],
+                "a no-op write keeps the resourceVersion"
+            );
+        }
+        assert_eq!(revision(&api).await, before, "nothing was stored");
+    });
+    // kubectl apply of the same manifest again: unchanged, and says so.
+    let out = cp.ok(&["apply", "-f", &deployment]);
+    assert!(out.contains("unchanged"), "{out}");
+}
+
+fn a_create_cannot_set_a_status(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forged"},
+            "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]},
+            "status": {"phase": "Running", "podIP": "10.244.0.99",
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        });
+        let (code, created) = api.call(Method::POST, PODS, Some(pod)).await;
+        assert_eq!(code, 201, "{created}");
+        assert_eq!(created["status"], json!({"phase": "Pending"}), "{created}");
+        let svc = json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "forged"},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}
+        });
+        let (code, created) = api.call(Method::POST, SERVICES, Some(svc)).await;
+        assert_eq!(code, 201, "{created}");
+        assert!(
+            created["status"]["loadBalancer"]["ingress"].is_null(),
+            "{created}"
+        );
+        let deployment = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]}}},
+            "status": {"replicas": 5, "readyReplicas": 5, "availableReplicas": 5}
+        });
+        let (code, created) = api
+            .call(
+                Method::POST,
+                "/apis/apps/v1/namespaces/default/deployments",
+                Some(deployment),
+            )
+            .await;
+        assert_eq!(code, 201, "{created}");
+        assert!(created["status"]["readyReplicas"].is_null(), "{created}");
+        // Through /status, a status is written as before.
+        let (code, updated) = merge_patch(
+            &api,
+            &format!("{PODS}/forged/status"),
+            json!({"status": {"podIP": "10.244.0.99"}}),
+        )
+        .await;
+        assert_eq!(
+            (code, updated["status"]["podIP"].as_str()),
+            (200, Some("10.244.0.99")),
+            "{updated}"
+        );
+    });
+}
+
+on_both_stores!(
+    dry_runs_change_nothing,
+    service_updates_allocate_and_release,
+    writes_that_change_nothing_store_nothing,
+    a_create_cannot_set_a_status,
+);
