@@ -7,8 +7,7 @@ mod common;
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
-use common::{Api, ControlPlane, runtime};
-use futures::StreamExt;
+use common::{Api, ControlPlane, events, runtime};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -205,25 +204,6 @@ fn cluster_ips_and_node_ports_are_unique_under_concurrency_and_across_restarts(s
             );
         }
     });
-}
-
-/// Reads watch events until `n` arrived (or `secs` passed).
-async fn events(resp: reqwest::Response, n: usize, secs: u64) -> Vec<Value> {
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while out.len() < n {
-        let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await else {
-            break;
-        };
-        buf.extend_from_slice(&chunk.unwrap());
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            out.push(serde_json::from_slice(&line).unwrap());
-        }
-    }
-    out
 }
 
 fn watches_replay_follow_filter_bookmark_and_report_compaction(store: &str) {

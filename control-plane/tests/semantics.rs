@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Api, ControlPlane, runtime};
+use common::{Api, ControlPlane, events, runtime};
 use reqwest::{Method, header::CONTENT_TYPE};
 use serde_json::{Value, json};
 
@@ -440,7 +440,118 @@ fn a_create_cannot_set_a_status(store: &str) {
     });
 }
 
+fn watches_keep_what_clients_rely_on(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        for name in ["a", "b", "c"] {
+            let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]}});
+            let (code, body) = api.call(Method::POST, PODS, Some(pod)).await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let rv: i64 = revision(&api).await.parse().unwrap();
+
+        // A streaming list (client-go's WatchList): the whole state first, even with a
+        // resourceVersion, then the bookmark that ends it.
+        let resp = api
+            .request(
+                Method::GET,
+                &format!(
+                    "{PODS}?watch=1&sendInitialEvents=true&allowWatchBookmarks=true\
+                     &resourceVersionMatch=NotOlderThan&resourceVersion={rv}"
+                ),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let got = events(resp, 4, 10).await;
+        let kinds: Vec<&str> = got.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(kinds, ["ADDED", "ADDED", "ADDED", "BOOKMARK"], "{got:?}");
+        let end = &got[3]["object"]["metadata"];
+        assert_eq!(
+            end["annotations"]["k8s.io/initial-events-end"], "true",
+            "{end}"
+        );
+        let end_rv: i64 = end["resourceVersion"].as_str().unwrap().parse().unwrap();
+        assert!(end_rv >= rv, "{end}");
+
+        // Combinations kube-apiserver refuses, refused the same way.
+        for query in [
+            "resourceVersionMatch=Exact",
+            "resourceVersionMatch=Exact&resourceVersion=0",
+            "resourceVersionMatch=Sometime&resourceVersion=1",
+            "sendInitialEvents=true",
+            "watch=1&resourceVersionMatch=NotOlderThan",
+            "watch=1&sendInitialEvents=true&allowWatchBookmarks=true",
+            "watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+        ] {
+            let (code, body) = api
+                .call(Method::GET, &format!("{PODS}?{query}"), None)
+                .await;
+            assert_eq!(
+                (
+                    code,
+                    body["reason"].as_str(),
+                    body["details"]["kind"].as_str()
+                ),
+                (422, Some("Invalid"), Some("ListOptions")),
+                "{query}: {body}"
+            );
+        }
+
+        // A revision the store has not reached: waited for, then refused with the cause
+        // client-go's reflector falls back on.
+        for query in [
+            format!("resourceVersion={}", rv + 1000),
+            format!("watch=1&resourceVersion={}", rv + 1000),
+        ] {
+            let (code, body) = api
+                .call(Method::GET, &format!("{PODS}?{query}"), None)
+                .await;
+            assert_eq!(
+                (code, body["details"]["causes"][0]["reason"].as_str()),
+                (504, Some("ResourceVersionTooLarge")),
+                "{query}: {body}"
+            );
+        }
+
+        // An idle watch's bookmarks follow the store, not only its own last event: writes to
+        // other kinds move them on.
+        let resp = api
+            .request(
+                Method::GET,
+                &format!("{PODS}?watch=1&allowWatchBookmarks=true&resourceVersion={rv}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        let watching = tokio::spawn(events(resp, 2, 20));
+        for name in ["x", "y"] {
+            let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                "spec": {"ports": [{"port": 80}]}});
+            let (code, body) = api.call(Method::POST, SERVICES, Some(svc)).await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let after: i64 = revision(&api).await.parse().unwrap();
+        let got = watching.await.unwrap();
+        let last = got.last().expect("bookmarks");
+        assert_eq!(last["type"], "BOOKMARK", "{got:?}");
+        let bookmarked: i64 = last["object"]["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            bookmarked >= after,
+            "the second bookmark carries the store's revision {after}: {got:?}"
+        );
+    });
+}
+
 on_both_stores!(
+    watches_keep_what_clients_rely_on,
     dry_runs_change_nothing,
     service_updates_allocate_and_release,
     writes_that_change_nothing_store_nothing,

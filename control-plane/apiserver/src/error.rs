@@ -255,6 +255,21 @@ impl ApiError {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "Timeout", message)
     }
 
+    /// 504 for a resourceVersion the store has not reached (after waiting for it), with the
+    /// cause client-go's reflector looks for to fall back to a fresh list.
+    pub fn too_large_resource_version(requested: i64, current: Option<i64>) -> Self {
+        let current = current.map_or("lower".to_owned(), |c| c.to_string());
+        Self {
+            details: Some(json!({
+                "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                "retryAfterSeconds": 1,
+            })),
+            ..Self::timeout(format!(
+                "Too large resource version: {requested}, current resource version: {current}"
+            ))
+        }
+    }
+
     /// The `Status` object.
     pub fn status(&self) -> Value {
         let mut status = json!({
@@ -284,9 +299,7 @@ impl ApiError {
             } => Self::gone(format!(
                 "too old resource version: {requested} ({compacted})"
             )),
-            StoreError::FutureRevision(rv) => Self::timeout(format!(
-                "Too large resource version: {rv}, current resource version is lower"
-            )),
+            StoreError::FutureRevision(rv) => Self::too_large_resource_version(rv, None),
             StoreError::Backend(e) => Self::internal(format!("{e:#}")),
         }
     }

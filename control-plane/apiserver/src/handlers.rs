@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     discovery,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, Cause},
     object::{name, namespace},
     openapi, patch,
     registry::{DeleteParams, ListParams, Registry},
@@ -444,6 +444,107 @@ fn list_params(target: &Target, q: &HashMap<String, String>) -> ApiResult<ListPa
     })
 }
 
+/// ListOptions combinations kube-apiserver refuses (`ValidateListOptions`), as it refuses
+/// them: 422 Invalid, kind ListOptions. Returns `sendInitialEvents`.
+fn validate_list_options(q: &HashMap<String, String>, watch: bool) -> ApiResult<Option<bool>> {
+    let given = |key: &str| q.get(key).map(String::as_str).filter(|v| !v.is_empty());
+    let send_initial_events = match given("sendInitialEvents") {
+        None => None,
+        Some("true" | "1") => Some(true),
+        Some("false" | "0") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "sendInitialEvents: invalid boolean {other:?}"
+            )));
+        }
+    };
+    let (rv, rv_match, continued) = (
+        given("resourceVersion"),
+        given("resourceVersionMatch"),
+        given("continue").is_some(),
+    );
+    let mut causes = Vec::new();
+    let forbidden = |causes: &mut Vec<Cause>, field: &str, why: &str| {
+        causes.push(Cause::forbidden(field, why));
+    };
+    if continued && rv_match.is_some() {
+        forbidden(
+            &mut causes,
+            "resourceVersionMatch",
+            "resourceVersionMatch is forbidden when continue is provided",
+        );
+    }
+    if watch {
+        if let Some(initial) = send_initial_events {
+            if rv_match != Some("NotOlderThan") {
+                forbidden(
+                    &mut causes,
+                    "resourceVersionMatch",
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                );
+            }
+            if initial && !flag(q, "allowWatchBookmarks") {
+                forbidden(
+                    &mut causes,
+                    "allowWatchBookmarks",
+                    "sendInitialEvents requires allowWatchBookmarks (the end of the initial events is a bookmark)",
+                );
+            }
+        }
+        if let Some(m) = rv_match {
+            if send_initial_events.is_none() {
+                forbidden(
+                    &mut causes,
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+                );
+            }
+            if m != "NotOlderThan" {
+                causes.push(Cause::not_supported(
+                    "resourceVersionMatch",
+                    m,
+                    &["NotOlderThan"],
+                ));
+            }
+        }
+    } else {
+        if let Some(m) = rv_match {
+            if rv.is_none() {
+                forbidden(
+                    &mut causes,
+                    "resourceVersionMatch",
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                );
+            }
+            if !["Exact", "NotOlderThan"].contains(&m) {
+                causes.push(Cause::not_supported(
+                    "resourceVersionMatch",
+                    m,
+                    &["Exact", "NotOlderThan", ""],
+                ));
+            }
+            if m == "Exact" && rv == Some("0") {
+                forbidden(
+                    &mut causes,
+                    "resourceVersionMatch",
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                );
+            }
+        }
+        if send_initial_events.is_some() {
+            forbidden(
+                &mut causes,
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for list",
+            );
+        }
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid("meta.k8s.io", "ListOptions", "", causes));
+    }
+    Ok(send_initial_events)
+}
+
 fn list_body(def: &ResourceDef, items: Vec<Value>, meta: Value, accept: &str) -> Value {
     if wants_table(accept) {
         return table(def.kind, &items, meta, true);
@@ -651,7 +752,9 @@ async fn resource<S: Store>(
         }
         (Method::GET, None, None) => {
             let params = list_params(target, q)?;
-            if flag(q, "watch") {
+            let watching = flag(q, "watch");
+            let send_initial_events = validate_list_options(q, watching)?;
+            if watching {
                 allowed("watch")?;
                 let timeout = q
                     .get("timeoutSeconds")
@@ -660,7 +763,7 @@ async fn resource<S: Store>(
                 let wp = WatchParams {
                     list: params,
                     allow_bookmarks: flag(q, "allowWatchBookmarks"),
-                    send_initial_events: flag(q, "sendInitialEvents"),
+                    send_initial_events,
                     timeout,
                     table: wants_table(accept),
                 };

@@ -160,13 +160,10 @@ impl<S: Store> Registry<S> {
             .filter(|rv| !rv.is_empty() && *rv != "0")
         {
             let rv = parse_rv(rv)?;
+            self.wait_for_revision(rv).await?;
             // NotOlderThan (the default) is served from the latest state; Exact from `rv`.
             if params.resource_version_match.as_deref() == Some("Exact") || params.limit.is_some() {
                 revision = Some(rv);
-            } else if rv > self.store.revision().await.map_err(ApiError::internal)? {
-                return Err(ApiError::timeout(format!(
-                    "Too large resource version: {rv}, current resource version is lower"
-                )));
             }
         }
         let filtered = !params.labels.is_empty() || !params.fields.is_empty();
@@ -230,6 +227,23 @@ impl<S: Store> Registry<S> {
                 continue_token,
             },
         ))
+    }
+
+    /// Waits (up to 3 s, as kube-apiserver) for the store to reach revision `rv`: a client
+    /// may ask for what another API server just wrote. 504 with the ResourceVersionTooLarge
+    /// cause if it does not.
+    pub async fn wait_for_revision(&self, rv: i64) -> ApiResult<()> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let current = self.store.revision().await.map_err(ApiError::internal)?;
+            if rv <= current {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::too_large_resource_version(rv, Some(current)));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Namespaced objects need a namespace that exists and is not terminating.

@@ -3,8 +3,16 @@
 //! Without a resourceVersion (or with "0") the watch starts with a synthetic ADDED for every
 //! object, then follows from the revision it listed at. With one, it follows from there; if that
 //! history was compacted the stream carries one ERROR event with a 410 Status (client-go and
-//! the Python client relist on it). Selectors apply to transitions too: an object that stops
-//! matching is sent as DELETED, one that starts matching as ADDED. Bookmarks on request.
+//! the Python client relist on it). `sendInitialEvents=true` (KEP-3157, streaming lists)
+//! always starts with the whole state, at a revision no older than the one given, ended by a
+//! bookmark annotated `k8s.io/initial-events-end`; `false` starts with nothing, from the given
+//! revision or now. A revision the store has not reached is waited for, then refused (504,
+//! ResourceVersionTooLarge). Selectors apply to transitions too: an object that stops
+//! matching is sent as DELETED, one that starts matching as ADDED.
+//!
+//! Bookmarks, on request, carry the store's revision, not only this watch's last event, so an
+//! idle watch's resume point stays inside the history kept: the revision read at the previous
+//! bookmark (5 s earlier), by which time every event up to it has reached this watch.
 
 use std::{convert::Infallible, pin::Pin, sync::Arc, time::Duration};
 
@@ -15,7 +23,7 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use control_plane_store::{Event, EventKind, Store, StoreError, Watch};
-use futures::FutureExt;
+use futures::{FutureExt, future::BoxFuture};
 use serde_json::{Value, json};
 use tokio::time::{Interval, Sleep};
 
@@ -34,7 +42,7 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(1800);
 pub struct WatchParams {
     pub list: ListParams,
     pub allow_bookmarks: bool,
-    pub send_initial_events: bool,
+    pub send_initial_events: Option<bool>,
     pub timeout: Option<Duration>,
     pub table: bool,
 }
@@ -111,11 +119,20 @@ pub async fn watch<S: Store>(
         .list
         .resource_version
         .clone()
-        .filter(|rv| !rv.is_empty() && rv != "0");
-    let (initial, from) = match rv {
-        None => {
+        .filter(|rv| !rv.is_empty() && rv != "0")
+        .map(|rv| {
+            rv.parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}")))
+        })
+        .transpose()?;
+    if let Some(rv) = rv {
+        registry.wait_for_revision(rv).await?;
+    }
+    let (initial, from) = match (params.send_initial_events, rv) {
+        (Some(true), _) | (None, None) => {
             let list = ListParams {
                 resource_version: None,
+                resource_version_match: None,
                 limit: None,
                 continue_token: None,
                 ..params.list.clone()
@@ -123,12 +140,15 @@ pub async fn watch<S: Store>(
             let (items, meta) = registry.list(def, ns.as_deref(), &list).await?;
             (items, meta.resource_version)
         }
-        Some(rv) => {
-            let rv: i64 = rv
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}")))?;
-            (Vec::new(), rv)
-        }
+        (_, Some(rv)) => (Vec::new(), rv),
+        (Some(false), None) => (
+            Vec::new(),
+            registry
+                .store
+                .revision()
+                .await
+                .map_err(ApiError::internal)?,
+        ),
     };
     let encoder = Encoder {
         def,
@@ -164,7 +184,7 @@ pub async fn watch<S: Store>(
     bookmarks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let follow = Follow {
         initial: initial.into_iter(),
-        initial_end: (params.allow_bookmarks && params.send_initial_events)
+        initial_end: (params.allow_bookmarks && params.send_initial_events == Some(true))
             .then(|| encoder.bookmark(from, true)),
         watch,
         encoder,
@@ -173,6 +193,14 @@ pub async fn watch<S: Store>(
         deadline: Box::pin(tokio::time::sleep(timeout)),
         bookmarks,
         last: from,
+        revision_now: {
+            let registry = registry.clone();
+            Box::new(move || {
+                let registry = registry.clone();
+                async move { registry.store.revision().await.ok() }.boxed()
+            })
+        },
+        read_at_last_bookmark: None,
         ended: false,
         _open: crate::metrics::OpenWatch::new(def.plural),
     };
@@ -197,8 +225,12 @@ struct Follow {
     allow_bookmarks: bool,
     deadline: Pin<Box<Sleep>>,
     bookmarks: Interval,
-    /// The revision of the last event read.
+    /// The revision of the last event read (or bookmark sent).
     last: i64,
+    /// Reads the store's revision.
+    revision_now: Box<dyn Fn() -> BoxFuture<'static, Option<i64>> + Send>,
+    /// The store's revision when the last bookmark was sent.
+    read_at_last_bookmark: Option<i64>,
     /// The stream has carried its last event (an ERROR).
     ended: bool,
 }
@@ -236,6 +268,10 @@ impl Follow {
             let event = tokio::select! {
                 _ = &mut self.deadline => return None,
                 _ = self.bookmarks.tick(), if self.allow_bookmarks => {
+                    if let Some(read) = self.read_at_last_bookmark {
+                        self.last = self.last.max(read);
+                    }
+                    self.read_at_last_bookmark = (self.revision_now)().await;
                     return Some(self.encoder.bookmark(self.last, false));
                 }
                 event = self.watch.next() => event,

@@ -168,3 +168,23 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Reads watch events until `n` arrived (or `secs` passed).
+pub async fn events(resp: reqwest::Response, n: usize, secs: u64) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while out.len() < n {
+        let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            break;
+        };
+        buf.extend_from_slice(&chunk.unwrap());
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            out.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    out
+}
