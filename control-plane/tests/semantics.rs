@@ -550,7 +550,76 @@ fn watches_keep_what_clients_rely_on(store: &str) {
     });
 }
 
+fn objects_are_validated_as_kube_does(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    let pod = |name: &str, resources: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "resources": resources}]}})
+    };
+    runtime().block_on(async {
+        let expect = |code: u16, reason: &'static str| move |(got, body): (u16, Value)| {
+            // A created object has no reason: "".
+            assert_eq!((got, body["reason"].as_str().unwrap_or("")), (code, reason), "{body}");
+            body
+        };
+        let post = |path: &'static str, body: Value| api.call(Method::POST, path, Some(body));
+
+        // A quantity that is not one fails decoding (400), as in kube-apiserver; the
+        // scheduler never sees `cpu: lots`.
+        let body = expect(400, "BadRequest")(
+            post(PODS, pod("lots", json!({"requests": {"cpu": "lots"}}))).await,
+        );
+        assert!(body["message"].as_str().unwrap().contains("quantities must match"), "{body}");
+        expect(422, "Invalid")(
+            post(PODS, pod("over", json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}))).await,
+        );
+        expect(422, "Invalid")(post(PODS, pod("neg", json!({"requests": {"memory": "-1Gi"}}))).await);
+        expect(201, "")(
+            post(PODS, pod("fine", json!({"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1000m", "memory": "1024Mi"}}))).await,
+        );
+
+        // Names by kind, labels, annotations, owner references.
+        let named = |kind: &str, name: &str| {
+            json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": name},
+                "spec": {"ports": [{"port": 80}], "containers": [{"name": "c", "image": "i"}]}})
+        };
+        let body = expect(422, "Invalid")(post(SERVICES, named("Service", "1web")).await);
+        assert!(body["message"].as_str().unwrap().contains("DNS-1035"), "{body}");
+        expect(422, "Invalid")(post(PODS, named("Pod", "Web")).await);
+        let mut labelled = named("Pod", "labelled");
+        labelled["metadata"]["labels"] = json!({"bad key": "v"});
+        expect(422, "Invalid")(post(PODS, labelled.clone()).await);
+        labelled["metadata"]["labels"] = json!({"k": "v".repeat(64)});
+        expect(422, "Invalid")(post(PODS, labelled.clone()).await);
+        labelled["metadata"]["labels"] = json!({"app.kubernetes.io/name": "web_1.x"});
+        expect(201, "")(post(PODS, labelled).await);
+        let mut annotated = named("Pod", "annotated");
+        annotated["metadata"]["annotations"] = json!({"big": "x".repeat(300 * 1024)});
+        expect(422, "Invalid")(post(PODS, annotated).await);
+        let mut owned = named("Pod", "owned");
+        owned["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs"}]);
+        expect(422, "Invalid")(post(PODS, owned.clone()).await);
+        owned["metadata"]["ownerReferences"] = json!([
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "a", "uid": "1", "controller": true},
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "b", "uid": "2", "controller": true}
+        ]);
+        let body = expect(422, "Invalid")(post(PODS, owned).await);
+        assert!(body["message"].as_str().unwrap().contains("Only one reference"), "{body}");
+
+        // generateName keeps at most 58 characters of its prefix, so the name fits 63.
+        let mut generated = named("Pod", "");
+        generated["metadata"] = json!({"generateName": "p".repeat(70)});
+        let body = expect(201, "")(post(PODS, generated).await);
+        let name = body["metadata"]["name"].as_str().unwrap();
+        assert_eq!(name.len(), 63, "{name}");
+        assert!(name.starts_with(&"p".repeat(58)), "{name}");
+    });
+}
+
 on_both_stores!(
+    objects_are_validated_as_kube_does,
     watches_keep_what_clients_rely_on,
     dry_runs_change_nothing,
     service_updates_allocate_and_release,

@@ -62,6 +62,14 @@ impl Cause {
         }
     }
 
+    pub fn too_long(field: impl Into<String>, why: impl Into<String>) -> Self {
+        Self {
+            reason: "FieldValueTooLong",
+            field: field.into(),
+            message: format!("Too long: {}", why.into()),
+        }
+    }
+
     pub fn forbidden(field: impl Into<String>, why: impl Into<String>) -> Self {
         Self {
             reason: "FieldValueForbidden",

@@ -381,11 +381,16 @@ fn check_object(
             _ => {}
         }
     }
-    let normalized = typed(&obj).map_err(|e| {
+    let undecodable = |e: String| {
         ApiError::bad_request(format!(
             "{kind} in version \"{version}\" cannot be handled as a {kind}: {e}"
         ))
-    })?;
+    };
+    let normalized = typed(&obj).map_err(undecodable)?;
+    // A quantity that does not parse fails decoding, as in kube-apiserver (a 400, not 422).
+    for (_, q) in crate::validation::quantities(kind, &normalized) {
+        crate::validation::quantity(q).map_err(undecodable)?;
+    }
     let mut unknown = Vec::new();
     unknown_fields(&obj, &normalized, "", &mut unknown);
     let mode = q

@@ -17,4 +17,5 @@ pub mod selector;
 pub mod server;
 pub mod strategy;
 pub mod table;
+pub mod validation;
 pub mod watch;

@@ -84,26 +84,6 @@ pub fn random_suffix() -> String {
         .collect()
 }
 
-/// Whether `name` is a DNS-1123 subdomain (most object names).
-pub fn is_dns_subdomain(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 253 && name.split('.').all(is_dns_label_like)
-}
-
-/// Whether `name` is a DNS-1123 label (namespaces, services).
-pub fn is_dns_label(name: &str) -> bool {
-    name.len() <= 63 && is_dns_label_like(name)
-}
-
-fn is_dns_label_like(part: &str) -> bool {
-    let bytes = part.as_bytes();
-    !bytes.is_empty()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
-}
-
 /// The value at a dotted path (`spec.nodeName`), if present.
 pub fn at<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(object, |v, part| v.get(part))
@@ -122,16 +102,6 @@ pub fn field_string(object: &Value, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_follow_dns_rules() {
-        assert!(is_dns_subdomain("web-1.example"));
-        assert!(!is_dns_subdomain("Web"));
-        assert!(!is_dns_subdomain("-web"));
-        assert!(is_dns_label("default"));
-        assert!(!is_dns_label("a.b"));
-        assert!(!is_dns_label(&"a".repeat(64)));
-    }
 
     #[test]
     fn ages_print_like_kubectl() {

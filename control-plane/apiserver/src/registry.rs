@@ -274,11 +274,16 @@ impl<S: Store> Registry<S> {
         } else if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
             m.remove("namespace");
         }
-        if name(&obj).is_none()
-            && let Some(prefix) = meta_str(&obj, "generateName")
+        // generateName: a prefix (at most 58 characters, so the name fits 63) and a random
+        // suffix, drawn again if the name is taken, as kube-apiserver does.
+        let generate = if name(&obj).is_none() {
+            meta_str(&obj, "generateName")
                 .filter(|p| !p.is_empty())
-                .map(str::to_owned)
-        {
+                .map(|p| p.chars().take(MAX_GENERATE_NAME_PREFIX).collect::<String>())
+        } else {
+            None
+        };
+        if let Some(prefix) = &generate {
             meta_mut(&mut obj).insert("name".into(), json!(format!("{prefix}{}", random_suffix())));
         }
         {
@@ -316,14 +321,27 @@ impl<S: Store> Registry<S> {
                 Err(e) => Err(ApiError::from_store(e, subject(def, &obj_name))),
             };
         }
-        match self.store.create(&key, encode(&obj)).await {
-            Ok(kv) => {
-                set_resource_version(&mut obj, kv.mod_revision);
-                Ok(obj)
-            }
-            Err(e) => {
-                self.release(&allocated.fresh).await;
-                Err(ApiError::from_store(e, subject(def, &obj_name)))
+        let (mut key, mut obj_name) = (key, obj_name);
+        let mut attempts = 1;
+        loop {
+            match self.store.create(&key, encode(&obj)).await {
+                Ok(kv) => {
+                    set_resource_version(&mut obj, kv.mod_revision);
+                    return Ok(obj);
+                }
+                Err(StoreError::AlreadyExists(_))
+                    if let Some(prefix) = &generate
+                        && attempts < GENERATE_NAME_ATTEMPTS =>
+                {
+                    attempts += 1;
+                    obj_name = format!("{prefix}{}", random_suffix());
+                    meta_mut(&mut obj).insert("name".into(), json!(obj_name));
+                    key = def.key(ns, &obj_name);
+                }
+                Err(e) => {
+                    self.release(&allocated.fresh).await;
+                    return Err(ApiError::from_store(e, subject(def, &obj_name)));
+                }
             }
         }
     }
@@ -1028,6 +1046,12 @@ impl<S: Store> Registry<S> {
         }
     }
 }
+
+/// The longest generateName prefix kept (kube's 63-character names less the 5-character
+/// random suffix).
+const MAX_GENERATE_NAME_PREFIX: usize = 58;
+/// How many names a create with generateName tries before giving up (kube-apiserver's 8).
+const GENERATE_NAME_ATTEMPTS: usize = 8;
 
 /// Whether two versions of an object are the same but for their resourceVersions.
 fn same_object(a: &Value, b: &Value) -> bool {

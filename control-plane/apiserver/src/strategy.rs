@@ -4,12 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::{
-    error::Cause,
-    object::{is_dns_label, is_dns_subdomain},
-    resources::ResourceDef,
-    selector::LabelSelector,
-};
+use crate::{error::Cause, resources::ResourceDef, selector::LabelSelector, validation};
 
 /// Fills in defaults, as kube-apiserver's defaulting functions do.
 pub fn default(def: &ResourceDef, obj: &mut Value) {
@@ -179,29 +174,17 @@ fn default_service(obj: &mut Value) {
 /// Validates an object about to be stored; the causes of a 422, empty if valid.
 pub fn validate(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
     let mut causes = Vec::new();
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let name_ok = match def.kind {
-        "Namespace" | "Service" => is_dns_label(name),
-        _ => is_dns_subdomain(name),
-    };
-    if name.is_empty() {
-        causes.push(Cause::required("metadata.name"));
-    } else if !name_ok {
-        let rule = if matches!(def.kind, "Namespace" | "Service") {
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
-        } else {
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
-        };
-        causes.push(Cause::invalid("metadata.name", format!("\"{name}\""), rule));
-    }
-    validate_labels(obj, &mut causes);
+    validation::object_meta(def.kind, obj, &mut causes);
     match def.kind {
-        "Pod" => validate_pod_spec(obj.get("spec"), "spec", &mut causes),
+        "Pod" => {
+            validate_pod_spec(obj.get("spec"), "spec", &mut causes);
+            validation::resources(def.kind, obj, &mut causes);
+        }
         "Service" => validate_service(obj, &mut causes),
-        "Deployment" | "ReplicaSet" => validate_workload(obj, &mut causes),
+        "Deployment" | "ReplicaSet" => {
+            validate_workload(obj, &mut causes);
+            validation::resources(def.kind, obj, &mut causes);
+        }
         "EndpointSlice" => validate_endpoint_slice(obj, &mut causes),
         "Event" if obj.pointer("/involvedObject/name").is_none() => {
             causes.push(Cause::required("involvedObject.name"));
@@ -209,19 +192,6 @@ pub fn validate(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
         _ => {}
     }
     causes
-}
-
-fn validate_labels(obj: &Value, causes: &mut Vec<Cause>) {
-    for (k, v) in crate::object::labels(obj).into_iter().flatten() {
-        let value = v.as_str().unwrap_or_default();
-        if LabelSelector::parse(&format!("{k}={value}")).is_err() {
-            causes.push(Cause::invalid(
-                format!("metadata.labels.{k}"),
-                format!("\"{value}\""),
-                "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-            ));
-        }
-    }
 }
 
 fn validate_pod_spec(spec: Option<&Value>, at: &str, causes: &mut Vec<Cause>) {
@@ -240,8 +210,12 @@ fn validate_pod_spec(spec: Option<&Value>, at: &str, causes: &mut Vec<Cause>) {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
                 if name.is_empty() {
                     causes.push(Cause::required(format!("{field}.name")));
-                } else if !is_dns_label(name) {
-                    causes.push(Cause::invalid(format!("{field}.name"), format!("\"{name}\""), "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-'"));
+                } else if let Some(e) = validation::dns1123_label(name).into_iter().next() {
+                    causes.push(Cause::invalid(
+                        format!("{field}.name"),
+                        format!("\"{name}\""),
+                        e,
+                    ));
                 } else if seen.contains(&name) {
                     causes.push(Cause::duplicate(
                         format!("{field}.name"),
