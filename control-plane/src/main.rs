@@ -45,9 +45,14 @@ struct Args {
     /// Prefix length of each node's pod CIDR.
     #[arg(long, default_value = "24")]
     node_cidr_mask_size: u8,
-    /// A node whose lease is not renewed for this long turns NotReady.
+    /// A node whose lease is not renewed for this long turns NotReady (and a pod bound to a
+    /// node gone this long is deleted).
     #[arg(long, default_value = "40", value_name = "SECONDS")]
     node_monitor_grace_period: f64,
+    /// How long a pod stays on an unreachable node before it is evicted, unless it has a
+    /// toleration of its own for `node.kubernetes.io/unreachable:NoExecute`.
+    #[arg(long, default_value = "300", value_name = "SECONDS")]
+    default_unreachable_toleration_seconds: f64,
     /// How often the ClusterIP and NodePort allocations are checked against the services.
     #[arg(long, default_value = "180", value_name = "SECONDS")]
     repair_interval: f64,
@@ -115,6 +120,7 @@ fn main() -> Result<()> {
             cluster_cidr: args.cluster_cidr,
             node_cidr_mask_size: args.node_cidr_mask_size,
             node_monitor_grace_period: seconds(args.node_monitor_grace_period),
+            default_unreachable_toleration: seconds(args.default_unreachable_toleration_seconds),
             repair_interval: seconds(args.repair_interval),
             load_balancer_pool: args.load_balancer_ips,
         };

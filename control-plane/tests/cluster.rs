@@ -384,6 +384,122 @@ fn a_node_that_stops_heartbeating_turns_not_ready_and_its_endpoints_stop_being_r
 }
 
 #[test]
+fn pods_on_a_dead_node_are_evicted_replaced_and_collected_when_it_is_deleted() {
+    let cp = ControlPlane::start(
+        "embedded:{dir}",
+        &[
+            "--node-monitor-grace-period",
+            "1",
+            "--default-unreachable-toleration-seconds",
+            "2",
+        ],
+    );
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let agents = agents(&cp, 2, Duration::from_millis(10)).await;
+        api.call(
+            Method::POST,
+            DEPLOYS,
+            Some(deployment("web", 4, "nginx", 1, 0)),
+        )
+        .await;
+        eventually(30, "4 web pods running", || async {
+            let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dweb")).await;
+            (pods.len() == 4 && pods.iter().all(ready)).then_some(())
+        })
+        .await;
+        let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dweb")).await;
+        let on_dead: Vec<String> = pods
+            .iter()
+            .filter(|p| p["spec"]["nodeName"] == "node-0")
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(!on_dead.is_empty(), "node-0 runs some web pods");
+        // A pod in a namespace of its own, on node-0, tolerating its unreachability forever.
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "doomed"}});
+        api.call(Method::POST, "/api/v1/namespaces", Some(ns)).await;
+        let stay = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stay"},
+            "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "nginx"}],
+                "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                    "effect": "NoExecute"}]}});
+        let (code, body) = api
+            .call(Method::POST, "/api/v1/namespaces/doomed/pods", Some(stay))
+            .await;
+        assert_eq!(code, 201, "{body}");
+
+        agents[0].alive.store(false, Ordering::SeqCst);
+        // Evicted once the default toleration (2 s) has passed: Terminating, since no kubelet
+        // confirms, and replaced on the live node.
+        eventually(
+            30,
+            "node-0's web pods evicted and replaced on node-1",
+            || async {
+                let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dweb")).await;
+                let evicted = on_dead.iter().all(|name| {
+                    pods.iter().any(|p| {
+                        p["metadata"]["name"] == *name
+                            && p["metadata"]["deletionTimestamp"].is_string()
+                    })
+                });
+                let live: Vec<&Value> = pods
+                    .iter()
+                    .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                    .collect();
+                let replaced =
+                    live.len() == 4 && live.iter().all(|p| p["spec"]["nodeName"] == "node-1");
+                (evicted && replaced).then_some(())
+            },
+        )
+        .await;
+        let (_, stay) = api
+            .call(Method::GET, "/api/v1/namespaces/doomed/pods/stay", None)
+            .await;
+        assert!(
+            stay["metadata"]["deletionTimestamp"].is_null(),
+            "a pod tolerating the taint forever stays: {stay}"
+        );
+        let (_, events) = api
+            .call(Method::GET, "/api/v1/namespaces/default/events", None)
+            .await;
+        assert!(
+            events["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["reason"] == "TaintManagerEviction"),
+            "evictions are reported"
+        );
+
+        // Deleting its namespace waits for the pod, which waits for a kubelet that is gone...
+        let (code, _) = api
+            .call(Method::DELETE, "/api/v1/namespaces/doomed", None)
+            .await;
+        assert_eq!(code, 200);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (code, _) = api
+            .call(Method::GET, "/api/v1/namespaces/doomed", None)
+            .await;
+        assert_eq!(code, 200, "still terminating while its pod's node exists");
+        // ...until the node is deleted: pod GC removes its pods, the namespace goes.
+        let (code, body) = api.call(Method::DELETE, "/api/v1/nodes/node-0", None).await;
+        assert_eq!(code, 200, "{body}");
+        eventually(
+            30,
+            "node-0's pods collected and the namespace gone",
+            || async {
+                let pods = items(&api, "/api/v1/pods").await;
+                let left = pods.iter().any(|p| p["spec"]["nodeName"] == "node-0");
+                let (code, _) = api
+                    .call(Method::GET, "/api/v1/namespaces/doomed", None)
+                    .await;
+                (!left && code == 404).then_some(())
+            },
+        )
+        .await;
+    });
+}
+
+#[test]
 fn deleting_a_deployment_removes_its_replicasets_and_pods() {
     let cp = ControlPlane::start("embedded:{dir}", &[]);
     let api = Api::new(&cp);

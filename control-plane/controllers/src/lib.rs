@@ -1,7 +1,8 @@
 //! The control loops of the control plane (kube-controller-manager's and kube-scheduler's jobs),
 //! running in the control-plane process on shared informers and writing through the API
 //! server's registry (see [`client`]): the scheduler, the Deployment, ReplicaSet and
-//! EndpointSlice controllers, node IPAM and lifecycle, namespace deletion, garbage collection,
+//! EndpointSlice controllers, node IPAM and lifecycle (taint-based eviction and pod GC too),
+//! namespace deletion, garbage collection,
 //! the repair of ClusterIP and NodePort allocations, and LoadBalancer addresses from a pool. All are level-triggered: each
 //! reconciles one object from the cache's current state, however many events led there.
 
@@ -12,6 +13,7 @@ pub mod gc;
 pub mod loadbalancer;
 pub mod namespace;
 pub mod nodes;
+pub mod podgc;
 pub mod quantity;
 pub mod repair;
 pub mod replicaset;
@@ -31,8 +33,11 @@ pub struct Settings {
     pub cluster_cidr: String,
     /// ...in blocks of this prefix length.
     pub node_cidr_mask_size: u8,
-    /// A node whose lease is older than this turns NotReady.
+    /// A node whose lease is older than this turns NotReady; a pod bound to a node gone for
+    /// this long is deleted.
     pub node_monitor_grace_period: Duration,
+    /// How long a pod without a toleration of its node's `unreachable` taint stays on it.
+    pub default_unreachable_toleration: Duration,
     /// How often the ClusterIP/NodePort allocations are checked against the services.
     pub repair_interval: Duration,
     /// Addresses LoadBalancer services get (none: they stay pending).
@@ -45,6 +50,7 @@ impl Default for Settings {
             cluster_cidr: "10.244.0.0/16".into(),
             node_cidr_mask_size: 24,
             node_monitor_grace_period: Duration::from_secs(40),
+            default_unreachable_toleration: Duration::from_secs(300),
             repair_interval: Duration::from_secs(180),
             load_balancer_pool: Vec::new(),
         }
@@ -65,7 +71,12 @@ pub fn start(
     deployment::DeploymentController::start(client.clone(), 2);
     endpointslice::EndpointSliceController::start(client.clone(), 2);
     nodes::start_ipam(client.clone(), cidrs);
-    nodes::Lifecycle::start(client.clone(), settings.node_monitor_grace_period);
+    nodes::Lifecycle::start(
+        client.clone(),
+        settings.node_monitor_grace_period,
+        settings.default_unreachable_toleration,
+    );
+    podgc::start_pod_gc(client.clone(), settings.node_monitor_grace_period);
     namespace::start(client.clone());
     gc::GarbageCollector::start(client.clone());
     repair::start(client.clone(), settings.repair_interval);

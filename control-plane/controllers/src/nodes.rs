@@ -1,6 +1,7 @@
 //! Node IPAM (a pod CIDR for every node, from the cluster CIDR) and node lifecycle (a node whose
 //! Lease stops being renewed turns `Ready=Unknown`, is tainted unreachable, and its pods stop
-//! being ready, so their endpoints stop being ready; when it heartbeats again the taints go).
+//! being ready, so their endpoints stop being ready, and are evicted once they have tolerated
+//! the taint long enough (`podgc`); when it heartbeats again the taints go).
 
 use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
 
@@ -175,6 +176,8 @@ pub struct Lifecycle {
     leases: Arc<Informer<Lease>>,
     pods: Arc<Informer<Pod>>,
     grace: Duration,
+    /// How long pods without a toleration of the unreachable taint stay (`podgc::evict`).
+    default_toleration: Duration,
     recorder: Recorder,
     /// Per node: the last heartbeat seen, and when this controller saw it change (on its own
     /// clock, as kube-controller-manager's probe timestamps). A node is silent for as long as
@@ -192,7 +195,7 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// Watches heartbeats; a node silent for `grace` turns NotReady.
-    pub fn start(client: Client, grace: Duration) {
+    pub fn start(client: Client, grace: Duration, default_toleration: Duration) {
         let lifecycle = Arc::new(Self {
             nodes: client.informers.get::<Node>(),
             leases: client.informers.get::<Lease>(),
@@ -200,6 +203,7 @@ impl Lifecycle {
             recorder: Recorder::new(client.clone(), "node-controller"),
             client,
             grace,
+            default_toleration,
             seen: Default::default(),
             marked: Default::default(),
         });
@@ -319,6 +323,14 @@ impl Lifecycle {
                     })
                     .await?;
             }
+            crate::podgc::evict(
+                &self.client,
+                &self.pods,
+                node,
+                self.default_toleration,
+                &self.recorder,
+            )
+            .await?;
             // Its pods are no longer known to be ready: their endpoints must not be.
             if self.marked.lock().expect("not poisoned").contains(&name) {
                 return Ok(());
