@@ -618,7 +618,65 @@ fn objects_are_validated_as_kube_does(store: &str) {
     });
 }
 
+/// A PATCH of `content_type`: (status code, body).
+async fn patch_as(api: &Api, path: &str, content_type: &str, patch: Value) -> (u16, Value) {
+    let resp = api
+        .request(Method::PATCH, path)
+        .header(CONTENT_TYPE, content_type)
+        .body(patch.to_string())
+        .send()
+        .await
+        .expect("PATCH");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.expect("a JSON answer"))
+}
+
+fn patches_are_bounded_and_directives_checked(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    let deployment = cp.file("deployment.yaml", DEPLOYMENT);
+    cp.ok(&["apply", "-f", &deployment]);
+    runtime().block_on(async {
+        let path = "/apis/apps/v1/namespaces/default/deployments/web";
+        let before = revision(&api).await;
+        // Sixty copies of a growing subtree would need exabytes: refused at once.
+        let doubling: Vec<Value> = (0..60)
+            .map(|i| json!({"op": "copy", "from": "/spec/template", "path": format!("/metadata/annotations/x{i}")}))
+            .collect();
+        let (code, body) = patch_as(&api, path, "application/json-patch+json", json!(doubling)).await;
+        assert_eq!((code, body["reason"].as_str()), (400, Some("BadRequest")), "{body}");
+        for bad in [
+            json!({"spec": {"template": {"spec": {"$patch": "bogus"}}}}),
+            json!({"spec": {"$unknownDirective": true}}),
+        ] {
+            let (code, body) =
+                patch_as(&api, path, "application/strategic-merge-patch+json", bad.clone()).await;
+            assert_eq!(code, 400, "{bad}: {body}");
+        }
+        assert_eq!(revision(&api).await, before, "nothing was written");
+        // $setElementOrder (what kubectl apply sends) orders the merged containers.
+        let (code, body) = patch_as(
+            &api,
+            path,
+            "application/strategic-merge-patch+json",
+            json!({"spec": {"template": {"spec": {
+                "$setElementOrder/containers": [{"name": "side"}, {"name": "c"}],
+                "containers": [{"name": "side", "image": "busybox:1.36"}]}}}}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let names: Vec<&str> = body["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["side", "c"]);
+    });
+}
+
 on_both_stores!(
+    patches_are_bounded_and_directives_checked,
     objects_are_validated_as_kube_does,
     watches_keep_what_clients_rely_on,
     dry_runs_change_nothing,

@@ -291,6 +291,58 @@ const PATCH_STRATEGIES: &[PatchStrategy] = &[
     ),
 ];
 
+/// The patch strategy (`merge`, `retainKeys`, ...) and merge key of the field at `path`
+/// (field names from the object's root, list indices left out) in objects of `kind`, as the
+/// OpenAPI documents publish them: strategic merge patches follow the same table kubectl
+/// reads to compute them.
+pub fn patch_meta(kind: &str, path: &[&str]) -> (Option<&'static str>, Option<&'static str>) {
+    let Some(def) = RESOURCES.iter().find(|r| r.kind == kind) else {
+        return (None, None);
+    };
+    let key = if def.group.is_empty() {
+        format!("api/{}", def.version)
+    } else {
+        format!("apis/{}/{}", def.group, def.version)
+    };
+    let Some((doc, _)) = documents().get(&key) else {
+        return (None, None);
+    };
+    let schemas = &doc["components"]["schemas"];
+    let mut current = &schemas[def.schema];
+    for (i, field) in path.iter().enumerate() {
+        let Some(prop) = current.get("properties").and_then(|p| p.get(*field)) else {
+            return (None, None);
+        };
+        if i + 1 == path.len() {
+            let text = |name: &str| prop.get(name).and_then(Value::as_str);
+            return (
+                text("x-kubernetes-patch-strategy"),
+                text("x-kubernetes-patch-merge-key"),
+            );
+        }
+        let Some(next) = schema_of(prop) else {
+            return (None, None);
+        };
+        current = &schemas[next];
+    }
+    (None, None)
+}
+
+/// The schema a property refers to (through arrays' items and schemars' `allOf`/`anyOf`).
+fn schema_of(prop: &Value) -> Option<&str> {
+    if let Some(r) = prop.get("$ref").and_then(Value::as_str) {
+        return r.strip_prefix("#/components/schemas/");
+    }
+    if let Some(items) = prop.get("items") {
+        return schema_of(items);
+    }
+    ["allOf", "anyOf", "oneOf"]
+        .iter()
+        .filter_map(|k| prop.get(*k).and_then(Value::as_array))
+        .flatten()
+        .find_map(schema_of)
+}
+
 fn annotate_patch_strategies(schemas: &mut Map<String, Value>) {
     for (schema, property, strategy, key, map_keys) in PATCH_STRATEGIES {
         let Some(prop) = schemas

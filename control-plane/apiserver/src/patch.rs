@@ -6,149 +6,37 @@
 
 use serde_json::{Map, Value};
 
+/// Most operations one JSON patch may hold (kube-apiserver's limit).
+const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
+/// Most bytes the `copy` operations of one JSON patch may duplicate: a few dozen copies of a
+/// growing object would otherwise build one of unbounded size from a small request.
+const MAX_COPIED_BYTES: usize = 3 * 1024 * 1024;
+
+/// RFC 6902, by the `json-patch` crate, one operation at a time within the limits above.
 pub fn json_patch(mut doc: Value, patch: &Value) -> Result<Value, String> {
-    let ops = patch
-        .as_array()
-        .ok_or("a JSON patch is an array of operations")?;
-    for op in ops {
-        let kind = op
-            .get("op")
-            .and_then(Value::as_str)
-            .ok_or("an operation needs \"op\"")?;
-        let path = op
-            .get("path")
-            .and_then(Value::as_str)
-            .ok_or("an operation needs \"path\"")?;
-        let value = || {
-            op.get("value")
-                .cloned()
-                .ok_or_else(|| format!("{kind} {path}: needs \"value\""))
-        };
-        match kind {
-            "add" => add(&mut doc, path, value()?)?,
-            "remove" => {
-                remove(&mut doc, path)?;
+    let ops: json_patch::Patch =
+        serde_json::from_value(patch.clone()).map_err(|e| format!("invalid JSON patch: {e}"))?;
+    if ops.len() > MAX_JSON_PATCH_OPERATIONS {
+        return Err(format!(
+            "the JSON patch has {} operations, more than the {MAX_JSON_PATCH_OPERATIONS} allowed",
+            ops.len()
+        ));
+    }
+    let mut copied = 0;
+    for op in ops.iter() {
+        if let json_patch::PatchOperation::Copy(copy) = op {
+            copied += doc
+                .pointer(copy.from.as_str())
+                .map_or(0, |v| serde_json::to_vec(v).map_or(0, |b| b.len()));
+            if copied > MAX_COPIED_BYTES {
+                return Err(format!(
+                    "the JSON patch copies more than {MAX_COPIED_BYTES} bytes"
+                ));
             }
-            "replace" => {
-                remove(&mut doc, path)?;
-                add(&mut doc, path, value()?)?;
-            }
-            "move" | "copy" => {
-                let from = op
-                    .get("from")
-                    .and_then(Value::as_str)
-                    .ok_or("move/copy needs \"from\"")?;
-                let moved = if kind == "move" {
-                    remove(&mut doc, from)?
-                } else {
-                    get(&doc, from)
-                        .cloned()
-                        .ok_or_else(|| format!("copy: {from} does not exist"))?
-                };
-                add(&mut doc, path, moved)?;
-            }
-            "test" => {
-                let expected = value()?;
-                if get(&doc, path) != Some(&expected) {
-                    return Err(format!("test failed: {path} is not {expected}"));
-                }
-            }
-            other => return Err(format!("unknown JSON patch operation {other:?}")),
         }
+        json_patch::patch(&mut doc, std::slice::from_ref(op)).map_err(|e| e.to_string())?;
     }
     Ok(doc)
-}
-
-fn tokens(path: &str) -> Result<Vec<String>, String> {
-    if path.is_empty() {
-        return Ok(vec![]);
-    }
-    let rest = path
-        .strip_prefix('/')
-        .ok_or_else(|| format!("path {path:?} must start with /"))?;
-    Ok(rest
-        .split('/')
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect())
-}
-
-fn get<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
-    let mut cur = doc;
-    for t in tokens(path).ok()? {
-        cur = match cur {
-            Value::Object(m) => m.get(&t)?,
-            Value::Array(a) => a.get(t.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
-fn parent<'a>(doc: &'a mut Value, path: &str) -> Result<(&'a mut Value, String), String> {
-    let mut toks = tokens(path)?;
-    let last = toks
-        .pop()
-        .ok_or("the document itself cannot be the target")?;
-    let mut cur = doc;
-    for t in toks {
-        cur = match cur {
-            Value::Object(m) => m
-                .get_mut(&t)
-                .ok_or_else(|| format!("{path}: {t} does not exist"))?,
-            Value::Array(a) => {
-                let i: usize = t
-                    .parse()
-                    .map_err(|_| format!("{path}: {t} is not an index"))?;
-                a.get_mut(i)
-                    .ok_or_else(|| format!("{path}: index {i} out of range"))?
-            }
-            _ => return Err(format!("{path}: {t} is inside a scalar")),
-        };
-    }
-    Ok((cur, last))
-}
-
-fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
-    if path.is_empty() {
-        *doc = value;
-        return Ok(());
-    }
-    let (parent, last) = parent(doc, path)?;
-    match parent {
-        Value::Object(m) => {
-            m.insert(last, value);
-        }
-        Value::Array(a) => {
-            let i = if last == "-" {
-                a.len()
-            } else {
-                last.parse().map_err(|_| format!("{path}: bad index"))?
-            };
-            if i > a.len() {
-                return Err(format!("{path}: index {i} out of range"));
-            }
-            a.insert(i, value);
-        }
-        _ => return Err(format!("{path}: parent is a scalar")),
-    }
-    Ok(())
-}
-
-fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
-    let (parent, last) = parent(doc, path)?;
-    match parent {
-        Value::Object(m) => m
-            .remove(&last)
-            .ok_or_else(|| format!("{path} does not exist")),
-        Value::Array(a) => {
-            let i: usize = last.parse().map_err(|_| format!("{path}: bad index"))?;
-            if i >= a.len() {
-                return Err(format!("{path}: index {i} out of range"));
-            }
-            Ok(a.remove(i))
-        }
-        _ => Err(format!("{path}: parent is a scalar")),
-    }
 }
 
 /// RFC 7386: objects merge recursively, `null` deletes, anything else replaces.
@@ -184,39 +72,28 @@ enum ListStrategy {
 }
 
 /// The patch strategy of a list at `path` (field names from the object root, indices left out)
-/// in an object of `kind`, as the Go types' `patchStrategy`/`patchMergeKey` tags say.
+/// in an object of `kind`, as the OpenAPI documents publish it (`openapi::patch_meta`).
 fn list_strategy(kind: &str, path: &[&str]) -> ListStrategy {
-    let Some(&field) = path.last() else {
-        return ListStrategy::Replace;
-    };
-    let in_container = path
-        .iter()
-        .any(|p| matches!(*p, "containers" | "initContainers" | "ephemeralContainers"));
-    match field {
-        "finalizers" if path.len() == 2 && path[0] == "metadata" => ListStrategy::MergeScalars,
-        "ownerReferences" => ListStrategy::MergeByKey("uid"),
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "volumes"
-        | "imagePullSecrets" => ListStrategy::MergeByKey("name"),
-        "env" if in_container => ListStrategy::MergeByKey("name"),
-        "volumeMounts" if in_container => ListStrategy::MergeByKey("mountPath"),
-        "volumeDevices" if in_container => ListStrategy::MergeByKey("devicePath"),
-        "ports" if in_container => ListStrategy::MergeByKey("containerPort"),
-        "ports" if kind == "Service" && path == ["spec", "ports"] => {
-            ListStrategy::MergeByKey("port")
-        }
-        "hostAliases" => ListStrategy::MergeByKey("ip"),
-        "conditions" => ListStrategy::MergeByKey("type"),
-        "addresses" if kind == "Node" => ListStrategy::MergeByKey("type"),
+    match crate::openapi::patch_meta(kind, path) {
+        (Some(strategy), key) if strategy.split(',').any(|s| s == "merge") => match key {
+            Some(key) => ListStrategy::MergeByKey(key),
+            None => ListStrategy::MergeScalars,
+        },
         _ => ListStrategy::Replace,
     }
 }
 
 /// Applies a strategic merge patch to an object of `kind`.
 pub fn strategic_merge(kind: &str, doc: Value, patch: &Value) -> Result<Value, String> {
+    if patch.get("$patch").and_then(Value::as_str) == Some("delete") {
+        return Err("$patch: delete cannot delete the object itself".into());
+    }
     merge_value(kind, &mut Vec::new(), doc, patch)
+}
+
+/// Whether a patch map is `{"$patch": "delete", ...}`: the field it patches goes.
+fn deletes(patch: &Value) -> bool {
+    patch.get("$patch").and_then(Value::as_str) == Some("delete")
 }
 
 fn merge_value(
@@ -227,10 +104,19 @@ fn merge_value(
 ) -> Result<Value, String> {
     match patch {
         Value::Object(p) => {
-            if p.get("$patch").and_then(Value::as_str) == Some("replace") {
-                let mut replaced = p.clone();
-                replaced.remove("$patch");
-                return Ok(Value::Object(replaced));
+            match p.get("$patch").and_then(Value::as_str) {
+                Some("replace") => {
+                    let mut replaced = p.clone();
+                    replaced.remove("$patch");
+                    return Ok(Value::Object(replaced));
+                }
+                None | Some("merge" | "delete") => {}
+                Some(other) => {
+                    return Err(format!(
+                        "{}: unknown $patch directive {other:?} (replace, merge or delete)",
+                        path.join(".")
+                    ));
+                }
             }
             let mut target = match doc {
                 Value::Object(m) => m,
@@ -246,6 +132,12 @@ fn merge_value(
                 if key.starts_with("$setElementOrder/") || key == "$retainKeys" || key == "$patch" {
                     continue;
                 }
+                if key.starts_with('$') && !key.starts_with("$deleteFromPrimitiveList/") {
+                    return Err(format!(
+                        "{}: unknown patch directive {key:?}",
+                        path.join(".")
+                    ));
+                }
                 if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
                     let remove: Vec<&Value> = value
                         .as_array()
@@ -256,7 +148,7 @@ fn merge_value(
                     }
                     continue;
                 }
-                if value.is_null() {
+                if value.is_null() || deletes(value) {
                     target.remove(key);
                     continue;
                 }
@@ -273,10 +165,44 @@ fn merge_value(
             if let Some(retain) = retain {
                 target.retain(|k, _| retain.contains(k));
             }
+            for (key, order) in p {
+                let Some(field) = key.strip_prefix("$setElementOrder/") else {
+                    continue;
+                };
+                let order = order
+                    .as_array()
+                    .ok_or_else(|| format!("{key}: must be a list"))?;
+                path.push(field.to_owned());
+                let strategy = {
+                    let names: Vec<&str> = path.iter().map(String::as_str).collect();
+                    list_strategy(kind, &names)
+                };
+                path.pop();
+                if let Some(Value::Array(items)) = target.get_mut(field) {
+                    set_element_order(items, order, &strategy);
+                }
+            }
             Ok(Value::Object(target))
         }
         other => Ok(other.clone()),
     }
+}
+
+/// Orders a merged list as `$setElementOrder` says: the items it names in its order, then the
+/// others (only the server had them) in the order they were.
+fn set_element_order(items: &mut [Value], order: &[Value], strategy: &ListStrategy) {
+    let rank = |item: &Value| {
+        order
+            .iter()
+            .position(|o| match strategy {
+                ListStrategy::MergeByKey(key) => {
+                    o.get(*key).is_some() && o.get(*key) == item.get(*key)
+                }
+                _ => o == item,
+            })
+            .unwrap_or(usize::MAX)
+    };
+    items.sort_by_key(|item| rank(item));
 }
 
 fn merge_list(
@@ -330,11 +256,20 @@ fn merge_list(
                     ));
                 };
                 let existing = items.iter().position(|i| i.get(key) == Some(id));
-                if element.get("$patch").and_then(Value::as_str) == Some("delete") {
-                    if let Some(at) = existing {
-                        items.remove(at);
+                match element.get("$patch").and_then(Value::as_str) {
+                    Some("delete") => {
+                        if let Some(at) = existing {
+                            items.remove(at);
+                        }
+                        continue;
                     }
-                    continue;
+                    None | Some("merge") => {}
+                    Some(other) => {
+                        return Err(format!(
+                            "{}: unknown $patch directive {other:?} in a list item",
+                            path.join(".")
+                        ));
+                    }
                 }
                 match existing {
                     Some(at) => {
@@ -388,6 +323,72 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn json_patches_are_capped() {
+        // Each copy doubles the document: sixty would need exabytes.
+        let doubling: Vec<Value> = (0..60)
+            .map(|i| json!({"op": "copy", "from": "/a", "path": format!("/a/x{i}")}))
+            .collect();
+        let err =
+            json_patch(json!({"a": {"seed": "x".repeat(1000)}}), &json!(doubling)).unwrap_err();
+        assert!(err.contains("copies more than"), "{err}");
+        let many: Vec<Value> = (0..10_001)
+            .map(|_| json!({"op": "test", "path": "/a", "value": 1}))
+            .collect();
+        let err = json_patch(json!({"a": 1}), &json!(many)).unwrap_err();
+        assert!(err.contains("10000"), "{err}");
+    }
+
+    #[test]
+    fn strategic_merge_orders_deletes_and_refuses_unknown_directives() {
+        // $setElementOrder orders the merged list (the server-only item last).
+        let pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "1"}, {"name": "b", "image": "1"}, {"name": "c", "image": "1"}
+        ]}});
+        let patched = strategic_merge(
+            "Pod",
+            pod.clone(),
+            &json!({"spec": {"$setElementOrder/containers": [{"name": "c"}, {"name": "a"}],
+                "containers": [{"name": "a", "image": "2"}]}}),
+        )
+        .unwrap();
+        let names: Vec<&str> = patched["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["c", "a", "b"]);
+        assert_eq!(patched["spec"]["containers"][1]["image"], "2");
+        // $patch: delete on a map removes it.
+        let labelled = json!({"metadata": {"labels": {"a": "1"}, "name": "p"}});
+        let patched = strategic_merge(
+            "Pod",
+            labelled,
+            &json!({"metadata": {"labels": {"$patch": "delete"}}}),
+        )
+        .unwrap();
+        assert_eq!(patched, json!({"metadata": {"name": "p"}}));
+        // Unknown directives are refused, not ignored.
+        for bad in [
+            json!({"spec": {"$patch": "bogus"}}),
+            json!({"spec": {"$unknown": 1}}),
+            json!({"spec": {"containers": [{"name": "a", "$patch": "bogus"}]}}),
+            json!({"$patch": "delete"}),
+        ] {
+            assert!(strategic_merge("Pod", pod.clone(), &bad).is_err(), "{bad}");
+        }
+        // Strategies come from the published OpenAPI: status conditions merge by type.
+        let status = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+        let patched = strategic_merge(
+            "Pod",
+            status,
+            &json!({"status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}}),
+        )
+        .unwrap();
+        assert_eq!(patched["status"]["conditions"].as_array().unwrap().len(), 2);
     }
 
     #[test]
