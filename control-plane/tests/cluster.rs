@@ -745,7 +745,10 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
                 }
             }
         }
-        assert_eq!(services, 64, "the snapshot holds every service");
+        assert_eq!(
+            services, 65,
+            "the snapshot holds every service (the 64 and default/kubernetes)"
+        );
     });
 }
 

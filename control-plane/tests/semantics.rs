@@ -675,7 +675,109 @@ fn patches_are_bounded_and_directives_checked(store: &str) {
     });
 }
 
+const CONFIG: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {greeting: hello, "app.properties": "a=1"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: s3cret}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: builder}
+"#;
+
+fn the_kinds_every_manifest_uses(store: &str) {
+    // The controllers run: they make each namespace's default ServiceAccount.
+    let cp = ControlPlane::start(store, &[]);
+    let api = Api::new(&cp);
+    let config = cp.file("config.yaml", CONFIG);
+    cp.ok(&["apply", "-f", &config]);
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "jsonpath={.data.greeting}"
+        ]),
+        "hello"
+    );
+    // stringData is written into data (base64), and not kept.
+    let secret: Value =
+        serde_json::from_str(&cp.ok(&["get", "secret", "creds", "-o", "json"])).unwrap();
+    assert_eq!(secret["data"]["password"], "czNjcmV0", "{secret}");
+    assert!(secret.get("stringData").is_none(), "{secret}");
+    assert_eq!(secret["type"], "Opaque");
+    cp.ok(&["get", "serviceaccount", "builder"]);
+    runtime().block_on(async {
+        let (code, body) = api
+            .call(
+                Method::POST,
+                "/api/v1/namespaces/default/configmaps",
+                Some(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "bad"}, "data": {"no/slash": "x"}})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["reason"].as_str()),
+            (422, Some("Invalid")),
+            "{body}"
+        );
+        let (code, body) = api
+            .call(
+                Method::POST,
+                "/api/v1/namespaces/default/secrets",
+                Some(json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "bad"}, "data": {"k": "not base64!"}})),
+            )
+            .await;
+        assert_eq!(code, 400, "data must be base64: {body}");
+
+        // default/kubernetes: the first service address, port 443.
+        let (code, svc) = api
+            .call(
+                Method::GET,
+                "/api/v1/namespaces/default/services/kubernetes",
+                None,
+            )
+            .await;
+        assert_eq!(code, 200, "{svc}");
+        assert_eq!(svc["spec"]["clusterIP"], "10.96.0.1", "{svc}");
+        assert_eq!(svc["spec"]["ports"][0]["port"], 443, "{svc}");
+
+        // Every namespace gets its default ServiceAccount, again if it is deleted.
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}});
+        api.call(Method::POST, "/api/v1/namespaces", Some(ns)).await;
+        let account = "/api/v1/namespaces/team/serviceaccounts/default";
+        let present = || async { api.call(Method::GET, account, None).await.0 == 200 };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !present().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a default ServiceAccount in team"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let (code, _) = api.call(Method::DELETE, account, None).await;
+        assert_eq!(code, 200);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !present().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the default ServiceAccount made again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+}
+
 on_both_stores!(
+    the_kinds_every_manifest_uses,
     patches_are_bounded_and_directives_checked,
     objects_are_validated_as_kube_does,
     watches_keep_what_clients_rely_on,

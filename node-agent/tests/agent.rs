@@ -460,7 +460,10 @@ fn kube_proxy_semantics(test: &str, source: Source, etcd: bool) {
 
     let status = c.agent.status().expect("/status");
     assert!(status.sync.synced && status.view_complete, "{status:?}");
-    assert_eq!(status.sync.services, 3, "web, drain and local: {status:?}");
+    assert_eq!(
+        status.sync.services, 4,
+        "web, drain, local and default/kubernetes: {status:?}"
+    );
 }
 
 #[test]
@@ -628,13 +631,14 @@ fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
         )
     };
     let text = c.agent.metrics().expect("/metrics");
-    assert_eq!(value(&text, "keel_agent_services", &[]), 1.0);
-    assert_eq!(value(&text, "keel_agent_endpoints", &[]), 1.0);
+    // The test's service, and default/kubernetes, whose endpoint is the control plane.
+    assert_eq!(value(&text, "keel_agent_services", &[]), 2.0);
+    assert_eq!(value(&text, "keel_agent_endpoints", &[]), 2.0);
     assert_eq!(value(&text, "keel_agent_source_connected", &[]), 1.0);
     assert!(value(&text, "keel_agent_last_applied_version", &[]) > 0.0);
     assert_eq!(
         value(&text, "keel_dataplane_map_entries", &[("map", "services")]),
-        1.0
+        2.0
     );
     let before = forwarded(&text);
     let answers = c.answers(web, 50);

@@ -1040,7 +1040,27 @@ impl<S: Store> Registry<S> {
 
     /// Makes sure an object exists (server bootstrap: default namespaces).
     pub async fn ensure(&self, def: &ResourceDef, obj: Value) -> ApiResult<()> {
-        match self.create(def, None, obj, false).await {
+        self.ensure_at(def, None, obj).await
+    }
+
+    /// The same for a namespaced object.
+    pub async fn ensure_in(&self, def: &ResourceDef, ns: &str, obj: Value) -> ApiResult<()> {
+        self.ensure_at(def, Some(ns), obj).await
+    }
+
+    async fn ensure_at(&self, def: &ResourceDef, ns: Option<&str>, obj: Value) -> ApiResult<()> {
+        // Looked up first: creating what exists would fail in allocation before the name.
+        let key = def.key(ns, name(&obj).unwrap_or_default());
+        if self
+            .store
+            .get(&key)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        match self.create(def, ns, obj, false).await {
             Err(e) if e.reason == "AlreadyExists" => Ok(()),
             other => other.map(drop),
         }

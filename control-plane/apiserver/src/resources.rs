@@ -7,7 +7,10 @@ use k8s_openapi::{
         apps::v1::{Deployment, ReplicaSet},
         autoscaling::v1::Scale,
         coordination::v1::Lease,
-        core::v1::{Binding, Endpoints, Event, Namespace, Node, Pod, Service},
+        core::v1::{
+            Binding, ConfigMap, Endpoints, Event, Namespace, Node, Pod, Secret, Service,
+            ServiceAccount,
+        },
         discovery::v1::EndpointSlice,
     },
     serde::{Serialize, de::DeserializeOwned},
@@ -209,6 +212,21 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(EndpointSlice, "io.k8s.api.discovery.v1.EndpointSlice", {
         group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices", singular: "endpointslice",
         namespaced: true, short_names: &[], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(ConfigMap, "io.k8s.api.core.v1.ConfigMap", {
+        group: "", version: "v1", kind: "ConfigMap", plural: "configmaps", singular: "configmap",
+        namespaced: true, short_names: &["cm"], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(Secret, "io.k8s.api.core.v1.Secret", {
+        group: "", version: "v1", kind: "Secret", plural: "secrets", singular: "secret",
+        namespaced: true, short_names: &[], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(ServiceAccount, "io.k8s.api.core.v1.ServiceAccount", {
+        group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", singular: "serviceaccount",
+        namespaced: true, short_names: &["sa"], categories: &[], verbs: ALL_VERBS,
         subresources: &[],
     }),
     resource!(Lease, "io.k8s.api.coordination.v1.Lease", {

@@ -67,8 +67,13 @@ impl Credentials {
             "127.0.0.1".to_owned(),
             "::1".to_owned(),
             "kubernetes".to_owned(),
+            "kubernetes.default".to_owned(),
             "kubernetes.default.svc".to_owned(),
+            "kubernetes.default.svc.cluster.local".to_owned(),
         ];
+        if let Ok(cidr) = Range::cidr(&config.service_cidr) {
+            names.push(api_service_ip(cidr).to_string());
+        }
         if !config.listen.ip().is_unspecified() {
             names.push(config.listen.ip().to_string());
         }
@@ -184,7 +189,62 @@ pub async fn registry<S: Store>(store: Arc<S>, config: &Config) -> Result<Arc<Re
             .await
             .map_err(|e| anyhow::anyhow!("create namespace {ns}: {}", e.message))?;
     }
+    kubernetes_service(&registry, config, cidr)
+        .await
+        .map_err(|e| anyhow::anyhow!("the default/kubernetes service: {}", e.message))?;
     Ok(registry)
+}
+
+/// The first address of the service range: the `kubernetes` service's (skipped by automatic
+/// allocation, and in the serving certificate).
+fn api_service_ip(cidr: Range) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(cidr.first)
+}
+
+/// `default/kubernetes`, the service in-cluster clients reach the API server through (its
+/// first service address, port 443), and its EndpointSlice pointing at this server, as
+/// kube-apiserver keeps them. Without an address pods can reach to point at (listening on
+/// every address, or on loopback, which kube-apiserver refuses to advertise), the service has
+/// no endpoints.
+async fn kubernetes_service<S: Store>(
+    registry: &Registry<S>,
+    config: &Config,
+    cidr: Range,
+) -> crate::error::ApiResult<()> {
+    let services = by_kind("", "Service").expect("served");
+    let ip = api_service_ip(cidr).to_string();
+    registry
+        .ensure_in(
+            services,
+            "default",
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                "spec": {"type": "ClusterIP", "clusterIP": ip,
+                    "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": config.listen.port()}]}}),
+        )
+        .await?;
+    if config.listen.ip().is_unspecified() || config.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    let slices = by_kind("discovery.k8s.io", "EndpointSlice").expect("served");
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "labels": {
+            "kubernetes.io/service-name": "kubernetes",
+            "endpointslice.kubernetes.io/managed-by": "keel-apiserver"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [config.listen.ip().to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": config.listen.port(), "protocol": "TCP"}]});
+    // Created, or brought up to date with this server's address and port.
+    match registry
+        .create(slices, Some("default"), slice.clone(), false)
+        .await
+    {
+        Err(e) if e.reason == "AlreadyExists" => registry
+            .update(slices, Some("default"), "kubernetes", slice, None, false)
+            .await
+            .map(drop),
+        other => other.map(drop),
+    }
 }
 
 /// The HTTP application (without TLS), for tests and for [`serve`].

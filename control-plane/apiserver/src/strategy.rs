@@ -68,6 +68,22 @@ pub fn default(def: &ResourceDef, obj: &mut Value) {
         "Event" if obj.get("type").is_none() => {
             obj["type"] = json!("Normal");
         }
+        "Secret" => {
+            if obj.get("type").is_none() {
+                obj["type"] = json!("Opaque");
+            }
+            // stringData is a convenience for writers: merged into data, never stored.
+            if let Some(Value::Object(strings)) =
+                obj.as_object_mut().and_then(|o| o.remove("stringData"))
+            {
+                use base64::Engine;
+                for (key, value) in strings {
+                    let text = value.as_str().unwrap_or_default();
+                    obj["data"][key] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(text));
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -186,6 +202,7 @@ pub fn validate(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
             validation::resources(def.kind, obj, &mut causes);
         }
         "EndpointSlice" => validate_endpoint_slice(obj, &mut causes),
+        "ConfigMap" | "Secret" => validation::data_keys(def.kind, obj, &mut causes),
         "Event" if obj.pointer("/involvedObject/name").is_none() => {
             causes.push(Cause::required("involvedObject.name"));
         }

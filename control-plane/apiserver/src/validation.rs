@@ -227,6 +227,59 @@ fn owner_references(meta: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
+/// The most bytes a ConfigMap's or Secret's data may hold.
+const DATA_MAX: usize = 1024 * 1024;
+
+/// A ConfigMap's `data` and `binaryData`, a Secret's `data`: keys as files in a volume
+/// would have them (alphanumerics, '-', '_', '.'; not `.` or `..`), each once, at most 1 MiB
+/// in all.
+pub fn data_keys(kind: &str, obj: &Value, causes: &mut Vec<Cause>) {
+    let fields: &[&str] = if kind == "ConfigMap" {
+        &["data", "binaryData"]
+    } else {
+        &["data"]
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut size = 0;
+    for field in fields {
+        for (key, value) in obj
+            .get(*field)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let valid = !key.is_empty()
+                && key.len() <= 253
+                && key != "."
+                && key != ".."
+                && key
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+            if !valid {
+                causes.push(Cause::invalid(
+                    format!("{field}[{key}]"),
+                    format!("\"{key}\""),
+                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')",
+                ));
+            }
+            if !seen.insert(key.clone()) {
+                causes.push(Cause::invalid(
+                    format!("{field}[{key}]"),
+                    format!("\"{key}\""),
+                    "duplicate of key present in data",
+                ));
+            }
+            size += key.len() + value.as_str().map_or(0, str::len);
+        }
+    }
+    if size > DATA_MAX {
+        causes.push(Cause::too_long(
+            "",
+            format!("must have at most {DATA_MAX} bytes"),
+        ));
+    }
+}
+
 /// A quantity, or kube-apiserver's message for one that is not.
 pub fn quantity(s: &str) -> Result<ParsedQuantity, String> {
     if !matches_quantity_pattern(s) {

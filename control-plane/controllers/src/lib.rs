@@ -18,6 +18,7 @@ pub mod quantity;
 pub mod repair;
 pub mod replicaset;
 pub mod scheduler;
+pub mod serviceaccount;
 
 pub use control_plane_client::{client, informer, queue, util};
 
@@ -78,6 +79,7 @@ pub fn start(
     );
     podgc::start_pod_gc(client.clone(), settings.node_monitor_grace_period);
     namespace::start(client.clone());
+    serviceaccount::start(client.clone());
     gc::GarbageCollector::start(client.clone());
     repair::start(client.clone(), settings.repair_interval);
     loadbalancer::LoadBalancerController::start(
