@@ -500,6 +500,58 @@ fn pods_on_a_dead_node_are_evicted_replaced_and_collected_when_it_is_deleted() {
 }
 
 #[test]
+fn a_rollout_that_stops_progressing_fails_at_its_deadline_and_recovers() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    let api = Api::new(&cp);
+    let mut stuck = deployment("stuck", 2, "nginx", 1, 0);
+    stuck["spec"]["progressDeadlineSeconds"] = json!(2);
+    let file = cp.file("stuck.json", &stuck.to_string());
+    cp.ok(&["apply", "-f", &file]);
+    // No node: its pods stay pending, nothing progresses.
+    let out = cp.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=60s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("exceeded its progress deadline"),
+        "kubectl rollout status fails at the deadline instead of waiting: {stderr}"
+    );
+    runtime().block_on(async {
+        let (_, d) = api
+            .call(Method::GET, &format!("{DEPLOYS}/stuck"), None)
+            .await;
+        let progressing = d["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Progressing")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            (
+                progressing["status"].as_str(),
+                progressing["reason"].as_str()
+            ),
+            (Some("False"), Some("ProgressDeadlineExceeded")),
+            "{progressing}"
+        );
+        // A node arrives: the pods run, the rollout completes after all.
+        let _agents = agents(&cp, 1, Duration::from_millis(10)).await;
+        eventually(30, "the rollout complete", || async {
+            let (_, d) = api
+                .call(Method::GET, &format!("{DEPLOYS}/stuck"), None)
+                .await;
+            d["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Progressing" && c["reason"] == "NewReplicaSetAvailable")
+                .then_some(())
+        })
+        .await;
+    });
+    cp.ok(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
+}
+
+#[test]
 fn deleting_a_deployment_removes_its_replicasets_and_pods() {
     let cp = ControlPlane::start("embedded:{dir}", &[]);
     let api = Api::new(&cp);

@@ -12,7 +12,7 @@
 //! updated, ready, available, unavailable, Available and Progressing conditions) is what
 //! `kubectl rollout status` reads.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use control_plane_apiserver::{error::ApiError, registry::DeleteParams};
 use k8s_openapi::{
@@ -560,6 +560,63 @@ impl DeploymentController {
             .and_then(|n| n.metadata.name.clone())
             .unwrap_or_default();
         let complete = updated == replicas && total == replicas && available == replicas;
+        let ready = sum(&|s| s.ready_replicas.unwrap_or(0));
+        // Progress, as kube-controller-manager counts it: more updated, ready or available
+        // replicas, fewer old ones, or a spec it has not acted on yet (a new rollout).
+        let progressed = updated > old.updated_replicas.unwrap_or(0)
+            || total - updated < old.replicas.unwrap_or(0) - old.updated_replicas.unwrap_or(0)
+            || ready > old.ready_replicas.unwrap_or(0)
+            || available > old.available_replicas.unwrap_or(0)
+            || d.metadata.generation != old.observed_generation;
+        let previous = old
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_.as_deref() == Some("Progressing"))
+            .cloned();
+        let deadline =
+            Duration::from_secs(d.spec.progress_deadline_seconds.unwrap_or(600).max(0) as u64);
+        let mut next = Next::Done;
+        let progressing = if complete {
+            condition(
+                "Progressing",
+                true,
+                "NewReplicaSetAvailable",
+                format!("ReplicaSet \"{new_name}\" has successfully progressed."),
+            )
+        } else if progressed || previous.is_none() {
+            next = Next::After(deadline);
+            DeploymentCondition {
+                last_update_time: Some(now.clone()),
+                ..condition(
+                    "Progressing",
+                    true,
+                    "ReplicaSetUpdated",
+                    format!("ReplicaSet \"{new_name}\" is progressing."),
+                )
+            }
+        } else {
+            // No progress since the condition's last update: past the deadline, the rollout
+            // has failed (`kubectl rollout status` says so instead of waiting forever).
+            let since = previous
+                .as_ref()
+                .and_then(|p| p.last_update_time.as_ref())
+                .map_or(now.0, |t| t.0);
+            let waited = Duration::try_from(now.0 - since).unwrap_or_default();
+            let exceeded = previous.as_ref().and_then(|p| p.reason.as_deref())
+                == Some("ProgressDeadlineExceeded");
+            if exceeded || waited >= deadline {
+                condition(
+                    "Progressing",
+                    false,
+                    "ProgressDeadlineExceeded",
+                    format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+                )
+            } else {
+                next = Next::After(deadline - waited);
+                previous.clone().expect("checked above")
+            }
+        };
         let conditions = vec![
             condition(
                 "Available",
@@ -575,25 +632,12 @@ impl DeploymentController {
                     "Deployment does not have minimum availability.".into()
                 },
             ),
-            condition(
-                "Progressing",
-                true,
-                if complete {
-                    "NewReplicaSetAvailable"
-                } else {
-                    "ReplicaSetUpdated"
-                },
-                if complete {
-                    format!("ReplicaSet \"{new_name}\" has successfully progressed.")
-                } else {
-                    format!("ReplicaSet \"{new_name}\" is progressing.")
-                },
-            ),
+            progressing,
         ];
         let status = DeploymentStatus {
             replicas: Some(total),
             updated_replicas: Some(updated),
-            ready_replicas: Some(sum(&|s| s.ready_replicas.unwrap_or(0))),
+            ready_replicas: Some(ready),
             available_replicas: Some(available),
             unavailable_replicas: Some((replicas - available).max(0)),
             terminating_replicas: Some(sum(&|s| s.terminating_replicas.unwrap_or(0))),
@@ -638,7 +682,7 @@ impl DeploymentController {
                     .await?;
             }
         }
-        Ok(Next::Done)
+        Ok(next)
     }
 }
 
