@@ -25,15 +25,7 @@ async fn revision(api: &Api) -> String {
 
 /// A merge patch: (status code, body).
 async fn merge_patch(api: &Api, path: &str, patch: Value) -> (u16, Value) {
-    let resp = api
-        .request(Method::PATCH, path)
-        .header(CONTENT_TYPE, "application/merge-patch+json")
-        .body(patch.to_string())
-        .send()
-        .await
-        .expect("PATCH");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.expect("a JSON answer"))
+    patch_as(api, path, "application/merge-patch+json", patch).await
 }
 
 fn node_ports(svc: &Value) -> Vec<u64> {
