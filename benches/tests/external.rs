@@ -271,7 +271,9 @@ fn traffic_from_outside(mode: &'static str) {
     if ebpf {
         // Maglev: whichever node a client's flow (address and port) reaches, it goes to the
         // same backend, so a load balancer may spread a connection's packets over nodes.
-        for port in [40001u16, 40002, 40003, 40004] {
+        // Ports below the ephemeral range (32768-60999), so no connection of the test's
+        // own can hold one of them.
+        for port in [20001u16, 20002, 20003, 20004] {
             let local = SocketAddrV4::new(client_addr, port);
             let answers: BTreeSet<String> = nodes
                 .values()
@@ -565,7 +567,8 @@ fn replies_come_from_the_backends_node(
     let to = SocketAddrV4::new(first.addr, 30080);
     let (answers, frames) = in_pod(client, || {
         captured(|| {
-            (41001..=41012u16)
+            // Below the ephemeral range: no other connection of the client holds these.
+            (21001..=21012u16)
                 .map(|port| {
                     let local = SocketAddrV4::new(client_addr, port);
                     let answer = traffic::tcp_request_from(local, to)
