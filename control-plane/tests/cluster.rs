@@ -1,6 +1,7 @@
 //! The control loops end to end, against the real API server and store, with node agents played
 //! by feed clients (`common::agent`): scheduling, readiness through the feed, EndpointSlices,
-//! rolling updates within their bounds, node failure, cascading deletion; and the feed itself:
+//! rolling updates within their bounds, Recreate and paused rollouts, ReplicaSets adopting
+//! and releasing pods, node failure, cascading deletion; and the feed itself:
 //! snapshot, deltas, resume after a dropped connection (and after a control-plane restart)
 //! without a resync, a clean snapshot once the history is gone, and authentication.
 
@@ -549,6 +550,237 @@ fn a_rollout_that_stops_progressing_fails_at_its_deadline_and_recovers() {
         .await;
     });
     cp.ok(&["rollout", "status", "deployment/stuck", "--timeout=30s"]);
+}
+
+fn owner_uid(obj: &Value) -> Option<String> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["controller"] == json!(true))
+        .and_then(|r| r["uid"].as_str())
+        .map(str::to_owned)
+}
+
+#[test]
+fn replicasets_adopt_orphans_and_release_pods_they_no_longer_select() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let _agents = agents(&cp, 1, Duration::from_millis(10)).await;
+        let stray = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "stray", "labels": {"app": "adopt"}},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]}
+        });
+        let (code, body) = api.call(Method::POST, PODS, Some(stray)).await;
+        assert_eq!(code, 201, "{body}");
+        let rs = json!({
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": "adopt"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "adopt"}},
+                "template": {
+                    "metadata": {"labels": {"app": "adopt"}},
+                    "spec": {"containers": [{"name": "web", "image": "nginx"}]}
+                }
+            }
+        });
+        let rs_path = "/apis/apps/v1/namespaces/default/replicasets";
+        let (code, rs) = api.call(Method::POST, rs_path, Some(rs)).await;
+        assert_eq!(code, 201, "{rs}");
+        let uid = rs["metadata"]["uid"].as_str().unwrap().to_owned();
+        let selected = format!("{PODS}?labelSelector=app%3Dadopt");
+        let pods = eventually(30, "the orphan adopted and one pod made", || async {
+            let pods = items(&api, &selected).await;
+            let owned = pods
+                .iter()
+                .filter(|p| owner_uid(p).as_deref() == Some(&uid));
+            (owned.count() == 2).then_some(pods)
+        })
+        .await;
+        assert_eq!(
+            pods.len(),
+            2,
+            "the orphan counts: only one pod made: {:?}",
+            pods.iter()
+                .map(|p| &p["metadata"]["name"])
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            pods.iter().any(|p| p["metadata"]["name"] == "stray"),
+            "the orphan is one of the set's pods"
+        );
+
+        // Relabelled out of the selector: released, kept, and replaced.
+        let patch = json!({"metadata": {"labels": {"app": "debug"}}});
+        let (code, body) = api
+            .patch(
+                &format!("{PODS}/stray"),
+                "application/merge-patch+json",
+                patch,
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+        eventually(30, "the relabelled pod released and replaced", || async {
+            let pods = items(&api, &selected).await;
+            let owned = pods
+                .iter()
+                .filter(|p| owner_uid(p).as_deref() == Some(&uid))
+                .count();
+            let (_, stray) = api.call(Method::GET, &format!("{PODS}/stray"), None).await;
+            (owned == 2
+                && stray["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_none_or(|r| r.is_empty()))
+            .then_some(())
+        })
+        .await;
+        // It no longer belongs to the set: deleting the set leaves it.
+        let (code, _) = api
+            .call(Method::DELETE, &format!("{rs_path}/adopt"), None)
+            .await;
+        assert_eq!(code, 200);
+        eventually(30, "the set's pods collected", || async {
+            items(&api, &selected).await.is_empty().then_some(())
+        })
+        .await;
+        let (code, stray) = api.call(Method::GET, &format!("{PODS}/stray"), None).await;
+        assert_eq!(
+            code, 200,
+            "the released pod outlives its former set: {stray}"
+        );
+        assert!(stray["metadata"]["deletionTimestamp"].is_null(), "{stray}");
+    });
+}
+
+/// The deployment's sets: name to (spec replicas, status replicas).
+async fn sets_of(api: &Api, app: &str) -> BTreeMap<String, (i64, i64)> {
+    let path = format!("/apis/apps/v1/namespaces/default/replicasets?labelSelector=app%3D{app}");
+    items(api, &path)
+        .await
+        .iter()
+        .map(|rs| {
+            (
+                rs["metadata"]["name"].as_str().unwrap().to_owned(),
+                (
+                    rs["spec"]["replicas"].as_i64().unwrap_or(0),
+                    rs["status"]["replicas"].as_i64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn progressing(d: &Value) -> (String, String) {
+    d["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Progressing")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn recreate_waits_for_old_pods_to_stop_and_paused_deployments_only_scale() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    let api = Api::new(&cp);
+    let mut re = deployment("re", 2, "nginx:1", 1, 0);
+    re["spec"]["strategy"] = json!({"type": "Recreate"});
+    let file = cp.file("re.json", &re.to_string());
+    runtime().block_on(async {
+        let mut agents = agents(&cp, 1, Duration::from_millis(10)).await;
+        cp.ok(&["apply", "-f", &file]);
+        cp.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
+        // The node stops confirming deletions: the old pods stay terminating.
+        agents[0].alive.store(false, Ordering::SeqCst);
+        cp.ok(&["set", "image", "deployment/re", "web=nginx:2"]);
+        let pods = format!("{PODS}?labelSelector=app%3Dre");
+        eventually(30, "the old pods terminating", || async {
+            let pods = items(&api, &pods).await;
+            (pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|p| !p["metadata"]["deletionTimestamp"].is_null()))
+            .then_some(())
+        })
+        .await;
+        // Let the controllers see that (several rounds of them); nothing new may start.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pods_now = items(&api, &pods).await;
+        assert!(
+            pods_now
+                .iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == "nginx:1"),
+            "no new pod while the old ones still run: {:?}",
+            pods_now
+                .iter()
+                .map(|p| &p["spec"]["containers"][0]["image"])
+                .collect::<Vec<_>>()
+        );
+        let sets = sets_of(&api, "re").await;
+        assert_eq!(sets.len(), 2, "{sets:?}");
+        assert!(
+            sets.values().all(|(spec, _)| *spec == 0),
+            "both sets at 0 meanwhile: {sets:?}"
+        );
+        // The node confirms them: the new version comes up.
+        agents[0].alive.store(true, Ordering::SeqCst);
+        agents[0].report_all().await;
+        eventually(30, "two new pods", || async {
+            let pods = items(&api, &pods).await;
+            (pods.len() == 2
+                && pods
+                    .iter()
+                    .all(|p| p["spec"]["containers"][0]["image"] == "nginx:2"))
+            .then_some(())
+        })
+        .await;
+        cp.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
+
+        // Paused: a template change starts nothing; a resize still applies.
+        cp.ok(&["rollout", "pause", "deployment/re"]);
+        cp.ok(&["set", "image", "deployment/re", "web=nginx:3"]);
+        cp.ok(&["scale", "deployment/re", "--replicas=3"]);
+        let path = format!("{DEPLOYS}/re");
+        eventually(30, "the paused deployment resized", || async {
+            let sets = sets_of(&api, "re").await;
+            let (_, d) = api.call(Method::GET, &path, None).await;
+            let paused = progressing(&d) == ("Unknown".into(), "DeploymentPaused".into());
+            let sizes: Vec<i64> = sets.values().map(|(spec, _)| *spec).collect();
+            (paused && sets.len() == 2 && sizes.contains(&3) && d["status"]["replicas"] == 3)
+                .then_some(())
+        })
+        .await;
+        let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dre")).await;
+        assert!(
+            pods.iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == "nginx:2"),
+            "no rollout while paused: {:?}",
+            pods.iter()
+                .map(|p| &p["spec"]["containers"][0]["image"])
+                .collect::<Vec<_>>()
+        );
+        cp.ok(&["rollout", "resume", "deployment/re"]);
+        cp.ok(&["rollout", "status", "deployment/re", "--timeout=60s"]);
+        let pods = items(&api, &format!("{PODS}?labelSelector=app%3Dre")).await;
+        let images: Vec<&Value> = pods
+            .iter()
+            .map(|p| &p["spec"]["containers"][0]["image"])
+            .collect();
+        assert_eq!(
+            images,
+            vec!["nginx:3"; 3],
+            "resumed: the new version at the new size"
+        );
+    });
 }
 
 #[test]

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Api, ControlPlane, events, runtime};
-use reqwest::{Method, header::CONTENT_TYPE};
+use reqwest::Method;
 use serde_json::{Value, json};
 
 const SERVICES: &str = "/api/v1/namespaces/default/services";
@@ -25,7 +25,7 @@ async fn revision(api: &Api) -> String {
 
 /// A merge patch: (status code, body).
 async fn merge_patch(api: &Api, path: &str, patch: Value) -> (u16, Value) {
-    patch_as(api, path, "application/merge-patch+json", patch).await
+    api.patch(path, "application/merge-patch+json", patch).await
 }
 
 fn node_ports(svc: &Value) -> Vec<u64> {
@@ -610,19 +610,6 @@ fn objects_are_validated_as_kube_does(store: &str) {
     });
 }
 
-/// A PATCH of `content_type`: (status code, body).
-async fn patch_as(api: &Api, path: &str, content_type: &str, patch: Value) -> (u16, Value) {
-    let resp = api
-        .request(Method::PATCH, path)
-        .header(CONTENT_TYPE, content_type)
-        .body(patch.to_string())
-        .send()
-        .await
-        .expect("PATCH");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.expect("a JSON answer"))
-}
-
 fn patches_are_bounded_and_directives_checked(store: &str) {
     let cp = ControlPlane::start(store, &["--disable-controllers"]);
     let api = Api::new(&cp);
@@ -635,21 +622,19 @@ fn patches_are_bounded_and_directives_checked(store: &str) {
         let doubling: Vec<Value> = (0..60)
             .map(|i| json!({"op": "copy", "from": "/spec/template", "path": format!("/metadata/annotations/x{i}")}))
             .collect();
-        let (code, body) = patch_as(&api, path, "application/json-patch+json", json!(doubling)).await;
+        let (code, body) = api.patch(path, "application/json-patch+json", json!(doubling)).await;
         assert_eq!((code, body["reason"].as_str()), (400, Some("BadRequest")), "{body}");
         for bad in [
             json!({"spec": {"template": {"spec": {"$patch": "bogus"}}}}),
             json!({"spec": {"$unknownDirective": true}}),
         ] {
             let (code, body) =
-                patch_as(&api, path, "application/strategic-merge-patch+json", bad.clone()).await;
+                api.patch(path, "application/strategic-merge-patch+json", bad.clone()).await;
             assert_eq!(code, 400, "{bad}: {body}");
         }
         assert_eq!(revision(&api).await, before, "nothing was written");
         // $setElementOrder (what kubectl apply sends) orders the merged containers.
-        let (code, body) = patch_as(
-            &api,
-            path,
+        let (code, body) = api.patch(path,
             "application/strategic-merge-patch+json",
             json!({"spec": {"template": {"spec": {
                 "$setElementOrder/containers": [{"name": "side"}, {"name": "c"}],

@@ -6,18 +6,25 @@
 //!   down (both 0 means 1 unavailable); the new set grows while the total of all sets' replicas
 //!   stays within `replicas + maxSurge`; old sets shrink, unhealthy replicas first, while the
 //!   available pods stay at least `replicas - maxUnavailable`;
-//! - Recreate: old sets to zero, wait for their pods to go, then the new set up.
+//! - Recreate: old sets to zero, wait until none of their pods runs (terminating ones
+//!   included: they may still serve the old version), then the new set up.
+//!
+//! A change of `replicas` in the middle of a rollout, or while the deployment is paused, scales
+//! the active sets proportionally (kube's `sync`: the sets keep their shares of
+//! `replicas + maxSurge`, leftovers to the largest); a paused deployment never starts a
+//! rollout and its `Progressing` condition says `DeploymentPaused` (no progress deadline runs).
 //!
 //! Old sets beyond `revisionHistoryLimit` (10) are deleted once empty. The status (replicas,
 //! updated, ready, available, unavailable, Available and Progressing conditions) is what
 //! `kubectl rollout status` reads.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{cmp::Reverse, collections::BTreeMap, sync::Arc, time::Duration};
 
 use control_plane_apiserver::{error::ApiError, registry::DeleteParams};
 use k8s_openapi::{
-    api::apps::v1::{
-        Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
+    api::{
+        apps::v1::{Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec},
+        core::v1::Pod,
     },
     apimachinery::pkg::{
         apis::meta::v1::{ObjectMeta, Time},
@@ -29,7 +36,7 @@ use crate::{
     client::Client,
     informer::{Informer, key_of},
     queue::{Next, Queue, run_workers},
-    util::{controlled_by, controller_of, controller_ref},
+    util::{controlled_by, controller_of, controller_ref, pod_finished},
 };
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -179,6 +186,10 @@ pub fn template_hash(
         .collect()
 }
 
+fn recreates(d: &Deployment) -> bool {
+    d.spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate")
+}
+
 fn revision(rs: &ReplicaSet) -> i64 {
     rs.metadata
         .annotations
@@ -215,10 +226,90 @@ fn counts(rs: &ReplicaSet) -> SetCounts {
     }
 }
 
+fn template_hash_label(rs: &ReplicaSet) -> Option<&String> {
+    rs.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(TEMPLATE_HASH))
+}
+
+/// The active set when only one is (or, none being active, the new set or else the newest
+/// old one): kube's FindActiveOrLatest. `None` when several are active.
+fn active_or_latest<'a>(
+    new: Option<&'a Arc<ReplicaSet>>,
+    old: &'a [Arc<ReplicaSet>],
+) -> Option<&'a Arc<ReplicaSet>> {
+    let mut active = old
+        .iter()
+        .chain(new)
+        .filter(|rs| spec_replicas(rs) > 0)
+        .collect::<Vec<_>>();
+    match active.len() {
+        0 => new.or(old.last()),
+        1 => active.pop(),
+        _ => None,
+    }
+}
+
+/// The `max-replicas` annotation a set was last scaled with.
+fn annotated_max_replicas(rs: &ReplicaSet) -> Option<i32> {
+    rs.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MAX_REPLICAS))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The new spec of each active set when the deployment's size changes in the middle of a
+/// rollout (kube's proportional scaling): each set's share of `allowed` is its share of the
+/// size it was last scaled for; what rounding leaves over goes to (or comes from) the first
+/// set, the largest. `sets` are (spec, max-replicas annotation), ordered largest first
+/// (newest first among equals) when growing, largest first (oldest first) when shrinking.
+pub fn proportional_specs(
+    sets: &[(i32, Option<i32>)],
+    replicas: i32,
+    allowed: i32,
+    status_replicas: i32,
+) -> Vec<i32> {
+    let total: i32 = sets.iter().map(|(spec, _)| spec).sum();
+    let to_add = allowed - total;
+    let mut added = 0;
+    let mut specs: Vec<i32> = sets
+        .iter()
+        .map(|&(spec, annotated)| {
+            if to_add == 0 || spec == 0 || added == to_add {
+                return spec;
+            }
+            let fraction = if replicas == 0 {
+                -spec
+            } else {
+                let base = annotated.unwrap_or(status_replicas).max(1);
+                let size = f64::from(spec) * f64::from(allowed) / f64::from(base);
+                size.round() as i32 - spec
+            };
+            let left = to_add - added;
+            let share = if to_add > 0 {
+                fraction.min(left)
+            } else {
+                fraction.max(left)
+            };
+            added += share;
+            spec + share
+        })
+        .collect();
+    if let Some(first) = specs.first_mut()
+        && to_add != 0
+    {
+        *first = (*first + to_add - added).max(0);
+    }
+    specs
+}
+
 pub struct DeploymentController {
     client: Client,
     deployments: Arc<Informer<Deployment>>,
     sets: Arc<Informer<ReplicaSet>>,
+    pods: Arc<Informer<Pod>>,
 }
 
 impl DeploymentController {
@@ -238,10 +329,36 @@ impl DeploymentController {
                 q.add(format!("{ns}/{}", owner.name));
             }
         });
+        // A Recreate rollout waits for the old pods to be gone: their deletion (or end) is
+        // what lets it go on.
+        let pods = client.informers.get::<Pod>();
+        let (q, s, d) = (queue.clone(), sets.clone(), deployments.clone());
+        pods.on_change(move |c| {
+            if c.new.as_ref().is_some_and(|p| !pod_finished(p)) {
+                return;
+            }
+            let pod = c.object();
+            let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+            let Some(rs) = controller_of(&pod.metadata)
+                .filter(|o| o.kind == "ReplicaSet")
+                .and_then(|o| s.get(&format!("{ns}/{}", o.name)))
+            else {
+                return;
+            };
+            if let Some(owner) = controller_of(&rs.metadata)
+                && owner.kind == "Deployment"
+            {
+                let key = format!("{ns}/{}", owner.name);
+                if d.get(&key).is_some_and(|d| recreates(&d)) {
+                    q.add(key);
+                }
+            }
+        });
         let controller = Arc::new(Self {
             client,
             deployments,
             sets,
+            pods,
         });
         run_workers("deployment", queue, workers, move |key| {
             let c = controller.clone();
@@ -277,6 +394,106 @@ impl DeploymentController {
             .await
     }
 
+    /// Whether a pod of one of the `old` sets still runs (or may: phase unknown), terminating
+    /// or not, or their controller has not yet counted them all out (kube's oldPodsRunning).
+    fn old_pods_running(&self, ns: &str, old: &[Arc<ReplicaSet>]) -> bool {
+        if old
+            .iter()
+            .any(|rs| rs.status.as_ref().is_some_and(|s| s.replicas > 0))
+        {
+            return true;
+        }
+        self.pods
+            .list_namespace(ns)
+            .iter()
+            .any(|p| !pod_finished(p) && old.iter().any(|rs| controlled_by(&p.metadata, &**rs)))
+    }
+
+    /// Whether the deployment's size changed since its active sets were last scaled (kube's
+    /// isScalingEvent): they are scaled proportionally, not rolled.
+    fn scaling_event(d: &Deployment, sets: &[Arc<ReplicaSet>]) -> bool {
+        let replicas = d.spec.replicas.unwrap_or(1).to_string();
+        sets.iter().filter(|rs| spec_replicas(rs) > 0).any(|rs| {
+            rs.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DESIRED_REPLICAS))
+                .is_some_and(|v| *v != replicas)
+        })
+    }
+
+    /// Kube's `sync` for a paused deployment or a scaling event: no new set is created; one
+    /// active set (or the latest) takes the new size; with the new set saturated the old ones
+    /// go; otherwise (rolling update) the active sets share the new size proportionally.
+    async fn scale_sets(
+        &self,
+        d: &Deployment,
+        new: Option<&Arc<ReplicaSet>>,
+        old: &[Arc<ReplicaSet>],
+    ) -> Result<(), ApiError> {
+        let replicas = d.spec.replicas.unwrap_or(1);
+        if let Some(rs) = active_or_latest(new, old) {
+            // Written even at the right size when its annotations are stale (scale writes
+            // only what differs), or the scaling event would never end.
+            self.scale(rs, replicas, d).await?;
+            return Ok(());
+        }
+        let saturated = new.is_some_and(|n| {
+            spec_replicas(n) == replicas
+                && n.status
+                    .as_ref()
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0)
+                    >= replicas
+        });
+        if saturated {
+            for rs in old.iter().filter(|rs| spec_replicas(rs) > 0) {
+                self.scale(rs, 0, d).await?;
+            }
+            return Ok(());
+        }
+        if recreates(d) {
+            return Ok(()); // the rollout itself scales a Recreate deployment's sets
+        }
+        let (surge, _) = fenceposts(d);
+        let allowed = if replicas > 0 { replicas + surge } else { 0 };
+        let mut active: Vec<&Arc<ReplicaSet>> = old
+            .iter()
+            .chain(new)
+            .filter(|rs| spec_replicas(rs) > 0)
+            .collect();
+        let total: i32 = active.iter().map(|rs| spec_replicas(rs)).sum();
+        let created = |rs: &ReplicaSet| rs.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        if allowed > total {
+            active.sort_by_key(|rs| (Reverse(spec_replicas(rs)), Reverse(created(rs))));
+        } else {
+            active.sort_by_key(|rs| (Reverse(spec_replicas(rs)), created(rs)));
+        }
+        let shares: Vec<(i32, Option<i32>)> = active
+            .iter()
+            .map(|rs| (spec_replicas(rs), annotated_max_replicas(rs)))
+            .collect();
+        let status_replicas = d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        let specs = proportional_specs(&shares, replicas, allowed, status_replicas);
+        for (rs, spec) in active.into_iter().zip(specs) {
+            // Every active set is written: its annotations record the size it now serves.
+            self.scale(rs, spec, d).await?;
+        }
+        Ok(())
+    }
+
+    /// The set of the current template, if it exists.
+    fn current_set<'a>(d: &Deployment, sets: &'a [Arc<ReplicaSet>]) -> Option<&'a Arc<ReplicaSet>> {
+        let collisions = d
+            .status
+            .as_ref()
+            .and_then(|s| s.collision_count)
+            .unwrap_or(0);
+        let hash = template_hash(&d.spec.template, collisions);
+        sets.iter()
+            .find(|rs| template_hash_label(rs) == Some(&hash))
+    }
+
     /// The set for the current template: found by hash, created if missing (at `initial`
     /// replicas), its revision raised above every old one.
     async fn new_set(
@@ -294,24 +511,12 @@ impl DeploymentController {
         let hash = template_hash(&spec.template, collisions);
         let max_old = sets
             .iter()
-            .filter(|rs| {
-                rs.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(TEMPLATE_HASH))
-                    != Some(&hash)
-            })
+            .filter(|rs| template_hash_label(rs) != Some(&hash))
             .map(|rs| revision(rs))
             .max()
             .unwrap_or(0);
         let wanted_revision = (max_old + 1).to_string();
-        if let Some(rs) = sets.iter().find(|rs| {
-            rs.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(TEMPLATE_HASH))
-                == Some(&hash)
-        }) {
+        if let Some(rs) = Self::current_set(d, sets) {
             if revision(rs) > max_old {
                 return Ok(Some((**rs).clone()));
             }
@@ -418,10 +623,22 @@ impl DeploymentController {
         });
         let spec = d.spec.clone();
         let replicas = spec.replicas.unwrap_or(1);
-        if spec.paused == Some(true) {
-            return self.sync_status(&d, &sets, None).await;
+        let paused = spec.paused == Some(true);
+        if paused || Self::scaling_event(&d, &sets) {
+            let new = Self::current_set(&d, &sets).cloned();
+            let new_uid = new.as_ref().and_then(|n| n.metadata.uid.clone());
+            let old: Vec<Arc<ReplicaSet>> = sets
+                .iter()
+                .filter(|rs| rs.metadata.uid != new_uid)
+                .cloned()
+                .collect();
+            self.scale_sets(&d, new.as_ref(), &old).await?;
+            if paused {
+                self.cleanup(&d, &old).await?;
+            }
+            return self.sync_status(&d, &sets, new.as_deref()).await;
         }
-        let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
+        let recreate = recreates(&d);
         let (surge, unavailable) = fenceposts(&d);
         let new = if recreate {
             self.new_set(&d, &sets, |_| 0).await?
@@ -450,11 +667,7 @@ impl DeploymentController {
                 for rs in old.iter().filter(|rs| spec_replicas(rs) > 0) {
                     self.scale(rs, 0, &d).await?;
                 }
-            } else if old
-                .iter()
-                .all(|rs| rs.status.as_ref().is_none_or(|s| s.replicas == 0))
-                && spec_replicas(&new) != replicas
-            {
+            } else if !self.old_pods_running(&ns, &old) && spec_replicas(&new) != replicas {
                 self.scale(&new, replicas, &d).await?;
             }
         } else if !old_active {
@@ -528,13 +741,12 @@ impl DeploymentController {
         let updated = new_status.as_ref().map(|s| s.replicas).unwrap_or(0);
         let old = d.status.clone().unwrap_or_default();
         let now = Time(jiff::Timestamp::now());
-        let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let condition = |type_: &str, status: &str, reason: &str, message: String| {
             let previous = old
                 .conditions
                 .iter()
                 .flatten()
                 .find(|c| c.type_.as_deref() == Some(type_));
-            let status = if ok { "True" } else { "False" };
             let same = previous.is_some_and(|p| {
                 p.status.as_deref() == Some(status) && p.reason.as_deref() == Some(reason)
             });
@@ -577,10 +789,19 @@ impl DeploymentController {
         let deadline =
             Duration::from_secs(d.spec.progress_deadline_seconds.unwrap_or(600).max(0) as u64);
         let mut next = Next::Done;
-        let progressing = if complete {
+        let progressing = if d.spec.paused == Some(true) {
+            // No progress is expected of a paused deployment: no deadline runs. Resuming
+            // changes the spec, which counts as progress and starts the deadline again.
             condition(
                 "Progressing",
-                true,
+                "Unknown",
+                "DeploymentPaused",
+                "Deployment is paused".into(),
+            )
+        } else if complete {
+            condition(
+                "Progressing",
+                "True",
                 "NewReplicaSetAvailable",
                 format!("ReplicaSet \"{new_name}\" has successfully progressed."),
             )
@@ -590,7 +811,7 @@ impl DeploymentController {
                 last_update_time: Some(now.clone()),
                 ..condition(
                     "Progressing",
-                    true,
+                    "True",
                     "ReplicaSetUpdated",
                     format!("ReplicaSet \"{new_name}\" is progressing."),
                 )
@@ -608,7 +829,7 @@ impl DeploymentController {
             if exceeded || waited >= deadline {
                 condition(
                     "Progressing",
-                    false,
+                    "False",
                     "ProgressDeadlineExceeded",
                     format!("ReplicaSet \"{new_name}\" has timed out progressing."),
                 )
@@ -620,7 +841,7 @@ impl DeploymentController {
         let conditions = vec![
             condition(
                 "Available",
-                minimum,
+                if minimum { "True" } else { "False" },
                 if minimum {
                     "MinimumReplicasAvailable"
                 } else {
@@ -753,6 +974,28 @@ mod tests {
             available: 1,
         };
         assert_eq!(scale_down_old(5, 1, new, &old), vec![0, 3]);
+    }
+
+    #[test]
+    fn a_resize_mid_rollout_keeps_each_sets_share() {
+        // 10 replicas, surge 3, fully surged: 8 old and 5 new, both scaled for 13.
+        let sets = [(8, Some(13)), (5, Some(13))];
+        // To 20 (surge 5): 25 in all, in the same proportions.
+        assert_eq!(proportional_specs(&sets, 20, 25, 13), vec![15, 10]);
+        // To 5 (surge 2): 7 in all.
+        assert_eq!(proportional_specs(&sets, 5, 7, 13), vec![4, 3]);
+        // Rounding leftovers go to the first (largest) set.
+        assert_eq!(
+            proportional_specs(&[(1, Some(3)), (1, Some(3)), (1, Some(3))], 4, 4, 3),
+            vec![2, 1, 1]
+        );
+        // To zero: every set empties.
+        assert_eq!(proportional_specs(&sets, 0, 0, 13), vec![0, 0]);
+        // Without the annotation the deployment's status counts.
+        assert_eq!(
+            proportional_specs(&[(2, None), (2, None)], 8, 8, 4),
+            vec![4, 4]
+        );
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! ReplicaSet, creating the missing ones and deleting extras (the least useful first: not
 //! scheduled, then not running, then not ready, then the youngest), and reports replicas,
 //! ready and available counts in the status.
+//!
+//! Its pods are those it controls whose labels its selector still matches, as kube's
+//! ControllerRefManager claims them: a pod without a controller that the selector matches is
+//! adopted (the ReplicaSet becomes its controller, unless either is being deleted), and a pod
+//! whose labels stop matching is released (its owner reference removed): it lives on, no
+//! longer counted, and a replacement is made.
 
 use std::{cmp::Reverse, sync::Arc, time::Duration};
 
@@ -18,7 +24,7 @@ use crate::{
     client::Client,
     informer::{Informer, key_of},
     queue::{Next, Queue, run_workers},
-    util::{available, controlled_by, controller_of, pod_active, pod_ready},
+    util::{available, controller_of, pod_active, pod_ready, selects},
 };
 
 /// Pods created per reconcile at most (the rest on the next round), as kube's burst.
@@ -37,14 +43,24 @@ impl ReplicaSetController {
         let queue: Arc<Queue<String>> = Queue::new();
         let q = queue.clone();
         sets.on_change(move |c| q.add(key_of(&c.object().metadata)));
-        let q = queue.clone();
+        let (q, s) = (queue.clone(), sets.clone());
         pods.on_change(move |c| {
             for pod in [&c.old, &c.new].into_iter().flatten() {
-                if let Some(owner) = controller_of(&pod.metadata)
-                    && owner.kind == "ReplicaSet"
-                {
-                    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-                    q.add(format!("{ns}/{}", owner.name));
+                let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+                match controller_of(&pod.metadata) {
+                    Some(owner) if owner.kind == "ReplicaSet" => {
+                        q.add(format!("{ns}/{}", owner.name));
+                    }
+                    Some(_) => {}
+                    // An orphan: the sets that may adopt it.
+                    None if c.new.is_some() && !pod_gone(pod) => {
+                        for rs in s.list_namespace(ns) {
+                            if may_own(&rs, pod) {
+                                q.add(key_of(&rs.metadata));
+                            }
+                        }
+                    }
+                    None => {}
                 }
             }
         });
@@ -61,12 +77,7 @@ impl ReplicaSetController {
         };
         let ns = rs.metadata.namespace.clone().unwrap_or_default();
         let spec = rs.spec.clone();
-        let owned: Vec<Arc<Pod>> = self
-            .pods
-            .list_namespace(&ns)
-            .into_iter()
-            .filter(|p| controlled_by(&p.metadata, &*rs))
-            .collect();
+        let owned = self.claim(&rs).await?;
         let mut active: Vec<Arc<Pod>> = owned.iter().filter(|p| pod_active(p)).cloned().collect();
         let wanted = spec.replicas.unwrap_or(1).max(0) as usize;
         if rs.metadata.deletion_timestamp.is_none() {
@@ -125,6 +136,88 @@ impl ReplicaSetController {
             }
         }
         self.update_status(&rs, &spec, &owned).await
+    }
+
+    /// The pods the set controls and still selects, after adopting matching orphans and
+    /// releasing controlled pods it no longer selects.
+    async fn claim(&self, rs: &ReplicaSet) -> Result<Vec<Arc<Pod>>, ApiError> {
+        let ns = rs.metadata.namespace.clone().unwrap_or_default();
+        let uid = rs.metadata.uid.as_ref();
+        let mut owned = Vec::new();
+        let mut checked = false;
+        for pod in self.pods.list_namespace(&ns) {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let matches = selects(&rs.spec.selector, pod.metadata.labels.as_ref());
+            match controller_of(&pod.metadata) {
+                Some(owner) if Some(&owner.uid) == uid => {
+                    if matches || rs.metadata.deletion_timestamp.is_some() {
+                        owned.push(pod);
+                        continue;
+                    }
+                    let released = self
+                        .client
+                        .update::<Pod>(Some(&ns), &name, false, |p| {
+                            if selects(&rs.spec.selector, p.metadata.labels.as_ref()) {
+                                return false;
+                            }
+                            let refs = p.metadata.owner_references.get_or_insert_default();
+                            let before = refs.len();
+                            refs.retain(|r| Some(&r.uid) != uid);
+                            refs.len() != before
+                        })
+                        .await;
+                    match released {
+                        Ok(p) if controller_of(&p.metadata).is_some() => owned.push(pod),
+                        Ok(_) => {}
+                        Err(e) if e.reason == "NotFound" => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                None if may_own(rs, &pod) && !pod_gone(&pod) => {
+                    // As kube, adopt only after a fresh read says the set is still there and
+                    // not being deleted: the cache may be behind its deletion.
+                    if !checked {
+                        let fresh: ReplicaSet = self
+                            .client
+                            .get(Some(&ns), rs.metadata.name.as_deref().unwrap_or_default())
+                            .await?;
+                        if fresh.metadata.uid.as_ref() != uid
+                            || fresh.metadata.deletion_timestamp.is_some()
+                        {
+                            return Ok(owned);
+                        }
+                        checked = true;
+                    }
+                    let controller = crate::util::controller_ref(rs);
+                    let adopted = self
+                        .client
+                        .update::<Pod>(Some(&ns), &name, false, |p| {
+                            if controller_of(&p.metadata).is_some()
+                                || !may_own(rs, p)
+                                || pod_gone(p)
+                            {
+                                return false;
+                            }
+                            p.metadata
+                                .owner_references
+                                .get_or_insert_default()
+                                .push(controller.clone());
+                            true
+                        })
+                        .await;
+                    match adopted {
+                        Ok(p) if controller_of(&p.metadata).map(|o| &o.uid) == uid => {
+                            owned.push(Arc::new(p))
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.reason == "NotFound" => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(owned)
     }
 
     async fn update_status(
@@ -195,4 +288,22 @@ impl ReplicaSetController {
         }
         Ok(next)
     }
+}
+
+/// Whether `rs` may adopt `pod`: a live set whose (non-empty) selector matches it.
+fn may_own(rs: &ReplicaSet, pod: &Pod) -> bool {
+    let selector = &rs.spec.selector;
+    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(|e| e.is_empty());
+    rs.metadata.deletion_timestamp.is_none()
+        && !empty
+        && selects(selector, pod.metadata.labels.as_ref())
+}
+
+/// Being deleted or finished: nothing adopts it.
+fn pod_gone(pod: &Pod) -> bool {
+    !pod_active(pod)
 }

@@ -149,6 +149,24 @@ impl Api {
         self.0.request(method, path)
     }
 
+    /// A PATCH of `content_type`: (status, JSON body).
+    pub async fn patch(
+        &self,
+        path: &str,
+        content_type: &str,
+        patch: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = self
+            .request(reqwest::Method::PATCH, path)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(patch.to_string())
+            .send()
+            .await
+            .expect("PATCH");
+        let code = resp.status().as_u16();
+        (code, resp.json().await.expect("a JSON answer"))
+    }
+
     /// Sends and returns (status, JSON body).
     pub async fn call(
         &self,
