@@ -19,6 +19,8 @@ use control_plane_store::{AnyStore, EventKind, KeyValue, ListOptions, Store};
 use k8s_openapi::{Metadata, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::queue::backoff;
+
 /// What the control loops can cache and write.
 pub trait Object:
     Resource + Metadata<Ty = ObjectMeta> + Serialize + DeserializeOwned + Clone + Send + Sync + 'static
@@ -75,6 +77,9 @@ impl<K: Object> Change<K> {
 }
 
 type Handler<K> = Box<dyn Fn(&Change<K>) + Send + Sync>;
+
+/// A watch that lasted this long was healthy, even if idle.
+const HEALTHY_WATCH: Duration = Duration::from_secs(30);
 
 struct State<K> {
     objects: BTreeMap<String, Arc<K>>,
@@ -291,14 +296,22 @@ impl<K: Object> Informer<K> {
         Ok(revision)
     }
 
-    /// Keeps the cache equal to the store until the process ends.
+    /// Keeps the cache equal to the store until the process ends. A failed list, or a watch
+    /// that fails before it delivered anything, backs off (200 ms doubling to 30 s, with
+    /// jitter so informers do not relist in step): a struggling store is not answered with a
+    /// storm of full lists.
     pub async fn run(self: Arc<Self>, store: Arc<AnyStore>) {
+        let mut failures = 0;
         loop {
+            if failures > 0 {
+                let delay = backoff(failures, Duration::from_millis(200));
+                tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
+            }
             let revision = match self.relist(&store).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("list {}: {e:#}", self.prefix);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    failures += 1;
                     continue;
                 }
             };
@@ -307,9 +320,12 @@ impl<K: Object> Informer<K> {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!("watch {}: {e:#}", self.prefix);
+                    failures += 1;
                     continue;
                 }
             };
+            let started = tokio::time::Instant::now();
+            let mut delivered = false;
             while let Some(event) = watch.next().await {
                 match event {
                     Ok(event) => {
@@ -325,12 +341,20 @@ impl<K: Object> Informer<K> {
                             }
                         }
                         self.advance(rev);
+                        delivered = true;
                     }
                     Err(e) => {
                         tracing::info!("watch {} ended ({e}); listing again", self.prefix);
                         break;
                     }
                 }
+            }
+            // A watch that worked (it delivered, or lasted) ends the run of failures: its end
+            // (a compaction, a restart of the store) is relisted at once.
+            if delivered || started.elapsed() >= HEALTHY_WATCH {
+                failures = 0;
+            } else {
+                failures += 1;
             }
         }
     }
@@ -410,5 +434,71 @@ impl Informers {
             .expect("not poisoned")
             .get(K::KIND)
             .map(|i| i.clone().downcast().expect("one type per kind"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use k8s_openapi::api::core::v1::Pod;
+
+    use super::*;
+
+    fn pod(rev: i64, node: &str) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("default".into());
+        pod.metadata.name = Some("web".into());
+        pod.metadata.resource_version = Some(rev.to_string());
+        pod.spec.get_or_insert_default().node_name = Some(node.into());
+        pod
+    }
+
+    /// What the handlers saw, in order: the node of each state, "deleted" for a deletion.
+    fn recorded(informer: &Informer<Pod>) -> Arc<Mutex<Vec<String>>> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        informer.on_change(move |c| {
+            let what = match &c.new {
+                Some(p) => p.spec.as_ref().unwrap().node_name.clone().unwrap(),
+                None => "deleted".into(),
+            };
+            s.lock().unwrap().push(what);
+        });
+        seen
+    }
+
+    #[test]
+    fn a_late_read_of_a_write_never_revives_a_deleted_object() {
+        let informer = Informer::<Pod>::new();
+        let seen = recorded(&informer);
+        informer.apply_at(pod(4, "pending"), true);
+        // The watch delivers the deletion (revision 6) before the binder applies its own
+        // write (revision 5) to the cache.
+        informer.apply_delete("default/web", 6);
+        informer.apply(pod(5, "node-0"));
+        assert!(
+            informer.get("default/web").is_none(),
+            "deleted stays deleted"
+        );
+        assert_eq!(*seen.lock().unwrap(), ["pending", "deleted"]);
+        // Once the watch passed revision 6, any older state is ignored too.
+        informer.advance(6);
+        informer.apply(pod(6, "node-1"));
+        assert!(informer.get("default/web").is_none());
+    }
+
+    #[test]
+    fn an_older_state_never_replaces_a_newer_one() {
+        let informer = Informer::<Pod>::new();
+        let seen = recorded(&informer);
+        informer.apply(pod(7, "node-1"));
+        informer.apply_at(pod(5, "node-0"), true); // the watch catching up
+        let cached = informer.get("default/web").unwrap();
+        assert_eq!(
+            cached.spec.as_ref().unwrap().node_name.as_deref(),
+            Some("node-1")
+        );
+        assert_eq!(*seen.lock().unwrap(), ["node-1"]);
     }
 }

@@ -68,8 +68,7 @@ impl<T: Hash + Eq + Clone + Send + Sync + 'static> Queue<T> {
             *n += 1;
             *n
         };
-        let delay = Duration::from_millis(5u64 << failures.min(13)).min(Duration::from_secs(30));
-        self.add_after(item, delay);
+        self.add_after(item, backoff(failures, Duration::from_millis(5)));
     }
 
     /// The next key to process; call [`Queue::done`] after.
@@ -110,6 +109,14 @@ impl<T: Hash + Eq + Clone + Send + Sync + 'static> Queue<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The delay after `failures` failures in a row: `base` doubled with each one after the
+/// first, at most 30 s.
+pub fn backoff(failures: u32, base: Duration) -> Duration {
+    const CAP: Duration = Duration::from_secs(30);
+    let doublings = failures.saturating_sub(1).min(20);
+    base.saturating_mul(1 << doublings).min(CAP)
 }
 
 /// What a reconcile asks for next.
@@ -160,6 +167,14 @@ pub fn run_workers<T, F, Fut, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let base = Duration::from_millis(200);
+        let delays: Vec<Duration> = (1..=4).map(|n| backoff(n, base)).collect();
+        assert_eq!(delays, [200, 400, 800, 1600].map(Duration::from_millis));
+        assert_eq!(backoff(40, base), Duration::from_secs(30));
+    }
 
     #[tokio::test]
     async fn keys_are_deduplicated_and_never_processed_twice_at_once() {
