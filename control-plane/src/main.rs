@@ -60,6 +60,9 @@ struct Args {
     /// in `status.loadBalancer.ingress` as MetalLB does; without it they stay pending.
     #[arg(long = "load-balancer-ips", value_name = "CIDR", value_delimiter = ',')]
     load_balancer_ips: Vec<ipnet::Ipv4Net>,
+    /// How long an event lives after its last write (kube-apiserver's `--event-ttl`).
+    #[arg(long, default_value = "3600", value_name = "SECONDS")]
+    event_ttl: f64,
     /// Changes the feed keeps for agents to resume from after a reconnect.
     #[arg(long, default_value = "20000")]
     feed_history: usize,
@@ -116,6 +119,7 @@ fn main() -> Result<()> {
         let credentials = Credentials::load_or_create(&config)?;
         let registry = registry(store.clone(), &config).await?;
         spawn_compactor(store.clone(), config.compaction_interval);
+        control_plane_controllers::events::start_expiry(registry.clone(), seconds(args.event_ttl));
         let settings = Settings {
             cluster_cidr: args.cluster_cidr,
             node_cidr_mask_size: args.node_cidr_mask_size,

@@ -381,6 +381,68 @@ fn a_node_that_stops_heartbeating_turns_not_ready_and_its_endpoints_stop_being_r
             },
         )
         .await;
+
+        // It fails again: the same event again, counted on the first one.
+        agents[0].alive.store(false, Ordering::SeqCst);
+        let not_ready = "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dnode-0,reason%3DNodeNotReady";
+        let events = eventually(15, "NodeNotReady counted twice", || async {
+            let events = items(&api, not_ready).await;
+            events.iter().any(|e| e["count"] == 2).then_some(events)
+        })
+        .await;
+        assert_eq!(events.len(), 1, "one event, counted: {events:?}");
+    });
+}
+
+#[test]
+fn events_expire_after_their_ttl_unless_written_again() {
+    let cp = ControlPlane::start(
+        "embedded:{dir}",
+        &["--disable-controllers", "--event-ttl", "3"],
+    );
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let path = "/api/v1/namespaces/default/events";
+        for name in ["once", "repeated"] {
+            let now = jiff::Timestamp::now().to_string();
+            let event = json!({
+                "apiVersion": "v1", "kind": "Event", "metadata": {"name": name},
+                "involvedObject": {"kind": "Pod", "name": "p", "namespace": NS},
+                "reason": "Test", "message": name, "type": "Normal", "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+            });
+            let (code, body) = api.call(Method::POST, path, Some(event)).await;
+            assert_eq!(code, 201, "{body}");
+        }
+        // One is seen again every half second (its last timestamp moves on); the other not.
+        let mut count = 1;
+        let started = tokio::time::Instant::now();
+        loop {
+            let (code, _) = api.call(Method::GET, &format!("{path}/once"), None).await;
+            if code == 404 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the event never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            count += 1;
+            let now = jiff::Timestamp::now().to_string();
+            let (code, body) = api
+                .patch(
+                    &format!("{path}/repeated"),
+                    "application/merge-patch+json",
+                    json!({"count": count, "lastTimestamp": now}),
+                )
+                .await;
+            assert_eq!(code, 200, "the repeated event is still there: {body}");
+        }
+        assert!(count >= 6, "it lived its 3 s: {count} half-seconds");
+        let (code, _) = api
+            .call(Method::GET, &format!("{path}/repeated"), None)
+            .await;
+        assert_eq!(code, 200, "the event written again lives on");
     });
 }
 
