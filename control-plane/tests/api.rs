@@ -527,7 +527,7 @@ fn metrics_count_requests_watches_store_operations_and_agents() {
         let _stream = feed
             .watch(control_plane_api::feed::WatchRequest {
                 node_name: "n1".into(),
-                resume_from: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -942,21 +942,23 @@ fn deleting_a_deployment_removes_its_replicasets_and_pods() {
 }
 
 /// Opens a Watch and reads until a whole snapshot or a delta message arrived; returns whether
-/// it was a snapshot, the version it brought, the services it named, and the stream.
+/// it was a snapshot, the version (and epoch) it brought, the services it named, and the
+/// stream. `from`: the version and epoch to resume from.
 async fn first_message(
     client: &mut control_plane_api::FeedClient,
     node: &str,
-    resume_from: u64,
+    from: &(u64, String),
 ) -> (
     bool,
-    u64,
+    (u64, String),
     Vec<String>,
     tonic::Streaming<control_plane_api::feed::FeedMessage>,
 ) {
     let mut stream = client
         .watch(WatchRequest {
             node_name: node.into(),
-            resume_from,
+            resume_from: from.0,
+            epoch: from.1.clone(),
         })
         .await
         .unwrap()
@@ -972,12 +974,12 @@ async fn first_message(
             feed_message::Kind::Snapshot(c) => {
                 names.extend(c.services.into_iter().map(|s| s.name));
                 if c.last {
-                    return (true, c.version, names, stream);
+                    return (true, (c.version, c.epoch), names, stream);
                 }
             }
             feed_message::Kind::Deltas(d) => {
                 names.extend(service_names(&d));
-                return (false, d.version, names, stream);
+                return (false, (d.version, from.1.clone()), names, stream);
             }
         }
     }
@@ -1004,7 +1006,7 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
     let rt = runtime();
     let version = rt.block_on(async {
         let mut client = cp.process().node_feed().await.unwrap();
-        let (snapshot, v0, _, mut stream) = first_message(&mut client, "n1", 0).await;
+        let (snapshot, v0, _, mut stream) = first_message(&mut client, "n1", &(0, String::new())).await;
         assert!(snapshot, "a first watch starts with a snapshot");
         api.call(Method::POST, "/api/v1/namespaces/default/services", Some(plain_service("one"))).await;
         let mut version = v0;
@@ -1012,7 +1014,7 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
         while !seen_one {
             let m = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
             if let Some(feed_message::Kind::Deltas(d)) = m.kind {
-                version = d.version;
+                version.0 = d.version;
                 seen_one = d.deltas.iter().any(|d| matches!(&d.change, Some(control_plane_api::feed::delta::Change::Service(s)) if s.name == "one"));
             }
         }
@@ -1021,13 +1023,13 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
         for name in ["two", "three"] {
             api.call(Method::POST, "/api/v1/namespaces/default/services", Some(plain_service(name))).await;
         }
-        let (snapshot, mut last, mut names, mut stream) = first_message(&mut client, "n1", version).await;
+        let (snapshot, mut last, mut names, mut stream) = first_message(&mut client, "n1", &version).await;
         assert!(!snapshot, "resuming within the history needs no snapshot");
         // What was missed arrives as deltas (possibly over more than one message).
         while names.len() < 2 {
             let m = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the missed changes").unwrap().unwrap();
             if let Some(feed_message::Kind::Deltas(d)) = m.kind {
-                last = d.version;
+                last.0 = d.version;
                 names.extend(service_names(&d));
             }
         }
@@ -1036,7 +1038,7 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
         // A token that is not the node token is refused.
         let ca = cp.process().config().unwrap().ca_pem;
         let mut intruder = control_plane_api::connect(&cp.process().feed_url, &ca, "not-the-token").await.unwrap();
-        let err = intruder.watch(WatchRequest { node_name: "n1".into(), resume_from: 0 }).await.expect_err("refused");
+        let err = intruder.watch(WatchRequest { node_name: "n1".into(), resume_from: 0, epoch: String::new() }).await.expect_err("refused");
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         last
     });
@@ -1051,7 +1053,7 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
             Some(plain_service("four")),
         )
         .await;
-        let (snapshot, _, names, _) = first_message(&mut client, "n1", version).await;
+        let (snapshot, _, names, _) = first_message(&mut client, "n1", &version).await;
         assert!(
             !snapshot,
             "after a control-plane restart, resuming needs no snapshot"
@@ -1071,7 +1073,8 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
         let mut stream = client
             .watch(WatchRequest {
                 node_name: "n1".into(),
-                resume_from: version,
+                resume_from: version.0,
+                epoch: version.1.clone(),
             })
             .await
             .unwrap()
@@ -1094,6 +1097,44 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
         assert_eq!(
             services, 65,
             "the snapshot holds every service (the 64 and default/kubernetes)"
+        );
+    });
+
+    // The store is replaced by an empty one that gets as far in its own history: the old
+    // version means nothing there, and the agent gets a snapshot, not the new store's deltas.
+    let (at, epoch) = rt.block_on(async {
+        let mut client = cp.process().node_feed().await.unwrap();
+        let (snapshot, at, _, _) = first_message(&mut client, "n1", &(0, String::new())).await;
+        assert!(snapshot);
+        at
+    });
+    cp.replace_store();
+    rt.block_on(async {
+        let mut client = cp.process().node_feed().await.unwrap();
+        let mut i = 0;
+        loop {
+            let (_, now, _, _) = first_message(&mut client, "n1", &(0, String::new())).await;
+            assert_ne!(now.1, epoch, "a new store, a new epoch");
+            if now.0 > at + 2 {
+                break;
+            }
+            api.call(
+                Method::POST,
+                "/api/v1/namespaces/default/services",
+                Some(plain_service(&format!("new{i}"))),
+            )
+            .await;
+            i += 1;
+        }
+        let (snapshot, _, names, _) = first_message(&mut client, "n1", &(at, epoch)).await;
+        assert!(
+            snapshot,
+            "another store's history is never resumed: {names:?}"
+        );
+        assert_eq!(
+            names.len(),
+            i + 1,
+            "everything the new store holds: {names:?}"
         );
     });
 }

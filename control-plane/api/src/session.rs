@@ -125,12 +125,12 @@ pub async fn follow(
     let mut resync = false;
     let mut first = true;
     loop {
-        let resume_from = {
+        let (resume_from, epoch) = {
             let view = view.lock().expect("not poisoned");
             if view.complete && !resync {
-                view.version
+                (view.version, view.epoch.clone())
             } else {
-                0
+                (0, String::new())
             }
         };
         resync = false;
@@ -142,6 +142,7 @@ pub async fn follow(
             .watch(WatchRequest {
                 node_name: node.clone(),
                 resume_from,
+                epoch,
             })
             .await;
         let mut stream = match stream {

@@ -75,6 +75,8 @@ impl Changes {
 pub struct View {
     /// The version of the last change applied (the store revision).
     pub version: u64,
+    /// The identity of the history `version` belongs to (from the last snapshot).
+    pub epoch: String,
     /// A full state has arrived (a snapshot, or the first lists): the view can be acted on.
     pub complete: bool,
     /// Snapshots received (the first, and any resync).
@@ -111,7 +113,7 @@ impl View {
 
     fn apply_chunk(&mut self, chunk: feed::SnapshotChunk) -> Result<Changes, ViewError> {
         let mut acc = match self.partial.take() {
-            Some(partial) if partial.version != chunk.version => {
+            Some(partial) if (partial.version, &partial.epoch) != (chunk.version, &chunk.epoch) => {
                 let error = ViewError::MixedSnapshot {
                     chunk: chunk.version,
                     partial: partial.version,
@@ -122,6 +124,7 @@ impl View {
             Some(partial) => partial,
             None => feed::SnapshotChunk {
                 version: chunk.version,
+                epoch: chunk.epoch.clone(),
                 ..Default::default()
             },
         };
@@ -135,6 +138,7 @@ impl View {
         }
         self.snapshots += 1;
         self.version = acc.version;
+        self.epoch = acc.epoch;
         self.complete = true;
         let old_pods: BTreeSet<String> = self.pods.keys().cloned().collect();
         self.services = acc
@@ -438,5 +442,25 @@ mod tests {
         view.apply(snapshot(9, &["fresh"], true)).unwrap();
         let names: Vec<&str> = view.services.values().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["fresh"]);
+    }
+
+    #[test]
+    fn chunks_of_another_history_never_merge_and_the_epoch_is_kept() {
+        let chunk = |epoch: &str, name: &str, last| FeedMessage {
+            kind: Some(feed_message::Kind::Snapshot(SnapshotChunk {
+                version: 5,
+                epoch: epoch.into(),
+                services: vec![service(name)],
+                last,
+                ..Default::default()
+            })),
+        };
+        let mut view = View::default();
+        view.apply(chunk("old-store", "stale", false)).unwrap();
+        assert!(view.apply(chunk("new-store", "x", true)).is_err());
+        view.stream_ended();
+        view.apply(chunk("new-store", "fresh", true)).unwrap();
+        assert_eq!(view.epoch, "new-store", "resumes ask with it");
+        assert_eq!(view.services.len(), 1);
     }
 }

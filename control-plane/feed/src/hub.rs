@@ -65,6 +65,8 @@ pub struct Hub {
     state: Mutex<State>,
     capacity: usize,
     version: watch::Sender<u64>,
+    /// The store's epoch, read before the first load.
+    epoch: std::sync::OnceLock<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -111,7 +113,13 @@ impl Hub {
             state: Mutex::new(State::default()),
             capacity,
             version: watch::channel(0).0,
+            epoch: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The epoch of the store the hub follows (empty until it has loaded).
+    pub fn epoch(&self) -> &str {
+        self.epoch.get().map_or("", String::as_str)
     }
 
     /// The version the hub has reached; changes when it moves.
@@ -304,6 +312,17 @@ impl Hub {
     /// restarted can still resume.
     pub async fn run(self: Arc<Self>, store: Arc<AnyStore>) {
         let prefixes = prefixes();
+        while self.epoch.get().is_none() {
+            match control_plane_store::epoch(&*store).await {
+                Ok(epoch) => {
+                    let _ = self.epoch.set(epoch);
+                }
+                Err(e) => {
+                    tracing::warn!("feed: read the store's epoch: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
         let mut first = true;
         loop {
             let start = if first {

@@ -535,6 +535,7 @@ impl NodeFeed for FeedService {
         let WatchRequest {
             node_name,
             resume_from,
+            epoch,
         } = request.into_inner();
         if node_name.is_empty() {
             return Err(Status::invalid_argument("node_name is required"));
@@ -549,7 +550,8 @@ impl NodeFeed for FeedService {
                 return;
             }
             let mut cursor = resume_from;
-            let mut need_snapshot = !hub.can_resume(resume_from);
+            // Versions of another history (the store was replaced) mean nothing here.
+            let mut need_snapshot = epoch != hub.epoch() || !hub.can_resume(resume_from);
             let mut last_sent = Instant::now();
             loop {
                 if need_snapshot {
@@ -603,17 +605,16 @@ async fn send_snapshot(
 ) -> Option<u64> {
     let snap = hub.snapshot(node);
     let version = snap.version;
-    let mut chunks = vec![feed::SnapshotChunk {
+    let empty = || feed::SnapshotChunk {
         version,
+        epoch: hub.epoch().to_owned(),
         ..Default::default()
-    }];
+    };
+    let mut chunks = vec![empty()];
     let room = |chunks: &mut Vec<feed::SnapshotChunk>| {
         let c = chunks.last().expect("one chunk at least");
         if c.services.len() + c.endpoint_slices.len() + c.nodes.len() + c.pods.len() >= CHUNK {
-            chunks.push(feed::SnapshotChunk {
-                version,
-                ..Default::default()
-            });
+            chunks.push(empty());
         }
         chunks.len() - 1
     };

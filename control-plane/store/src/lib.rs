@@ -169,6 +169,26 @@ pub trait Store: Send + Sync + 'static {
     fn compacted(&self) -> impl Future<Output = Result<i64>> + Send;
 }
 
+/// Where the store's epoch lives (outside `/registry/`: no watch of objects sees it).
+const EPOCH_KEY: &str = "/keel/epoch";
+
+/// The identity of the store's history: made once, when a store is first used, and kept with
+/// its data. Revisions are only comparable within one epoch: a store replaced by an empty one
+/// (or another cluster's) counts its revisions again from the start.
+pub async fn epoch(store: &impl Store) -> Result<String> {
+    loop {
+        if let Some(kv) = store.get(EPOCH_KEY).await? {
+            return Ok(String::from_utf8_lossy(&kv.value).into_owned());
+        }
+        let fresh = uuid::Uuid::new_v4().to_string();
+        match store.create(EPOCH_KEY, fresh.clone().into_bytes()).await {
+            Ok(_) => return Ok(fresh),
+            Err(StoreError::AlreadyExists(_)) => continue, // another server made it first
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The end of the key range that starts with `prefix` (exclusive).
 pub fn prefix_end(prefix: &str) -> String {
     let mut bytes = prefix.as_bytes().to_vec();

@@ -60,6 +60,14 @@ impl ControlPlane {
         self.process.restart().unwrap();
     }
 
+    /// Stops the process (as a crash would), replaces its store by an empty one, and starts
+    /// it again on the same credentials and port.
+    pub fn replace_store(&mut self) {
+        self.process.kill();
+        std::fs::remove_dir_all(self.dir.path().join("store")).unwrap();
+        self.process.resume().unwrap();
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Output {
         Command::new(venv_bin("kubectl"))
             .args(args)
