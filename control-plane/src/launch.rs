@@ -198,6 +198,9 @@ fn free_port(host: IpAddr) -> Result<u16> {
 fn spawn(binary: &Path, args: &[String]) -> Result<Child> {
     let mut child = Command::new(binary)
         .args(args)
+        // Errors say why in their first lines; a backtrace (anyhow's, under a test's
+        // RUST_BACKTRACE) would push those out of what is kept below. Panics keep theirs.
+        .env("RUST_LIB_BACKTRACE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

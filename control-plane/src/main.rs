@@ -13,7 +13,7 @@ use clap::Parser;
 use control_plane_apiserver::server::{Config, Credentials, registry, serve, spawn_compactor};
 use control_plane_controllers::Settings;
 use control_plane_feed::{FeedService, hub::Hub};
-use control_plane_store::{AnyStore, StoreSpec};
+use control_plane_store::{AnyStore, EtcdOptions, StoreSpec};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -60,6 +60,25 @@ struct Args {
     /// in `status.loadBalancer.ingress` as MetalLB does; without it they stay pending.
     #[arg(long = "load-balancer-ips", value_name = "CIDR", value_delimiter = ',')]
     load_balancer_ips: Vec<ipnet::Ipv4Net>,
+    /// The CA of etcd's serving certificate (TLS to etcd; endpoints are then `https://`).
+    #[arg(long, value_name = "FILE")]
+    etcd_cafile: Option<std::path::PathBuf>,
+    /// A client certificate to present to etcd (with `--etcd-keyfile`).
+    #[arg(long, value_name = "FILE", requires = "etcd_keyfile")]
+    etcd_certfile: Option<std::path::PathBuf>,
+    /// The key of `--etcd-certfile`.
+    #[arg(long, value_name = "FILE", requires = "etcd_certfile")]
+    etcd_keyfile: Option<std::path::PathBuf>,
+    /// How long a request to etcd may wait for its answer to start (watches then run on).
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    etcd_request_timeout: f64,
+    /// Requests other than watches served at once; more get 429 and a Retry-After (as
+    /// kube-apiserver's `--max-requests-inflight` plus `--max-mutating-requests-inflight`).
+    #[arg(long, default_value = "600")]
+    max_requests_inflight: usize,
+    /// Watches (and followed logs) one client address may hold open; more get 429.
+    #[arg(long, default_value = "1000")]
+    max_watches_per_client: usize,
     /// How long an event lives after its last write (kube-apiserver's `--event-ttl`).
     #[arg(long, default_value = "3600", value_name = "SECONDS")]
     event_ttl: f64,
@@ -98,9 +117,17 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         let store = Arc::new(
-            AnyStore::open(&args.store)
-                .await
-                .with_context(|| format!("open the store {:?}", args.store))?,
+            AnyStore::open_with(
+                &args.store,
+                &EtcdOptions {
+                    ca_file: args.etcd_cafile.clone(),
+                    cert_file: args.etcd_certfile.clone(),
+                    key_file: args.etcd_keyfile.clone(),
+                    request_timeout: Some(seconds(args.etcd_request_timeout)),
+                },
+            )
+            .await
+            .with_context(|| format!("open the store {:?}", args.store))?,
         );
         // The feed serves the same certificate: valid for its address too.
         let mut tls_sans = args.tls_sans;
@@ -115,6 +142,8 @@ fn main() -> Result<()> {
             node_port_range: args.service_node_port_range,
             tls_sans,
             compaction_interval: Duration::from_secs(args.compaction_interval.max(1)),
+            max_requests_inflight: args.max_requests_inflight.max(1),
+            max_watches_per_client: args.max_watches_per_client.max(1),
         };
         let credentials = Credentials::load_or_create(&config)?;
         let registry = registry(store.clone(), &config).await?;

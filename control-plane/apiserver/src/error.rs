@@ -251,11 +251,32 @@ impl ApiError {
         )
     }
 
+    /// A failure of the server's own. The detail (a store's address, a path, a decoder's
+    /// complaint) is for the operator: logged with an id, which is all the client gets.
     pub fn internal(e: impl std::fmt::Display) -> Self {
+        let id = format!("{:08x}", rand::random::<u32>());
+        tracing::error!(error_id = %id, "internal error: {e}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
-            format!("Internal error occurred: {e}"),
+            format!(
+                "Internal error occurred: an error on the server ({id}) has prevented the \
+                 request from succeeding"
+            ),
+        )
+    }
+
+    /// 429: the server (or this client's share of it) is busy; retry after a second.
+    pub fn too_many_requests(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)
+    }
+
+    /// 413: the body is larger than the server takes.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: limit is {limit}"),
         )
     }
 

@@ -33,6 +33,68 @@ pub struct App<S: Store> {
     pub server_address: String,
     /// How `pods/log` reaches kubelets (none: it answers 503).
     pub kubelets: Option<crate::logs::Kubelets>,
+    pub limits: Limits,
+}
+
+/// Most bytes of a request body (kube-apiserver's 3 MiB).
+pub const MAX_BODY: usize = 3 << 20;
+/// Longest a client may take to send its body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a request that is not long-running (a watch, a followed log) may take, as
+/// kube-apiserver's `--request-timeout`.
+pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+/// What keeps one client from taking the whole server: requests (other than long-running
+/// ones) served at once, and long-running requests (watches, followed logs) one client
+/// address may hold open.
+pub struct Limits {
+    max_inflight: usize,
+    inflight: Arc<tokio::sync::Semaphore>,
+    max_long_running: usize,
+    long_running: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Limits {
+    pub fn new(max_inflight: usize, max_long_running_per_client: usize) -> Self {
+        Self {
+            max_inflight,
+            inflight: Arc::new(tokio::sync::Semaphore::new(max_inflight)),
+            max_long_running: max_long_running_per_client,
+            long_running: Arc::default(),
+        }
+    }
+}
+
+/// One long-running request of a client, counted while it lives.
+struct LongRunning {
+    counts: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+    client: std::net::IpAddr,
+}
+
+impl Limits {
+    fn long_running(&self, client: std::net::IpAddr) -> Option<LongRunning> {
+        let mut counts = self.long_running.lock().expect("not poisoned");
+        let n = counts.entry(client).or_insert(0);
+        if *n >= self.max_long_running {
+            return None;
+        }
+        *n += 1;
+        Some(LongRunning {
+            counts: self.long_running.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for LongRunning {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("not poisoned");
+        if let Some(n) = counts.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// A resource request, parsed from the path.
@@ -95,14 +157,20 @@ fn flag(q: &HashMap<String, String>, key: &str) -> bool {
     matches!(q.get(key).map(String::as_str), Some("1" | "true" | "True"))
 }
 
-/// The entry point for every request.
+/// The entry point for every request: authenticated from its headers before its body is
+/// read; the body capped ([`MAX_BODY`]) and timed ([`BODY_TIMEOUT`]); requests that are not
+/// long-running limited in number ([`Limits`], then 429) and time ([`REQUEST_DEADLINE`],
+/// then 504); long-running ones limited per client address.
 pub async fn handle<S: Store>(
     State(app): State<Arc<App<S>>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let path = uri.path().trim_end_matches('/').to_owned();
     let public = matches!(
         path.as_str(),
@@ -111,6 +179,16 @@ pub async fn handle<S: Store>(
     if !public && !authorized(&app, &headers) {
         return ApiError::unauthorized().into_response();
     }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) if is_length_limit(&e) => return ApiError::too_large(MAX_BODY).into_response(),
+        Ok(Err(e)) => return ApiError::bad_request(format!("read the body: {e}")).into_response(),
+        Err(_) => {
+            return ApiError::timeout(format!("the body did not arrive within {BODY_TIMEOUT:?}"))
+                .into_response();
+        }
+    };
     if method == Method::GET && path == "/metrics" {
         return (
             StatusCode::OK,
@@ -124,15 +202,76 @@ pub async fn handle<S: Store>(
     }
     let started = std::time::Instant::now();
     let (verb, resource) = classify(&method, &uri, &path);
-    let response = match route(&app, &method, &uri, &path, &headers, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
+    let long_running = verb == "WATCH"
+        || (resource == "pods/log"
+            && uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "follow=true")));
+    let response = if long_running {
+        let guard = match client.map(|c| app.limits.long_running(c)) {
+            Some(None) => {
+                return busy(format!(
+                    "too many watches from this client (at most {})",
+                    app.limits.max_long_running
+                ));
+            }
+            guard => guard.flatten(),
+        };
+        let response = match route(&app, &method, &uri, &path, &headers, body).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        // Counted while its body streams.
+        response.map(|body| {
+            let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+                let _held = &guard;
+                chunk
+            });
+            axum::body::Body::from_stream(stream)
+        })
+    } else {
+        let Ok(_permit) = app.limits.inflight.clone().try_acquire_owned() else {
+            return busy(format!(
+                "too many requests in flight (at most {}); retry",
+                app.limits.max_inflight
+            ));
+        };
+        let routed = route(&app, &method, &uri, &path, &headers, body);
+        match tokio::time::timeout(REQUEST_DEADLINE, routed).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => e.into_response(),
+            Err(_) => ApiError::timeout(format!(
+                "the request did not complete within {REQUEST_DEADLINE:?}"
+            ))
+            .into_response(),
+        }
     };
     crate::metrics::observe(
         verb,
         resource,
         response.status().as_u16(),
         started.elapsed(),
+    );
+    response
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// 429 with the Retry-After client-go honours.
+fn busy(message: String) -> Response {
+    let mut response = ApiError::too_many_requests(message).into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
     );
     response
 }
@@ -181,8 +320,16 @@ fn authorized<S: Store>(app: &App<S>, headers: &HeaderMap) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|token| app.tokens.iter().any(|t| t == token.trim()))
+        .is_some_and(|token| {
+            // Every token compared, in constant time: no early exit tells which was close.
+            app.tokens.iter().fold(false, |found, t| {
+                found | crate::server::same_secret(token.trim(), t)
+            })
+        })
 }
+
+/// How long a readiness check waits for the store.
+const STORE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn route<S: Store>(
     app: &Arc<App<S>>,
@@ -204,7 +351,26 @@ async fn route<S: Store>(
     if *method == Method::GET {
         match segments.as_slice() {
             ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
-            ["healthz" | "livez" | "readyz"] => return Ok((StatusCode::OK, "ok").into_response()),
+            ["livez"] => return Ok((StatusCode::OK, "ok").into_response()),
+            // Ready (and healthy) only while the store answers, as kube-apiserver's etcd check.
+            ["healthz" | "readyz"] => {
+                let store = tokio::time::timeout(STORE_CHECK, app.registry.store.revision()).await;
+                return Ok(match store {
+                    Ok(Ok(_)) => (StatusCode::OK, "ok").into_response(),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => format!("{e:#}"),
+                            _ => format!("no answer within {STORE_CHECK:?}"),
+                        };
+                        tracing::warn!("readiness: the store failed: {why}");
+                        (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "[-]etcd failed: reason withheld\nreadyz check failed\n",
+                        )
+                            .into_response()
+                    }
+                });
+            }
             ["api"] | ["apis"] => {
                 let core = segments[0] == "api";
                 if let Some(media) = discovery::aggregated_media_type(accept) {

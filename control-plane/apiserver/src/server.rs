@@ -1,8 +1,20 @@
 //! Running the API server: TLS with a CA of its own (kept across restarts so kubeconfigs stay
 //! valid), bearer-token authentication, a kubeconfig for kubectl, the default namespaces, and
 //! periodic compaction of the store's history.
+//!
+//! Credentials live in the state directory (0700): the CA (ten years from its creation), the
+//! admin token and the kubeconfig, each written atomically (a temporary file, fsync, rename).
+//! A CA that does not load (a key that does not parse or match its certificate, a certificate
+//! without its key, an expired CA) stops the server with the reason: it is never replaced
+//! silently, since every kubeconfig and node credential trusts it. Serving certificates live a
+//! year and are issued again at every start and, while running, after two thirds of that.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -31,37 +43,116 @@ pub struct Config {
     /// Extra names and addresses the serving certificate is valid for.
     pub tls_sans: Vec<String>,
     pub compaction_interval: Duration,
+    /// Requests other than watches served at once (then 429), as kube-apiserver's
+    /// `--max-requests-inflight` plus `--max-mutating-requests-inflight` (400 + 200).
+    pub max_requests_inflight: usize,
+    /// Watches (and followed logs) one client address may hold open (then 429).
+    pub max_watches_per_client: usize,
 }
 
+/// How long the CA lives from its creation.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// How long a certificate the CA issues lives.
+pub const CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
 /// TLS material and the admin token, created on first start and reused after.
+#[derive(Clone)]
 pub struct Credentials {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
     pub token: String,
     ca_key_pem: String,
+    /// What the serving certificate is for (reissued with the same names).
+    names: Vec<String>,
+}
+
+/// Creates `dir` (and its parents) if needed and makes it private to its owner (0700).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("make {} private", dir.display()))
+}
+
+/// A file's content, `None` if it does not exist.
+fn read_if_exists(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// The CA of `dir` (certificate, key), created when neither file exists.
+fn load_or_create_ca(dir: &Path) -> Result<(String, String)> {
+    let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "{why}: refusing to replace the cluster's CA (every kubeconfig and node trusts it). \
+             Restore the files, or remove both {} and {} to create a new CA.",
+            cert_path.display(),
+            key_path.display()
+        )
+    };
+    let new_cert = |key: &KeyPair| -> Result<String> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = ca_params();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + CA_LIFETIME;
+        let pem = params.self_signed(key)?.pem();
+        write_atomically(&cert_path, &pem, 0o644)?;
+        Ok(pem)
+    };
+    match (read_if_exists(&cert_path)?, read_if_exists(&key_path)?) {
+        (None, None) => {
+            let key = KeyPair::generate()?;
+            // The key first: a start interrupted after it makes the certificate again.
+            write_private(&key_path, &key.serialize_pem())?;
+            Ok((new_cert(&key)?, key.serialize_pem()))
+        }
+        (None, Some(key_pem)) => {
+            let key = KeyPair::from_pem(&key_pem)
+                .map_err(|e| refuse(format!("{} does not parse ({e})", key_path.display())))?;
+            Ok((new_cert(&key)?, key_pem))
+        }
+        (Some(_), None) => Err(refuse(format!(
+            "{} exists without its key {}",
+            cert_path.display(),
+            key_path.display()
+        ))),
+        (Some(cert_pem), Some(key_pem)) => {
+            let key = KeyPair::from_pem(&key_pem)
+                .map_err(|e| refuse(format!("{} does not parse ({e})", key_path.display())))?;
+            let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+                .map_err(|e| refuse(format!("{} does not parse ({e})", cert_path.display())))?;
+            let cert = pem
+                .parse_x509()
+                .map_err(|e| refuse(format!("{} does not parse ({e})", cert_path.display())))?;
+            if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(refuse(format!(
+                    "{} is not the key of {}",
+                    key_path.display(),
+                    cert_path.display()
+                )));
+            }
+            if !cert.validity().is_valid() {
+                return Err(refuse(format!(
+                    "the CA in {} is valid from {} to {}, not now",
+                    cert_path.display(),
+                    cert.validity().not_before,
+                    cert.validity().not_after
+                )));
+            }
+            Ok((cert_pem, key_pem))
+        }
+    }
 }
 
 impl Credentials {
     pub fn load_or_create(config: &Config) -> Result<Self> {
-        std::fs::create_dir_all(&config.state_dir)
-            .with_context(|| format!("create {}", config.state_dir.display()))?;
-        let (ca_cert_path, ca_key_path) = (
-            config.state_dir.join("ca.crt"),
-            config.state_dir.join("ca.key"),
-        );
-        let (ca_pem, ca_key) = if ca_cert_path.exists() && ca_key_path.exists() {
-            (
-                std::fs::read_to_string(&ca_cert_path)?,
-                std::fs::read_to_string(&ca_key_path)?,
-            )
-        } else {
-            let key = KeyPair::generate()?;
-            let cert = ca_params().self_signed(&key)?;
-            write_private(&ca_key_path, &key.serialize_pem())?;
-            std::fs::write(&ca_cert_path, cert.pem())?;
-            (cert.pem(), key.serialize_pem())
-        };
+        create_private_dir(&config.state_dir)?;
+        let (ca_pem, ca_key) = load_or_create_ca(&config.state_dir)?;
         let mut names = vec![
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
@@ -78,7 +169,7 @@ impl Credentials {
             names.push(config.listen.ip().to_string());
         }
         names.extend(config.tls_sans.iter().cloned());
-        let (cert_pem, key_pem) = issue(&ca_key, "keel-apiserver", &names)?;
+        let (cert_pem, key_pem) = issue(&ca_pem, &ca_key, "keel-apiserver", &names)?;
         let token_path = config.state_dir.join("token");
         let token = match std::fs::read_to_string(&token_path) {
             Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
@@ -96,13 +187,19 @@ impl Credentials {
             key_pem,
             token,
             ca_key_pem: ca_key,
+            names,
         })
     }
 
     /// A serving certificate signed by the cluster's CA for `names` (DNS names or addresses),
     /// and its key: what a node's kubelet serves logs with, so the API server can check it.
     pub fn issue(&self, common_name: &str, names: &[String]) -> Result<(String, String)> {
-        issue(&self.ca_key_pem, common_name, names)
+        issue(&self.ca_pem, &self.ca_key_pem, common_name, names)
+    }
+
+    /// A new serving certificate for the API server (the same names), and its key.
+    pub fn reissue_serving(&self) -> Result<(String, String)> {
+        self.issue("keel-apiserver", &self.names)
     }
 
     /// A kubeconfig for an admin client of `server`.
@@ -115,10 +212,10 @@ impl Credentials {
     }
 }
 
-/// A certificate for `names` signed by the CA whose key is `ca_key`; (certificate, key) PEM.
-fn issue(ca_key: &str, common_name: &str, names: &[String]) -> Result<(String, String)> {
-    // The same CA parameters and key sign as the stored CA certificate does.
-    let issuer = Issuer::new(ca_params(), KeyPair::from_pem(ca_key)?);
+/// A certificate for `names`, living [`CERT_LIFETIME`], signed by the CA `ca` whose key is
+/// `ca_key`; (certificate, key) PEM.
+fn issue(ca: &str, ca_key: &str, common_name: &str, names: &[String]) -> Result<(String, String)> {
+    let issuer = Issuer::from_ca_cert_pem(ca, KeyPair::from_pem(ca_key)?)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params
@@ -131,12 +228,14 @@ fn issue(ca_key: &str, common_name: &str, names: &[String]) -> Result<(String, S
             Err(_) => n.clone().try_into().map(SanType::DnsName),
         })
         .collect::<Result<_, _>>()?;
-    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1); // clocks a little behind
+    params.not_after = now + CERT_LIFETIME;
     let cert = params.signed_by(&key, &issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// The CA's parameters: fixed, so a restarted server issues as the CA it created before.
+/// The CA's parameters (its validity is set when it is made).
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     params
@@ -148,22 +247,47 @@ fn ca_params() -> CertificateParams {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     params
 }
 
-fn write_private(path: &std::path::Path, content: &str) -> Result<()> {
+/// Whether a presented secret (a token) is the expected one, in time that does not depend on
+/// where they differ.
+pub fn same_secret(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+/// Writes a secret (mode 0600) atomically.
+pub fn write_private(path: &Path, content: &str) -> Result<()> {
+    write_atomically(path, content, 0o600)
+}
+
+/// Writes `path` so that it holds either its old content or all of the new one, whatever
+/// happens: a temporary file beside it, flushed to disk, renamed over it, the rename flushed.
+pub fn write_atomically(path: &Path, content: &str, mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    std::io::Write::write_all(&mut file, content.as_bytes())?;
-    Ok(())
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut file, content.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("write {}", path.display()))
 }
 
 /// Default namespaces, as a fresh cluster has them.
@@ -253,12 +377,14 @@ pub fn router<S: Store>(
     token: String,
     server_address: String,
     kubelets: Option<crate::logs::Kubelets>,
+    limits: crate::handlers::Limits,
 ) -> Router {
     let app = Arc::new(App {
         registry,
         tokens: vec![token],
         server_address,
         kubelets,
+        limits,
     });
     Router::new().fallback(handle::<S>).with_state(app)
 }
@@ -307,6 +433,7 @@ pub async fn serve<S: Store>(
         credentials.token.clone(),
         format!("{host}:{}", config.listen.port()),
         kubelets,
+        crate::handlers::Limits::new(config.max_requests_inflight, config.max_watches_per_client),
     );
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
         credentials.cert_pem.clone().into_bytes(),
@@ -314,6 +441,24 @@ pub async fn serve<S: Store>(
     )
     .await
     .context("TLS configuration")?;
+    // A fresh serving certificate after two thirds of the last one's life.
+    let (rotating, credentials) = (tls.clone(), credentials.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CERT_LIFETIME * 2 / 3).await;
+            let reloaded = match credentials.reissue_serving() {
+                Ok((cert, key)) => rotating
+                    .reload_from_pem(cert.into_bytes(), key.into_bytes())
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            match reloaded {
+                Ok(()) => tracing::info!("serving certificate renewed"),
+                Err(e) => tracing::error!("renew the serving certificate: {e:#}"),
+            }
+        }
+    });
     // Bound before saying so: whoever waits for the line can connect at once.
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -324,8 +469,16 @@ pub async fn serve<S: Store>(
     );
     let listen = config.listen;
     Ok(async move {
-        axum_server::from_tcp_rustls(listener, tls)
-            .serve(app.into_make_service())
+        let mut server = axum_server::from_tcp_rustls(listener, tls);
+        // A client gets 30 s to send its request's headers (and 10 s for the TLS handshake,
+        // axum-server's default); the body's time is the handler's.
+        server
+            .http_builder()
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        server
+            .serve(app.into_make_service_with_connect_info::<SocketAddr>())
             .await
             .with_context(|| format!("serve on {listen}"))
     })

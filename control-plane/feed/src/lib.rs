@@ -70,18 +70,8 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<String> {
     let token: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
-    std::fs::create_dir_all(state_dir)?;
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("write {}", path.display()))?;
-        std::io::Write::write_all(&mut f, token.as_bytes())?;
-    }
+    control_plane_apiserver::server::create_private_dir(state_dir)?;
+    control_plane_apiserver::server::write_private(&path, &token)?;
     Ok(token)
 }
 
@@ -657,17 +647,13 @@ impl tonic::service::Interceptor for Auth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented {
-            Some(t) if constant_time_eq(t.as_bytes(), self.0.as_bytes()) => Ok(req),
+            Some(t) if control_plane_apiserver::server::same_secret(t, &self.0) => Ok(req),
             Some(_) => Err(Status::unauthenticated("invalid node token")),
             None => Err(Status::unauthenticated(
                 "a node token is required (authorization: Bearer <token>)",
             )),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Binds the feed's port (before returning, so callers can say it serves) and serves it over

@@ -5,14 +5,18 @@ use std::collections::VecDeque;
 
 use anyhow::anyhow;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+    WatchStream,
 };
 
 use crate::{
-    Event, EventKind, KeyValue, ListOptions, ListResult, Result, Store, StoreError, Watch,
-    prefix_end,
+    EtcdOptions, Event, EventKind, KeyValue, ListOptions, ListResult, Result, Store, StoreError,
+    Watch, prefix_end,
 };
+
+/// How long connecting to an endpoint may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct EtcdStore {
     client: Client,
@@ -117,7 +121,43 @@ fn txn_get(ops: &[TxnOpResponse]) -> Result<Option<KeyValue>> {
 
 impl EtcdStore {
     pub async fn connect(endpoints: &[String]) -> Result<Self> {
-        let client = Client::connect(endpoints, None).await.map_err(backend)?;
+        Self::connect_with(endpoints, &EtcdOptions::default()).await
+    }
+
+    /// Connects with TLS (etcd's CA, a client certificate) and a request timeout as `options`
+    /// say.
+    pub async fn connect_with(endpoints: &[String], options: &EtcdOptions) -> Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| StoreError::Backend(anyhow!("read {}: {e}", path.display())))
+        };
+        let mut connect = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
+        if let Some(timeout) = options.request_timeout {
+            connect = connect.with_timeout(timeout);
+        }
+        let identity = match (&options.cert_file, &options.key_file) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => {
+                return Err(StoreError::Backend(anyhow!(
+                    "a client certificate needs its key, and a key its certificate \
+                     (--etcd-certfile and --etcd-keyfile)"
+                )));
+            }
+        };
+        if options.ca_file.is_some() || identity.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &options.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let Some(identity) = identity {
+                tls = tls.identity(identity);
+            }
+            connect = connect.with_tls(tls);
+        }
+        let client = Client::connect(endpoints, Some(connect))
+            .await
+            .map_err(backend)?;
         let store = Self { client };
         // Fail now, not at the first request, if nothing answers.
         store.revision().await?;

@@ -10,7 +10,15 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{EtcdStore, Store};
+use crate::{EtcdOptions, EtcdStore, Store};
+
+/// TLS on etcd's client port: its serving certificate and key, and the CA whose client
+/// certificates it requires.
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
 
 pub struct EtcdProcess {
     child: Child,
@@ -25,12 +33,34 @@ fn free_port() -> Result<u16> {
 impl EtcdProcess {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Result<Self> {
+        Self::start_with(None, &EtcdOptions::default()).await
+    }
+
+    /// Starts etcd serving its clients over TLS with client certificates required, and waits
+    /// until it answers a client configured as `client` says.
+    pub async fn start_tls(server: &ServerTls, client: &EtcdOptions) -> Result<Self> {
+        Self::start_with(Some(server), client).await
+    }
+
+    async fn start_with(tls: Option<&ServerTls>, options: &EtcdOptions) -> Result<Self> {
         let (client, peer) = (free_port()?, free_port()?);
         let dir = std::env::temp_dir().join(format!("keel-etcd-{}-{client}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "keel", "--data-dir"])
             .arg(dir.join("data"))
             .args([
@@ -59,7 +89,8 @@ impl EtcdProcess {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint)).await
+            if let Ok(store) =
+                EtcdStore::connect_with(std::slice::from_ref(&etcd.endpoint), options).await
                 && store.revision().await.is_ok()
             {
                 return Ok(etcd);

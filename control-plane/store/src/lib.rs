@@ -225,6 +225,19 @@ impl FromStr for StoreSpec {
     }
 }
 
+/// How to reach etcd beyond its endpoints: kube-apiserver's `--etcd-cafile`,
+/// `--etcd-certfile`, `--etcd-keyfile`, and a request timeout.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    /// The CA that signed etcd's serving certificate (with it, endpoints are `https://`).
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate (and its key) presented to etcd.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// How long a request may wait for etcd's answer to start (a watch's stream runs on).
+    pub request_timeout: Option<std::time::Duration>,
+}
+
 /// Either backend, chosen at run time.
 pub enum AnyStore {
     Sqlite(SqliteStore),
@@ -233,10 +246,15 @@ pub enum AnyStore {
 
 impl AnyStore {
     pub async fn open(spec: &StoreSpec) -> Result<Self> {
+        Self::open_with(spec, &EtcdOptions::default()).await
+    }
+
+    /// Opens the store; an etcd one reached as `etcd` says.
+    pub async fn open_with(spec: &StoreSpec, etcd: &EtcdOptions) -> Result<Self> {
         Ok(match spec {
             StoreSpec::Embedded(dir) => Self::Sqlite(SqliteStore::open(dir).await?),
             StoreSpec::Etcd(endpoints) => {
-                Self::Etcd(Box::new(EtcdStore::connect(endpoints).await?))
+                Self::Etcd(Box::new(EtcdStore::connect_with(endpoints, etcd).await?))
             }
         })
     }

@@ -45,6 +45,9 @@ pub struct SqliteStore {
 }
 
 struct Inner {
+    /// Held (an exclusive lock on `<dir>/lock`) while the store is open: two processes never
+    /// share one embedded store.
+    _lock: std::fs::File,
     conn: Mutex<Connection>,
     events: broadcast::Sender<Arc<Event>>,
     revision: AtomicI64,
@@ -73,15 +76,31 @@ impl SqliteStore {
     }
 
     fn open_blocking(dir: &Path) -> Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // Private to its owner: the store holds every Secret.
         std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
             .with_context(|| format!("create {}", dir.display()))
             .map_err(backend)?;
+        let lock = lock(dir)?;
         let path = dir.join("state.db");
+        // Made 0600 before SQLite opens it: its WAL and shared-memory files take its mode.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
+            .with_context(|| format!("create {}", path.display()))
+            .map_err(backend)?;
         let conn = Connection::open(&path)
             .with_context(|| format!("open {}", path.display()))
             .map_err(backend)?;
-        // WAL: readers never block the writer; NORMAL: a commit is durable once the WAL is
-        // checkpointed, and consistent always (kine's and k3s's choice too).
+        // WAL: readers never block the writer. NORMAL (kine's and k3s's choice too): a commit
+        // is in the WAL when acknowledged, so a crash of the process (kill -9) loses nothing;
+        // the WAL is synced to disk at checkpoints (every 1,000 pages), so a power loss or a
+        // kernel crash may roll back the commits since the last one, never corrupt the store.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
         )
@@ -106,6 +125,7 @@ impl SqliteStore {
         let (events, _) = broadcast::channel(FANOUT_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
+                _lock: lock,
                 conn: Mutex::new(conn),
                 events,
                 revision: AtomicI64::new(revision),
@@ -127,6 +147,44 @@ impl SqliteStore {
         .await
         .map_err(backend)?
     }
+}
+
+/// Takes the store's lock (`<dir>/lock`, holding the owner's pid), or says who holds it.
+fn lock(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))
+        .map_err(backend)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut owner = String::new();
+            let _ = file.read_to_string(&mut owner);
+            return Err(backend(anyhow::anyhow!(
+                "the embedded store in {} is in use by another process (pid {}): one store, one \
+                 control plane (several control planes share etcd, not this store)",
+                dir.display(),
+                owner.trim()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(backend(
+                anyhow::Error::from(e).context(format!("lock {}", path.display())),
+            ));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| write!(file, "{}", std::process::id()))
+        .with_context(|| format!("write {}", path.display()))
+        .map_err(backend)?;
+    Ok(file)
 }
 
 fn latest(conn: &Connection, key: &str) -> Result<Option<Latest>> {

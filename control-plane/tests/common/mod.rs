@@ -55,6 +55,10 @@ impl ControlPlane {
         &self.process
     }
 
+    pub fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
     /// Stops the process (as a crash would) and starts it again on the same state and port.
     pub fn restart(&mut self) {
         self.process.restart().unwrap();
