@@ -79,6 +79,20 @@ struct Args {
     /// Watches (and followed logs) one client address may hold open; more get 429.
     #[arg(long, default_value = "1000")]
     max_watches_per_client: usize,
+    /// On etcd, run the scheduler and controllers only while this process holds the
+    /// `kube-system/keel-controller-manager` Lease, so that several control planes can serve
+    /// one etcd (`--leader-elect=false`: always run them). An embedded store has one process.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// How long a lease not renewed stays its holder's.
+    #[arg(long, default_value = "15", value_name = "SECONDS")]
+    leader_elect_lease_duration: f64,
+    /// How long the leader keeps leading while it cannot renew.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    leader_elect_renew_deadline: f64,
+    /// How often the lease is renewed, or tried.
+    #[arg(long, default_value = "2", value_name = "SECONDS")]
+    leader_elect_retry_period: f64,
     /// How long an event lives after its last write (kube-apiserver's `--event-ttl`).
     #[arg(long, default_value = "3600", value_name = "SECONDS")]
     event_ttl: f64,
@@ -157,7 +171,29 @@ fn main() -> Result<()> {
             repair_interval: seconds(args.repair_interval),
             load_balancer_pool: args.load_balancer_ips,
         };
+        let elected = args.leader_elect && matches!(args.store, StoreSpec::Etcd(_));
         let client = if args.disable_controllers {
+            control_plane_controllers::client_only(registry.clone())
+        } else if elected {
+            // Stable across restarts (a restarted leader takes its lease back at once), unique
+            // among the control planes on one etcd.
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            let election = control_plane_controllers::leader::Election {
+                identity: format!("{host}_{}", args.listen),
+                lease_duration: seconds(args.leader_elect_lease_duration),
+                renew_deadline: seconds(args.leader_elect_renew_deadline),
+                retry_period: seconds(args.leader_elect_retry_period),
+            };
+            // Settings a term would refuse are refused now, not at every election.
+            control_plane_controllers::nodes::PodCidrs::new(
+                &settings.cluster_cidr,
+                settings.node_cidr_mask_size,
+            )
+            .map_err(anyhow::Error::msg)?;
+            control_plane_controllers::leader::start(registry.clone(), settings, election);
+            // The feed serves on every control plane, leader or not, from caches of its own.
             control_plane_controllers::client_only(registry.clone())
         } else {
             control_plane_controllers::start(registry.clone(), &settings)?

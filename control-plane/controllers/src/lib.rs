@@ -10,6 +10,7 @@ pub mod deployment;
 pub mod endpointslice;
 pub mod events;
 pub mod gc;
+pub mod leader;
 pub mod loadbalancer;
 pub mod namespace;
 pub mod nodes;

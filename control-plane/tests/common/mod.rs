@@ -34,7 +34,22 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts a control plane; `{dir}` in `store` becomes a directory of the test's own.
     pub fn start(store: &str, extra: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), store, extra)
+    }
+
+    /// Starts another control plane of the same cluster as `other` (its CA and tokens copied,
+    /// as to a second host), on `store`.
+    pub fn start_beside(other: &ControlPlane, store: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        for file in ["ca.crt", "ca.key", "token", "node-token"] {
+            std::fs::copy(other.dir.path().join("state").join(file), state.join(file)).unwrap();
+        }
+        Self::start_in(dir, store, extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, store: &str, extra: &[&str]) -> Self {
         let store = store.replace("{dir}", &dir.path().join("store").display().to_string());
         let process = Process::start(
             Path::new(env!("CARGO_BIN_EXE_control-plane")),
