@@ -122,6 +122,8 @@ pub fn run(
             cp.ca_file().display().to_string(),
             "--feed-token-file".into(),
             cp.node_token.display().to_string(),
+            "--feed-credentials-dir".into(),
+            cp.node_credentials_dir().display().to_string(),
             "--pin-dir".into(),
             pin_dirs[i].display().to_string(),
             "--socket-lb".into(),

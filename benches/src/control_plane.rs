@@ -464,14 +464,13 @@ fn node_name(i: usize) -> String {
 /// An agent's endpoint changes: (agent, address, ready, when it held it).
 type EndpointChange = (usize, String, bool, Instant);
 
-/// Connects agent `i` (the agents' own session code) and forwards the changes of the feed
-/// service's endpoints it receives.
+/// Follows the feed as agent `i` (the agents' own session code, with node `i`'s client) and
+/// forwards the changes of the feed service's endpoints it receives.
 async fn connect_agent(
-    process: &Process,
+    client: FeedClient,
     i: usize,
     changes: mpsc::UnboundedSender<EndpointChange>,
 ) -> Result<()> {
-    let client = process.node_feed().await?;
     let mut held: HashMap<String, bool> = HashMap::new();
     let on_change = move |view: &View, _: Changes| {
         let now = Instant::now();
@@ -580,28 +579,32 @@ async fn loops(
         &[],
     )?;
     progress(&format!("registering {} nodes", opts.nodes));
-    let mut feed = process.node_feed().await?;
+    // Each node joins as an agent does: the bootstrap token, then its own certificate.
+    let mut nodes = Vec::new();
     for i in 0..opts.nodes {
-        feed.register(RegisterRequest {
-            node_name: node_name(i),
-            internal_ip: format!("192.0.{}.{}", 2 + i / 250, 1 + i % 250),
-            capacity: Some(Resources {
-                cpu_millis: 64_000,
-                memory_bytes: 256 << 30,
-                pods: 110,
-            }),
-            labels: Default::default(),
-            kubelet_port: 0,
-        })
-        .await?;
+        let (client, _, _) = process
+            .join(RegisterRequest {
+                node_name: node_name(i),
+                internal_ip: format!("192.0.{}.{}", 2 + i / 250, 1 + i % 250),
+                capacity: Some(Resources {
+                    cpu_millis: 64_000,
+                    memory_bytes: 256 << 30,
+                    pods: 110,
+                }),
+                ..Default::default()
+            })
+            .await?;
+        nodes.push(client);
     }
+    let mut feed = nodes[0].clone();
     let heartbeats = {
-        let (mut feed, nodes) = (feed.clone(), opts.nodes);
+        let nodes = nodes.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                for i in 0..nodes {
+                for (i, feed) in nodes.iter().enumerate() {
                     let _ = feed
+                        .clone()
                         .heartbeat(HeartbeatRequest {
                             node_name: node_name(i),
                         })
@@ -656,7 +659,7 @@ async fn loops(
         pods.push((format!("feed-{k}"), uid));
     }
     let (tx, mut changes) = mpsc::unbounded_channel();
-    connect_agent(&process, 0, tx.clone()).await?;
+    connect_agent(nodes[0].clone(), 0, tx.clone()).await?;
     for k in 0..FEED_PODS {
         report(&mut feed, &pods, k, false).await?;
         held(&mut changes, 1, &feed_ip(k), false).await?;
@@ -664,8 +667,8 @@ async fn loops(
     let mut one = feed_latency(&mut feed, &pods, &mut changes, 1, opts.feed_samples).await?;
 
     progress(&format!("feed: {} agents", opts.nodes));
-    for i in 1..opts.nodes {
-        connect_agent(&process, i, tx.clone()).await?;
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        connect_agent(node.clone(), i, tx.clone()).await?;
     }
     // Every agent holds every endpoint, not ready, before measuring.
     let mut holding = std::collections::HashSet::new();

@@ -169,6 +169,8 @@ impl ClusterLab {
                 cp.ca_file().display().to_string(),
                 "--feed-token-file".into(),
                 cp.node_token.display().to_string(),
+                "--feed-credentials-dir".into(),
+                cp.node_credentials_dir().display().to_string(),
                 "--heartbeat".into(),
                 "1".into(),
                 "--pin-dir".into(),

@@ -96,15 +96,48 @@ impl Process {
         Kubeconfig::read(&self.kubeconfig)
     }
 
-    /// A client of the node feed, as a node agent connects (the CA, the node token).
+    /// A client of the node feed with the bootstrap token (the CA, the node token): it can
+    /// register nodes, nothing else.
     pub async fn node_feed(&self) -> Result<control_plane_api::FeedClient> {
+        control_plane_api::connect(&self.feed_url, &self.config()?.ca_pem, &self.token()?).await
+    }
+
+    fn token(&self) -> Result<String> {
         let token = std::fs::read_to_string(&self.node_token)
             .with_context(|| format!("read {}", self.node_token.display()))?;
-        control_plane_api::connect(&self.feed_url, &self.config()?.ca_pem, token.trim()).await
+        Ok(token.trim().to_owned())
+    }
+
+    /// Registers a node as a node agent does ([`control_plane_api::join`]): its client, the
+    /// registration's answer, and its identity (to connect again with).
+    pub async fn join(
+        &self,
+        request: control_plane_api::feed::RegisterRequest,
+    ) -> Result<(
+        control_plane_api::FeedClient,
+        control_plane_api::feed::RegisterResponse,
+        control_plane_api::NodeIdentity,
+    )> {
+        let ca = self.config()?.ca_pem;
+        control_plane_api::join(&self.feed_url, &ca, &self.token()?, request).await
+    }
+
+    /// A client of the feed as the node `identity` is (after [`Process::join`]).
+    pub async fn as_node(
+        &self,
+        identity: &control_plane_api::NodeIdentity,
+    ) -> Result<control_plane_api::FeedClient> {
+        control_plane_api::connect_as_node(&self.feed_url, &self.config()?.ca_pem, identity).await
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Where node agents of a lab keep their feed identities (`--feed-credentials-dir`):
+    /// beside this control plane's state, removed with it.
+    pub fn node_credentials_dir(&self) -> PathBuf {
+        self.node_token.with_file_name("node-credentials")
     }
 
     /// The control plane's CA, as node agents are given it (`--feed-ca`).

@@ -205,8 +205,7 @@ fn main() -> Result<()> {
         let credentials = Arc::new(credentials);
         let feed = control_plane_feed::serve(
             args.feed_listen,
-            &credentials.cert_pem,
-            &credentials.key_pem,
+            &credentials,
             token,
             FeedService::new(client, hub, credentials.clone()),
         )

@@ -523,7 +523,14 @@ fn metrics_count_requests_watches_store_operations_and_agents() {
             .send()
             .await
             .unwrap();
-        let mut feed = cp.process().node_feed().await.unwrap();
+        let (mut feed, _, _) = cp
+            .process()
+            .join(control_plane_api::feed::RegisterRequest {
+                node_name: "n1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         let _stream = feed
             .watch(control_plane_api::feed::WatchRequest {
                 node_name: "n1".into(),

@@ -15,7 +15,9 @@ use std::{
 };
 
 use common::{Api, ControlPlane, agent::Agent, runtime};
-use control_plane_api::feed::{WatchRequest, feed_message};
+use control_plane_api::feed::{
+    HeartbeatRequest, PodStatusReport, RegisterRequest, WatchRequest, feed_message,
+};
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -1000,12 +1002,121 @@ fn plain_service(name: &str) -> Value {
 }
 
 #[test]
+fn nodes_act_for_themselves_only_and_the_bootstrap_token_only_registers() {
+    let cp = ControlPlane::start("embedded:{dir}", &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let register = |name: &str| RegisterRequest {
+            node_name: name.into(),
+            ..Default::default()
+        };
+        let (mut n1, _, identity) = cp.process().join(register("n1")).await.unwrap();
+        let (_n2, _, _) = cp.process().join(register("n2")).await.unwrap();
+        fn denied<T>(r: Result<T, tonic::Status>, what: &str) {
+            let code = r.err().map(|e| e.code());
+            assert_eq!(code, Some(tonic::Code::PermissionDenied), "{what}");
+        }
+        // A node acts for itself only.
+        let beat = |name: &str| HeartbeatRequest {
+            node_name: name.into(),
+        };
+        n1.heartbeat(beat("n1")).await.expect("its own lease");
+        denied(n1.heartbeat(beat("n2")).await, "n1 renewing n2's lease");
+        let watch = |name: &str| WatchRequest {
+            node_name: name.into(),
+            ..Default::default()
+        };
+        denied(
+            n1.watch(watch("n2"))
+                .await
+                .map(|_| tonic::Response::new(())),
+            "n1 reading n2's pods",
+        );
+        // Its pods only: a pod bound to n2 cannot be reported by n1, under either name.
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p2"},
+            "spec": {"nodeName": "n2", "containers": [{"name": "c", "image": "x"}]}});
+        let (code, pod) = api.call(Method::POST, PODS, Some(pod)).await;
+        assert_eq!(code, 201, "{pod}");
+        let report = |node: &str| PodStatusReport {
+            node_name: node.into(),
+            namespace: NS.into(),
+            name: "p2".into(),
+            uid: pod["metadata"]["uid"].as_str().unwrap().into(),
+            pod_ip: "10.244.9.9".into(),
+            ready: true,
+            ..Default::default()
+        };
+        denied(
+            n1.report_pod_status(report("n2")).await,
+            "n1 reporting as n2",
+        );
+        denied(
+            n1.report_pod_status(report("n1")).await,
+            "n1 reporting n2's pod",
+        );
+        let (_, p2) = api.call(Method::GET, &format!("{PODS}/p2"), None).await;
+        assert!(
+            p2["status"]["podIP"].is_null(),
+            "nothing reached the pod: {}",
+            p2["status"]
+        );
+        // It registers itself again (and renews its certificate) with its certificate.
+        let again = n1.register(register("n1")).await;
+        assert!(again.is_ok(), "{again:?}");
+
+        // The bootstrap token registers new nodes, and does nothing else.
+        let mut bootstrap = cp.process().node_feed().await.unwrap();
+        denied(
+            bootstrap.heartbeat(beat("n1")).await,
+            "bootstrap renewing a lease",
+        );
+        denied(
+            bootstrap
+                .watch(watch("n1"))
+                .await
+                .map(|_| tonic::Response::new(())),
+            "bootstrap watching",
+        );
+        let (_, csr) = control_plane_api::node_csr("n1").unwrap();
+        let taken = bootstrap
+            .register(RegisterRequest {
+                client_csr_pem: csr,
+                ..register("n1")
+            })
+            .await;
+        denied(taken, "bootstrap taking over the live n1");
+        let (_, _, fresh) = cp.process().join(register("n3")).await.unwrap();
+        assert_eq!(fresh.node(), Some(("n3".to_owned(), true)));
+
+        // A certificate the cluster's CA did not sign is no identity.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:n1");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:nodes");
+        let forged = control_plane_api::NodeIdentity {
+            cert_pem: params.self_signed(&key).unwrap().pem(),
+            key_pem: key.serialize_pem(),
+        };
+        let refused = match cp.process().as_node(&forged).await {
+            Err(_) => true,
+            Ok(mut c) => c.heartbeat(beat("n1")).await.is_err(),
+        };
+        assert!(refused, "a forged node certificate is refused");
+        assert_eq!(identity.node(), Some(("n1".to_owned(), true)));
+    });
+}
+
+#[test]
 fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
     let mut cp = ControlPlane::start("embedded:{dir}", &["--feed-history", "50"]);
     let api = Api::new(&cp);
     let rt = runtime();
-    let version = rt.block_on(async {
-        let mut client = cp.process().node_feed().await.unwrap();
+    let (version, n1) = rt.block_on(async {
+        let (mut client, _, n1) = cp.process().join(RegisterRequest { node_name: "n1".into(), ..Default::default() }).await.unwrap();
         let (snapshot, v0, _, mut stream) = first_message(&mut client, "n1", &(0, String::new())).await;
         assert!(snapshot, "a first watch starts with a snapshot");
         api.call(Method::POST, "/api/v1/namespaces/default/services", Some(plain_service("one"))).await;
@@ -1040,13 +1151,13 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
         let mut intruder = control_plane_api::connect(&cp.process().feed_url, &ca, "not-the-token").await.unwrap();
         let err = intruder.watch(WatchRequest { node_name: "n1".into(), resume_from: 0, epoch: String::new() }).await.expect_err("refused");
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        last
+        (last, n1)
     });
 
     // The control plane restarts: its history is in the store, agents resume without a resync.
     cp.restart();
     rt.block_on(async {
-        let mut client = cp.process().node_feed().await.unwrap();
+        let mut client = cp.process().as_node(&n1).await.unwrap();
         api.call(
             Method::POST,
             "/api/v1/namespaces/default/services",
@@ -1103,14 +1214,14 @@ fn the_feed_resumes_without_a_resync_and_snapshots_when_the_history_is_gone() {
     // The store is replaced by an empty one that gets as far in its own history: the old
     // version means nothing there, and the agent gets a snapshot, not the new store's deltas.
     let (at, epoch) = rt.block_on(async {
-        let mut client = cp.process().node_feed().await.unwrap();
+        let mut client = cp.process().as_node(&n1).await.unwrap();
         let (snapshot, at, _, _) = first_message(&mut client, "n1", &(0, String::new())).await;
         assert!(snapshot);
         at
     });
     cp.replace_store();
     rt.block_on(async {
-        let mut client = cp.process().node_feed().await.unwrap();
+        let mut client = cp.process().as_node(&n1).await.unwrap();
         let mut i = 0;
         loop {
             let (_, now, _, _) = first_message(&mut client, "n1", &(0, String::new())).await;

@@ -176,9 +176,13 @@ pub struct SourceArgs {
     /// The control plane's CA (PEM), for --feed
     #[arg(long)]
     pub feed_ca: Option<PathBuf>,
-    /// A file holding the node token, for --feed
+    /// A file holding the node (bootstrap) token, for --feed: it registers the node once; the
+    /// node then calls with its own certificate
     #[arg(long)]
     pub feed_token_file: Option<PathBuf>,
+    /// Where the node keeps its feed certificate and key (`<node>.crt`, `<node>.key`, 0600)
+    #[arg(long, default_value = "/var/lib/keel/node-agent")]
+    pub feed_credentials_dir: PathBuf,
     /// The address registered as this node's InternalIP (--feed)
     #[arg(long)]
     pub node_ip: Option<String>,

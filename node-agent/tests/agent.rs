@@ -134,6 +134,8 @@ impl Cluster {
                 cp.ca_file().display().to_string(),
                 "--feed-token-file".into(),
                 cp.node_token.display().to_string(),
+                "--feed-credentials-dir".into(),
+                cp.node_credentials_dir().display().to_string(),
                 "--node-ip".into(),
                 link.node.to_string(),
                 "--zone".into(),
@@ -333,10 +335,8 @@ fn sibling_binary(name: &str) -> PathBuf {
 
 /// Registers `name` over the feed and keeps its lease fresh, as its kubelet would.
 async fn play_node(cp: &Process, name: &str) -> tokio::task::JoinHandle<()> {
-    let mut client = cp.node_feed().await.expect("connect to the feed");
-    session::register(
-        &mut client,
-        RegisterRequest {
+    let (client, _, _) = cp
+        .join(RegisterRequest {
             node_name: name.into(),
             internal_ip: "192.0.2.20".into(),
             capacity: Some(Resources {
@@ -344,11 +344,10 @@ async fn play_node(cp: &Process, name: &str) -> tokio::task::JoinHandle<()> {
                 memory_bytes: 8 << 30,
                 pods: 110,
             }),
-            labels: Default::default(),
-            kubelet_port: 0,
-        },
-    )
-    .await;
+            ..Default::default()
+        })
+        .await
+        .expect("join the feed");
     tokio::spawn(session::heartbeat(
         client,
         name.into(),

@@ -69,12 +69,29 @@ pub struct StreamStatus {
     pub last_error: Option<String>,
 }
 
-/// Registers the node, retrying until the control plane answers.
-pub async fn register(client: &mut FeedClient, request: RegisterRequest) -> RegisterResponse {
+/// Registers the node, retrying until the control plane answers; a refusal (this caller may
+/// not register this node, or the request is wrong) is returned, since retrying cannot help.
+pub async fn register(
+    client: &mut FeedClient,
+    request: RegisterRequest,
+) -> anyhow::Result<RegisterResponse> {
     let mut backoff = Backoff::default();
     loop {
         match client.register(request.clone()).await {
-            Ok(response) => return response.into_inner(),
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument
+                ) =>
+            {
+                anyhow::bail!(
+                    "register {}: {:?}: {}",
+                    request.node_name,
+                    status.code(),
+                    status.message()
+                );
+            }
             Err(status) => {
                 tracing::warn!(node = %request.node_name, error = %status.message(), code = ?status.code(), "register failed; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;

@@ -24,6 +24,8 @@ use rcgen::{
 };
 use serde_json::json;
 
+pub use control_plane_api::files::{create_private_dir, write_atomically, write_private};
+
 use crate::{
     alloc::{Allocator, Range},
     handlers::{App, handle},
@@ -67,13 +69,6 @@ pub struct Credentials {
     names: Vec<String>,
 }
 
-/// Creates `dir` (and its parents) if needed and makes it private to its owner (0700).
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("make {} private", dir.display()))
-}
 
 /// A file's content, `None` if it does not exist.
 fn read_if_exists(path: &Path) -> Result<Option<String>> {
@@ -197,6 +192,29 @@ impl Credentials {
         issue(&self.ca_pem, &self.ca_key_pem, common_name, names)
     }
 
+    /// Signs a node's client certificate from its CSR (PEM, its signature checked): CN
+    /// `system:node:<node>`, O `system:nodes`, client authentication only, [`CERT_LIFETIME`],
+    /// whatever else the CSR asked for.
+    pub fn sign_node_client(&self, csr_pem: &str, node: &str) -> Result<String> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .context("the certificate signing request does not parse or its signature fails")?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("system:node:{node}"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:nodes");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + CERT_LIFETIME;
+        csr.params = params;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, KeyPair::from_pem(&self.ca_key_pem)?)?;
+        Ok(csr.signed_by(&issuer)?.pem())
+    }
+
     /// A new serving certificate for the API server (the same names), and its key.
     pub fn reissue_serving(&self) -> Result<(String, String)> {
         self.issue("keel-apiserver", &self.names)
@@ -257,38 +275,7 @@ pub fn same_secret(presented: &str, expected: &str) -> bool {
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-/// Writes a secret (mode 0600) atomically.
-pub fn write_private(path: &Path, content: &str) -> Result<()> {
-    write_atomically(path, content, 0o600)
-}
 
-/// Writes `path` so that it holds either its old content or all of the new one, whatever
-/// happens: a temporary file beside it, flushed to disk, renamed over it, the rename flushed.
-pub fn write_atomically(path: &Path, content: &str, mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        std::io::Write::write_all(&mut file, content.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.with_context(|| format!("write {}", path.display()))
-}
 
 /// Default namespaces, as a fresh cluster has them.
 pub const DEFAULT_NAMESPACES: [&str; 4] =

@@ -162,6 +162,27 @@ impl FeedService {
         }
     }
 
+    /// Whether `node` exists and its lease was renewed within its duration.
+    async fn alive(&self, node: &str) -> bool {
+        let Ok(lease) = self
+            .client
+            .get::<Lease>(Some(NODE_LEASE_NAMESPACE), node)
+            .await
+        else {
+            return false;
+        };
+        let Some(spec) = lease.spec else {
+            return false;
+        };
+        let duration = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS));
+        let node_exists = self.client.get::<Node>(None, node).await.is_ok();
+        node_exists
+            && spec.renew_time.is_some_and(|t| {
+                jiff::Timestamp::now().duration_since(t.0)
+                    < jiff::SignedDuration::from_secs(duration)
+            })
+    }
+
     /// Marks the node Ready (the kubelet's job: it is alive and says so).
     async fn mark_ready(&self, name: &str) -> Result<Node, ApiError> {
         let now = now();
@@ -194,10 +215,38 @@ impl NodeFeed for FeedService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let bootstrap = request.extensions().get::<Caller>() == Some(&Caller::Bootstrap);
+        if !bootstrap {
+            act_as(&request, &request.get_ref().node_name)?;
+        }
         let r = request.into_inner();
         if r.node_name.is_empty() {
             return Err(Status::invalid_argument("node_name is required"));
         }
+        if bootstrap {
+            if r.client_csr_pem.is_empty() {
+                return Err(Status::invalid_argument(
+                    "registering with the bootstrap token needs client_csr_pem: the node's \
+                     certificate is what it calls with afterwards",
+                ));
+            }
+            // A node that is alive is registered again only by itself: the shared token must
+            // not take over another node's identity.
+            if self.alive(&r.node_name).await {
+                return Err(Status::permission_denied(format!(
+                    "node {} is registered and its lease is current: only its own certificate \
+                     registers it again (or delete the Node)",
+                    r.node_name
+                )));
+            }
+        }
+        let client_cert_pem = if r.client_csr_pem.is_empty() {
+            String::new()
+        } else {
+            self.credentials
+                .sign_node_client(&r.client_csr_pem, &r.node_name)
+                .map_err(|e| Status::invalid_argument(format!("client_csr_pem: {e:#}")))?
+        };
         let capacity = r.capacity.unwrap_or_default();
         let resources: BTreeMap<String, Quantity> = [
             ("cpu", format!("{}m", capacity.cpu_millis)),
@@ -311,6 +360,7 @@ impl NodeFeed for FeedService {
             pod_cidr: node.spec.and_then(|s| s.pod_cidr).unwrap_or_default(),
             kubelet_cert_pem,
             kubelet_key_pem,
+            client_cert_pem,
         }))
     }
 
@@ -318,6 +368,7 @@ impl NodeFeed for FeedService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        act_as(&request, &request.get_ref().node_name)?;
         let name = request.into_inner().node_name;
         let node = match self.client.informers.get::<Node>().get(&name) {
             Some(n) => (*n).clone(),
@@ -340,6 +391,8 @@ impl NodeFeed for FeedService {
         &self,
         request: Request<PodStatusReport>,
     ) -> Result<Response<PodStatusAck>, Status> {
+        // Its own pods only: the pod must be bound to the node that calls (checked below).
+        act_as(&request, &request.get_ref().node_name)?;
         let r = request.into_inner();
         let pod: Pod = self
             .client
@@ -520,6 +573,8 @@ impl NodeFeed for FeedService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        // Its own pods only: the stream carries the pods bound to the node asked for.
+        act_as(&request, &request.get_ref().node_name)?;
         // The stream's task ends when the agent goes (its channel closes); it counts the agent
         // as connected until then.
         let WatchRequest {
@@ -635,24 +690,60 @@ async fn send_snapshot(
     Some(version)
 }
 
-/// Checks `authorization: Bearer <token>`.
+/// Who calls: a node, by the client certificate the cluster's CA signed for it, or the holder
+/// of the bootstrap token, who may only register nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Caller {
+    Node(String),
+    Bootstrap,
+}
+
+/// Finds the caller (its verified client certificate first, else the bootstrap token) and
+/// passes it on to the handler; anyone else is unauthenticated.
 #[derive(Clone)]
 struct Auth(Arc<String>);
 
 impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        // The TLS layer verified the chain against the cluster's CA.
+        let node = req.peer_certs().and_then(|certs| {
+            let der = certs.first()?;
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+            control_plane_api::node_of(&cert)
+        });
         let presented = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(t) if control_plane_apiserver::server::same_secret(t, &self.0) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("invalid node token")),
-            None => Err(Status::unauthenticated(
-                "a node token is required (authorization: Bearer <token>)",
-            )),
-        }
+        let caller = match (node, presented) {
+            (Some(node), _) => Caller::Node(node),
+            (None, Some(t)) if control_plane_apiserver::server::same_secret(t, &self.0) => {
+                Caller::Bootstrap
+            }
+            (None, Some(_)) => return Err(Status::unauthenticated("invalid bootstrap token")),
+            (None, None) => {
+                return Err(Status::unauthenticated(
+                    "a node certificate, or the bootstrap token to register, is required",
+                ));
+            }
+        };
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+/// The NodeRestriction rule: a node acts for itself only; the bootstrap token registers.
+fn act_as<T>(request: &Request<T>, node: &str) -> Result<(), Status> {
+    match request.extensions().get::<Caller>() {
+        Some(Caller::Node(n)) if n == node => Ok(()),
+        Some(Caller::Node(n)) => Err(Status::permission_denied(format!(
+            "node {n} may not act for node {node}"
+        ))),
+        Some(Caller::Bootstrap) => Err(Status::permission_denied(
+            "the bootstrap token only registers nodes: call with the node's certificate",
+        )),
+        None => Err(Status::unauthenticated("no caller")),
     }
 }
 
@@ -660,16 +751,23 @@ impl tonic::service::Interceptor for Auth {
 /// TLS until the process ends.
 pub async fn serve(
     listen: SocketAddr,
-    cert_pem: &str,
-    key_pem: &str,
+    credentials: &Credentials,
     token: String,
     service: FeedService,
 ) -> Result<impl Future<Output = Result<()>>> {
     let incoming = TcpIncoming::bind(listen)
         .with_context(|| format!("listen on {listen}"))?
         .with_nodelay(Some(true));
+    // Nodes present certificates the cluster's CA signed; a node bootstrapping has none yet.
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            &credentials.cert_pem,
+            &credentials.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&credentials.ca_pem))
+        .client_auth_optional(true);
     let server = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))?
+        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(NodeFeedServer::with_interceptor(
             service,

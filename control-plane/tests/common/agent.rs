@@ -42,9 +42,8 @@ impl Agent {
         heartbeat: Duration,
         ready_after: Duration,
     ) -> Self {
-        let mut client = cp.node_feed().await.expect("connect to the feed");
-        client
-            .register(RegisterRequest {
+        let (client, _, _) = cp
+            .join(RegisterRequest {
                 node_name: name.into(),
                 internal_ip: "192.0.2.10".into(),
                 capacity: Some(Resources {
@@ -59,6 +58,7 @@ impl Agent {
                 .into_iter()
                 .collect(),
                 kubelet_port: 0,
+                ..Default::default()
             })
             .await
             .expect("register");

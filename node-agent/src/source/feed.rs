@@ -7,8 +7,10 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use control_plane_api::{
+    FeedClient, NodeIdentity,
     convert::ZONE_LABEL,
-    feed::{RegisterRequest, Resources},
+    feed::{RegisterRequest, RegisterResponse, Resources},
+    files::{create_private_dir, write_private},
     session::{self, Backoff},
 };
 
@@ -24,17 +26,6 @@ pub async fn run(args: &SourceArgs, shared: Arc<Shared>) -> Result<()> {
         .with_context(|| format!("read the node token {}", token_path.display()))?;
     let token = token.trim().to_owned();
 
-    // The control plane may not be up yet: keep trying, as after any outage.
-    let mut backoff = Backoff::default();
-    let mut client = loop {
-        match control_plane_api::connect(&url, &ca, &token).await {
-            Ok(client) => break client,
-            Err(e) => {
-                tracing::warn!(url = %url, error = format!("{e:#}"), "cannot reach the feed; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-        }
-    };
     let mut labels: std::collections::HashMap<String, String> = args
         .node_labels
         .iter()
@@ -54,8 +45,24 @@ pub async fn run(args: &SourceArgs, shared: Arc<Shared>) -> Result<()> {
         } else {
             0
         },
+        ..Default::default()
     };
-    let registered = session::register(&mut client, request).await;
+    let store = Identities {
+        dir: args.feed_credentials_dir.clone(),
+        node: shared.node.clone(),
+        ca: ca.clone(),
+    };
+    // The control plane may not be up yet: keep trying, as after any outage.
+    let mut backoff = Backoff::default();
+    let (client, registered) = loop {
+        match register(&url, &ca, &token, &store, request.clone()).await {
+            Ok(done) => break done,
+            Err(e) => {
+                tracing::warn!(url = %url, error = format!("{e:#}"), "cannot register on the feed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    };
     tracing::info!(node = %shared.node, pod_cidr = %registered.pod_cidr, "registered");
     if let Some(settings) = &shared.pods {
         let reporter = std::sync::Arc::new(crate::pods::FeedReporter {
@@ -123,4 +130,74 @@ fn capacity() -> Resources {
         memory_bytes: memory,
         pods: 110,
     }
+}
+
+/// Where this node keeps its feed identity (as kubelet keeps its client certificate), with the
+/// CA it was issued under: an identity from another control plane is not offered.
+struct Identities {
+    dir: std::path::PathBuf,
+    node: String,
+    ca: String,
+}
+
+impl Identities {
+    fn path(&self, ext: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{}.{ext}", self.node))
+    }
+
+    /// The identity kept, if it is this node's, valid now and from this CA.
+    fn load(&self) -> Option<NodeIdentity> {
+        let read = |ext| std::fs::read_to_string(self.path(ext)).ok();
+        let identity = NodeIdentity {
+            cert_pem: read("crt")?,
+            key_pem: read("key")?,
+        };
+        (read("ca")? == self.ca && identity.node() == Some((self.node.clone(), true)))
+            .then_some(identity)
+    }
+
+    fn save(&self, identity: &NodeIdentity) -> Result<()> {
+        create_private_dir(&self.dir)?;
+        write_private(&self.path("key"), &identity.key_pem)?;
+        write_private(&self.path("crt"), &identity.cert_pem)?;
+        write_private(&self.path("ca"), &self.ca)
+    }
+}
+
+/// Registers the node: with the identity it kept (and renews it: a new key and certificate),
+/// or else with the bootstrap token, keeping the identity it gets. Returns a client that calls
+/// as the node.
+async fn register(
+    url: &str,
+    ca: &str,
+    token: &str,
+    store: &Identities,
+    request: RegisterRequest,
+) -> Result<(FeedClient, RegisterResponse)> {
+    if let Some(identity) = store.load() {
+        let mut client = control_plane_api::connect_as_node(url, ca, &identity).await?;
+        let (key_pem, client_csr_pem) = control_plane_api::node_csr(&store.node)?;
+        let renewal = RegisterRequest {
+            client_csr_pem,
+            ..request.clone()
+        };
+        match session::register(&mut client, renewal).await {
+            Ok(registered) => {
+                let renewed = NodeIdentity {
+                    cert_pem: registered.client_cert_pem.clone(),
+                    key_pem,
+                };
+                store.save(&renewed)?;
+                let client = control_plane_api::connect_as_node(url, ca, &renewed).await?;
+                return Ok((client, registered));
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "the node's certificate was refused; registering with the bootstrap token"
+            ),
+        }
+    }
+    let (client, registered, identity) = control_plane_api::join(url, ca, token, request).await?;
+    store.save(&identity)?;
+    Ok((client, registered))
 }
