@@ -458,6 +458,52 @@ fn discovery_answers_in_both_forms(store: &str) {
         assert_eq!((code, legacy["kind"].as_str()), (200, Some("APIGroupList")));
         let (_, v) = api.call(Method::GET, "/version", None).await;
         assert!(v["gitVersion"].as_str().unwrap().starts_with("v1.37."));
+
+        // OpenAPI v2, for older tools: one Swagger 2.0 document whose references all resolve.
+        let (code, swagger) = api.call(Method::GET, "/openapi/v2", None).await;
+        assert_eq!((code, swagger["swagger"].as_str()), (200, Some("2.0")));
+        let definitions = swagger["definitions"].as_object().unwrap();
+        assert_eq!(
+            definitions["io.k8s.api.apps.v1.Deployment"]["x-kubernetes-group-version-kind"][0]["kind"],
+            "Deployment"
+        );
+        let create = &swagger["paths"]["/api/v1/namespaces/{namespace}/pods"]["post"];
+        let body = create["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["in"] == "body")
+            .expect("a body parameter");
+        assert_eq!(body["schema"]["$ref"], "#/definitions/io.k8s.api.core.v1.Pod");
+        fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+            match v {
+                Value::Object(m) => m.iter().for_each(|(k, v)| match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) => out.push(r),
+                    _ => refs(v, out),
+                }),
+                Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        refs(&swagger, &mut all);
+        assert!(all.len() > 100);
+        let dangling: Vec<&&str> = all
+            .iter()
+            .filter(|r| {
+                r.strip_prefix("#/definitions/")
+                    .is_none_or(|name| !definitions.contains_key(name))
+            })
+            .collect();
+        assert!(dangling.is_empty(), "references that resolve nowhere: {dangling:?}");
+        // A client that takes only the protobuf form is told it is not served.
+        let pb = api
+            .request(Method::GET, "/openapi/v2")
+            .header("accept", "application/com.github.proto-openapi.spec.v2@v1.0+protobuf")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pb.status().as_u16(), 406);
     });
 }
 

@@ -266,6 +266,11 @@ impl ApiError {
         )
     }
 
+    /// 406: nothing the client accepts can be served.
+    pub fn not_acceptable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_ACCEPTABLE, "NotAcceptable", message)
+    }
+
     /// 429: the server (or this client's share of it) is busy; retry after a second.
     pub fn too_many_requests(message: impl Into<String>) -> Self {
         Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message)

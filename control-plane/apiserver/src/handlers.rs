@@ -409,6 +409,20 @@ async fn route<S: Store>(
                     .ok_or_else(|| ApiError::not_found_path(path));
             }
             ["openapi", "v3"] => return Ok(json_response(StatusCode::OK, &openapi::root())),
+            ["openapi", "v2"] => {
+                // Served as JSON; a client that only takes the protobuf form is told so (406)
+                // rather than handed what it cannot read.
+                let json = accept.split(',').any(|t| {
+                    let t = t.split(';').next().unwrap_or("").trim();
+                    t.is_empty() || t == "*/*" || t.starts_with("application/json")
+                });
+                if !json {
+                    return Err(ApiError::not_acceptable(
+                        "only application/json is served for /openapi/v2",
+                    ));
+                }
+                return Ok(json_response(StatusCode::OK, openapi::v2()));
+            }
             ["openapi", "v3", rest @ ..] => {
                 let key = rest.join("/");
                 return openapi::group_version(&key)

@@ -4,6 +4,9 @@
 //! `fieldValidation` parameter and the four patch media types. That is what kubectl reads to
 //! decide it can leave field validation to the server (`kubectl apply --validate=strict`) and
 //! what `kubectl explain` shows.
+//!
+//! `/openapi/v2` is the same content as one Swagger 2.0 document, for the tools that still read
+//! it ([`v2`]): definitions under `#/definitions/`, body parameters, `consumes`/`produces`.
 
 use std::{collections::BTreeMap, sync::OnceLock};
 
@@ -37,6 +40,148 @@ fn documents() -> &'static BTreeMap<String, (Value, String)> {
             })
             .collect()
     })
+}
+
+/// `/openapi/v2`: every group/version's document as one Swagger 2.0 document, built once.
+pub fn v2() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let (mut definitions, mut paths) = (Map::new(), Map::new());
+        for (doc, _) in documents().values() {
+            for (name, schema) in doc["components"]["schemas"].as_object().into_iter().flatten() {
+                definitions.insert(name.clone(), v2_schema(schema));
+            }
+            for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+                paths.insert(path.clone(), v2_path_item(item));
+            }
+        }
+        json!({
+            "swagger": "2.0",
+            "info": {"title": "Kubernetes", "version": format!("v1.{}.0", crate::discovery::KUBERNETES_MINOR)},
+            "paths": paths,
+            "definitions": definitions,
+        })
+    })
+}
+
+/// A v3 schema as Swagger 2.0 writes it: references to `#/definitions/`, a lone `allOf`
+/// reference as the reference itself, int-or-string as kube's v2 spells it.
+fn v2_schema(schema: &Value) -> Value {
+    match schema {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) => {
+                        let name = r.trim_start_matches("#/components/schemas/");
+                        out.insert(k.clone(), json!(format!("#/definitions/{name}")));
+                    }
+                    ("allOf", Value::Array(all))
+                        if all.len() == 1 && all[0].get("$ref").is_some() =>
+                    {
+                        if let Value::Object(inner) = v2_schema(&all[0]) {
+                            out.extend(inner);
+                        }
+                    }
+                    ("nullable", _) => {}
+                    _ => {
+                        out.insert(k.clone(), v2_schema(v));
+                    }
+                }
+            }
+            if out.get("x-kubernetes-int-or-string") == Some(&json!(true)) {
+                out.insert("type".into(), json!("string"));
+                out.insert("format".into(), json!("int-or-string"));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(v2_schema).collect()),
+        other => other.clone(),
+    }
+}
+
+/// A v3 parameter (`schema: {type}`) as a v2 one (`type` beside it).
+fn v2_parameter(p: &Value) -> Value {
+    let mut p = p.clone();
+    if let Some(Value::Object(schema)) = p.as_object_mut().and_then(|m| m.remove("schema")) {
+        if let Some(map) = p.as_object_mut() {
+            map.extend(schema);
+        }
+    }
+    p
+}
+
+fn v2_path_item(item: &Value) -> Value {
+    let mut out = Map::new();
+    for (k, v) in item.as_object().into_iter().flatten() {
+        let converted = match k.as_str() {
+            "parameters" => Value::Array(
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(v2_parameter)
+                    .collect(),
+            ),
+            _ => v2_operation(v),
+        };
+        out.insert(k.clone(), converted);
+    }
+    Value::Object(out)
+}
+
+/// A v3 operation as a v2 one: the request body as a `body` parameter (its media types in
+/// `consumes`), responses with their schema directly.
+fn v2_operation(op: &Value) -> Value {
+    let Value::Object(map) = op else {
+        return op.clone();
+    };
+    let mut out = Map::new();
+    let mut parameters: Vec<Value> = map
+        .get("parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(v2_parameter)
+        .collect();
+    if let Some(body) = map.get("requestBody") {
+        let content = body["content"].as_object();
+        let consumes: Vec<&String> = content.into_iter().flat_map(|c| c.keys()).collect();
+        let schema = content
+            .and_then(|c| c.values().next())
+            .map(|m| v2_schema(&m["schema"]))
+            .unwrap_or(json!({"type": "object"}));
+        parameters.insert(
+            0,
+            json!({"name": "body", "in": "body", "required": body["required"].as_bool().unwrap_or(true), "schema": schema}),
+        );
+        out.insert("consumes".into(), json!(consumes));
+    }
+    let responses: Map<String, Value> = map
+        .get("responses")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(code, r)| {
+            let mut response = json!({"description": r["description"].clone()});
+            if let Some(m) = r["content"].as_object().and_then(|c| c.values().next()) {
+                response["schema"] = v2_schema(&m["schema"]);
+            }
+            (code.clone(), response)
+        })
+        .collect();
+    for (k, v) in map {
+        if !matches!(k.as_str(), "parameters" | "requestBody" | "responses") {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out.insert("parameters".into(), Value::Array(parameters));
+    out.insert("responses".into(), Value::Object(responses));
+    out.insert(
+        "produces".into(),
+        json!(["application/json", "application/yaml"]),
+    );
+    out.insert("schemes".into(), json!(["https"]));
+    Value::Object(out)
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

@@ -69,7 +69,6 @@ pub struct Credentials {
     names: Vec<String>,
 }
 
-
 /// A file's content, `None` if it does not exist.
 fn read_if_exists(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
@@ -274,8 +273,6 @@ pub fn same_secret(presented: &str, expected: &str) -> bool {
     use subtle::ConstantTimeEq;
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
-
-
 
 /// Default namespaces, as a fresh cluster has them.
 pub const DEFAULT_NAMESPACES: [&str; 4] =
