@@ -103,10 +103,10 @@ fn v2_schema(schema: &Value) -> Value {
 /// A v3 parameter (`schema: {type}`) as a v2 one (`type` beside it).
 fn v2_parameter(p: &Value) -> Value {
     let mut p = p.clone();
-    if let Some(Value::Object(schema)) = p.as_object_mut().and_then(|m| m.remove("schema")) {
-        if let Some(map) = p.as_object_mut() {
-            map.extend(schema);
-        }
+    if let Some(Value::Object(schema)) = p.as_object_mut().and_then(|m| m.remove("schema"))
+        && let Some(map) = p.as_object_mut()
+    {
+        map.extend(schema);
     }
     p
 }
