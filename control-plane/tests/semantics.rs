@@ -753,7 +753,81 @@ fn the_kinds_every_manifest_uses(store: &str) {
     });
 }
 
+/// events.k8s.io/v1 serves the same Events as core/v1, each in its own form: what one writes
+/// the other reads, selectors and watches included.
+fn events_are_served_in_both_apis(store: &str) {
+    let cp = ControlPlane::start(store, &["--disable-controllers"]);
+    let api = Api::new(&cp);
+    runtime().block_on(async {
+        let v1 = "/apis/events.k8s.io/v1/namespaces/default/events";
+        let core = "/api/v1/namespaces/default/events";
+        let watch = api
+            .request(Method::GET, &format!("{v1}?watch=1"))
+            .send()
+            .await
+            .unwrap();
+        let event = json!({
+            "apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "new-style"},
+            "regarding": {"kind": "Pod", "namespace": "default", "name": "p"},
+            "note": "pulled the image", "reason": "Pulled", "type": "Normal", "action": "Pull",
+            "eventTime": "2026-12-02T06:00:00.000000Z",
+            "reportingController": "example.com/puller", "reportingInstance": "puller-1",
+        });
+        let (code, created) = api.call(Method::POST, v1, Some(event)).await;
+        assert_eq!(code, 201, "{created}");
+        assert_eq!(created["apiVersion"], "events.k8s.io/v1");
+        assert_eq!(created["note"], "pulled the image");
+        assert!(created.get("message").is_none(), "{created}");
+        // Core readers (kubectl describe, kubectl events) see it in their form.
+        let (code, old) = api.call(Method::GET, &format!("{core}/new-style"), None).await;
+        assert_eq!(code, 200);
+        assert_eq!(old["apiVersion"], "v1");
+        assert_eq!(
+            (old["involvedObject"]["name"].as_str(), old["message"].as_str(), old["reportingComponent"].as_str()),
+            (Some("p"), Some("pulled the image"), Some("example.com/puller"))
+        );
+        // And the other way: a core event read through events.k8s.io.
+        let core_event = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "old-style"},
+            "involvedObject": {"kind": "Pod", "namespace": "default", "name": "q"},
+            "message": "started", "reason": "Started", "type": "Normal", "count": 3,
+            "eventTime": "2026-12-02T06:00:01.000000Z",
+            "source": {"component": "kubelet"}});
+        let (code, body) = api.call(Method::POST, core, Some(core_event)).await;
+        assert_eq!(code, 201, "{body}");
+        let (_, new) = api.call(Method::GET, &format!("{v1}/old-style"), None).await;
+        assert_eq!(
+            (new["regarding"]["name"].as_str(), new["note"].as_str(), new["deprecatedCount"].as_i64(), new["deprecatedSource"]["component"].as_str()),
+            (Some("q"), Some("started"), Some(3), Some("kubelet")),
+            "{new}"
+        );
+        // Field selectors in each API's own names.
+        let (_, list) = api.call(Method::GET, &format!("{v1}?fieldSelector=regarding.name%3Dp"), None).await;
+        let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|e| e["metadata"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["new-style"]);
+        let (_, list) = api.call(Method::GET, &format!("{core}?fieldSelector=involvedObject.name%3Dq"), None).await;
+        assert_eq!(list["items"][0]["metadata"]["name"], "old-style");
+        // A patch through events.k8s.io, in its names.
+        let (code, patched) = merge_patch(&api, &format!("{v1}/new-style"), json!({"note": "pulled again"})).await;
+        assert_eq!((code, patched["note"].as_str()), (200, Some("pulled again")), "{patched}");
+        let (_, old) = api.call(Method::GET, &format!("{core}/new-style"), None).await;
+        assert_eq!(old["message"], "pulled again");
+        // Its watchers get its form.
+        let events = common::events(watch, 3, 10).await;
+        assert!(events.iter().all(|e| e["object"]["apiVersion"] == "events.k8s.io/v1" && e["object"].get("involvedObject").is_none()), "{events:?}");
+        assert_eq!(events[1]["object"]["note"], "started");
+        // Deleted through one, gone from both.
+        let (code, _) = api.call(Method::DELETE, &format!("{v1}/old-style"), None).await;
+        assert_eq!(code, 200);
+        let (code, _) = api.call(Method::GET, &format!("{core}/old-style"), None).await;
+        assert_eq!(code, 404);
+    });
+    // kubectl lists them through the new API too.
+    let out = cp.ok(&["get", "events.v1.events.k8s.io", "-o", "name"]);
+    assert!(out.contains("new-style"), "{out}");
+}
+
 on_both_stores!(
+    events_are_served_in_both_apis,
     the_kinds_every_manifest_uses,
     patches_are_bounded_and_directives_checked,
     objects_are_validated_as_kube_does,

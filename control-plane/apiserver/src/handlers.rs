@@ -606,11 +606,21 @@ fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
 fn list_params(target: &Target, q: &HashMap<String, String>) -> ApiResult<ListParams> {
     let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
         .map_err(ApiError::bad_request)?;
-    let fields = FieldSelector::parse(
-        q.get("fieldSelector").map(String::as_str).unwrap_or(""),
-        &supported_fields(target.def.plural),
-    )
-    .map_err(ApiError::bad_request)?;
+    // Selectors apply to stored objects: a served form's field names are translated.
+    let raw = q.get("fieldSelector").map(String::as_str).unwrap_or("");
+    let stored: Vec<String> = raw
+        .split(',')
+        .map(|term| {
+            let at = term.find(['=', '!']).unwrap_or(term.len());
+            format!(
+                "{}{}",
+                target.def.stored_field(term[..at].trim()),
+                &term[at..]
+            )
+        })
+        .collect();
+    let fields = FieldSelector::parse(&stored.join(","), &supported_fields(target.def.plural))
+        .map_err(ApiError::bad_request)?;
     let limit = match q.get("limit").filter(|l| !l.is_empty()) {
         Some(l) => Some(
             l.parse::<usize>()
@@ -734,6 +744,7 @@ fn list_body(def: &ResourceDef, items: Vec<Value>, meta: Value, accept: &str) ->
     if wants_table(accept) {
         return table(def.kind, &items, meta, true);
     }
+    let items: Vec<Value> = items.into_iter().map(|i| def.from_storage(i)).collect();
     json!({
         "kind": def.list_kind(),
         "apiVersion": def.api_version(),
@@ -750,7 +761,7 @@ fn object_body(def: &ResourceDef, obj: Value, accept: &str) -> Value {
             .unwrap_or(json!(""));
         return table(def.kind, &[obj], json!({"resourceVersion": rv}), true);
     }
-    obj
+    def.from_storage(obj)
 }
 
 /// DeleteOptions, from the query and the body (where client-go sends them, `dryRun`
@@ -995,9 +1006,9 @@ async fn resource<S: Store>(
                     "the namespace of the provided object does not match the namespace sent on the request",
                 ));
             }
-            let created = reg.create(def, ns, obj, dry).await?;
+            let created = reg.create(def, ns, def.to_storage(obj), dry).await?;
             Ok(with_warnings(
-                json_response(StatusCode::CREATED, &created),
+                json_response(StatusCode::CREATED, &def.from_storage(created)),
                 &warnings,
             ))
         }
@@ -1050,9 +1061,11 @@ async fn resource<S: Store>(
                 decode_body(headers, &body)?,
                 q,
             )?;
-            let updated = reg.update(def, ns, name, obj, sub, dry).await?;
+            let updated = reg
+                .update(def, ns, name, def.to_storage(obj), sub, dry)
+                .await?;
             Ok(with_warnings(
-                json_response(StatusCode::OK, &updated),
+                json_response(StatusCode::OK, &def.from_storage(updated)),
                 &warnings,
             ))
         }
@@ -1088,7 +1101,7 @@ async fn resource<S: Store>(
                             let scale = apply_patch("Scale", &content_type, &scale, &patch_body)?;
                             return apply_scale(current, &scale);
                         }
-                        let mut current = current.clone();
+                        let mut current = def.from_storage(current.clone());
                         if unconditional
                             && let Some(m) =
                                 current.get_mut("metadata").and_then(Value::as_object_mut)
@@ -1105,14 +1118,14 @@ async fn resource<S: Store>(
                             &strict_q,
                         )?;
                         **warnings_cell.lock().unwrap() = w;
-                        Ok(checked)
+                        Ok(def.to_storage(checked))
                     },
                 )
                 .await?;
             let body = if is_scale {
                 scale_of(&updated)
             } else {
-                updated
+                def.from_storage(updated)
             };
             Ok(with_warnings(
                 json_response(StatusCode::OK, &body),
@@ -1130,7 +1143,7 @@ async fn resource<S: Store>(
             } else {
                 StatusCode::OK
             };
-            Ok(json_response(code, &obj))
+            Ok(json_response(code, &def.from_storage(obj)))
         }
         (Method::DELETE, None, None) => {
             allowed("deletecollection")?;

@@ -441,7 +441,10 @@ const PATCH_STRATEGIES: &[PatchStrategy] = &[
 /// OpenAPI documents publish them: strategic merge patches follow the same table kubectl
 /// reads to compute them.
 pub fn patch_meta(kind: &str, path: &[&str]) -> (Option<&'static str>, Option<&'static str>) {
-    let Some(def) = RESOURCES.iter().find(|r| r.kind == kind) else {
+    let Some(def) = RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.conversion.is_none())
+    else {
         return (None, None);
     };
     let key = if def.group.is_empty() {

@@ -12,6 +12,7 @@ use k8s_openapi::{
             ServiceAccount,
         },
         discovery::v1::EndpointSlice,
+        events::v1::Event as EventV1,
     },
     serde::{Serialize, de::DeserializeOwned},
 };
@@ -59,6 +60,58 @@ pub struct ResourceDef {
     pub schema: &'static str,
     /// Adds the kind's schemas (and everything they refer to) to a generator.
     pub add_schema: fn(&mut schemars::SchemaGenerator),
+    /// Set for a kind served in another form than it is stored in (as events.k8s.io/v1 Events
+    /// are core/v1 Events in storage): objects are converted on their way in and out.
+    pub conversion: Option<&'static Conversion>,
+}
+
+/// How a served form maps onto the stored one: the stored group/resource (its keys) and
+/// apiVersion, and top-level fields renamed (served name, stored name).
+pub struct Conversion {
+    pub stored_as: &'static str,
+    pub stored_api_version: &'static str,
+    pub fields: &'static [(&'static str, &'static str)],
+    /// Field selector names of the served form and what they select in the stored one.
+    pub field_labels: &'static [(&'static str, &'static str)],
+}
+
+/// events.k8s.io/v1 Events, stored as core/v1 Events (kube-apiserver's conversion).
+pub static EVENTS_V1: Conversion = Conversion {
+    stored_as: "events",
+    stored_api_version: "v1",
+    fields: &[
+        ("regarding", "involvedObject"),
+        ("note", "message"),
+        ("reportingController", "reportingComponent"),
+        ("deprecatedSource", "source"),
+        ("deprecatedFirstTimestamp", "firstTimestamp"),
+        ("deprecatedLastTimestamp", "lastTimestamp"),
+        ("deprecatedCount", "count"),
+    ],
+    field_labels: &[
+        ("regarding.", "involvedObject."),
+        ("reportingController", "reportingComponent"),
+        ("deprecatedSource", "source"),
+    ],
+};
+
+fn rename(
+    obj: Value,
+    pairs: impl Iterator<Item = (&'static str, &'static str)>,
+    api_version: String,
+) -> Value {
+    let Value::Object(mut map) = obj else {
+        return obj;
+    };
+    for (from, to) in pairs {
+        if let Some(v) = map.remove(from) {
+            map.insert(to.to_owned(), v);
+        }
+    }
+    if map.contains_key("apiVersion") || map.contains_key("kind") {
+        map.insert("apiVersion".into(), Value::String(api_version));
+    }
+    Value::Object(map)
 }
 
 impl std::fmt::Debug for ResourceDef {
@@ -105,22 +158,65 @@ impl ResourceDef {
         self.subresources.iter().any(|s| s.name == "status")
     }
 
+    /// The group/resource objects are stored under.
+    fn stored_as(&self) -> String {
+        self.conversion
+            .map_or_else(|| self.group_resource(), |c| c.stored_as.to_owned())
+    }
+
     /// The store key of an object.
     pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
         match namespace {
             Some(ns) if self.namespaced => {
-                format!("/registry/{}/{ns}/{name}", self.group_resource())
+                format!("/registry/{}/{ns}/{name}", self.stored_as())
             }
-            _ => format!("/registry/{}/{name}", self.group_resource()),
+            _ => format!("/registry/{}/{name}", self.stored_as()),
         }
     }
 
     /// The store prefix of a collection (one namespace, or all).
     pub fn prefix(&self, namespace: Option<&str>) -> String {
         match namespace {
-            Some(ns) if self.namespaced => format!("/registry/{}/{ns}/", self.group_resource()),
-            _ => format!("/registry/{}/", self.group_resource()),
+            Some(ns) if self.namespaced => format!("/registry/{}/{ns}/", self.stored_as()),
+            _ => format!("/registry/{}/", self.stored_as()),
         }
+    }
+
+    /// An object as sent (served form) as it is stored.
+    pub fn to_storage(&self, obj: Value) -> Value {
+        match self.conversion {
+            None => obj,
+            Some(c) => rename(
+                obj,
+                c.fields.iter().copied(),
+                c.stored_api_version.to_owned(),
+            ),
+        }
+    }
+
+    /// A stored object in the served form.
+    pub fn from_storage(&self, obj: Value) -> Value {
+        match self.conversion {
+            None => obj,
+            Some(c) => rename(
+                obj,
+                c.fields.iter().map(|(a, b)| (*b, *a)),
+                self.api_version(),
+            ),
+        }
+    }
+
+    /// A field selector's field in the stored form.
+    pub fn stored_field(&self, field: &str) -> String {
+        self.conversion
+            .and_then(|c| {
+                c.field_labels.iter().find_map(|(served, stored)| {
+                    field
+                        .strip_prefix(served)
+                        .map(|rest| format!("{stored}{rest}"))
+                })
+            })
+            .unwrap_or_else(|| field.to_owned())
     }
 }
 
@@ -155,10 +251,14 @@ const fn scale() -> Subresource {
 
 macro_rules! resource {
     ($ty:ty, $schema:literal, {$($field:ident: $value:expr),* $(,)?}) => {
+        resource!($ty, $schema, None, {$($field: $value),*})
+    };
+    ($ty:ty, $schema:literal, $conversion:expr, {$($field:ident: $value:expr),* $(,)?}) => {
         ResourceDef {
             typed: typed::<$ty>,
             schema: $schema,
             add_schema: add_schema::<$ty>,
+            conversion: $conversion,
             $($field: $value,)*
         }
     };
@@ -227,6 +327,11 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(ServiceAccount, "io.k8s.api.core.v1.ServiceAccount", {
         group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", singular: "serviceaccount",
         namespaced: true, short_names: &["sa"], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(EventV1, "io.k8s.api.events.v1.Event", Some(&EVENTS_V1), {
+        group: "events.k8s.io", version: "v1", kind: "Event", plural: "events", singular: "event",
+        namespaced: true, short_names: &["ev"], categories: &[], verbs: ALL_VERBS,
         subresources: &[],
     }),
     resource!(Lease, "io.k8s.api.coordination.v1.Lease", {

@@ -88,7 +88,12 @@ impl Encoder {
             line(&json!({"type": kind, "object": t}))
         } else {
             let mut bytes = format!(r#"{{"type":"{kind}","object":"#).into_bytes();
-            serde_json::to_writer(&mut bytes, obj).expect("serializes");
+            if self.def.conversion.is_some() && kind != "BOOKMARK" && kind != "ERROR" {
+                serde_json::to_writer(&mut bytes, &self.def.from_storage(obj.clone()))
+            } else {
+                serde_json::to_writer(&mut bytes, obj)
+            }
+            .expect("serializes");
             bytes.extend_from_slice(b"}\n");
             Bytes::from(bytes)
         }

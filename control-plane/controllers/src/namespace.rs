@@ -48,7 +48,11 @@ pub fn start(client: Client) {
             }
             let registry = &client.registry;
             let mut remaining = 0;
-            for resource in RESOURCES.iter().filter(|r| r.namespaced) {
+            // Each stored object once: a kind also served in another form is deleted as stored.
+            for resource in RESOURCES
+                .iter()
+                .filter(|r| r.namespaced && r.conversion.is_none())
+            {
                 let (items, _) = registry
                     .list(resource, Some(&ns_name), &ListParams::default())
                     .await?;
