@@ -315,17 +315,50 @@ fn classify(method: &Method, uri: &Uri, path: &str) -> (&'static str, String) {
     (verb, resource)
 }
 
-fn authorized<S: Store>(app: &App<S>, headers: &HeaderMap) -> bool {
-    headers
+/// Who a request comes from, as kube's authenticators name users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserInfo {
+    pub username: &'static str,
+    pub groups: &'static [&'static str],
+}
+
+/// The holder of the admin token (the kubeconfig's): a cluster administrator.
+pub const ADMIN: UserInfo = UserInfo {
+    username: "keel-admin",
+    groups: &["system:masters", "system:authenticated"],
+};
+
+/// The user a request authenticates as, if any.
+fn user_of<S: Store>(app: &App<S>, headers: &HeaderMap) -> Option<UserInfo> {
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|token| {
-            // Every token compared, in constant time: no early exit tells which was close.
-            app.tokens.iter().fold(false, |found, t| {
-                found | crate::server::same_secret(token.trim(), t)
-            })
-        })
+        .and_then(|h| h.strip_prefix("Bearer "))?;
+    // Every token compared, in constant time: no early exit tells which was close.
+    let admin = app.tokens.iter().fold(false, |found, t| {
+        found | crate::server::same_secret(token.trim(), t)
+    });
+    admin.then_some(ADMIN)
+}
+
+fn authorized<S: Store>(app: &App<S>, headers: &HeaderMap) -> bool {
+    user_of(app, headers).is_some()
+}
+
+/// Answers a review (`kubectl auth whoami`, `kubectl auth can-i`): created, never stored.
+fn review(def: &ResourceDef, user: &UserInfo, body: Value) -> ApiResult<Response> {
+    let mut answer = body;
+    answer["apiVersion"] = json!(def.api_version());
+    answer["kind"] = json!(def.kind);
+    answer["metadata"] = json!({"creationTimestamp": null});
+    answer["status"] = match def.kind {
+        "SelfSubjectReview" => json!({"userInfo": {"username": user.username, "groups": user.groups}}),
+        // The admin token is the only credential the API takes: its holder is in
+        // system:masters, which kube-apiserver allows everything.
+        _ => json!({"allowed": user.groups.contains(&"system:masters"),
+            "reason": "the admin token's user is in system:masters"}),
+    };
+    Ok(json_response(StatusCode::CREATED, &answer))
 }
 
 /// How long a readiness check waits for the store.
@@ -989,6 +1022,19 @@ async fn resource<S: Store>(
                 obj
             };
             Ok(json_response(StatusCode::OK, &body))
+        }
+        (Method::POST, None, None)
+            if matches!(def.kind, "SelfSubjectReview" | "SelfSubjectAccessReview") =>
+        {
+            let user = user_of(app, headers).ok_or_else(ApiError::unauthorized)?;
+            // kubectl sends these as protobuf. The answer depends only on who asks (one user,
+            // allowed everything), so a protobuf body is answered without its spec echoed.
+            let body = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+                json!({})
+            } else {
+                decode_body(headers, &body)?
+            };
+            review(def, &user, body)
         }
         (Method::POST, None, None) => {
             allowed("create")?;

@@ -13,6 +13,8 @@ use k8s_openapi::{
         },
         discovery::v1::EndpointSlice,
         events::v1::Event as EventV1,
+        authentication::v1::SelfSubjectReview,
+        authorization::v1::SelfSubjectAccessReview,
     },
     serde::{Serialize, de::DeserializeOwned},
 };
@@ -332,6 +334,17 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(EventV1, "io.k8s.api.events.v1.Event", Some(&EVENTS_V1), {
         group: "events.k8s.io", version: "v1", kind: "Event", plural: "events", singular: "event",
         namespaced: true, short_names: &["ev"], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    // Reviews: asked (created) and answered, never stored.
+    resource!(SelfSubjectReview, "io.k8s.api.authentication.v1.SelfSubjectReview", {
+        group: "authentication.k8s.io", version: "v1", kind: "SelfSubjectReview", plural: "selfsubjectreviews", singular: "selfsubjectreview",
+        namespaced: false, short_names: &[], categories: &[], verbs: &["create"],
+        subresources: &[],
+    }),
+    resource!(SelfSubjectAccessReview, "io.k8s.api.authorization.v1.SelfSubjectAccessReview", {
+        group: "authorization.k8s.io", version: "v1", kind: "SelfSubjectAccessReview", plural: "selfsubjectaccessreviews", singular: "selfsubjectaccessreview",
+        namespaced: false, short_names: &[], categories: &[], verbs: &["create"],
         subresources: &[],
     }),
     resource!(Lease, "io.k8s.api.coordination.v1.Lease", {
