@@ -286,7 +286,12 @@ fn kubectl_scenario(cp: &ControlPlane) {
     assert!(err.contains("deployments.apps \"web\" not found"), "{err}");
 
     // Who am I, and may I: the kubeconfig's user is the cluster's administrator.
-    let me = cp.ok(&["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    let me = cp.ok(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
     assert_eq!(me, "keel-admin");
     assert_eq!(cp.ok(&["auth", "can-i", "delete", "nodes"]).trim(), "yes");
 }

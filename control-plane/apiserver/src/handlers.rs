@@ -352,7 +352,9 @@ fn review(def: &ResourceDef, user: &UserInfo, body: Value) -> ApiResult<Response
     answer["kind"] = json!(def.kind);
     answer["metadata"] = json!({"creationTimestamp": null});
     answer["status"] = match def.kind {
-        "SelfSubjectReview" => json!({"userInfo": {"username": user.username, "groups": user.groups}}),
+        "SelfSubjectReview" => {
+            json!({"userInfo": {"username": user.username, "groups": user.groups}})
+        }
         // The admin token is the only credential the API takes: its holder is in
         // system:masters, which kube-apiserver allows everything.
         _ => json!({"allowed": user.groups.contains(&"system:masters"),

@@ -5,6 +5,8 @@
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, ReplicaSet},
+        authentication::v1::SelfSubjectReview,
+        authorization::v1::SelfSubjectAccessReview,
         autoscaling::v1::Scale,
         coordination::v1::Lease,
         core::v1::{
@@ -13,8 +15,6 @@ use k8s_openapi::{
         },
         discovery::v1::EndpointSlice,
         events::v1::Event as EventV1,
-        authentication::v1::SelfSubjectReview,
-        authorization::v1::SelfSubjectAccessReview,
     },
     serde::{Serialize, de::DeserializeOwned},
 };
