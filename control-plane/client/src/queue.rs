@@ -126,12 +126,14 @@ pub enum Next {
     After(Duration),
 }
 
-/// Runs `workers` tasks taking keys from `queue` and reconciling them; failures are logged and
-/// retried with backoff.
+/// Runs `workers` tasks taking keys from `queue` and reconciling them once every informer has
+/// its first list (kube's WaitForCacheSync: a set reconciled before its pods are cached would
+/// make them all again); failures are logged and retried with backoff.
 pub fn run_workers<T, F, Fut, E>(
     name: &'static str,
     queue: Arc<Queue<T>>,
     workers: usize,
+    informers: Arc<crate::informer::Informers>,
     reconcile: F,
 ) where
     T: Hash + Eq + Clone + Send + Sync + Display + 'static,
@@ -142,8 +144,9 @@ pub fn run_workers<T, F, Fut, E>(
     let reconcile = Arc::new(reconcile);
     for _ in 0..workers {
         let queue = queue.clone();
-        let reconcile = reconcile.clone();
+        let (reconcile, informers) = (reconcile.clone(), informers.clone());
         tokio::spawn(async move {
+            informers.synced().await;
             loop {
                 let key = queue.next().await;
                 match reconcile(key.clone()).await {

@@ -360,7 +360,8 @@ impl DeploymentController {
             sets,
             pods,
         });
-        run_workers("deployment", queue, workers, move |key| {
+        let informers = controller.client.informers.clone();
+        run_workers("deployment", queue, workers, informers, move |key| {
             let c = controller.clone();
             async move { c.reconcile(&key).await }
         });

@@ -213,7 +213,8 @@ impl EndpointSliceController {
             endpoints,
             nodes,
         });
-        run_workers("endpointslice", queue, workers, move |key| {
+        let informers = controller.client.informers.clone();
+        run_workers("endpointslice", queue, workers, informers, move |key| {
             let c = controller.clone();
             async move { c.reconcile(&key).await }
         });

@@ -103,10 +103,16 @@ impl GarbageCollector {
         gc.track::<Node>();
         gc.track::<Lease>();
         let g = gc.clone();
-        run_workers("garbage-collector", gc.queue.clone(), 2, move |uid| {
-            let g = g.clone();
-            async move { g.process(&uid).await }
-        });
+        run_workers(
+            "garbage-collector",
+            gc.queue.clone(),
+            2,
+            gc.client.informers.clone(),
+            move |uid| {
+                let g = g.clone();
+                async move { g.process(&uid).await }
+            },
+        );
     }
 
     fn track<K: Object>(self: &Arc<Self>) {

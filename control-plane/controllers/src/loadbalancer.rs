@@ -59,7 +59,8 @@ impl LoadBalancerController {
             pool,
         });
         // One worker: two services can never be handed the same free address at once.
-        run_workers("load-balancer", queue, 1, move |key| {
+        let informers = controller.client.informers.clone();
+        run_workers("load-balancer", queue, 1, informers, move |key| {
             let c = controller.clone();
             async move { c.reconcile(&key).await }
         });

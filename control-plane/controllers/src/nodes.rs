@@ -106,43 +106,49 @@ pub fn start_ipam(client: Client, cidrs: PodCidrs) {
         }
     });
     let recorder = Recorder::new(client.clone(), "node-ipam-controller");
-    run_workers("node-ipam", queue, 1, move |name| {
-        let (client, nodes, recorder) = (client.clone(), nodes.clone(), recorder.clone());
-        async move {
-            let Some(node) = nodes.get(&name) else {
-                return Ok::<_, ApiError>(Next::Done);
-            };
-            if pod_cidr(&node).is_some() {
-                return Ok(Next::Done);
+    run_workers(
+        "node-ipam",
+        queue,
+        1,
+        client.informers.clone(),
+        move |name| {
+            let (client, nodes, recorder) = (client.clone(), nodes.clone(), recorder.clone());
+            async move {
+                let Some(node) = nodes.get(&name) else {
+                    return Ok::<_, ApiError>(Next::Done);
+                };
+                if pod_cidr(&node).is_some() {
+                    return Ok(Next::Done);
+                }
+                let used: BTreeSet<u32> = nodes
+                    .list()
+                    .iter()
+                    .filter_map(|n| pod_cidr(n).and_then(|c| cidrs.index(c)))
+                    .collect();
+                let Some(cidr) = cidrs.first_free(&used) else {
+                    recorder.record(
+                        &*node,
+                        Kind::Warning,
+                        "CIDRNotAvailable",
+                        "no pod CIDR is left for this node".into(),
+                    );
+                    return Ok(Next::After(Duration::from_secs(30)));
+                };
+                client
+                    .update::<Node>(None, &name, false, |n| {
+                        let spec = n.spec.get_or_insert_with(Default::default);
+                        if spec.pod_cidr.as_deref().is_some_and(|c| !c.is_empty()) {
+                            return false;
+                        }
+                        spec.pod_cidr = Some(cidr.clone());
+                        spec.pod_cidrs = Some(vec![cidr.clone()]);
+                        true
+                    })
+                    .await?;
+                Ok(Next::Done)
             }
-            let used: BTreeSet<u32> = nodes
-                .list()
-                .iter()
-                .filter_map(|n| pod_cidr(n).and_then(|c| cidrs.index(c)))
-                .collect();
-            let Some(cidr) = cidrs.first_free(&used) else {
-                recorder.record(
-                    &*node,
-                    Kind::Warning,
-                    "CIDRNotAvailable",
-                    "no pod CIDR is left for this node".into(),
-                );
-                return Ok(Next::After(Duration::from_secs(30)));
-            };
-            client
-                .update::<Node>(None, &name, false, |n| {
-                    let spec = n.spec.get_or_insert_with(Default::default);
-                    if spec.pod_cidr.as_deref().is_some_and(|c| !c.is_empty()) {
-                        return false;
-                    }
-                    spec.pod_cidr = Some(cidr.clone());
-                    spec.pod_cidrs = Some(vec![cidr.clone()]);
-                    true
-                })
-                .await?;
-            Ok(Next::Done)
-        }
-    });
+        },
+    );
 }
 
 fn ready_condition(node: &Node) -> Option<&NodeCondition> {

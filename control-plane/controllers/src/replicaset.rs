@@ -65,7 +65,8 @@ impl ReplicaSetController {
             }
         });
         let controller = Arc::new(Self { client, sets, pods });
-        run_workers("replicaset", queue, workers, move |key| {
+        let informers = controller.client.informers.clone();
+        run_workers("replicaset", queue, workers, informers, move |key| {
             let c = controller.clone();
             async move { c.reconcile(&key).await }
         });

@@ -36,33 +36,40 @@ pub fn start(client: Client) {
             q.add(old.metadata.namespace.clone().unwrap_or_default());
         }
     });
-    run_workers("serviceaccount", queue, 1, move |ns| {
-        let (client, namespaces, accounts) = (client.clone(), namespaces.clone(), accounts.clone());
-        async move {
-            let Some(namespace) = namespaces.get(&ns) else {
-                return Ok::<_, ApiError>(Next::Done);
-            };
-            if namespace.metadata.deletion_timestamp.is_some()
-                || accounts.get(&format!("{ns}/{DEFAULT}")).is_some()
-            {
-                return Ok(Next::Done);
-            }
-            let account = ServiceAccount {
-                metadata: ObjectMeta {
-                    name: Some(DEFAULT.into()),
-                    namespace: Some(ns.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            match client.create(&account).await {
-                // Made meanwhile, or the namespace is going away.
-                Err(e) if matches!(e.reason, "AlreadyExists" | "NotFound" | "Forbidden") => {
-                    Ok(Next::Done)
+    run_workers(
+        "serviceaccount",
+        queue,
+        1,
+        client.informers.clone(),
+        move |ns| {
+            let (client, namespaces, accounts) =
+                (client.clone(), namespaces.clone(), accounts.clone());
+            async move {
+                let Some(namespace) = namespaces.get(&ns) else {
+                    return Ok::<_, ApiError>(Next::Done);
+                };
+                if namespace.metadata.deletion_timestamp.is_some()
+                    || accounts.get(&format!("{ns}/{DEFAULT}")).is_some()
+                {
+                    return Ok(Next::Done);
                 }
-                Err(e) => Err(e),
-                Ok(_) => Ok(Next::Done),
+                let account = ServiceAccount {
+                    metadata: ObjectMeta {
+                        name: Some(DEFAULT.into()),
+                        namespace: Some(ns.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                match client.create(&account).await {
+                    // Made meanwhile, or the namespace is going away.
+                    Err(e) if matches!(e.reason, "AlreadyExists" | "NotFound" | "Forbidden") => {
+                        Ok(Next::Done)
+                    }
+                    Err(e) => Err(e),
+                    Ok(_) => Ok(Next::Done),
+                }
             }
-        }
-    });
+        },
+    );
 }
