@@ -14,11 +14,13 @@
 //! - `bench nodeport [--quick] [--json]`: NodePort forwarding to another node, XDP and tc
 //!   against iptables and nftables.
 //! - `fresh`: the README's two commands in a throw-away Debian root, as a newcomer runs them.
+//! - `gen-protobuf`: the API server's protobuf message table, from the k8s-pb crate.
 //!
 //! xtask itself depends on nothing that needs the set-up (no protoc, no eBPF build), so it
 //! compiles on a bare machine.
 
 mod fresh;
+mod protobuf;
 mod setup;
 
 use std::{
@@ -87,6 +89,8 @@ enum Task {
         #[arg(long = "command", value_name = "SHELL")]
         commands: Vec<String>,
     },
+    /// Write the API server's protobuf message table from the k8s-pb crate's source
+    GenProtobuf,
     /// `fresh`'s own second half, inside its mount and PID namespaces
     #[command(hide = true)]
     FreshInside(fresh::Inside),
@@ -201,6 +205,7 @@ fn run(task: Task) -> Result<()> {
             fresh::fresh(rebuild_base, &commands)
         }
         Task::FreshInside(args) => fresh::inside(args),
+        Task::GenProtobuf => protobuf::generate(&workspace_root()),
     }
 }
 

@@ -527,13 +527,17 @@ fn build(
     })
 }
 
-/// Decodes a request body (JSON) into an object.
+/// Decodes a request body (JSON, or Kubernetes' protobuf) into an object.
 fn decode_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
     let base = content_type.split(';').next().unwrap_or("").trim();
+    if base == crate::protobuf::MEDIA_TYPE {
+        return crate::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("the protobuf body does not decode: {e}")));
+    }
     if !base.is_empty() && base != "application/json" && base != "*/*" {
         return Err(ApiError::unsupported_media_type(content_type));
     }
@@ -801,7 +805,11 @@ fn object_body(def: &ResourceDef, obj: Value, accept: &str) -> Value {
 
 /// DeleteOptions, from the query and the body (where client-go sends them, `dryRun`
 /// included).
-fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteParams> {
+fn delete_params(
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<DeleteParams> {
     let mut params = DeleteParams {
         grace_period_seconds: q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()),
         propagation_policy: q.get("propagationPolicy").cloned(),
@@ -809,8 +817,7 @@ fn delete_params(q: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteP
         ..DeleteParams::default()
     };
     if !body.is_empty() {
-        let options: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?;
+        let options = decode_body(headers, body)?;
         if let Some(g) = options.get("gracePeriodSeconds").and_then(Value::as_i64) {
             params.grace_period_seconds = Some(g);
         }
@@ -1029,14 +1036,7 @@ async fn resource<S: Store>(
             if matches!(def.kind, "SelfSubjectReview" | "SelfSubjectAccessReview") =>
         {
             let user = user_of(app, headers).ok_or_else(ApiError::unauthorized)?;
-            // kubectl sends these as protobuf. The answer depends only on who asks (one user,
-            // allowed everything), so a protobuf body is answered without its spec echoed.
-            let body = if content_type.starts_with("application/vnd.kubernetes.protobuf") {
-                json!({})
-            } else {
-                decode_body(headers, &body)?
-            };
-            review(def, &user, body)
+            review(def, &user, decode_body(headers, &body)?)
         }
         (Method::POST, None, None) => {
             allowed("create")?;
@@ -1182,7 +1182,7 @@ async fn resource<S: Store>(
         }
         (Method::DELETE, Some(name), None) => {
             allowed("delete")?;
-            let params = delete_params(q, &body)?;
+            let params = delete_params(q, headers, &body)?;
             let (obj, gone) = reg.delete(def, ns, name, &params).await?;
             // As kube-apiserver: 200 also when the object is only marked (graceful deletion,
             // finalizers, a namespace's cleanup); 202 only for the legacy orphanDependents=false.
@@ -1196,7 +1196,7 @@ async fn resource<S: Store>(
         (Method::DELETE, None, None) => {
             allowed("deletecollection")?;
             let params = list_params(target, q)?;
-            let delete = delete_params(q, &body)?;
+            let delete = delete_params(q, headers, &body)?;
             let (items, _) = reg.list(def, ns, &params).await?;
             for item in &items {
                 let item_ns = namespace(item);
