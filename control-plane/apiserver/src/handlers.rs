@@ -14,6 +14,7 @@ use control_plane_store::Store;
 use serde_json::{Value, json};
 
 use crate::{
+    auth::UserInfo,
     discovery,
     error::{ApiError, ApiResult, Cause},
     object::{name, namespace},
@@ -27,8 +28,8 @@ use crate::{
 
 pub struct App<S: Store> {
     pub registry: Arc<Registry<S>>,
-    /// Bearer tokens accepted.
-    pub tokens: Vec<String>,
+    /// Who requests come from.
+    pub auth: crate::auth::Authenticator,
     /// What `/api` reports as the server's address.
     pub server_address: String,
     /// How `pods/log` reaches kubelets (none: it answers 503).
@@ -129,7 +130,7 @@ fn query(uri: &Uri) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -176,9 +177,15 @@ pub async fn handle<S: Store>(
         path.as_str(),
         "/version" | "/healthz" | "/livez" | "/readyz"
     );
-    if !public && !authorized(&app, &headers) {
-        return ApiError::unauthorized().into_response();
-    }
+    // Who asks, and whether they may, before the body is read.
+    let user = if public {
+        None
+    } else {
+        match authorize(&app, &method, &uri, &path, &headers).await {
+            Ok(user) => Some(user),
+            Err(e) => return e.into_response(),
+        }
+    };
     let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
     {
         Ok(Ok(body)) => body,
@@ -217,7 +224,8 @@ pub async fn handle<S: Store>(
             }
             guard => guard.flatten(),
         };
-        let response = match route(&app, &method, &uri, &path, &headers, body).await {
+        let response = match route(&app, &method, &uri, &path, &headers, user.as_ref(), body).await
+        {
             Ok(response) => response,
             Err(e) => e.into_response(),
         };
@@ -236,7 +244,7 @@ pub async fn handle<S: Store>(
                 app.limits.max_inflight
             ));
         };
-        let routed = route(&app, &method, &uri, &path, &headers, body);
+        let routed = route(&app, &method, &uri, &path, &headers, user.as_ref(), body);
         match tokio::time::timeout(REQUEST_DEADLINE, routed).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => e.into_response(),
@@ -276,13 +284,34 @@ fn busy(message: String) -> Response {
     response
 }
 
-/// kube-apiserver's verb and resource of a request, for the metrics.
-fn classify(method: &Method, uri: &Uri, path: &str) -> (&'static str, String) {
-    let segments: Vec<&str> = path
-        .trim_start_matches('/')
+/// kube's verb of a resource request (`list`, `watch`, `deletecollection`, ...).
+fn resource_verb(method: &Method, uri: &Uri, collection: bool) -> &'static str {
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    match *method {
+        Method::GET | Method::HEAD if watch => "watch",
+        Method::GET | Method::HEAD if collection => "list",
+        Method::GET | Method::HEAD => "get",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if collection => "deletecollection",
+        Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_start_matches('/')
         .split('/')
         .filter(|s| !s.is_empty())
-        .collect();
+        .collect()
+}
+
+/// kube-apiserver's verb and resource of a request, for the metrics.
+fn classify(method: &Method, uri: &Uri, path: &str) -> (&'static str, String) {
+    let segments = segments(path);
     let Some(target) = parse_target(&segments) else {
         let verb = if *method == Method::GET {
             "GET"
@@ -293,19 +322,15 @@ fn classify(method: &Method, uri: &Uri, path: &str) -> (&'static str, String) {
         let first = segments.first().copied().unwrap_or("");
         return (verb, format!("/{first}"));
     };
-    let watch = uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
-    let collection = target.name.is_none();
-    let verb = match *method {
-        Method::GET if watch => "WATCH",
-        Method::GET if collection => "LIST",
-        Method::GET => "GET",
-        Method::POST => "CREATE",
-        Method::PUT => "UPDATE",
-        Method::PATCH => "PATCH",
-        Method::DELETE if collection => "DELETECOLLECTION",
-        Method::DELETE => "DELETE",
+    let verb = match resource_verb(method, uri, target.name.is_none()) {
+        "watch" => "WATCH",
+        "list" => "LIST",
+        "get" => "GET",
+        "create" => "CREATE",
+        "update" => "UPDATE",
+        "patch" => "PATCH",
+        "deletecollection" => "DELETECOLLECTION",
+        "delete" => "DELETE",
         _ => "OTHER",
     };
     let resource = match target.sub {
@@ -315,52 +340,147 @@ fn classify(method: &Method, uri: &Uri, path: &str) -> (&'static str, String) {
     (verb, resource)
 }
 
-/// Who a request comes from, as kube's authenticators name users.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserInfo {
-    pub username: &'static str,
-    pub groups: &'static [&'static str],
-}
-
-/// The holder of the admin token (the kubeconfig's): a cluster administrator.
-pub const ADMIN: UserInfo = UserInfo {
-    username: "keel-admin",
-    groups: &["system:masters", "system:authenticated"],
-};
-
-/// The user a request authenticates as, if any.
-fn user_of<S: Store>(app: &App<S>, headers: &HeaderMap) -> Option<UserInfo> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))?;
-    // Every token compared, in constant time: no early exit tells which was close.
-    let admin = app.tokens.iter().fold(false, |found, t| {
-        found | crate::server::same_secret(token.trim(), t)
+/// What a request does, for the authorizer: a resource request's verb, group, resource,
+/// subresource, namespace and name (a watch of one object by `metadata.name` names it), or
+/// a path and the HTTP method's verb.
+fn attributes(method: &Method, uri: &Uri, path: &str) -> crate::rbac::Attributes {
+    let segments = segments(path);
+    let Some(target) = parse_target(&segments) else {
+        let verb = match *method {
+            Method::HEAD => "get".to_owned(),
+            ref m => m.as_str().to_ascii_lowercase(),
+        };
+        return crate::rbac::Attributes {
+            verb,
+            path: Some(if path.is_empty() {
+                "/".into()
+            } else {
+                path.into()
+            }),
+            ..Default::default()
+        };
+    };
+    let verb = resource_verb(method, uri, target.name.is_none());
+    let name = target.name.clone().or_else(|| {
+        (verb == "watch" || verb == "list")
+            .then(|| query(uri).get("fieldSelector").cloned())
+            .flatten()
+            .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned))
+            .filter(|n| !n.contains(','))
     });
-    admin.then_some(ADMIN)
+    crate::rbac::Attributes {
+        verb: verb.to_owned(),
+        path: None,
+        api_group: target.def.group.to_owned(),
+        resource: target.def.plural.to_owned(),
+        subresource: target.sub.map(|s| s.name.to_owned()).unwrap_or_default(),
+        namespace: target.namespace.unwrap_or_default(),
+        name: name.unwrap_or_default(),
+    }
 }
 
-fn authorized<S: Store>(app: &App<S>, headers: &HeaderMap) -> bool {
-    user_of(app, headers).is_some()
+/// The user a request acts as (after impersonation), if it may do what it asks: 401 for no
+/// user, 403 for a user without the permission.
+async fn authorize<S: Store>(
+    app: &App<S>,
+    method: &Method,
+    uri: &Uri,
+    path: &str,
+    headers: &HeaderMap,
+) -> ApiResult<UserInfo> {
+    let user = app
+        .auth
+        .authenticate(&app.registry, headers)
+        .await
+        .ok_or_else(ApiError::unauthorized)?;
+    let user = crate::auth::impersonated(&app.registry, user, headers).await?;
+    let attrs = attributes(method, uri, path);
+    if crate::rbac::allowed(&app.registry, &user, &attrs).await? {
+        Ok(user)
+    } else {
+        Err(crate::rbac::forbidden(&user, &attrs))
+    }
 }
 
-/// Answers a review (`kubectl auth whoami`, `kubectl auth can-i`): created, never stored.
-fn review(def: &ResourceDef, user: &UserInfo, body: Value) -> ApiResult<Response> {
+/// Answers a review: created, never stored. `SelfSubjectReview` (`kubectl auth whoami`) says
+/// who asks; `SelfSubjectAccessReview` (`kubectl auth can-i`) whether they may do what its
+/// spec says; `SelfSubjectRulesReview` (`kubectl auth can-i --list`) what they may do in a
+/// namespace.
+async fn review<S: Store>(
+    registry: &Registry<S>,
+    def: &ResourceDef,
+    user: &UserInfo,
+    body: Value,
+) -> ApiResult<Response> {
     let mut answer = body;
     answer["apiVersion"] = json!(def.api_version());
     answer["kind"] = json!(def.kind);
     answer["metadata"] = json!({"creationTimestamp": null});
+    let spec = answer.get("spec").cloned().unwrap_or(json!({}));
+    let text = |field: &str| {
+        spec.pointer(field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     answer["status"] = match def.kind {
-        "SelfSubjectReview" => {
-            json!({"userInfo": {"username": user.username, "groups": user.groups}})
+        "SelfSubjectReview" => json!({"userInfo": user.to_json()}),
+        "SelfSubjectRulesReview" => {
+            let namespace = text("/namespace");
+            let rules = crate::rbac::rules(registry, user, &namespace).await?;
+            let (mut resource_rules, mut non_resource_rules) = (Vec::new(), Vec::new());
+            for rule in rules {
+                let mut rule = rule.clone();
+                if let Some(m) = rule.as_object_mut() {
+                    m.retain(|_, v| v.as_array().is_some_and(|a| !a.is_empty()));
+                }
+                if rule.get("nonResourceURLs").is_some() {
+                    non_resource_rules.push(rule);
+                } else {
+                    resource_rules.push(rule);
+                }
+            }
+            json!({"resourceRules": resource_rules, "nonResourceRules": non_resource_rules,
+                "incomplete": false})
         }
-        // The admin token is the only credential the API takes: its holder is in
-        // system:masters, which kube-apiserver allows everything.
-        _ => json!({"allowed": user.groups.contains(&"system:masters"),
-            "reason": "the admin token's user is in system:masters"}),
+        _ => {
+            let attrs = if spec.get("nonResourceAttributes").is_some() {
+                crate::rbac::Attributes {
+                    verb: text("/nonResourceAttributes/verb"),
+                    path: Some(text("/nonResourceAttributes/path")),
+                    ..Default::default()
+                }
+            } else {
+                crate::rbac::Attributes {
+                    verb: text("/resourceAttributes/verb"),
+                    path: None,
+                    api_group: text("/resourceAttributes/group"),
+                    resource: text("/resourceAttributes/resource"),
+                    subresource: text("/resourceAttributes/subresource"),
+                    namespace: text("/resourceAttributes/namespace"),
+                    name: text("/resourceAttributes/name"),
+                }
+            };
+            if crate::rbac::allowed(registry, user, &attrs).await? {
+                json!({"allowed": true, "reason": if user.is_superuser() {
+                    "the user is in system:masters"
+                } else {
+                    "allowed by a role bound to the user"
+                }})
+            } else {
+                json!({"allowed": false})
+            }
+        }
     };
     Ok(json_response(StatusCode::CREATED, &answer))
+}
+
+/// What the client takes (JSON when it does not say).
+fn accept_of(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
 }
 
 /// How long a readiness check waits for the store.
@@ -372,17 +492,11 @@ async fn route<S: Store>(
     uri: &Uri,
     path: &str,
     headers: &HeaderMap,
+    user: Option<&UserInfo>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let segments: Vec<&str> = path
-        .trim_start_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let accept = accept_of(headers);
+    let segments = segments(path);
     if *method == Method::GET {
         match segments.as_slice() {
             ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
@@ -469,7 +583,8 @@ async fn route<S: Store>(
     }
     let target = parse_target(&segments).ok_or_else(|| ApiError::not_found_path(path))?;
     let q = query(uri);
-    resource(app, method, &target, &q, headers, accept, body).await
+    let user = user.ok_or_else(ApiError::unauthorized)?;
+    resource(app, method, &target, &q, headers, user, body).await
 }
 
 /// Parses `/api/v1/...` or `/apis/<group>/<version>/...` into a resource target.
@@ -956,9 +1071,10 @@ async fn resource<S: Store>(
     target: &Target,
     q: &HashMap<String, String>,
     headers: &HeaderMap,
-    accept: &str,
+    user: &UserInfo,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let accept = accept_of(headers);
     let def = target.def;
     let reg = &app.registry;
     let ns = target.namespace.as_deref();
@@ -1033,10 +1149,27 @@ async fn resource<S: Store>(
             Ok(json_response(StatusCode::OK, &body))
         }
         (Method::POST, None, None)
-            if matches!(def.kind, "SelfSubjectReview" | "SelfSubjectAccessReview") =>
+            if matches!(
+                def.kind,
+                "SelfSubjectReview" | "SelfSubjectAccessReview" | "SelfSubjectRulesReview"
+            ) =>
         {
-            let user = user_of(app, headers).ok_or_else(ApiError::unauthorized)?;
-            review(def, &user, decode_body(headers, &body)?)
+            review(reg, def, user, decode_body(headers, &body)?).await
+        }
+        (Method::POST, Some(name), Some(sub)) if sub.name == "token" => {
+            let request = decode_body(headers, &body)?;
+            let (request, _) = check_object(
+                "TokenRequest",
+                "authentication.k8s.io/v1",
+                |v| resources::typed_subresource("TokenRequest", v),
+                request,
+                q,
+            )?;
+            let answer = app
+                .auth
+                .token_request(reg, ns.unwrap_or("default"), name, request, dry)
+                .await?;
+            Ok(json_response(StatusCode::CREATED, &answer))
         }
         (Method::POST, None, None) => {
             allowed("create")?;
@@ -1053,6 +1186,9 @@ async fn resource<S: Store>(
                 return Err(ApiError::bad_request(
                     "the namespace of the provided object does not match the namespace sent on the request",
                 ));
+            }
+            if def.group == crate::rbac::GROUP {
+                crate::rbac::check_escalation(reg, user, def.kind, ns.unwrap_or(""), &obj).await?;
             }
             let created = reg.create(def, ns, def.to_storage(obj), dry).await?;
             Ok(with_warnings(
@@ -1109,6 +1245,9 @@ async fn resource<S: Store>(
                 decode_body(headers, &body)?,
                 q,
             )?;
+            if def.group == crate::rbac::GROUP {
+                crate::rbac::check_escalation(reg, user, def.kind, ns.unwrap_or(""), &obj).await?;
+            }
             let updated = reg
                 .update(def, ns, name, def.to_storage(obj), sub, dry)
                 .await?;
@@ -1128,48 +1267,55 @@ async fn resource<S: Store>(
             let strict_q = q.clone();
             let mut warnings = Vec::new();
             let warnings_cell = std::sync::Mutex::new(&mut warnings);
-            let updated = reg
-                .guaranteed_update(
+            let patch_one = |current: &Value| -> ApiResult<Value> {
+                let unconditional = patch_body.pointer("/metadata/resourceVersion").is_none();
+                if is_scale {
+                    let mut scale = scale_of(current);
+                    if unconditional
+                        && let Some(m) = scale.get_mut("metadata").and_then(Value::as_object_mut)
+                    {
+                        m.remove("resourceVersion");
+                    }
+                    let scale = apply_patch("Scale", &content_type, &scale, &patch_body)?;
+                    return apply_scale(current, &scale);
+                }
+                let mut current = def.from_storage(current.clone());
+                if unconditional
+                    && let Some(m) = current.get_mut("metadata").and_then(Value::as_object_mut)
+                {
+                    // Without a resourceVersion in the patch, it applies to the latest.
+                    m.remove("resourceVersion");
+                }
+                let patched = apply_patch(def.kind, &content_type, &current, &patch_body)?;
+                let (checked, w) =
+                    check_object(def.kind, &def.api_version(), def.typed, patched, &strict_q)?;
+                **warnings_cell.lock().unwrap() = w;
+                Ok(def.to_storage(checked))
+            };
+            let updated = if def.group == crate::rbac::GROUP {
+                // The escalation check needs the store (async), which a retried patch
+                // function cannot reach: the patched object is checked, then written only
+                // over the revision it was made from (a 409 if another write came between).
+                let current = reg.get(def, ns, name).await?;
+                let mut patched = patch_one(&current)?;
+                patched["metadata"]["resourceVersion"] = current
+                    .pointer("/metadata/resourceVersion")
+                    .cloned()
+                    .unwrap_or_default();
+                crate::rbac::check_escalation(reg, user, def.kind, ns.unwrap_or(""), &patched)
+                    .await?;
+                reg.update(def, ns, name, patched, sub, dry).await?
+            } else {
+                reg.guaranteed_update(
                     def,
                     ns,
                     name,
                     sub.filter(|s| s.name != "scale"),
                     dry,
-                    |current| {
-                        let unconditional =
-                            patch_body.pointer("/metadata/resourceVersion").is_none();
-                        if is_scale {
-                            let mut scale = scale_of(current);
-                            if unconditional
-                                && let Some(m) =
-                                    scale.get_mut("metadata").and_then(Value::as_object_mut)
-                            {
-                                m.remove("resourceVersion");
-                            }
-                            let scale = apply_patch("Scale", &content_type, &scale, &patch_body)?;
-                            return apply_scale(current, &scale);
-                        }
-                        let mut current = def.from_storage(current.clone());
-                        if unconditional
-                            && let Some(m) =
-                                current.get_mut("metadata").and_then(Value::as_object_mut)
-                        {
-                            // Without a resourceVersion in the patch, it applies to the latest.
-                            m.remove("resourceVersion");
-                        }
-                        let patched = apply_patch(def.kind, &content_type, &current, &patch_body)?;
-                        let (checked, w) = check_object(
-                            def.kind,
-                            &def.api_version(),
-                            def.typed,
-                            patched,
-                            &strict_q,
-                        )?;
-                        **warnings_cell.lock().unwrap() = w;
-                        Ok(def.to_storage(checked))
-                    },
+                    patch_one,
                 )
-                .await?;
+                .await?
+            };
             let body = if is_scale {
                 scale_of(&updated)
             } else {

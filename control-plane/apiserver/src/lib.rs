@@ -2,6 +2,7 @@
 //! Python client) need of it, over a store with etcd's semantics (embedded SQLite or etcd).
 
 pub mod alloc;
+pub mod auth;
 pub mod discovery;
 pub mod error;
 pub mod handlers;
@@ -12,6 +13,7 @@ pub mod object;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;
+pub mod rbac;
 pub mod registry;
 pub mod resources;
 pub mod selector;

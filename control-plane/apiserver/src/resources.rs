@@ -5,8 +5,8 @@
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, ReplicaSet},
-        authentication::v1::SelfSubjectReview,
-        authorization::v1::SelfSubjectAccessReview,
+        authentication::v1::{SelfSubjectReview, TokenRequest},
+        authorization::v1::{SelfSubjectAccessReview, SelfSubjectRulesReview},
         autoscaling::v1::Scale,
         coordination::v1::Lease,
         core::v1::{
@@ -15,6 +15,7 @@ use k8s_openapi::{
         },
         discovery::v1::EndpointSlice,
         events::v1::Event as EventV1,
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     serde::{Serialize, de::DeserializeOwned},
 };
@@ -329,7 +330,7 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(ServiceAccount, "io.k8s.api.core.v1.ServiceAccount", {
         group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", singular: "serviceaccount",
         namespaced: true, short_names: &["sa"], categories: &[], verbs: ALL_VERBS,
-        subresources: &[],
+        subresources: &[Subresource { name: "token", group: "authentication.k8s.io", version: "v1", kind: "TokenRequest", verbs: &["create"] }],
     }),
     resource!(EventV1, "io.k8s.api.events.v1.Event", Some(&EVENTS_V1), {
         group: "events.k8s.io", version: "v1", kind: "Event", plural: "events", singular: "event",
@@ -347,6 +348,31 @@ pub static RESOURCES: &[ResourceDef] = &[
         namespaced: false, short_names: &[], categories: &[], verbs: &["create"],
         subresources: &[],
     }),
+    resource!(SelfSubjectRulesReview, "io.k8s.api.authorization.v1.SelfSubjectRulesReview", {
+        group: "authorization.k8s.io", version: "v1", kind: "SelfSubjectRulesReview", plural: "selfsubjectrulesreviews", singular: "selfsubjectrulesreview",
+        namespaced: false, short_names: &[], categories: &[], verbs: &["create"],
+        subresources: &[],
+    }),
+    resource!(ClusterRole, "io.k8s.api.rbac.v1.ClusterRole", {
+        group: "rbac.authorization.k8s.io", version: "v1", kind: "ClusterRole", plural: "clusterroles", singular: "clusterrole",
+        namespaced: false, short_names: &[], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(ClusterRoleBinding, "io.k8s.api.rbac.v1.ClusterRoleBinding", {
+        group: "rbac.authorization.k8s.io", version: "v1", kind: "ClusterRoleBinding", plural: "clusterrolebindings", singular: "clusterrolebinding",
+        namespaced: false, short_names: &[], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(Role, "io.k8s.api.rbac.v1.Role", {
+        group: "rbac.authorization.k8s.io", version: "v1", kind: "Role", plural: "roles", singular: "role",
+        namespaced: true, short_names: &[], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
+    resource!(RoleBinding, "io.k8s.api.rbac.v1.RoleBinding", {
+        group: "rbac.authorization.k8s.io", version: "v1", kind: "RoleBinding", plural: "rolebindings", singular: "rolebinding",
+        namespaced: true, short_names: &[], categories: &[], verbs: ALL_VERBS,
+        subresources: &[],
+    }),
     resource!(Lease, "io.k8s.api.coordination.v1.Lease", {
         group: "coordination.k8s.io", version: "v1", kind: "Lease", plural: "leases", singular: "lease",
         namespaced: true, short_names: &[], categories: &[], verbs: ALL_VERBS,
@@ -359,6 +385,7 @@ pub fn typed_subresource(kind: &str, value: &Value) -> Result<Value, String> {
     match kind {
         "Scale" => typed::<Scale>(value),
         "Binding" => typed::<Binding>(value),
+        "TokenRequest" => typed::<TokenRequest>(value),
         _ => Err(format!("no type for {kind}")),
     }
 }
@@ -367,6 +394,7 @@ pub fn typed_subresource(kind: &str, value: &Value) -> Result<Value, String> {
 pub fn add_subresource_schemas(generator: &mut schemars::SchemaGenerator) {
     add_schema::<Scale>(generator);
     add_schema::<Binding>(generator);
+    add_schema::<TokenRequest>(generator);
 }
 
 /// The resource a URL names: by group, version and plural.

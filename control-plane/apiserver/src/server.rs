@@ -3,7 +3,9 @@
 //! periodic compaction of the store's history.
 //!
 //! Credentials live in the state directory (0700): the CA (ten years from its creation), the
-//! admin token and the kubeconfig, each written atomically (a temporary file, fsync, rename).
+//! admin token, the key service account tokens are signed with (`service-account.key`) and
+//! the kubeconfig, each written atomically (a temporary file, fsync, rename). A second API
+//! server of the same cluster needs copies of the CA, the tokens and that key.
 //! A CA that does not load (a key that does not parse or match its certificate, a certificate
 //! without its key, an expired CA) stops the server with the reason: it is never replaced
 //! silently, since every kubeconfig and node credential trusts it. Serving certificates live a
@@ -64,6 +66,9 @@ pub struct Credentials {
     pub cert_pem: String,
     pub key_pem: String,
     pub token: String,
+    /// What service account tokens are signed with (`service-account.key`; every API server
+    /// of a cluster needs the same, as the CA).
+    pub service_accounts: crate::auth::ServiceAccountKey,
     ca_key_pem: String,
     /// What the serving certificate is for (reissued with the same names).
     names: Vec<String>,
@@ -175,11 +180,15 @@ impl Credentials {
                 token
             }
         };
+        let service_accounts = crate::auth::ServiceAccountKey::load_or_create(
+            &config.state_dir.join("service-account.key"),
+        )?;
         Ok(Self {
             ca_pem,
             cert_pem,
             key_pem,
             token,
+            service_accounts,
             ca_key_pem: ca_key,
             names,
         })
@@ -297,6 +306,13 @@ pub async fn registry<S: Store>(store: Arc<S>, config: &Config) -> Result<Arc<Re
             .await
             .map_err(|e| anyhow::anyhow!("create namespace {ns}: {}", e.message))?;
     }
+    for (kind, object) in crate::rbac::defaults() {
+        let def = by_kind(crate::rbac::GROUP, kind).expect("served");
+        registry
+            .ensure(def, object)
+            .await
+            .map_err(|e| anyhow::anyhow!("the default {kind}s: {}", e.message))?;
+    }
     kubernetes_service(&registry, config, cidr)
         .await
         .map_err(|e| anyhow::anyhow!("the default/kubernetes service: {}", e.message))?;
@@ -359,13 +375,17 @@ async fn kubernetes_service<S: Store>(
 pub fn router<S: Store>(
     registry: Arc<Registry<S>>,
     token: String,
+    service_accounts: crate::auth::ServiceAccountKey,
     server_address: String,
     kubelets: Option<crate::logs::Kubelets>,
     limits: crate::handlers::Limits,
 ) -> Router {
     let app = Arc::new(App {
         registry,
-        tokens: vec![token],
+        auth: crate::auth::Authenticator {
+            admin_token: token,
+            service_accounts,
+        },
         server_address,
         kubelets,
         limits,
@@ -415,6 +435,7 @@ pub async fn serve<S: Store>(
     let app = router(
         registry,
         credentials.token.clone(),
+        credentials.service_accounts.clone(),
         format!("{host}:{}", config.listen.port()),
         kubelets,
         crate::handlers::Limits::new(config.max_requests_inflight, config.max_watches_per_client),

@@ -203,6 +203,9 @@ pub fn validate(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
         }
         "EndpointSlice" => validate_endpoint_slice(obj, &mut causes),
         "ConfigMap" | "Secret" => validation::data_keys(def.kind, obj, &mut causes),
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => {
+            causes.extend(crate::rbac::validate(def.kind, obj));
+        }
         "Event" if obj.pointer("/involvedObject/name").is_none() => {
             causes.push(Cause::required("involvedObject.name"));
         }
@@ -524,6 +527,13 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, new: &mut Value) -> Vec<Ca
         }
     }
     match def.kind {
+        "RoleBinding" | "ClusterRoleBinding" if old.get("roleRef") != new.get("roleRef") => {
+            causes.push(Cause::invalid(
+                "roleRef",
+                new.get("roleRef").cloned().unwrap_or_default(),
+                "cannot change roleRef",
+            ));
+        }
         "Service" => {
             drop_type_dependent_fields(old, new);
             // An address, once given, stays (an ExternalName has none to keep or change).

@@ -121,11 +121,27 @@ pub fn label_value(s: &str) -> Vec<String> {
     errs
 }
 
+/// What is wrong with a name that must be one segment of a URL path.
+pub fn path_segment(name: &str) -> Vec<String> {
+    let mut errs = Vec::new();
+    if name == "." || name == ".." {
+        errs.push(format!("may not be '{name}'"));
+    }
+    for bad in ["/", "%"] {
+        if name.contains(bad) {
+            errs.push(format!("may not contain '{bad}'"));
+        }
+    }
+    errs
+}
+
 /// What is wrong with an object's name, by its kind's rule.
 pub fn object_name(kind: &str, name: &str) -> Vec<String> {
     match kind {
         "Namespace" => dns1123_label(name),
         "Service" => dns1035_label(name),
+        // RBAC names are path segments (`system:discovery`).
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => path_segment(name),
         _ => dns1123_subdomain(name),
     }
 }

@@ -43,7 +43,13 @@ impl ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).unwrap();
-        for file in ["ca.crt", "ca.key", "token", "node-token"] {
+        for file in [
+            "ca.crt",
+            "ca.key",
+            "token",
+            "node-token",
+            "service-account.key",
+        ] {
             std::fs::copy(other.dir.path().join("state").join(file), state.join(file)).unwrap();
         }
         Self::start_in(dir, store, extra)
