@@ -445,3 +445,115 @@ fn kubectl_create_forms_send_protobuf() {
     cp.ok(&with_ns(&["delete", "configmap", "settings"]));
     cp.fails(&with_ns(&["get", "configmap", "settings"]));
 }
+
+/// Server-side apply as `kubectl apply --server-side` drives it: managedFields, a conflict
+/// with the manager that changed a field since, forcing it, fields shared between managers,
+/// and fields a manager stops applying removed.
+fn server_side_apply_scenario(cp: &ControlPlane) {
+    let web_field = |path: &str| {
+        cp.ok(&[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
+    let web = cp.file("ssa.yaml", &web_yaml(2, "nginx:1.27"));
+    let applied = cp.ok(&["apply", "--server-side", "-f", &web]);
+    assert!(
+        applied.contains("deployment.apps/web serverside-applied")
+            && applied.contains("service/web serverside-applied"),
+        "{applied}"
+    );
+    assert_eq!(
+        web_field(
+            "{.spec.replicas} {.metadata.managedFields[0].manager} {.metadata.managedFields[0].operation}"
+        ),
+        "2 kubectl Apply"
+    );
+    let service_ip = cp.ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(service_ip.starts_with("10.96."), "allocated: {service_ip}");
+
+    // Scaled by another manager: applying the old count is a conflict on that field.
+    cp.ok(&["scale", "deployment", "web", "--replicas=5"]);
+    let conflict = cp.fails(&["apply", "--server-side", "-f", &web]);
+    assert!(
+        conflict.contains("Apply failed with 1 conflict: conflict with")
+            && conflict.contains(".spec.replicas"),
+        "{conflict}"
+    );
+    assert_eq!(web_field("{.spec.replicas}"), "5");
+    cp.ok(&["apply", "--server-side", "--force-conflicts", "-f", &web]);
+    assert_eq!(web_field("{.spec.replicas}"), "2");
+
+    // A second manager owns one label; the first keeps its own.
+    let label = |with: bool| {
+        let labels = if with {
+            "  labels:\n    tier: front\n"
+        } else {
+            ""
+        };
+        cp.file(
+            "label.yaml",
+            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n{labels}"),
+        )
+    };
+    cp.ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=team-b",
+        "-f",
+        &label(true),
+    ]);
+    assert_eq!(
+        web_field("{.metadata.labels.app} {.metadata.labels.tier} {.spec.replicas}"),
+        "web front 2"
+    );
+    cp.ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=team-b",
+        "-f",
+        &label(false),
+    ]);
+    assert_eq!(
+        web_field("{.metadata.labels}"),
+        "{\"app\":\"web\"}",
+        "team-b's label went with its apply; kubectl's stayed"
+    );
+
+    // Dry-run changes nothing; a port the file no longer has goes.
+    let dry = cp.file("ssa.yaml", &web_yaml(4, "nginx:1.28"));
+    cp.ok(&["apply", "--server-side", "--dry-run=server", "-f", &dry]);
+    assert_eq!(
+        web_field("{.spec.replicas} {.spec.template.spec.containers[0].image}"),
+        "2 nginx:1.27"
+    );
+    let portless = cp.file(
+        "ssa.yaml",
+        &web_yaml(2, "nginx:1.28").replace("        ports:\n        - containerPort: 8080\n", ""),
+    );
+    cp.ok(&["apply", "--server-side", "-f", &portless]);
+    assert_eq!(
+        web_field(
+            "{.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports}"
+        ),
+        "nginx:1.28 ",
+        "the port kubectl stopped applying is removed"
+    );
+}
+
+#[test]
+fn server_side_apply_on_the_embedded_store() {
+    let cp = ControlPlane::start("embedded:{dir}", &[]);
+    server_side_apply_scenario(&cp);
+}
+
+#[test]
+fn server_side_apply_on_etcd() {
+    with_etcd(|endpoint| {
+        let cp = ControlPlane::start(&format!("etcd:{endpoint}"), &[]);
+        server_side_apply_scenario(&cp);
+    });
+}

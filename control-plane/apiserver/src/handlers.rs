@@ -475,6 +475,110 @@ async fn review<S: Store>(
     Ok(json_response(StatusCode::CREATED, &answer))
 }
 
+/// An update of an RBAC object by a function of the current one, with kube's escalation
+/// check. The check needs the store (async), which a retried update function cannot reach:
+/// the new object is checked, then written only over the revision it was made from (a 409
+/// if another write came between).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the object's place, the user, and the update"
+)]
+async fn checked_rbac_update<S: Store>(
+    reg: &Registry<S>,
+    user: &UserInfo,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+    sub: Option<&Subresource>,
+    dry: bool,
+    update: impl Fn(&Value) -> ApiResult<Value>,
+) -> ApiResult<Value> {
+    let current = reg.get(def, ns, name).await?;
+    let mut updated = update(&current)?;
+    updated["metadata"]["resourceVersion"] = current
+        .pointer("/metadata/resourceVersion")
+        .cloned()
+        .unwrap_or_default();
+    crate::rbac::check_escalation(reg, user, def.kind, ns.unwrap_or(""), &updated).await?;
+    reg.update(def, ns, name, updated, sub, dry).await
+}
+
+/// A server-side apply (`application/apply-patch+yaml`, JSON or YAML): the object created
+/// (201) or updated (200) as [`crate::managed::apply`] merges it, the conflicts a 409.
+async fn server_side_apply<S: Store>(
+    app: &Arc<App<S>>,
+    target: &Target,
+    name: &str,
+    sub: Option<&'static Subresource>,
+    q: &HashMap<String, String>,
+    user: &UserInfo,
+    body: &Bytes,
+) -> ApiResult<Response> {
+    use crate::managed::{Writer, apply, writing_as};
+    let (def, reg, ns) = (target.def, &app.registry, target.namespace.as_deref());
+    let manager = q
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "PATCH requests with apply content type must specify fieldManager",
+            )
+        })?;
+    let manager = crate::managed::manager_of(Some(manager), None)?;
+    if sub.is_some_and(|s| s.name != "status") {
+        return Err(ApiError::method_not_allowed(
+            "server-side apply is served on the resource and its status",
+        ));
+    }
+    let sub_name = sub.map(|s| s.name);
+    let applied: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => serde_norway::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("the applied object does not parse: {e}"))
+        })?,
+    };
+    if applied.pointer("/metadata/managedFields").is_some() {
+        return Err(ApiError::bad_request(
+            "metadata.managedFields must be nil in an applied configuration",
+        ));
+    }
+    // Checked as any object, but applied as sent: the typed form fills in empty required
+    // fields (`spec.selector: {}`), which the manager would then claim.
+    let (_, warnings) = check_object(def.kind, &def.api_version(), def.typed, applied.clone(), q)?;
+    if crate::object::name(&applied) != Some(name) {
+        return Err(ApiError::bad_request(format!(
+            "the name of the applied object ({}) does not match the name on the URL ({name})",
+            crate::object::name(&applied).unwrap_or_default()
+        )));
+    }
+    let applied = def.to_storage(applied);
+    let (force, dry) = (flag(q, "force"), dry_run(q)?);
+    let exists = match reg.get(def, ns, name).await {
+        Ok(_) => true,
+        Err(e) if e.reason == "NotFound" => false,
+        Err(e) => return Err(e),
+    };
+    let one = |live: &Value| apply(def, Some(live), &applied, &manager, force, sub_name);
+    let (code, object) = if !exists {
+        let created = apply(def, None, &applied, &manager, force, sub_name)?;
+        if def.group == crate::rbac::GROUP {
+            crate::rbac::check_escalation(reg, user, def.kind, ns.unwrap_or(""), &created).await?;
+        }
+        let created = writing_as(Writer::Apply, reg.create(def, ns, created, dry)).await?;
+        (StatusCode::CREATED, created)
+    } else if def.group == crate::rbac::GROUP {
+        let update = checked_rbac_update(reg, user, def, ns, name, sub, dry, one);
+        (StatusCode::OK, writing_as(Writer::Apply, update).await?)
+    } else {
+        let update = reg.guaranteed_update(def, ns, name, sub, dry, one);
+        (StatusCode::OK, writing_as(Writer::Apply, update).await?)
+    };
+    Ok(with_warnings(
+        json_response(code, &def.from_storage(object)),
+        &warnings,
+    ))
+}
+
 /// What the client takes (JSON when it does not say).
 fn accept_of(headers: &HeaderMap) -> &str {
     headers
@@ -584,7 +688,22 @@ async fn route<S: Store>(
     let target = parse_target(&segments).ok_or_else(|| ApiError::not_found_path(path))?;
     let q = query(uri);
     let user = user.ok_or_else(ApiError::unauthorized)?;
-    resource(app, method, &target, &q, headers, user, body).await
+    // The manager of a write's fields (managedFields).
+    let manager = if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        crate::managed::manager_of(
+            q.get("fieldManager").map(String::as_str),
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+        )?
+    } else {
+        String::new()
+    };
+    crate::managed::writing_as(
+        crate::managed::Writer::Update(manager),
+        resource(app, method, &target, &q, headers, user, body),
+    )
+    .await
 }
 
 /// Parses `/api/v1/...` or `/apis/<group>/<version>/...` into a resource target.
@@ -1256,13 +1375,14 @@ async fn resource<S: Store>(
                 &warnings,
             ))
         }
+        (Method::PATCH, Some(name), sub) if content_type.starts_with("application/apply-patch") => {
+            allowed("patch")?;
+            server_side_apply(app, target, name, sub, q, user, &body).await
+        }
         (Method::PATCH, Some(name), sub) => {
             allowed("patch")?;
             let patch_body: Value = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::bad_request(format!("invalid patch body: {e}")))?;
-            if content_type.starts_with("application/apply-patch") {
-                return Err(ApiError::unsupported_media_type(&content_type));
-            }
             let is_scale = sub.is_some_and(|s| s.name == "scale");
             let strict_q = q.clone();
             let mut warnings = Vec::new();
@@ -1293,18 +1413,7 @@ async fn resource<S: Store>(
                 Ok(def.to_storage(checked))
             };
             let updated = if def.group == crate::rbac::GROUP {
-                // The escalation check needs the store (async), which a retried patch
-                // function cannot reach: the patched object is checked, then written only
-                // over the revision it was made from (a 409 if another write came between).
-                let current = reg.get(def, ns, name).await?;
-                let mut patched = patch_one(&current)?;
-                patched["metadata"]["resourceVersion"] = current
-                    .pointer("/metadata/resourceVersion")
-                    .cloned()
-                    .unwrap_or_default();
-                crate::rbac::check_escalation(reg, user, def.kind, ns.unwrap_or(""), &patched)
-                    .await?;
-                reg.update(def, ns, name, patched, sub, dry).await?
+                checked_rbac_update(reg, user, def, ns, name, sub, dry, patch_one).await?
             } else {
                 reg.guaranteed_update(
                     def,

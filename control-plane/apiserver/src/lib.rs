@@ -8,6 +8,7 @@ pub mod error;
 pub mod handlers;
 pub mod kubeconfig;
 pub mod logs;
+pub mod managed;
 pub mod metrics;
 pub mod object;
 pub mod openapi;

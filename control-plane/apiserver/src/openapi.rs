@@ -441,39 +441,80 @@ const PATCH_STRATEGIES: &[PatchStrategy] = &[
 /// OpenAPI documents publish them: strategic merge patches follow the same table kubectl
 /// reads to compute them.
 pub fn patch_meta(kind: &str, path: &[&str]) -> (Option<&'static str>, Option<&'static str>) {
-    let Some(def) = RESOURCES
-        .iter()
-        .find(|r| r.kind == kind && r.conversion.is_none())
-    else {
+    let Some(prop) = property(kind, path) else {
         return (None, None);
     };
+    let text = |name: &str| prop.get(name).and_then(Value::as_str);
+    (
+        text("x-kubernetes-patch-strategy"),
+        text("x-kubernetes-patch-merge-key"),
+    )
+}
+
+/// How server-side apply treats the field at `path` (as for [`patch_meta`]): a list is
+/// `Atomic` unless its schema says `set` or `map` (with its keys); an object is a `Map` when
+/// its schema has `additionalProperties` (labels, data), `Atomic` for the few structs kube
+/// marks `x-kubernetes-map-type: atomic` (label selectors), else a struct.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldShape {
+    Atomic,
+    Set,
+    ListMap(Vec<&'static str>),
+    Map,
+    Struct,
+}
+
+pub fn field_shape(kind: &str, path: &[&str]) -> FieldShape {
+    let Some(prop) = property(kind, path) else {
+        return FieldShape::Struct;
+    };
+    match prop.get("x-kubernetes-list-type").and_then(Value::as_str) {
+        Some("set") => return FieldShape::Set,
+        Some("map") => {
+            let keys = prop
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            return FieldShape::ListMap(keys);
+        }
+        _ => {}
+    }
+    if prop.get("type").and_then(Value::as_str) == Some("array") || prop.get("items").is_some() {
+        return FieldShape::Atomic;
+    }
+    if prop.get("additionalProperties").is_some() {
+        return FieldShape::Map;
+    }
+    match schema_of(prop) {
+        Some("io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector") => FieldShape::Atomic,
+        _ => FieldShape::Struct,
+    }
+}
+
+/// The schema of the property at `path` in objects of `kind`.
+fn property(kind: &str, path: &[&str]) -> Option<&'static Value> {
+    let def = RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.conversion.is_none())?;
     let key = if def.group.is_empty() {
         format!("api/{}", def.version)
     } else {
         format!("apis/{}/{}", def.group, def.version)
     };
-    let Some((doc, _)) = documents().get(&key) else {
-        return (None, None);
-    };
+    let (doc, _) = documents().get(&key)?;
     let schemas = &doc["components"]["schemas"];
     let mut current = &schemas[def.schema];
     for (i, field) in path.iter().enumerate() {
-        let Some(prop) = current.get("properties").and_then(|p| p.get(*field)) else {
-            return (None, None);
-        };
+        let prop = current.get("properties")?.get(*field)?;
         if i + 1 == path.len() {
-            let text = |name: &str| prop.get(name).and_then(Value::as_str);
-            return (
-                text("x-kubernetes-patch-strategy"),
-                text("x-kubernetes-patch-merge-key"),
-            );
+            return Some(prop);
         }
-        let Some(next) = schema_of(prop) else {
-            return (None, None);
-        };
-        current = &schemas[next];
+        current = &schemas[schema_of(prop)?];
     }
-    (None, None)
+    None
 }
 
 /// The schema a property refers to (through arrays' items and schemars' `allOf`/`anyOf`).

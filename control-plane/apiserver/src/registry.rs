@@ -296,7 +296,6 @@ impl<S: Store> Registry<S> {
                 "deletionTimestamp",
                 "deletionGracePeriodSeconds",
                 "selfLink",
-                "managedFields",
             ] {
                 meta.remove(field);
             }
@@ -308,6 +307,7 @@ impl<S: Store> Registry<S> {
         if !causes.is_empty() {
             return Err(ApiError::invalid(def.group, def.kind, &obj_name, causes));
         }
+        crate::managed::track(def, None, &mut obj, None);
         let key = def.key(ns, &obj_name);
         let allocated = if def.kind == "Service" {
             self.allocate_service(&mut obj, None, dry).await?
@@ -744,7 +744,6 @@ impl<S: Store> Registry<S> {
                     }
                 }
             }
-            meta.remove("managedFields");
         }
         match sub.map(|s| s.name) {
             Some("status") => strategy::prepare_status_update(old, new),
@@ -782,6 +781,7 @@ impl<S: Store> Registry<S> {
             generation
         };
         meta_mut(new).insert("generation".into(), json!(generation));
+        crate::managed::track(def, Some(old), new, sub.map(|s| s.name));
         Ok(())
     }
 
