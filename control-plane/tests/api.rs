@@ -504,6 +504,20 @@ fn discovery_answers_in_both_forms(store: &str) {
             .await
             .unwrap();
         assert_eq!(pb.status().as_u16(), 406);
+        // Resources: JSON for a client that takes it beside protobuf (client-go's typed
+        // clients), 406 for one that takes protobuf only.
+        for (accept, code) in [
+            ("application/vnd.kubernetes.protobuf, application/json", 200),
+            ("application/vnd.kubernetes.protobuf", 406),
+        ] {
+            let answer = api
+                .request(Method::GET, "/api/v1/namespaces/default")
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status().as_u16(), code, "{accept}");
+        }
     });
 }
 

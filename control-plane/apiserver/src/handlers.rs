@@ -579,6 +579,14 @@ async fn server_side_apply<S: Store>(
     ))
 }
 
+/// Whether an Accept header lets the answer be JSON.
+fn accepts_json(accept: &str) -> bool {
+    accept.split(',').any(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        t.is_empty() || t == "*/*" || t == "application/*" || t.starts_with("application/json")
+    })
+}
+
 /// What the client takes (JSON when it does not say).
 fn accept_of(headers: &HeaderMap) -> &str {
     headers
@@ -665,11 +673,7 @@ async fn route<S: Store>(
             ["openapi", "v2"] => {
                 // Served as JSON; a client that only takes the protobuf form is told so (406)
                 // rather than handed what it cannot read.
-                let json = accept.split(',').any(|t| {
-                    let t = t.split(';').next().unwrap_or("").trim();
-                    t.is_empty() || t == "*/*" || t.starts_with("application/json")
-                });
-                if !json {
+                if !accepts_json(accept) {
                     return Err(ApiError::not_acceptable(
                         "only application/json is served for /openapi/v2",
                     ));
@@ -688,6 +692,13 @@ async fn route<S: Store>(
     let target = parse_target(&segments).ok_or_else(|| ApiError::not_found_path(path))?;
     let q = query(uri);
     let user = user.ok_or_else(ApiError::unauthorized)?;
+    // Responses are JSON (protobuf is read, not written): a client that takes only protobuf
+    // is told so rather than handed what it cannot read. client-go and kubectl accept both.
+    if !accepts_json(accept) {
+        return Err(ApiError::not_acceptable(format!(
+            "responses are served as application/json only (Accept: {accept})"
+        )));
+    }
     // The manager of a write's fields (managedFields).
     let manager = if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         crate::managed::manager_of(
