@@ -302,9 +302,40 @@ fn rbac_scenario(cp: &ControlPlane) {
     let forged = format!("{}x", &token[..token.len() - 1]);
     assert!(stderr(&as_token(cp, &forged, &["auth", "whoami"])).contains("Unauthorized"));
 
+    // kube-proxy's role: what a node agent fed by a kubeconfig needs, cluster-wide, and no
+    // more.
+    cp.ok(&["create", "serviceaccount", "proxy", "-n", "kube-system"]);
+    cp.ok(&[
+        "create",
+        "clusterrolebinding",
+        "keel-proxy",
+        "--clusterrole=system:node-proxier",
+        "--serviceaccount=kube-system:proxy",
+    ]);
+    let proxy = cp
+        .ok(&["create", "token", "proxy", "-n", "kube-system"])
+        .trim()
+        .to_owned();
+    let proxy_can =
+        |args: &[&str]| stdout(&as_token(cp, &proxy, &[&["auth", "can-i"], args].concat()));
+    assert_eq!(
+        proxy_can(&["watch", "endpointslices.discovery.k8s.io", "-A"]),
+        "yes"
+    );
+    assert_eq!(proxy_can(&["list", "services", "-A"]), "yes");
+    assert_eq!(proxy_can(&["get", "nodes"]), "yes");
+    assert_eq!(proxy_can(&["list", "secrets", "-A"]), "no");
+
     // The defaults kubectl users expect are there.
     let roles = cp.ok(&["get", "clusterroles", "-o", "name"]);
-    for role in ["cluster-admin", "admin", "edit", "view", "system:discovery"] {
+    for role in [
+        "cluster-admin",
+        "admin",
+        "edit",
+        "view",
+        "system:discovery",
+        "system:node-proxier",
+    ] {
         assert!(
             roles.contains(&format!("clusterrole.rbac.authorization.k8s.io/{role}\n")),
             "{roles}"

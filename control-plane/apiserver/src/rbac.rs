@@ -13,8 +13,9 @@
 //!   covered by that user's own rules unless it may `escalate`; a binding needs the role's
 //!   rules or `bind` on it (kube's escalation checks).
 //! - The default roles kubectl users expect (`cluster-admin`, `admin`, `edit`, `view`,
-//!   `system:discovery`, `system:basic-user`, `system:public-info-viewer`) and their bindings
-//!   exist from the first start.
+//!   `system:discovery`, `system:basic-user`, `system:public-info-viewer`, and kube-proxy's
+//!   `system:node-proxier` for node agents fed by a kubeconfig) and their bindings exist from
+//!   the first start.
 //!
 //! Rules are read from the store at each decision (no cache to go stale, the same answer from
 //! every API server on one etcd); the superuser path, which the controllers and the admin
@@ -745,6 +746,19 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
             {"apiGroups": ["authorization.k8s.io"],
                 "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
             {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
+            ),
+        ),
+        // What kube-proxy (and so a node agent fed by a kubeconfig) reads and writes.
+        (
+            "ClusterRole",
+            role(
+                "system:node-proxier",
+                json!({}),
+                json!([
+            {"apiGroups": [""], "resources": ["endpoints", "services"], "verbs": ["list", "watch"]},
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]),
             ),
         ),
         (
