@@ -353,9 +353,11 @@ fn kubectl_create_forms_send_protobuf() {
     let verbose = cp.kubectl(&["create", "namespace", "team-b", "-v=8"]);
     let log = String::from_utf8_lossy(&verbose.stderr);
     assert!(verbose.status.success(), "{log}");
-    assert!(
-        log.contains("Content-Type: application/vnd.kubernetes.protobuf"),
-        "kubectl sent protobuf:\n{log}"
+    assert_eq!(
+        log.matches("Content-Type: application/vnd.kubernetes.protobuf")
+            .count(),
+        2,
+        "kubectl sent protobuf and was answered in it:\n{log}"
     );
     fn with_ns<'a>(args: &[&'a str]) -> Vec<&'a str> {
         [args, &["-n", "team-b"]].concat()

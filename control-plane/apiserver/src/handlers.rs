@@ -579,6 +579,39 @@ async fn server_side_apply<S: Store>(
     ))
 }
 
+/// A JSON answer in protobuf, for a client that prefers it; left in JSON when the object
+/// holds what the protobuf table cannot say.
+async fn as_protobuf(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes() == b"application/json");
+    if !is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return ApiError::internal("a response body could not be read").into_response();
+    };
+    let encoded = serde_json::from_slice::<Value>(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|v| crate::protobuf::encode(&v));
+    match encoded {
+        Ok(pb) => {
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::protobuf::MEDIA_TYPE),
+            );
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, axum::body::Body::from(pb))
+        }
+        Err(e) => {
+            tracing::debug!("answered in JSON, not protobuf: {e}");
+            Response::from_parts(parts, axum::body::Body::from(bytes))
+        }
+    }
+}
+
 /// Whether an Accept header lets the answer be JSON.
 fn accepts_json(accept: &str) -> bool {
     accept.split(',').any(|t| {
@@ -692,11 +725,12 @@ async fn route<S: Store>(
     let target = parse_target(&segments).ok_or_else(|| ApiError::not_found_path(path))?;
     let q = query(uri);
     let user = user.ok_or_else(ApiError::unauthorized)?;
-    // Responses are JSON (protobuf is read, not written): a client that takes only protobuf
-    // is told so rather than handed what it cannot read. client-go and kubectl accept both.
+    // Answers are JSON, or protobuf where the client prefers it and the object can be said
+    // in it (watches and tables are JSON): a client that takes protobuf alone is told so
+    // rather than handed what it might not read. client-go and kubectl accept both.
     if !accepts_json(accept) {
         return Err(ApiError::not_acceptable(format!(
-            "responses are served as application/json only (Accept: {accept})"
+            "answers are application/json, and protobuf where the client lists it first beside JSON (Accept: {accept})"
         )));
     }
     // The manager of a write's fields (managedFields).
@@ -710,11 +744,16 @@ async fn route<S: Store>(
     } else {
         String::new()
     };
-    crate::managed::writing_as(
+    let response = crate::managed::writing_as(
         crate::managed::Writer::Update(manager),
         resource(app, method, &target, &q, headers, user, body),
     )
-    .await
+    .await?;
+    let streaming = flag(&q, "watch") || target.sub.is_some_and(|s| s.name == "log");
+    if crate::protobuf::preferred(accept) && !streaming {
+        return Ok(as_protobuf(response).await);
+    }
+    Ok(response)
 }
 
 /// Parses `/api/v1/...` or `/apis/<group>/<version>/...` into a resource target.

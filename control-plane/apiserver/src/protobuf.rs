@@ -9,6 +9,11 @@
 //! names from the OpenAPI definitions this server publishes, so a name is spelled as kube's
 //! JSON spells it (`podIPs`, not `podIps`).
 //!
+//! Responses go the other way ([`encode`]) for a client that prefers protobuf (client-go's
+//! typed clients list it first): objects, lists and Status, with the same table. Anything the
+//! table cannot say (a field of a newer Kubernetes) leaves the answer in JSON, which those
+//! clients also take. Watches and Tables are answered in JSON.
+//!
 //! What JSON writes differently, converted as kube's types do: `Time` (seconds, nanos) as
 //! RFC 3339, `MicroTime` with microseconds, `IntOrString` as a number or a string, `Quantity`
 //! as its string, `RawExtension` and `FieldsV1` as the JSON they hold, bytes as base64, maps as
@@ -52,6 +57,25 @@ struct Field {
 }
 
 type Messages = HashMap<&'static str, HashMap<u32, Field>>;
+
+/// Each message's fields by JSON name (for encoding).
+fn names(message: &str) -> Option<&'static HashMap<&'static str, u32>> {
+    static NAMES: OnceLock<HashMap<&'static str, HashMap<&'static str, u32>>> = OnceLock::new();
+    NAMES
+        .get_or_init(|| {
+            messages()
+                .iter()
+                .map(|(m, fields)| {
+                    let by_name = fields
+                        .iter()
+                        .map(|(tag, f)| (f.json_name.as_str(), *tag))
+                        .collect();
+                    (*m, by_name)
+                })
+                .collect()
+        })
+        .get(message)
+}
 
 /// The messages, read once from the table and named after the OpenAPI definitions.
 fn messages() -> &'static Messages {
@@ -275,6 +299,175 @@ fn decode_message(bytes: &[u8], message: &str) -> Result<Value, String> {
         }
     }
     Ok(Value::Object(out))
+}
+
+/// Whether an Accept header puts protobuf first.
+pub fn preferred(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.split(';').next().unwrap_or("").trim() == MEDIA_TYPE)
+}
+
+/// An object (with apiVersion and kind) as a protobuf body.
+pub fn encode(object: &Value) -> Result<Vec<u8>, String> {
+    let text = |f: &str| object.get(f).and_then(Value::as_str).unwrap_or_default();
+    let (api_version, kind) = (text("apiVersion"), text("kind"));
+    if kind.is_empty() {
+        return Err("an object without a kind".into());
+    }
+    let raw = encode_message(object, &message_of(api_version, kind))?;
+    let mut type_meta = Vec::new();
+    put_bytes(&mut type_meta, 1, api_version.as_bytes());
+    put_bytes(&mut type_meta, 2, kind.as_bytes());
+    let mut unknown = Vec::new();
+    put_bytes(&mut unknown, 1, &type_meta);
+    put_bytes(&mut unknown, 2, &raw);
+    put_bytes(&mut unknown, 3, b"");
+    put_bytes(&mut unknown, 4, b"");
+    Ok([MAGIC, &unknown].concat())
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn put_key(buf: &mut Vec<u8>, tag: u32, wire: u64) {
+    put_varint(buf, (u64::from(tag) << 3) | wire);
+}
+
+fn put_bytes(buf: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
+    put_key(buf, tag, 2);
+    put_varint(buf, bytes.len() as u64);
+    buf.extend_from_slice(bytes);
+}
+
+/// One message's bytes from its JSON.
+fn encode_message(v: &Value, message: &str) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    match message {
+        TIME | MICRO_TIME => {
+            let at: jiff::Timestamp = v
+                .as_str()
+                .ok_or("a time must be a string")?
+                .parse()
+                .map_err(|e| format!("a time does not parse: {e}"))?;
+            put_key(&mut buf, 1, 0);
+            put_varint(&mut buf, at.as_second() as u64);
+            put_key(&mut buf, 2, 0);
+            put_varint(&mut buf, i64::from(at.subsec_nanosecond()) as u64);
+            return Ok(buf);
+        }
+        INT_OR_STRING => {
+            match v {
+                Value::String(s) => {
+                    put_key(&mut buf, 1, 0);
+                    put_varint(&mut buf, 1);
+                    put_bytes(&mut buf, 3, s.as_bytes());
+                }
+                _ => {
+                    let n = v.as_i64().ok_or("an int-or-string must be either")?;
+                    put_key(&mut buf, 1, 0);
+                    put_varint(&mut buf, 0);
+                    put_key(&mut buf, 2, 0);
+                    put_varint(&mut buf, n as u64);
+                }
+            }
+            return Ok(buf);
+        }
+        QUANTITY => {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return Err("a quantity must be a string".into()),
+            };
+            put_bytes(&mut buf, 1, text.as_bytes());
+            return Ok(buf);
+        }
+        RAW_EXTENSION | FIELDS_V1 => {
+            let raw = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+            put_bytes(&mut buf, 1, &raw);
+            return Ok(buf);
+        }
+        DURATION => return Err("durations are not encoded".into()),
+        _ => {}
+    }
+    let (fields, names) = match (messages().get(message), names(message)) {
+        (Some(f), Some(n)) => (f, n),
+        _ => return Err(format!("{message} is not a message this server encodes")),
+    };
+    let Value::Object(map) = v else {
+        return Err(format!("{message} must be an object"));
+    };
+    for (name, value) in map {
+        if value.is_null() {
+            continue;
+        }
+        let Some(tag) = names.get(name.as_str()) else {
+            if name == "apiVersion" || name == "kind" {
+                continue; // in the envelope
+            }
+            return Err(format!("{message} has no field {name}"));
+        };
+        let field = &fields[tag];
+        let at = |e: String| format!("{message}.{name}: {e}");
+        match field.label {
+            Label::Optional => put_value(&mut buf, *tag, field.kind, value).map_err(at)?,
+            Label::Repeated => {
+                for item in value
+                    .as_array()
+                    .ok_or_else(|| at("must be a list".into()))?
+                {
+                    put_value(&mut buf, *tag, field.kind, item).map_err(at)?;
+                }
+            }
+            Label::Map => {
+                for (key, item) in value
+                    .as_object()
+                    .ok_or_else(|| at("must be a map".into()))?
+                {
+                    let mut entry = Vec::new();
+                    put_bytes(&mut entry, 1, key.as_bytes());
+                    if !item.is_null() {
+                        put_value(&mut entry, 2, field.kind, item).map_err(at)?;
+                    }
+                    put_bytes(&mut buf, *tag, &entry);
+                }
+            }
+        }
+    }
+    Ok(buf)
+}
+
+fn put_value(buf: &mut Vec<u8>, tag: u32, kind: &str, v: &Value) -> Result<(), String> {
+    match kind {
+        "string" => put_bytes(buf, tag, v.as_str().ok_or("must be a string")?.as_bytes()),
+        "bytes" => {
+            let text = v.as_str().ok_or("must be base64 text")?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| format!("not base64: {e}"))?;
+            put_bytes(buf, tag, &bytes);
+        }
+        "bool" => {
+            put_key(buf, tag, 0);
+            put_varint(buf, u64::from(v.as_bool().ok_or("must be a boolean")?));
+        }
+        "int32" | "int64" => {
+            put_key(buf, tag, 0);
+            put_varint(buf, v.as_i64().ok_or("must be an integer")? as u64);
+        }
+        "double" => {
+            put_key(buf, tag, 1);
+            buf.extend_from_slice(&v.as_f64().ok_or("must be a number")?.to_le_bytes());
+        }
+        message => put_bytes(buf, tag, &encode_message(v, message)?),
+    }
+    Ok(())
 }
 
 fn is_varint(kind: &str) -> bool {
@@ -640,6 +833,66 @@ mod tests {
             data: [("a".to_owned(), "b".to_owned())].into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn answers_encode_as_kube_encodes_them() {
+        use k8s_pb::api::apps::v1 as apps;
+        let object = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "default", "uid": "u-1",
+                "resourceVersion": "42", "generation": 3,
+                "creationTimestamp": "2023-11-14T22:13:20Z",
+                "labels": {"app": "web"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                    "apiVersion": "apps/v1", "time": "2023-11-14T22:13:20Z",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}}}]},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "web"}},
+                "strategy": {"type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "web", "image": "nginx",
+                        "resources": {"limits": {"cpu": "500m"}}}]}}},
+            "status": {"replicas": 2, "conditions": [{"type": "Available", "status": "True",
+                "lastUpdateTime": "2023-11-14T22:13:20Z"}]}});
+        let body = encode(&object).unwrap();
+        // Read back by prost's types (k8s-pb): what a Go or Rust client decodes.
+        let unknown = Unknown::decode(&body[4..]).unwrap();
+        assert_eq!(
+            unknown.type_meta.unwrap().kind.as_deref(),
+            Some("Deployment")
+        );
+        let d = apps::Deployment::decode(unknown.raw.unwrap().as_slice()).unwrap();
+        let meta = d.metadata.unwrap();
+        assert_eq!(meta.resource_version.as_deref(), Some("42"));
+        assert_eq!(
+            meta.creation_timestamp.unwrap().seconds,
+            Some(1_700_000_000)
+        );
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(0));
+        let surge = spec
+            .strategy
+            .unwrap()
+            .rolling_update
+            .unwrap()
+            .max_surge
+            .unwrap();
+        assert_eq!(surge.str_val.as_deref(), Some("25%"));
+        // And the round trip gives the object back.
+        assert_eq!(decode(&body).unwrap(), object);
+    }
+
+    #[test]
+    fn what_the_table_cannot_say_is_not_encoded() {
+        let newer = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c"}, "fromTheFuture": true});
+        assert!(encode(&newer).unwrap_err().contains("fromTheFuture"));
+        assert!(preferred(
+            "application/vnd.kubernetes.protobuf, application/json"
+        ));
+        assert!(!preferred(
+            "application/json, application/vnd.kubernetes.protobuf"
+        ));
     }
 
     #[test]
