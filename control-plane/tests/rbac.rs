@@ -117,6 +117,22 @@ fn rbac_scenario(cp: &ControlPlane) {
     );
     cp.ok(&["apply", "-f", &widen]);
     assert_eq!(can(&["get", "secrets", "-n", "team"]), "yes");
+    // ... and the aggregation controller writes it into view's rules, for kubectl to show.
+    let view_shows_secrets = || {
+        cp.ok(&[
+            "get",
+            "clusterrole",
+            "view",
+            "-o",
+            "jsonpath={.rules[*].resources}",
+        ])
+        .contains("secrets")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !view_shows_secrets() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(view_shows_secrets(), "view's rules gathered secret-peek's");
     cp.ok(&["delete", "clusterrole", "secret-peek"]);
     assert_eq!(can(&["get", "secrets", "-n", "team"]), "no");
 

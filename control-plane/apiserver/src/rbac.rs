@@ -8,7 +8,8 @@
 //!   group), which is what the admin token's user is in.
 //! - Aggregated ClusterRoles (`aggregationRule`) hold the rules of every ClusterRole their
 //!   selectors match, so a ClusterRole labelled `rbac.authorization.k8s.io/aggregate-to-view`
-//!   extends `view`, as kube's aggregation controller makes it.
+//!   extends `view` at once (the controllers' aggregation loop also writes them into the
+//!   role's `rules`, for kubectl to show).
 //! - Nobody grants what they do not hold: a Role or ClusterRole written by a user must be
 //!   covered by that user's own rules unless it may `escalate`; a binding needs the role's
 //!   rules or `bind` on it (kube's escalation checks).
@@ -165,13 +166,16 @@ impl Policy {
         else {
             return Vec::new();
         };
-        let mut rules = strings_of(role.get("rules"));
-        for selector in role
+        let Some(selectors) = role
             .pointer("/aggregationRule/clusterRoleSelectors")
             .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        else {
+            return strings_of(role.get("rules"));
+        };
+        // An aggregated role's rules are what it gathers now; what the aggregation loop last
+        // wrote into it may be a moment behind.
+        let mut rules = Vec::new();
+        for selector in selectors {
             let Ok(selector) = LabelSelector::from_label_selector(selector) else {
                 continue;
             };

@@ -6,6 +6,7 @@
 //! the repair of ClusterIP and NodePort allocations, and LoadBalancer addresses from a pool. All are level-triggered: each
 //! reconciles one object from the cache's current state, however many events led there.
 
+pub mod aggregation;
 pub mod deployment;
 pub mod endpointslice;
 pub mod events;
@@ -81,6 +82,7 @@ pub fn start(
     podgc::start_pod_gc(client.clone(), settings.node_monitor_grace_period);
     namespace::start(client.clone());
     serviceaccount::start(client.clone());
+    aggregation::start(client.clone());
     gc::GarbageCollector::start(client.clone());
     repair::start(client.clone(), settings.repair_interval);
     loadbalancer::LoadBalancerController::start(
