@@ -733,16 +733,15 @@ async fn route<S: Store>(
             "answers are application/json, and protobuf where the client lists it first beside JSON (Accept: {accept})"
         )));
     }
-    // The manager of a write's fields (managedFields).
+    // The manager of a write's fields (managedFields); a DELETE (which can end in an update,
+    // a finalizer's) is named by its User-Agent.
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
     let manager = if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-        crate::managed::manager_of(
-            q.get("fieldManager").map(String::as_str),
-            headers
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok()),
-        )?
+        crate::managed::manager_of(q.get("fieldManager").map(String::as_str), user_agent)?
     } else {
-        String::new()
+        crate::managed::manager_of(None, user_agent).unwrap_or_else(|_| "unknown".into())
     };
     let response = crate::managed::writing_as(
         crate::managed::Writer::Update(manager),

@@ -40,6 +40,7 @@ const FIELDS_V1: &str = "k8s.io.apimachinery.pkg.apis.meta.v1.FieldsV1";
 const INT_OR_STRING: &str = "k8s.io.apimachinery.pkg.util.intstr.IntOrString";
 const QUANTITY: &str = "k8s.io.apimachinery.pkg.api.resource.Quantity";
 const RAW_EXTENSION: &str = "k8s.io.apimachinery.pkg.runtime.RawExtension";
+const OBJECT_META: &str = "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Label {
@@ -263,7 +264,10 @@ fn decode_message(bytes: &[u8], message: &str) -> Result<Value, String> {
         match field.label {
             Label::Optional => {
                 let value = value(field.kind, wire).map_err(at)?;
-                if !(value.is_null() || value == json!("")) {
+                // ObjectMeta's generation is the server's, and Go writes its zero.
+                let unset_generation =
+                    message == OBJECT_META && field.json_name == "generation" && value == json!(0);
+                if !(value.is_null() || value == json!("") || unset_generation) {
                     out.insert(field.json_name.clone(), value);
                 }
             }
