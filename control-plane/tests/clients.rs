@@ -546,10 +546,42 @@ fn server_side_apply_scenario(cp: &ControlPlane) {
     );
 }
 
+/// An object kubectl applied client-side moves to server-side apply without conflicts:
+/// kubectl hands the client-side manager's fields over by patching managedFields, which the
+/// server takes as sent.
+fn client_side_to_server_side(cp: &ControlPlane) {
+    let file = |replicas: u32| {
+        cp.file(
+            "moved.yaml",
+            &web_yaml(replicas, "nginx:1.27")
+                .split("---")
+                .next()
+                .unwrap()
+                .replace("name: web\n  labels", "name: moved\n  labels"),
+        )
+    };
+    cp.ok(&["apply", "-f", &file(2)]);
+    let moved = cp.ok(&["apply", "--server-side", "-f", &file(3)]);
+    assert!(moved.contains("serverside-applied"), "{moved}");
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "deployment",
+            "moved",
+            "-o",
+            "jsonpath={.spec.replicas} {.metadata.managedFields[*].manager}"
+        ]),
+        "3 kubectl-client-side-apply kubectl kubectl-last-applied",
+        "replicas moved to kubectl's apply; the client-side manager keeps what it shares, and \
+         kubectl updates its annotation as its own manager"
+    );
+}
+
 #[test]
 fn server_side_apply_on_the_embedded_store() {
     let cp = ControlPlane::start("embedded:{dir}", &[]);
     server_side_apply_scenario(&cp);
+    client_side_to_server_side(&cp);
 }
 
 #[test]

@@ -396,9 +396,9 @@ fn now() -> String {
 }
 
 /// Records a create (`old` none) or an update of `new` in its managedFields, as the task's
-/// [`Writer`] says: an update's manager takes the fields it changed; an apply's object keeps
-/// what [`apply`] wrote; a write without a writer (the controllers) leaves ownership as it
-/// was.
+/// [`Writer`] says: an update's manager takes the fields it changed (over the managedFields
+/// the client sent, if it changed them); an apply's object keeps what [`apply`] wrote; a write
+/// without a writer (the controllers) leaves ownership as it was.
 pub fn track(def: &ResourceDef, old: Option<&Value>, new: &mut Value, subresource: Option<&str>) {
     let manager = match writer() {
         Some(Writer::Apply) => return,
@@ -410,7 +410,15 @@ pub fn track(def: &ResourceDef, old: Option<&Value>, new: &mut Value, subresourc
         }
     };
     let part = Part::of(def, subresource);
-    let mut entries = old.map(entries_of).unwrap_or_default();
+    // managedFields the client set itself (kubectl's move from client-side to server-side
+    // apply patches them; `[{}]` clears them) are taken as they are, as kube-apiserver takes
+    // them; otherwise the stored ones carry on.
+    let sent = new.pointer("/metadata/managedFields");
+    let stored = old.and_then(|o| o.pointer("/metadata/managedFields"));
+    let mut entries = match sent {
+        Some(sent) if Some(sent) != stored => entries_of(new),
+        _ => old.map(entries_of).unwrap_or_default(),
+    };
     let after = fields_of(def.kind, new, part);
     let before = old.map_or_else(FieldSet::new, |o| fields_of(def.kind, o, part));
     let changed: FieldSet = after
@@ -558,7 +566,15 @@ pub fn apply(
             }
         }
     }
-    if !conflicts.is_empty() && !force {
+    // An object kubectl applied client-side moves to server-side apply as in kube-apiserver
+    // (its lastAppliedManager): for kubectl's manager, conflicts over fields of the
+    // last-applied configuration are taken over as if forced.
+    let upgrade = manager == "kubectl"
+        && last_applied(live).is_some_and(|last| {
+            let fields = fields_of(def.kind, &last, part);
+            conflicts.iter().all(|(_, _, path)| fields.contains(path))
+        });
+    if !conflicts.is_empty() && !force && !upgrade {
         return Err(conflict_error(&conflicts));
     }
     for e in entries.iter_mut().filter(|e| !mine(e)) {
@@ -628,6 +644,18 @@ pub fn apply(
     entries.push(entry(wanted));
     set_entries(&mut merged, &entries);
     Ok(merged)
+}
+
+/// The annotation kubectl's client-side apply keeps.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The last configuration kubectl applied client-side, if the object carries it.
+fn last_applied(obj: &Value) -> Option<Value> {
+    let text = obj
+        .pointer("/metadata/annotations")?
+        .get(LAST_APPLIED)?
+        .as_str()?;
+    serde_json::from_str(text).ok()
 }
 
 /// kube's 409 for an apply's conflicts.
