@@ -165,8 +165,40 @@ fn message_of(api_version: &str, kind: &str) -> String {
     format!("k8s.io.api.{package}.{version}.{kind}")
 }
 
+/// How deep objects may nest in objects (a `List`'s items are envelopes of their own): a
+/// body nested deeper is refused rather than followed down the stack.
+const MAX_NESTING: usize = 16;
+
+thread_local! {
+    static NESTING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one level of nesting while it lives.
+struct Nested;
+
+impl Nested {
+    fn enter() -> Result<Self, String> {
+        let depth = NESTING.with(|n| {
+            n.set(n.get() + 1);
+            n.get()
+        });
+        let guard = Nested;
+        if depth > MAX_NESTING {
+            return Err(format!("objects nested more than {MAX_NESTING} deep"));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        NESTING.with(|n| n.set(n.get() - 1));
+    }
+}
+
 /// A body: its object as JSON (apiVersion and kind first).
 pub fn decode(body: &[u8]) -> Result<Value, String> {
+    let _nested = Nested::enter()?;
     let Some(unknown) = body.strip_prefix(MAGIC) else {
         return Err("a protobuf body must start with the bytes \"k8s\\0\"".into());
     };
@@ -897,6 +929,24 @@ mod tests {
         assert!(!preferred(
             "application/json, application/vnd.kubernetes.protobuf"
         ));
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        // A List whose one item is a List whose one item is ... 100 deep.
+        let mut body = envelope("v1", "ConfigMap", &core_config_map());
+        for _ in 0..100 {
+            let raw = k8s_pb::apimachinery::pkg::runtime::RawExtension { raw: Some(body) };
+            let list = k8s_pb::api::core::v1::List {
+                metadata: None,
+                items: vec![raw],
+            };
+            body = envelope("v1", "List", &list);
+        }
+        let error = decode(&body).unwrap_err();
+        assert!(error.contains("nested more than"), "{error}");
+        // The counter unwound: a plain body still decodes.
+        assert!(decode(&envelope("v1", "ConfigMap", &core_config_map())).is_ok());
     }
 
     #[test]
