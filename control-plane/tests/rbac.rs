@@ -210,6 +210,27 @@ fn rbac_scenario(cp: &ControlPlane) {
         "{}",
         stderr(&role)
     );
+    // A role too large to compare piece by piece is refused, not multiplied out.
+    let many = |prefix: &str| {
+        (0..400)
+            .map(|i| format!("{prefix}{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let big = cp.file(
+        "big.yaml",
+        &format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: big\n  namespace: team\nrules:\n- apiGroups: [\"\"]\n  verbs: [{}]\n  resources: [{}]\n",
+            many("v"),
+            many("r")
+        ),
+    );
+    let big = as_token(cp, &token, &["create", "-f", &big]);
+    assert!(
+        stderr(&big).contains("160000 verb/group/resource/name combinations"),
+        "{}",
+        stderr(&big)
+    );
     // A binding's role never changes.
     let changed = cp.kubectl(&[
         "patch",

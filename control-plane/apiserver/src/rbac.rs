@@ -360,6 +360,9 @@ fn covers(owner: &[Value], piece: &Attributes) -> bool {
     owner.iter().any(|rule| rule_allows(rule, piece))
 }
 
+/// Most rule pieces one escalation check compares.
+const MAX_PIECES: usize = 100_000;
+
 /// The rules of `wanted` that `user` does not hold in `namespace`, as kube lists them.
 async fn not_held<S: Store>(
     registry: &Registry<S>,
@@ -367,6 +370,25 @@ async fn not_held<S: Store>(
     namespace: &str,
     wanted: &[Value],
 ) -> ApiResult<Vec<String>> {
+    // Each rule is compared piece by piece (verbs × groups × resources × names): bounded, so
+    // a role of a few long lists cannot keep the server busy multiplying them.
+    let count: usize = wanted
+        .iter()
+        .map(|rule| {
+            let n = |f: &str| strings(rule, f).len().max(1);
+            n("verbs")
+                .saturating_mul(n("apiGroups"))
+                .saturating_mul(n("resources"))
+                .saturating_mul(n("resourceNames"))
+                .saturating_add(strings(rule, "nonResourceURLs").len())
+        })
+        .fold(0, usize::saturating_add);
+    if count > MAX_PIECES {
+        return Err(ApiError::forbidden(format!(
+            "the rules hold {count} verb/group/resource/name combinations; a user outside \
+             system:masters may grant at most {MAX_PIECES} at once"
+        )));
+    }
     let policy = Policy::read(registry).await?;
     let owner = policy.rules_for(registry, user, namespace).await?;
     let mut missing = BTreeSet::new();
