@@ -81,6 +81,14 @@ fn rbac_scenario(cp: &ControlPlane) {
     ]);
     let pods = as_token(cp, &token, &["get", "pods", "-n", "team"]);
     assert!(pods.status.success(), "{}", stderr(&pods));
+    // Its own namespace object is in the namespace, as in kube.
+    let own = as_token(cp, &token, &["get", "namespace", "team"]);
+    assert!(own.status.success(), "{}", stderr(&own));
+    assert!(
+        !as_token(cp, &token, &["get", "namespace", "default"])
+            .status
+            .success()
+    );
     let elsewhere = as_token(cp, &token, &["get", "pods", "-n", "default"]);
     assert!(stderr(&elsewhere).contains("in the namespace \"default\""));
     let write = as_token(

@@ -368,13 +368,20 @@ fn attributes(method: &Method, uri: &Uri, path: &str) -> crate::rbac::Attributes
             .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned))
             .filter(|n| !n.contains(','))
     });
+    // A namespace is in itself, as kube's request info has it: a RoleBinding in `team` can
+    // grant reading the `team` Namespace.
+    let namespace = match (target.namespace, target.def.kind, &target.name) {
+        (Some(ns), ..) => ns,
+        (None, "Namespace", Some(name)) if target.def.group.is_empty() => name.clone(),
+        _ => String::new(),
+    };
     crate::rbac::Attributes {
         verb: verb.to_owned(),
         path: None,
         api_group: target.def.group.to_owned(),
         resource: target.def.plural.to_owned(),
         subresource: target.sub.map(|s| s.name.to_owned()).unwrap_or_default(),
-        namespace: target.namespace.unwrap_or_default(),
+        namespace,
         name: name.unwrap_or_default(),
     }
 }
