@@ -418,6 +418,26 @@ async fn not_held<S: Store>(
     Ok(missing.into_iter().collect())
 }
 
+/// Whether `user` may use a special RBAC verb (`escalate`, `bind`) on a role by name.
+async fn may<S: Store>(
+    registry: &Registry<S>,
+    user: &UserInfo,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> ApiResult<bool> {
+    let attrs = Attributes {
+        verb: verb.into(),
+        api_group: GROUP.into(),
+        resource: resource.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+        ..Attributes::default()
+    };
+    allowed(registry, user, &attrs).await
+}
+
 /// kube's escalation checks on a write of an RBAC object by `user`: a role's rules must be
 /// the user's own (or it may `escalate`), a binding's role too (or it may `bind` it).
 pub async fn check_escalation<S: Store>(
@@ -431,7 +451,7 @@ pub async fn check_escalation<S: Store>(
         return Ok(());
     }
     let name = crate::object::name(object).unwrap_or_default().to_owned();
-    let (resource, wanted, special) = match kind {
+    let (resource, wanted) = match kind {
         "Role" | "ClusterRole" => {
             let resource = if kind == "Role" {
                 "roles"
@@ -451,7 +471,10 @@ pub async fn check_escalation<S: Store>(
                 }
                 .cluster_role_rules(&name);
             }
-            (resource, wanted, "escalate")
+            if may(registry, user, "escalate", resource, namespace, &name).await? {
+                return Ok(());
+            }
+            (resource, wanted)
         }
         _ => {
             let role_kind = object
@@ -468,20 +491,12 @@ pub async fn check_escalation<S: Store>(
                 "clusterrolebindings"
             };
             // May it bind that role by name?
-            let (role_resource, role_ns) = if role_kind == "Role" {
-                ("roles", namespace)
+            let role_resource = if role_kind == "Role" {
+                "roles"
             } else {
-                ("clusterroles", namespace)
+                "clusterroles"
             };
-            let bind = Attributes {
-                verb: "bind".into(),
-                api_group: GROUP.into(),
-                resource: role_resource.into(),
-                namespace: role_ns.into(),
-                name: role_name.into(),
-                ..Attributes::default()
-            };
-            if allowed(registry, user, &bind).await? {
+            if may(registry, user, "bind", role_resource, namespace, role_name).await? {
                 return Ok(());
             }
             let rules = match role_kind {
@@ -493,22 +508,9 @@ pub async fn check_escalation<S: Store>(
                     .unwrap_or_default(),
                 _ => Policy::read(registry).await?.cluster_role_rules(role_name),
             };
-            (resource, rules, "")
+            (resource, rules)
         }
     };
-    if !special.is_empty() {
-        let escalate = Attributes {
-            verb: special.into(),
-            api_group: GROUP.into(),
-            resource: resource.into(),
-            namespace: namespace.into(),
-            name: name.clone(),
-            ..Attributes::default()
-        };
-        if allowed(registry, user, &escalate).await? {
-            return Ok(());
-        }
-    }
     let missing = not_held(registry, user, namespace, &wanted).await?;
     if missing.is_empty() {
         return Ok(());
