@@ -220,7 +220,151 @@ fn note_error(status: &Mutex<StreamStatus>, e: &tonic::Status) {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+
+    use futures::{Stream, StreamExt};
+    use tonic::{Request, Response, Status};
+
     use super::*;
+    use crate::{
+        NodeAuth,
+        feed::{
+            FeedMessage, HeartbeatResponse, PodStatusAck, PodStatusReport,
+            delta::Change,
+            node_feed_server::{NodeFeed, NodeFeedServer},
+        },
+        view::tests::{deltas, service, snapshot},
+    };
+
+    /// A feed whose n-th Watch answers with `script[n]`, then holds the stream open (`true`)
+    /// or ends it; it keeps every request.
+    struct Scripted {
+        script: Vec<(Vec<FeedMessage>, bool)>,
+        requests: Arc<Mutex<Vec<WatchRequest>>>,
+    }
+
+    type Messages = Pin<Box<dyn Stream<Item = Result<FeedMessage, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl NodeFeed for Scripted {
+        async fn register(
+            &self,
+            _: Request<RegisterRequest>,
+        ) -> Result<Response<RegisterResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn heartbeat(
+            &self,
+            _: Request<HeartbeatRequest>,
+        ) -> Result<Response<HeartbeatResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn report_pod_status(
+            &self,
+            _: Request<PodStatusReport>,
+        ) -> Result<Response<PodStatusAck>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        type WatchStream = Messages;
+
+        async fn watch(
+            &self,
+            request: Request<WatchRequest>,
+        ) -> Result<Response<Messages>, Status> {
+            let n = {
+                let mut requests = self.requests.lock().unwrap();
+                requests.push(request.into_inner());
+                requests.len() - 1
+            };
+            let (messages, hold) = self.script.get(n).cloned().unwrap_or_default();
+            let messages = futures::stream::iter(messages.into_iter().map(Ok));
+            Ok(Response::new(if hold {
+                Box::pin(messages.chain(futures::stream::pending()))
+            } else {
+                Box::pin(messages)
+            }))
+        }
+    }
+
+    /// A message the view refuses (a delta older than what it holds) costs the stream and
+    /// asks for a snapshot (`resume_from` 0), never a panic; a stream that merely ends
+    /// resumes from the version held, with the history's epoch.
+    #[tokio::test]
+    async fn a_refused_message_brings_a_fresh_snapshot_and_an_ended_stream_resumes() {
+        let mut fresh = snapshot(9, &["fresh"], true);
+        if let Some(crate::feed::feed_message::Kind::Snapshot(chunk)) = &mut fresh.kind {
+            chunk.epoch = "store-1".into();
+        }
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let feed = Scripted {
+            script: vec![
+                (
+                    vec![
+                        snapshot(5, &["a"], true),
+                        deltas(4, vec![(4, Change::Service(service("stale")))]),
+                    ],
+                    true,
+                ),
+                (vec![fresh], false),
+                (vec![], true),
+            ],
+            requests: requests.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = futures::stream::unfold(listener, |listener| async move {
+            let accepted = listener.accept().await.map(|(socket, _)| socket);
+            Some((accepted, listener))
+        });
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(NodeFeedServer::new(feed))
+                .serve_with_incoming(incoming),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = crate::client(channel, NodeAuth(None));
+
+        let view = Arc::new(Mutex::new(View::default()));
+        let status = Arc::new(Mutex::new(StreamStatus::default()));
+        let follower = tokio::spawn(follow(
+            client,
+            "node-1".into(),
+            view.clone(),
+            status.clone(),
+            |_, _| {},
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while requests.lock().unwrap().len() < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the session stopped asking: {:?}",
+                requests.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        follower.abort();
+        server.abort();
+
+        let requests = requests.lock().unwrap();
+        let asked: Vec<(u64, &str)> = requests
+            .iter()
+            .map(|r| (r.resume_from, r.epoch.as_str()))
+            .collect();
+        assert_eq!(asked, [(0, ""), (0, ""), (9, "store-1")]);
+        let view = view.lock().unwrap();
+        let names: Vec<&str> = view.services.values().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["fresh"], "the refused delta left no trace");
+        assert_eq!(view.version, 9);
+        let status = status.lock().unwrap();
+        assert_eq!((status.resyncs, status.reconnects), (1, 2), "{status:?}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_with_bounded_jitter_and_resets() {

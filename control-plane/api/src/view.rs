@@ -309,11 +309,11 @@ impl View {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::feed::{Delta, Deltas, ObjectRef, SnapshotChunk};
 
-    fn service(name: &str) -> feed::Service {
+    pub(crate) fn service(name: &str) -> feed::Service {
         feed::Service {
             namespace: "default".into(),
             name: name.into(),
@@ -322,7 +322,7 @@ mod tests {
         }
     }
 
-    fn snapshot(version: u64, services: &[&str], last: bool) -> FeedMessage {
+    pub(crate) fn snapshot(version: u64, services: &[&str], last: bool) -> FeedMessage {
         FeedMessage {
             kind: Some(feed_message::Kind::Snapshot(SnapshotChunk {
                 version,
@@ -333,7 +333,7 @@ mod tests {
         }
     }
 
-    fn deltas(version: u64, changes: Vec<(u64, Change)>) -> FeedMessage {
+    pub(crate) fn deltas(version: u64, changes: Vec<(u64, Change)>) -> FeedMessage {
         FeedMessage {
             kind: Some(feed_message::Kind::Deltas(Deltas {
                 version,
