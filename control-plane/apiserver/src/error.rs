@@ -250,7 +250,7 @@ impl ApiError {
     /// complaint) is for the operator: logged with an id, which is all the client gets.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         let id = format!("{:08x}", rand::random::<u32>());
-        tracing::error!(error_id = %id, "internal error: {e}");
+        tracing::error!(error_id = %id, error = %e, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",

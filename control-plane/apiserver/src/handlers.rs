@@ -613,7 +613,7 @@ async fn as_protobuf(response: Response) -> Response {
             Response::from_parts(parts, axum::body::Body::from(pb))
         }
         Err(e) => {
-            tracing::debug!("answered in JSON, not protobuf: {e}");
+            tracing::debug!(error = %e, "answered in JSON, not protobuf");
             Response::from_parts(parts, axum::body::Body::from(bytes))
         }
     }
@@ -663,7 +663,7 @@ async fn route<S: Store>(
                             Ok(Err(e)) => format!("{e:#}"),
                             _ => format!("no answer within {STORE_CHECK:?}"),
                         };
-                        tracing::warn!("readiness: the store failed: {why}");
+                        tracing::warn!(reason = %why, "readiness: the store failed");
                         (
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "[-]etcd failed: reason withheld\nreadyz check failed\n",

@@ -404,7 +404,7 @@ pub fn spawn_compactor<S: Store>(store: Arc<S>, interval: Duration) {
             if let Some(rev) = previous
                 && let Err(e) = store.compact(rev).await
             {
-                tracing::warn!("compaction to {rev}: {e}");
+                tracing::warn!(revision = %rev, error = %e, "compaction failed");
             }
             previous = store.revision().await.ok();
         }
@@ -460,7 +460,10 @@ pub async fn serve<S: Store>(
             };
             match reloaded {
                 Ok(()) => tracing::info!("serving certificate renewed"),
-                Err(e) => tracing::error!("renew the serving certificate: {e:#}"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "renewing the serving certificate failed"
+                ),
             }
         }
     });

@@ -108,7 +108,7 @@ fn decode<K: Object>(kv: &KeyValue) -> Option<K> {
             Some(obj)
         }
         Err(e) => {
-            tracing::warn!("{} at {} does not decode: {e}", K::KIND, kv.key);
+            tracing::warn!(kind = %K::KIND, key = %kv.key, error = %e, "an object does not decode");
             None
         }
     }
@@ -310,7 +310,7 @@ impl<K: Object> Informer<K> {
             let revision = match self.relist(&store).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!("list {}: {e:#}", self.prefix);
+                    tracing::warn!(prefix = %self.prefix, error = format!("{e:#}"), "list failed");
                     failures += 1;
                     continue;
                 }
@@ -319,7 +319,7 @@ impl<K: Object> Informer<K> {
             let mut watch = match store.watch(&self.prefix, revision).await {
                 Ok(w) => w,
                 Err(e) => {
-                    tracing::warn!("watch {}: {e:#}", self.prefix);
+                    tracing::warn!(prefix = %self.prefix, error = format!("{e:#}"), "watch failed");
                     failures += 1;
                     continue;
                 }
@@ -344,7 +344,7 @@ impl<K: Object> Informer<K> {
                         delivered = true;
                     }
                     Err(e) => {
-                        tracing::info!("watch {} ended ({e}); listing again", self.prefix);
+                        tracing::info!(prefix = %self.prefix, error = %e, "watch ended; listing again");
                         break;
                     }
                 }

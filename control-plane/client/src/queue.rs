@@ -157,7 +157,7 @@ pub fn run_workers<T, F, Fut, E>(
                         }
                     }
                     Err(e) => {
-                        tracing::info!("{name}: {key}: {e}");
+                        tracing::info!(controller = %name, %key, error = %e, "reconcile failed");
                         queue.done(&key, false);
                         queue.retry(key);
                     }

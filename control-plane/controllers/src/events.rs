@@ -83,7 +83,7 @@ pub fn start_expiry(registry: Arc<Registry<AnyStore>>, ttl: Duration) {
                     events
                 }
                 Err(e) => {
-                    tracing::warn!("list events to expire: {e}");
+                    tracing::warn!(error = %e, "listing events to expire failed");
                     params.continue_token = None;
                     continue;
                 }
@@ -110,7 +110,7 @@ pub fn start_expiry(registry: Arc<Registry<AnyStore>>, ttl: Duration) {
                     && e.reason != "NotFound"
                     && e.reason != "Conflict"
                 {
-                    tracing::warn!("expire event {name}: {e}");
+                    tracing::warn!(%name, error = %e, "expiring an event failed");
                 }
             }
         }
@@ -152,7 +152,7 @@ impl Recorder {
                         // Expired or deleted: written anew.
                         Err(e) if e.reason == "NotFound" => {}
                         Err(e) => {
-                            tracing::debug!("event: {e}");
+                            tracing::debug!(error = %e, "updating a repeated event failed");
                             continue;
                         }
                     }
@@ -171,7 +171,7 @@ impl Recorder {
                             ),
                         );
                     }
-                    Err(e) => tracing::debug!("event: {e}"),
+                    Err(e) => tracing::debug!(error = %e, "creating an event failed"),
                 }
             }
         });

@@ -68,7 +68,7 @@ pub fn start(registry: Arc<Registry<AnyStore>>, settings: Settings, election: El
                 Ok(Attempt::Other(holder)) => {
                     tracing::debug!(%holder, "another control plane leads");
                 }
-                Err(e) => tracing::warn!("leader election: {e}"),
+                Err(e) => tracing::warn!(error = %e, "leader election failed"),
             }
             tokio::time::sleep(election.retry_period).await;
         }
@@ -90,14 +90,17 @@ async fn lead(
     {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!("a runtime for the control loops: {e}");
+            tracing::error!(error = %e, "building a runtime for the control loops failed");
             return;
         }
     };
     {
         let _inside = runtime.enter();
         if let Err(e) = crate::start(registry.clone(), settings) {
-            tracing::error!("control loops: {e:#}");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "starting the control loops failed"
+            );
         }
     }
     let mut renewed = Instant::now();
@@ -110,12 +113,13 @@ async fn lead(
                 break;
             }
             Err(e) if renewed.elapsed() < election.renew_deadline => {
-                tracing::warn!("renew the lease: {e}");
+                tracing::warn!(error = %e, "renewing the lease failed");
             }
             Err(e) => {
                 tracing::warn!(
-                    "could not renew the lease for {:?}: {e}",
-                    election.renew_deadline
+                    renew_deadline = ?election.renew_deadline,
+                    error = %e,
+                    "could not renew the lease"
                 );
                 break;
             }

@@ -224,8 +224,9 @@ impl Lifecycle {
                 for node in nodes {
                     if let Err(e) = lifecycle.check(&node).await {
                         tracing::info!(
-                            "node lifecycle: {}: {e}",
-                            node.metadata.name.as_deref().unwrap_or_default()
+                            node = %node.metadata.name.as_deref().unwrap_or_default(),
+                            error = %e,
+                            "node lifecycle check failed"
                         );
                     }
                 }

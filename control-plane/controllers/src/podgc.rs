@@ -139,7 +139,7 @@ pub fn start_pod_gc(client: Client, quarantine: Duration) {
         loop {
             tick.tick().await;
             if let Err(e) = collect(&client, &pods, &nodes, quarantine, &missing).await {
-                tracing::info!("pod GC: {e}");
+                tracing::info!(error = %e, "pod GC failed");
             }
         }
     });

@@ -150,7 +150,7 @@ pub fn start(client: Client, period: Duration) {
             {
                 Ok((items, _)) => items,
                 Err(e) => {
-                    tracing::warn!("allocation repair: list services: {e}");
+                    tracing::warn!(error = %e, "allocation repair: listing services failed");
                     continue;
                 }
             };
@@ -215,13 +215,14 @@ pub fn start(client: Client, period: Duration) {
                         }
                         if !report.repaired.is_empty() || !report.released.is_empty() {
                             tracing::info!(
-                                "allocation repair: {what}s marked allocated again: {:?}; leaks released: {:?}",
-                                report.repaired.iter().map(|n| show(*n)).collect::<Vec<_>>(),
-                                report.released.iter().map(|n| show(*n)).collect::<Vec<_>>()
+                                kind = %what,
+                                repaired = ?report.repaired.iter().map(|n| show(*n)).collect::<Vec<_>>(),
+                                released = ?report.released.iter().map(|n| show(*n)).collect::<Vec<_>>(),
+                                "allocation repair: marked allocated again; leaks released"
                             );
                         }
                     }
-                    Err(e) => tracing::warn!("allocation repair of {what}s: {e:?}"),
+                    Err(e) => tracing::warn!(kind = %what, error = ?e, "allocation repair failed"),
                 }
             }
         }

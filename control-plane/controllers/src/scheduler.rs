@@ -577,7 +577,7 @@ impl Scheduler {
                 Err(e) => {
                     s.cache.lock().expect("not poisoned").remove(&key);
                     if e.reason != "NotFound" && e.reason != "Conflict" {
-                        tracing::info!("bind {key} to {node}: {e}");
+                        tracing::info!(pod = %key, %node, error = %e, "binding failed");
                         s.active.retry(key);
                     }
                 }
@@ -616,7 +616,7 @@ impl Scheduler {
         if let Err(e) = result
             && e.reason != "NotFound"
         {
-            tracing::info!("report {key} unschedulable: {e}");
+            tracing::info!(pod = %key, error = %e, "reporting the pod unschedulable failed");
         }
     }
 }

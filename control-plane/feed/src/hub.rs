@@ -318,7 +318,10 @@ impl Hub {
                     let _ = self.epoch.set(epoch);
                 }
                 Err(e) => {
-                    tracing::warn!("feed: read the store's epoch: {e:#}");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "feed: reading the store's epoch failed"
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -339,12 +342,14 @@ impl Hub {
                 Ok(r) => r,
                 Err(e) if start.is_some() => {
                     tracing::info!(
-                        "feed: cannot read history from {start:?} ({e:#}); starting from now"
+                        ?start,
+                        error = format!("{e:#}"),
+                        "feed: cannot read history; starting from now"
                     );
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!("feed: load: {e:#}");
+                    tracing::warn!(error = format!("{e:#}"), "feed: load failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -352,7 +357,7 @@ impl Hub {
             let mut watch = match store.watch("/registry/", revision).await {
                 Ok(w) => w,
                 Err(e) => {
-                    tracing::warn!("feed: watch: {e:#}");
+                    tracing::warn!(error = format!("{e:#}"), "feed: watch failed");
                     continue;
                 }
             };
@@ -366,7 +371,7 @@ impl Hub {
                     ),
                     Err(e) => {
                         // The history the hub had is no longer continuous: agents resync.
-                        tracing::info!("feed: watch ended ({e}); loading again");
+                        tracing::info!(error = %e, "feed: watch ended; loading again");
                         break;
                     }
                 }
