@@ -59,6 +59,10 @@ pub struct SyncStatus {
     pub last_sync_unix: f64,
     pub last_sync_ms: f64,
     pub version: u64,
+    /// `full` (everything rewritten) or `incremental` (only the services that changed).
+    pub kind: &'static str,
+    /// Services (eBPF) or chains (iptables) the last sync wrote.
+    pub written: usize,
     pub services: usize,
     pub endpoints: usize,
     pub kernel_objects: u64,
@@ -234,18 +238,13 @@ fn node_settings(view: &View, node: &str, cidrs: &[ipnet::Ipv4Net]) -> Option<No
         .iter()
         .find_map(|c| c.parse::<ipnet::Ipv4Net>().ok())
         .map(|c| (c.network(), c.prefix_len()));
-    let mut nodeport_addrs: Vec<std::net::Ipv4Addr> = if cidrs.is_empty() {
-        internal.into_iter().collect()
+    // The node's own addresses are only read when they are asked for.
+    let local = if cidrs.is_empty() {
+        Vec::new()
     } else {
-        local_addrs()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, addr)| addr)
-            .filter(|addr| cidrs.iter().any(|c| c.contains(addr)))
-            .collect()
+        local_addrs().unwrap_or_default()
     };
-    nodeport_addrs.sort();
-    nodeport_addrs.dedup();
+    let nodeport_addrs = nodeport_addrs(internal, cidrs, local);
     let mut peer_addrs: Vec<std::net::Ipv4Addr> = view
         .nodes
         .iter()
@@ -259,6 +258,28 @@ fn node_settings(view: &View, node: &str, cidrs: &[ipnet::Ipv4Net]) -> Option<No
         nodeport_addrs,
         peer_addrs,
     })
+}
+
+/// The addresses NodePorts answer on: with no `cidrs`, the node's InternalIP (as kube-proxy's
+/// nftables mode, and its `--nodeport-addresses primary`); else every `local` address (by
+/// interface) inside one of them, loopback excepted (`0.0.0.0/0`: every node address).
+fn nodeport_addrs(
+    internal: Option<std::net::Ipv4Addr>,
+    cidrs: &[ipnet::Ipv4Net],
+    local: Vec<(String, std::net::Ipv4Addr)>,
+) -> Vec<std::net::Ipv4Addr> {
+    let mut addrs: Vec<std::net::Ipv4Addr> = if cidrs.is_empty() {
+        internal.into_iter().collect()
+    } else {
+        local
+            .into_iter()
+            .map(|(_, addr)| addr)
+            .filter(|addr| !addr.is_loopback() && cidrs.iter().any(|c| c.contains(addr)))
+            .collect()
+    };
+    addrs.sort();
+    addrs.dedup();
+    addrs
 }
 
 /// Collects the data plane's expired flows and publishes what it found.
@@ -526,6 +547,10 @@ impl SyncState {
                     self.counted = Some(Instant::now());
                 }
                 let kernel_objects = self.kernel_objects;
+                metrics
+                    .sync_writes
+                    .get_or_create(&SyncLabels { kind })
+                    .inc_by(report.written as u64);
                 metrics.last_applied_version.set(version as i64);
                 let now = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -566,6 +591,8 @@ impl SyncState {
                     last_sync_unix: now,
                     last_sync_ms: report.duration.as_secs_f64() * 1e3,
                     version,
+                    kind,
+                    written: report.written,
                     services: self.state.services.len(),
                     endpoints,
                     kernel_objects,
@@ -591,5 +618,53 @@ impl SyncState {
                 Applied::Failed
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeports_answer_on_the_internal_ip_or_the_local_addresses_asked_for() {
+        let internal = Some("192.168.1.10".parse().unwrap());
+        let local: Vec<(String, std::net::Ipv4Addr)> = [
+            ("lo", "127.0.0.1"),
+            ("eth0", "192.168.1.10"),
+            ("eth0", "192.168.1.11"),
+            ("eth1", "10.20.0.5"),
+            ("cni0", "10.244.0.1"),
+        ]
+        .iter()
+        .map(|(i, a)| (i.to_string(), a.parse().unwrap()))
+        .collect();
+        let cidrs = |list: &[&str]| -> Vec<ipnet::Ipv4Net> {
+            list.iter().map(|c| c.parse().unwrap()).collect()
+        };
+        let addrs = |v: Vec<std::net::Ipv4Addr>| -> Vec<String> {
+            v.iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(
+            addrs(nodeport_addrs(internal, &[], local.clone())),
+            ["192.168.1.10"]
+        );
+        assert_eq!(
+            addrs(nodeport_addrs(
+                internal,
+                &cidrs(&["192.168.1.0/24", "10.20.0.0/16"]),
+                local.clone()
+            )),
+            ["10.20.0.5", "192.168.1.10", "192.168.1.11"]
+        );
+        assert_eq!(
+            addrs(nodeport_addrs(
+                internal,
+                &cidrs(&["0.0.0.0/0"]),
+                local.clone()
+            )),
+            ["10.20.0.5", "10.244.0.1", "192.168.1.10", "192.168.1.11"],
+            "every address but loopback"
+        );
+        assert!(nodeport_addrs(internal, &cidrs(&["172.16.0.0/12"]), local).is_empty());
     }
 }

@@ -97,9 +97,10 @@ pub struct RunArgs {
     /// (glob on paths, repeatable; e.g. '/run/netns/cni-*')
     #[arg(long = "pod-netns", value_name = "GLOB")]
     pub pod_netns: Vec<String>,
-    /// The node addresses NodePorts answer on, as CIDRs: every local address in one of them
-    /// (kube-proxy's --nodeport-addresses; comma-separated or repeated). Default: the node's
-    /// InternalIP
+    /// The node addresses NodePorts answer on, as CIDRs: every local address in one of them,
+    /// loopback excepted (kube-proxy's --nodeport-addresses; comma-separated or repeated;
+    /// 0.0.0.0/0 for every address). Default: the node's InternalIP, as kube-proxy's nftables
+    /// mode
     #[arg(
         long = "nodeport-addresses",
         value_name = "CIDR",

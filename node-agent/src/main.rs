@@ -157,8 +157,10 @@ fn print_status(s: &Status) {
         s.sync.version, s.sync.services, s.sync.endpoints, s.sync.kernel_objects
     );
     println!(
-        "last sync:   {} ({:.1} ms){}",
+        "last sync:   {} ({}, {} written, {:.1} ms){}",
         ago(s.sync.last_sync_s_ago),
+        s.sync.kind,
+        s.sync.written,
         s.sync.last_sync_ms,
         s.sync
             .last_error

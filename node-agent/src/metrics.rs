@@ -51,6 +51,8 @@ pub struct MapLabels {
 pub struct Metrics {
     pub sync_duration: Family<SyncLabels, Histogram>,
     pub syncs: Family<ResultLabels, Counter>,
+    /// Services (eBPF) or chains (iptables) written, by the kind of sync that wrote them.
+    pub sync_writes: Family<SyncLabels, Counter>,
     /// From a change arriving at the agent to the data plane serving it.
     pub apply_lag: Histogram,
     pub last_applied_version: Gauge,
@@ -86,6 +88,7 @@ impl Metrics {
         let m = Self {
             sync_duration: Family::new_with_constructor(exponential),
             syncs: Family::default(),
+            sync_writes: Family::default(),
             apply_lag: exponential(),
             last_applied_version: Gauge::default(),
             last_sync_timestamp: Gauge::default(),
@@ -112,6 +115,11 @@ impl Metrics {
             m.sync_duration.clone(),
         );
         r.register("syncs", "Syncs by result", m.syncs.clone());
+        r.register(
+            "sync_writes",
+            "Services (eBPF) or chains (iptables) written, by kind of sync",
+            m.sync_writes.clone(),
+        );
         r.register(
             "apply_lag_seconds",
             "From a change reaching the agent to the kernel serving it",

@@ -618,6 +618,10 @@ fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
                 prometheus_parse::Value::Counter(v)
                 | prometheus_parse::Value::Gauge(v)
                 | prometheus_parse::Value::Untyped(v) => v,
+                // A histogram: how many observations (its +Inf bucket).
+                prometheus_parse::Value::Histogram(ref buckets) => {
+                    buckets.last().map_or(0.0, |b| b.count)
+                }
                 ref other => panic!("a number, not {other:?}"),
             })
             .unwrap_or_else(|| panic!("{metric}{labels:?} is missing:\n{text}"))
@@ -639,6 +643,67 @@ fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
         value(&text, "keel_dataplane_map_entries", &[("map", "services")]),
         2.0
     );
+    // Changes are applied incrementally: a new service and its endpoints are written
+    // without a full sync.
+    let syncs =
+        |text: &str, kind: &str| value(text, "keel_agent_sync_duration_seconds", &[("kind", kind)]);
+    let writes = |text: &str| {
+        value(
+            text,
+            "keel_agent_sync_writes_total",
+            &[("kind", "incremental")],
+        )
+    };
+    let (full_before, writes_before) = (syncs(&text, "full"), writes(&text));
+    let web2 = c.service("web2", "web", false);
+    c.serves(web2, &["backend-1"], "a second service");
+    let text = c.agent.metrics().expect("/metrics");
+    assert_eq!(
+        syncs(&text, "full"),
+        full_before,
+        "a new service made a full sync"
+    );
+    assert!(
+        writes(&text) > writes_before,
+        "the new service was written by incremental syncs"
+    );
+
+    // What `node-agent status` and `node-agent services` print of it.
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_node-agent"));
+    let run = |args: &[&str]| {
+        let out = Command::new(&agent)
+            .args(args)
+            .output()
+            .expect("run node-agent");
+        assert!(out.status.success(), "node-agent {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status = run(&[
+        "status",
+        "--metrics-addr",
+        &c.agent.metrics_addr.to_string(),
+    ]);
+    for line in [
+        format!("node:        {NODE}"),
+        "mode:        ebpf".to_owned(),
+        "(connected,".to_owned(),
+        "3 services".to_owned(),
+        "(incremental,".to_owned(),
+    ] {
+        assert!(status.contains(&line), "`{line}` in:\n{status}");
+    }
+    let services = run(&["services", "--pin-dir", &c.pin_dir.display().to_string()]);
+    for vip in [web, web2] {
+        let row = services
+            .lines()
+            .find(|l| l.starts_with(&format!("tcp/{vip}:80 ")))
+            .unwrap_or_else(|| panic!("{vip} in:\n{services}"));
+        assert!(
+            row.contains(&format!("{}:8080", c.backend_ip(0))),
+            "{vip}'s backend in: {row}"
+        );
+    }
+
     let before = forwarded(&text);
     let answers = c.answers(web, 50);
     assert_eq!(answers.get("backend-1"), Some(&50), "{answers:?}");
