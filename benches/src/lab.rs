@@ -54,27 +54,24 @@ pub struct Binaries {
 impl Binaries {
     /// The binaries next to the running one (cargo puts a workspace's binaries together).
     pub fn siblings() -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        // Test binaries live one level down, in deps/.
-        let dirs = [
-            exe.parent().map(Path::to_path_buf),
-            exe.parent().and_then(Path::parent).map(Path::to_path_buf),
-        ];
-        let find = |name: &str| -> Result<PathBuf> {
-            dirs.iter()
-                .flatten()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-                .with_context(|| {
-                    format!("{name} is not built (cargo build -p control-plane -p node-agent)")
-                })
-        };
         Ok(Self {
-            control_plane: find("control-plane")?,
-            node_agent: find("node-agent")?,
-            keel_echo: find("keel-echo")?,
+            control_plane: sibling_binary("control-plane")?,
+            node_agent: sibling_binary("node-agent")?,
+            keel_echo: sibling_binary("keel-echo")?,
         })
     }
+}
+
+/// The workspace's binary `name` next to the running one, or next to the directory of a test
+/// binary (which lives one level down, in deps/).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    [exe.parent(), exe.parent().and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} is not built (`cargo build --workspace --bins`)"))
 }
 
 pub struct LabNode {

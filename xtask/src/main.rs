@@ -241,6 +241,15 @@ fn test(extra: &[String]) -> Result<()> {
                 "warnings",
             ]),
     )?;
+    // Tests run the workspace's binaries (control-plane, node-agent, dpctl, keel-echo, ...)
+    // from beside their own: build them all, whichever package's tests use them.
+    status(cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "ebpf-programs",
+        "--bins",
+    ]))?;
     let mut cargo = cargo();
     // Every test binary runs even after one fails: a run reports all its failures.
     cargo.args([

@@ -692,10 +692,14 @@ counters! {
     /// 8 bytes, or no room left for them): dropped; an untranslated one is answered with an
     /// ICMP fragmentation needed giving the MTU it must fit.
     DropTooBig = 36, "drop_too_big", Drop;
+    /// A TCP packet other than a SYN opened a flow: its conntrack entry was gone (evicted
+    /// from a full map, or collected while idle past its lifetime), so it was balanced again
+    /// and may reach another backend. Conntrack pressure shows here first.
+    CtMidFlow = 37, "ct_mid_flow", Event;
 }
 
 /// Number of counters; the `COUNTERS` map has exactly this many entries.
-pub const COUNTER_COUNT: u32 = 37;
+pub const COUNTER_COUNT: u32 = 38;
 const _: () = assert!(Counter::ALL.len() == COUNTER_COUNT as usize);
 
 /// Hash of a client's address and port, the Maglev key. Shared so userspace can predict the

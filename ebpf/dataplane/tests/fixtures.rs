@@ -420,10 +420,20 @@ fn a_flow_sticks_to_its_backend() {
     assert_eq!(
         (
             stats.get(Counter::DnatNew),
-            stats.get(Counter::DnatEstablished)
+            stats.get(Counter::DnatEstablished),
+            stats.get(Counter::CtMidFlow),
         ),
-        (1, 50)
+        (1, 50, 0)
     );
+
+    // Its entry lost (collected when idle past the closing state's lifetime; a full map
+    // would evict it), the flow's next packet is balanced again, and counted as a flow
+    // conntrack had lost.
+    dp.age_conntrack(Duration::from_secs(200)).unwrap();
+    assert_eq!(dp.gc().unwrap().expired, 1);
+    send(&mut dp, &tcp(from, web().addr, TCP_ACK));
+    let stats = dp.stats().expect("stats");
+    assert_eq!(stats.get(Counter::CtMidFlow), 1, "{stats:?}");
 }
 
 #[test]

@@ -323,6 +323,55 @@ fn xdp_and_tc_end_alike_on_every_fixture() {
     });
 }
 
+/// Masquerading keeps a client's port while no other flow to the same backend holds it; 2,000
+/// clients sending from one port to one NodePort with one remote backend each get a reply port
+/// of their own (remapped, above the node's ephemeral range), none is dropped, and replies
+/// reach the client they belong to.
+#[test]
+fn masquerade_gives_clients_with_one_port_their_own_reply_ports() {
+    let clients: Vec<SocketAddrV4> = (0..2_000u32)
+        .map(|i| SocketAddrV4::new(Ipv4Addr::from(0x6440_0000 + i + 1), 40000))
+        .collect();
+    in_node_netns(|| {
+        let route = Command::new("ip")
+            .args(["route", "add", "100.64.0.0/10", "via", &ROUTER.to_string()])
+            .status()
+            .expect("run ip");
+        assert!(route.success(), "a route to the clients");
+        let mut dp = node_dataplane("masq-ports");
+        let mut ports = std::collections::BTreeMap::new();
+        for client in &clients {
+            let syn = tcp(*client, node(30080), TCP_SYN).build();
+            let Outcome::Out(out) = tc(&mut dp, &syn) else {
+                panic!("the SYN of {client} is forwarded: {:?}", dp.stats());
+            };
+            let read = packet::read(&out).expect("valid checksums");
+            assert_eq!(read.dst(), Some(remote_pod()));
+            let from = read.src().expect("a source");
+            assert_eq!(*from.ip(), NODE, "masqueraded to the node");
+            if let Some(other) = ports.insert(from.port(), *client) {
+                panic!("{client} and {other} share the reply port {}", from.port());
+            }
+        }
+        assert_eq!(
+            ports.get(&40000),
+            Some(&clients[0]),
+            "the first keeps its port"
+        );
+        for (port, client) in ports.iter().step_by(97) {
+            let reply = tcp(remote_pod(), node(*port), TCP_SYN | TCP_ACK).build();
+            let Outcome::Out(out) = tc(&mut dp, &reply) else {
+                panic!("the reply on port {port} is sent back out");
+            };
+            let read = packet::read(&out).expect("valid checksums");
+            assert_eq!(read.src(), Some(node(30080)));
+            assert_eq!(read.dst(), Some(*client), "the reply on port {port}");
+        }
+        let stats = dp.stats().expect("stats");
+        assert_eq!(stats.get(Counter::DropCtInsert), 0, "{stats:?}");
+    });
+}
+
 /// The other node, whose pods (10.1.1.0/24) include `remote_pod`.
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 

@@ -470,6 +470,9 @@ pub(crate) fn open_flow(
             .map_err(|_| Counter::DropCtInsert)?;
     } else if CONNTRACK.insert(flow, entry, BPF_NOEXIST as u64).is_ok() {
         count(Counter::CtCreated);
+        if flow.proto == IPPROTO_TCP && pkt.tcp_flags & TCP_SYN == 0 {
+            count(Counter::CtMidFlow);
+        }
     } else {
         // Another CPU created the flow since our lookup (two first packets at once): its
         // backend is the flow's.
@@ -548,7 +551,7 @@ pub(crate) fn revnat_of(flow: &FlowKey, entry: &CtEntry) -> RevNat {
 }
 
 /// How many remapped ports a new flow tries before giving up.
-const REMAP_ATTEMPTS: u32 = 4;
+const REMAP_ATTEMPTS: u32 = 16;
 
 /// Inserts the reverse entry of a new flow. The reply tuple may be taken: by this flow (a
 /// retransmitted first packet, a reused tuple), by a flow that is gone (taken over), or by a

@@ -1,5 +1,7 @@
 //! Real sockets through the data plane: a client namespace reaches backend namespaces running
 //! real TCP and UDP servers through service addresses that only the eBPF programs make work.
+//! (Here rather than beside `dpctl`, so that the eBPF tree depends on nothing of the node
+//! agent's; `cargo xtask test` builds the `dpctl` binary these tests run.)
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -305,7 +307,7 @@ impl Owner {
     fn start(lab: &Lab, pin_dir: &std::path::Path, state: &std::path::Path) -> Self {
         let mut child = lab
             .node
-            .command(env!("CARGO_BIN_EXE_dpctl"))
+            .command(benches::lab::sibling_binary("dpctl").expect("dpctl"))
             .unwrap()
             .args(["run", "--pin-dir"])
             .arg(pin_dir)
@@ -710,6 +712,11 @@ fn idle_connections_survive_many_short_ones() {
         "closed flows are forgotten at once: {stats:?}"
     );
     assert_eq!(stats.drops(), 0, "{stats:?}");
+    assert_eq!(
+        stats.get(Counter::CtMidFlow),
+        0,
+        "no live flow lost its entry: {stats:?}"
+    );
 }
 
 /// `getsockopt(IP_MTU)`: the path MTU the kernel knows for a connected socket's peer.
