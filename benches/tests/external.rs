@@ -520,7 +520,8 @@ fn traffic_from_outside(mode: &'static str) {
     });
 
     // A connection masqueraded by the first node to a pod on the other keeps working while
-    // the first node's agent is killed and started again (its flows are pinned).
+    // the first node's agent is killed and started again (its flows are pinned), and new
+    // connections opened all the while, through the same node, never fail.
     let to = SocketAddrV4::new(nodes[&first], 30080);
     let mut remote = None;
     for _ in 0..40 {
@@ -533,19 +534,56 @@ fn traffic_from_outside(mode: &'static str) {
     }
     let (mut conn, name) = remote.expect("a connection to a pod on the other node");
     let node = lab.nodes.iter_mut().find(|n| n.name == first).unwrap();
-    node.agent.kill();
-    assert_eq!(
-        conn.ask().ok().as_deref(),
-        Some(name.as_str()),
-        "the flow goes on while the agent is down"
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (opened, failures) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            in_pod(&client, || {
+                let (mut opened, mut failures) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match traffic::tcp_request(to) {
+                        Ok(_) => opened += 1,
+                        Err(e) => failures.push(format!("{e:#}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (opened, failures)
+            })
+        });
+        // Stops the load also when an assertion below fails, so the scope can end.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let stopping = StopOnDrop(&stop);
+        std::thread::sleep(Duration::from_millis(300));
+        node.agent.kill();
+        assert_eq!(
+            conn.ask().ok().as_deref(),
+            Some(name.as_str()),
+            "the flow goes on while the agent is down"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        node.agent.restart().unwrap();
+        node.agent.wait_healthy(Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            conn.ask().ok().as_deref(),
+            Some(name.as_str()),
+            "the flow goes on after the agent came back"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        drop(stopping);
+        load.join().expect("the load thread")
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed across the restart: {:?}",
+        failures.len(),
+        opened as usize + failures.len(),
+        &failures[..failures.len().min(5)]
     );
-    node.agent.restart().unwrap();
-    node.agent.wait_healthy(Duration::from_secs(60)).unwrap();
-    assert_eq!(
-        conn.ask().ok().as_deref(),
-        Some(name.as_str()),
-        "the flow goes on after the agent came back"
-    );
+    assert!(opened >= 20, "connections kept coming: {opened}");
     let again = gets(&client, to, 20);
     assert!(
         again.iter().all(|(n, _)| !n.starts_with("error")),

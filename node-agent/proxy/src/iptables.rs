@@ -89,13 +89,39 @@ pub struct IptablesProxier {
 
 impl IptablesProxier {
     pub fn new(config: &ProxyConfig) -> Result<Self> {
-        // The chains must exist before anything can jump to them.
-        run_with_input(
-            "iptables-restore",
-            &["-w", "--noflush"],
-            "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n",
-            None,
-        )?;
+        // The chains must exist before anything can jump to them. Only missing ones are
+        // declared: iptables-restore flushes a chain it declares, even with --noflush, and a
+        // restarted proxy must keep serving what its predecessor wrote until its first sync.
+        let mut input = String::new();
+        for (table, chains) in [
+            ("filter", &["KUBE-SERVICES"][..]),
+            (
+                "nat",
+                &[
+                    "KUBE-SERVICES",
+                    "KUBE-NODEPORTS",
+                    "KUBE-POSTROUTING",
+                    "KUBE-MARK-MASQ",
+                ][..],
+            ),
+        ] {
+            let existing = kube_chains(table)?;
+            let missing: Vec<&str> = chains
+                .iter()
+                .copied()
+                .filter(|c| !existing.iter().any(|e| e == c))
+                .collect();
+            if !missing.is_empty() {
+                let _ = writeln!(input, "*{table}");
+                for chain in missing {
+                    let _ = writeln!(input, ":{chain} - [0:0]");
+                }
+                input.push_str("COMMIT\n");
+            }
+        }
+        if !input.is_empty() {
+            run_with_input("iptables-restore", &["-w", "--noflush"], &input, None)?;
+        }
         for (table, chain, rule) in JUMPS {
             ensure_rule(table, chain, rule)?;
         }
@@ -512,6 +538,20 @@ fn rule_args(rule: &str) -> Vec<String> {
     args
 }
 
+/// The KUBE-* chains `table` holds (none when iptables-save cannot list it).
+fn kube_chains(table: &str) -> Result<Vec<String>> {
+    let Some(saved) = output("iptables-save", &["-t", table])? else {
+        return Ok(Vec::new());
+    };
+    Ok(saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with("KUBE-"))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// Removes kube-proxy's jump rules and every KUBE-* chain from the filter and nat tables.
 pub fn cleanup() -> Result<()> {
     for (table, chain, rule) in JUMPS {
@@ -522,15 +562,7 @@ pub fn cleanup() -> Result<()> {
     }
     let mut input = String::new();
     for table in ["filter", "nat"] {
-        let Some(saved) = output("iptables-save", &["-t", table])? else {
-            continue;
-        };
-        let chains: Vec<&str> = saved
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|name| name.starts_with("KUBE-"))
-            .collect();
+        let chains = kube_chains(table)?;
         if chains.is_empty() {
             continue;
         }
