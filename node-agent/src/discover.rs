@@ -5,8 +5,9 @@
 //! (inotify on their directories, after a first scan).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     ffi::CString,
+    net::Ipv4Addr,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,10 +19,11 @@ use futures::{StreamExt, TryStreamExt};
 use glob::Pattern;
 use inotify::{Inotify, WatchMask};
 use rtnetlink::{
-    MulticastGroup,
+    MulticastGroup, RouteMessageBuilder,
     packet_route::{
         RouteNetlinkMessage,
         link::{LinkAttribute, LinkMessage},
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
     },
 };
 use tokio::task::JoinHandle;
@@ -71,31 +73,106 @@ fn link_name(message: &LinkMessage) -> Option<&str> {
     })
 }
 
+/// Watches interfaces matching `patterns`, and the host routes (/32) through them: a pod's
+/// addresses, as CNI plugins that route each pod through its own veth (ours, Calico, Cilium)
+/// install them. Each interface is (re-)announced with those addresses, the only sources its
+/// packets may carry; one without such routes (a bridge's port, say) goes unchecked.
 async fn watch_interfaces(patterns: Vec<Pattern>, shared: &Shared) -> Result<()> {
     let matches = |name: &str| patterns.iter().any(|p| p.matches(name));
-    // Subscribe first, then list: an interface created in between is seen at least once.
+    // Subscribe first, then list: an interface or route created in between is seen at least
+    // once.
     let (connection, _, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
-            .context("subscribe to link notifications")?;
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Route])
+            .context("subscribe to link and route notifications")?;
     tokio::spawn(connection);
     let (connection, handle, _) = rtnetlink::new_connection().context("open rtnetlink")?;
     tokio::spawn(connection);
+    let mut pods: HashMap<u32, String> = HashMap::new();
     let mut links = handle.link().get().execute();
     while let Some(link) = links.try_next().await.context("list links")? {
         if let Some(name) = link_name(&link).filter(|n| matches(n)) {
-            shared.send(Event::Interface(name.to_owned(), Vec::new()));
+            pods.insert(link.header.index, name.to_owned());
         }
     }
+    for (index, name) in &pods {
+        announce(&handle, shared, *index, name).await;
+    }
     while let Some((message, _)) = messages.next().await {
-        if let rtnetlink::packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(
-            link,
-        )) = message.payload
-            && let Some(name) = link_name(&link).filter(|n| matches(n))
-        {
-            shared.send(Event::Interface(name.to_owned(), Vec::new()));
+        let rtnetlink::packet_core::NetlinkPayload::InnerMessage(message) = message.payload else {
+            continue;
+        };
+        match message {
+            RouteNetlinkMessage::NewLink(link) => {
+                if let Some(name) = link_name(&link).filter(|n| matches(n)) {
+                    pods.insert(link.header.index, name.to_owned());
+                    announce(&handle, shared, link.header.index, name).await;
+                }
+            }
+            RouteNetlinkMessage::DelLink(link) => {
+                pods.remove(&link.header.index);
+            }
+            RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route) => {
+                if let Some((index, _)) = host_route(&route)
+                    && let Some(name) = pods.get(&index)
+                {
+                    announce(&handle, shared, index, name).await;
+                }
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// A /32 unicast route's interface and address, in the main table (not the local table's
+/// routes to the node's own addresses).
+fn host_route(route: &RouteMessage) -> Option<(u32, Ipv4Addr)> {
+    if route.header.destination_prefix_length != 32
+        || route.header.kind != RouteType::Unicast
+        || route.header.table != RouteHeader::RT_TABLE_MAIN
+    {
+        return None;
+    }
+    let oif = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(*index),
+        _ => None,
+    })?;
+    let dst = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })?;
+    Some((oif, dst))
+}
+
+/// Announces the pod interface `name` (index `index`) with the addresses of its host routes.
+async fn announce(handle: &rtnetlink::Handle, shared: &Shared, index: u32, name: &str) {
+    let mut sources = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    loop {
+        match routes.try_next().await {
+            Ok(Some(route)) => sources.extend(
+                host_route(&route)
+                    .filter(|(oif, _)| *oif == index)
+                    .map(|(_, ip)| ip),
+            ),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(interface = %name, error = %e, "listing routes failed; its sources go unchecked");
+                sources.clear();
+                break;
+            }
+        }
+    }
+    sources.sort();
+    sources.dedup();
+    if sources.len() > ebpf_dataplane::MAX_POD_SOURCES {
+        tracing::warn!(interface = %name, routes = sources.len(), "more host routes than the data plane checks; its sources go unchecked");
+        sources.clear();
+    }
+    shared.send(Event::Interface(name.to_owned(), sources));
 }
 
 async fn watch_netns(patterns: Vec<Pattern>, shared: &Shared) -> Result<()> {

@@ -752,6 +752,46 @@ fn pods_and_host_processes_that_appear_later_are_covered_and_metrics_move() {
         "at connect, not per packet"
     );
 
+    // Its host route (as per-veth CNIs install) names its address: from then on its veth
+    // accepts only that source, so it cannot forge another pod's flows.
+    c.lab
+        .node
+        .ip(&["route", "add", "10.244.100.2/32", "dev", "cli2"])
+        .unwrap();
+    late.ip(&["addr", "add", "10.244.100.3/24", "dev", "eth0"])
+        .unwrap();
+    let spoofed = |text: &str| {
+        value(
+            text,
+            "keel_dataplane_packets_total",
+            &[("counter", "drop_spoofed")],
+        )
+    };
+    let before = spoofed(&c.agent.metrics().unwrap());
+    let backend = SocketAddrV4::new(c.backend_ip(0), 8080);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        late.run(move || {
+            let socket = std::net::UdpSocket::bind("10.244.100.3:0").unwrap();
+            socket.send_to(b"forged", backend).unwrap();
+        })
+        .unwrap();
+        if spoofed(&c.agent.metrics().unwrap()) > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "packets from an address not the pod's are not dropped:\n{}",
+            c.agent.recent_logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let who = late
+        .run(move || tcp_request(to))
+        .unwrap()
+        .expect("the pod's own address still reaches the service");
+    assert_eq!(who, "backend-1");
+
     // A process on the node's own network (--socket-lb all): load balanced at connect too.
     let who = c
         .lab

@@ -50,7 +50,7 @@ use ebpf_common::{
     SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SockFwdKey,
     SockRevKey, SourceRange, map_names, program_names,
 };
-pub use ebpf_common::{Counter, CounterKind, defaults};
+pub use ebpf_common::{Counter, CounterKind, MAX_POD_SOURCES, defaults};
 pub use error::Error;
 
 use crate::{alloc::RangeAllocator, mmap::MmapArray};

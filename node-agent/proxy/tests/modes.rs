@@ -560,7 +560,60 @@ fn ebpf_mode_ends_udp_sockets_connected_to_a_backend_that_left() {
         })
         .unwrap();
     assert!(sockets.iter().any(|(_, name)| *name == removed));
+    // Unconnected ones are balanced at their first sendmsg() and keep that backend while it
+    // stays a member (by its identity, not its slot): the others' clients do not move when
+    // one backend leaves.
+    let ask_to = |socket: &std::net::UdpSocket| -> std::io::Result<String> {
+        socket.send_to(b"hello\n", SocketAddrV4::new(WEB, 53))?;
+        let mut buf = [0u8; 64];
+        let (n, from) = socket.recv_from(&mut buf)?;
+        assert_eq!(
+            from,
+            SocketAddrV4::new(WEB, 53).into(),
+            "replies from the service"
+        );
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    let unconnected: Vec<(std::net::UdpSocket, String)> = running
+        .lab
+        .client
+        .run(|| {
+            (0..30)
+                .map(|_| {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    socket
+                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                        .unwrap();
+                    let name = ask_to(&socket).expect("an answer");
+                    (socket, name)
+                })
+                .collect()
+        })
+        .unwrap();
+    let kept: Vec<&str> = unconnected
+        .iter()
+        .map(|(_, n)| n.as_str())
+        .filter(|n| *n != removed)
+        .collect();
+    assert!(
+        kept.len() < unconnected.len() && !kept.is_empty(),
+        "spread over the backends"
+    );
     running.sync(&state(&endpoints[1..]));
+    running
+        .lab
+        .client
+        .run(|| {
+            for (socket, name) in &unconnected {
+                let now = ask_to(socket).expect("still answered");
+                if *name == removed {
+                    assert_ne!(now, removed, "balanced again");
+                } else {
+                    assert_eq!(&now, name, "a client of a backend that stayed keeps it");
+                }
+            }
+        })
+        .unwrap();
     running
         .lab
         .client
