@@ -1282,3 +1282,24 @@ fn a_maglev_service_adopted_without_backends_can_get_some() {
     let predicted = dp.maglev_backend(&service, from).expect("a Maglev service");
     assert_eq!(send(&mut dp, &tcp(from, service.addr, TCP_SYN)), predicted);
 }
+
+/// A pod's namespace is recognised by its cookie even before (or without) its loopback being
+/// up: a new namespace's `lo` is down.
+#[test]
+fn a_namespace_cookie_needs_no_loopback() {
+    common::require_root();
+    let host = ebpf_dataplane::netns_cookie().expect("the test's own namespace");
+    let (first, second) = std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only; the namespace goes with it.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        (
+            ebpf_dataplane::netns_cookie(),
+            ebpf_dataplane::netns_cookie(),
+        )
+    })
+    .join()
+    .unwrap();
+    let first = first.expect("a cookie with loopback down");
+    assert_eq!(Ok(first), second.map_err(|e| e.to_string()));
+    assert_ne!(first, host, "another namespace, another cookie");
+}
