@@ -372,6 +372,60 @@ fn masquerade_gives_clients_with_one_port_their_own_reply_ports() {
     });
 }
 
+/// A NodePort without endpoints answers a new flow with ICMP port unreachable about what the
+/// client sent; one with ClientIP affinity sends all of a client's new flows to one backend.
+#[test]
+fn from_outside_no_endpoints_reject_and_affinity_holds() {
+    in_node_netns(|| {
+        let mut dp = node_dataplane("ext-reject");
+        let syn = tcp(client(40020), node(30082), TCP_SYN).build();
+        let (Outcome::Out(out) | Outcome::Stack(out)) = tc(&mut dp, &syn) else {
+            panic!("a SYN to a NodePort without endpoints is answered");
+        };
+        let read = packet::read(&out).expect("valid checksums");
+        assert_eq!(read.dst_ip, *client(0).ip(), "to the client");
+        assert_eq!(read.src_ip, NODE, "from the address it asked");
+        let L4::Unreachable {
+            code,
+            quoted_src,
+            quoted_dst,
+            ..
+        } = read.l4
+        else {
+            panic!("ICMP unreachable, not {:?}", read.l4);
+        };
+        assert_eq!(
+            (code, quoted_src, quoted_dst),
+            (3, client(40020), node(30082)),
+            "port unreachable about the client's SYN"
+        );
+
+        let sticky = Frontend::node_port(30086, Protocol::Tcp);
+        dp.upsert_service(
+            sticky,
+            ServiceSpec {
+                affinity_timeout: Some(std::time::Duration::from_secs(60)),
+                ..spec(Remote::Masquerade)
+            },
+        )
+        .expect("upsert");
+        let backends: Vec<SocketAddrV4> = (5..8).map(|i| addr(10, 1, 1, i, 8080)).collect();
+        dp.set_backends(sticky, &backends).expect("backends");
+        let chosen: std::collections::BTreeSet<SocketAddrV4> = (0..20)
+            .map(|i| {
+                let syn = tcp(client(41000 + i), node(30086), TCP_SYN).build();
+                let Outcome::Out(out) = tc(&mut dp, &syn) else {
+                    panic!("forwarded");
+                };
+                packet::read(&out).unwrap().dst().unwrap()
+            })
+            .collect();
+        assert_eq!(chosen.len(), 1, "one backend for the client: {chosen:?}");
+        let stats = dp.stats().expect("stats");
+        assert_eq!(stats.get(Counter::AffinityHit), 19, "{stats:?}");
+    });
+}
+
 /// The other node, whose pods (10.1.1.0/24) include `remote_pod`.
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 
