@@ -178,6 +178,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         xdp: args.xdp,
         lb_mode: args.lb_mode,
         sync_timeout: None,
+        allow_flow_loss: args.allow_flow_loss,
     };
     let proxier = node_agent_proxy::start(args.proxy_mode, &config)
         .with_context(|| format!("start the {} proxy", args.proxy_mode))?;

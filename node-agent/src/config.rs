@@ -115,6 +115,11 @@ pub struct RunArgs {
     /// native (in the driver; on a veth its peer needs XDP or GRO) or generic
     #[arg(long, default_value = "off")]
     pub xdp: ebpf_dataplane::XdpAcceleration,
+    /// Start even when the eBPF data plane pinned by another build holds flow state (conntrack,
+    /// reverse NAT, affinity) in a layout this build cannot carry over: those flows are then
+    /// balanced again. Without it such a start is refused and the old data plane keeps serving
+    #[arg(long)]
+    pub allow_flow_loss: bool,
     /// How flows from outside reach backends on other nodes under externalTrafficPolicy
     /// Cluster (eBPF mode): snat (masqueraded to the node, as kube-proxy), dsr (direct server
     /// return: the backend sees the client and its node answers the client directly, the

@@ -34,6 +34,14 @@ pub enum Error {
         "pinned map {name} has another layout than this build ({detail}); remove the pin directory to start afresh"
     )]
     LayoutMismatch { name: &'static str, detail: String },
+    #[error(
+        "the data plane pinned in {} holds {maps:?} in an entry layout this build cannot carry over; it keeps serving: run the build that made it, or start with the flows' loss allowed (node-agent --allow-flow-loss)",
+        from.display()
+    )]
+    StateNotMigratable {
+        from: PathBuf,
+        maps: Vec<&'static str>,
+    },
     #[error("pinned state is inconsistent: {0}")]
     Inconsistent(String),
     #[error("link pinned at {path}")]

@@ -48,9 +48,9 @@ use ebpf_common::{
     MAGLEV_LANES, MaglevLanes, MemberKey, NODE_ADDR_LOCAL, NODE_ADDR_PEER, NodeConfig, PodSources,
     RevNat, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL,
     SVC_FLAG_MAGLEV, SVC_FLAG_MASQ, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SockFwdKey,
-    SockRevKey, SourceRange, map_names, program_names,
+    SockRevKey, SourceRange, program_names,
 };
-pub use ebpf_common::{Counter, CounterKind, MAX_POD_SOURCES, defaults};
+pub use ebpf_common::{Counter, CounterKind, MAX_POD_SOURCES, defaults, map_names};
 pub use error::Error;
 
 use crate::{alloc::RangeAllocator, mmap::MmapArray};
@@ -324,6 +324,11 @@ pub struct Config {
     pub maglev_elements: u32,
     pub ct_entries: u32,
     pub affinity_entries: u32,
+    /// Open even when flow state pinned by another build (conntrack, reverse NAT, affinity,
+    /// socket entries, fragments) has a layout this build cannot carry over: those flows are
+    /// then balanced again. Off, [`Dataplane::open`] refuses, and the old build's data plane
+    /// keeps serving.
+    pub allow_state_loss: bool,
 }
 
 impl Default for Config {
@@ -335,6 +340,7 @@ impl Default for Config {
             maglev_elements: defaults::MAGLEV_ELEMENTS,
             ct_entries: defaults::CT_ENTRIES,
             affinity_entries: defaults::AFFINITY_ENTRIES,
+            allow_state_loss: false,
         }
     }
 }
@@ -640,8 +646,8 @@ pub struct Migration {
     pub services: usize,
     /// Flow, affinity, socket and interface entries copied.
     pub entries: u64,
-    /// Maps whose entries could not be carried over (missing, or of another layout): their
-    /// state starts empty.
+    /// Maps whose entries could not be carried over (missing, or of another layout when the
+    /// loss was allowed): their state starts empty.
     pub skipped: Vec<&'static str>,
 }
 
@@ -749,7 +755,16 @@ impl Dataplane {
         };
         dataplane.adopt_services()?;
         for old in layout::others(&config.pin_dir, &maps_dir)? {
-            let migration = dataplane.migrate_from(&old)?;
+            let migration = match dataplane.migrate_from(&old, config.allow_state_loss) {
+                Ok(migration) => migration,
+                Err(e) => {
+                    // Refused before anything was switched: the old maps and programs keep
+                    // serving; this attempt's maps go.
+                    drop(dataplane);
+                    let _ = layout::remove(&maps_dir);
+                    return Err(e);
+                }
+            };
             dataplane.migrations.push(migration);
         }
         let vips: Vec<Ipv4Addr> = dataplane.cluster_vips().collect();
@@ -912,15 +927,25 @@ impl Dataplane {
     /// over when this data plane has none yet and their layout is the same (the owner's next
     /// sync writes them anyway); flows, affinity, sockets and interface addresses whenever
     /// their entries have the same size. Socket hooks switch when the owner attaches them.
-    fn migrate_from(&mut self, old: &Path) -> Result<Migration, Error> {
+    /// State of another entry layout is refused (nothing switched, nothing removed) unless
+    /// `allow_state_loss`.
+    fn migrate_from(&mut self, old: &Path, allow_state_loss: bool) -> Result<Migration, Error> {
         let mut migration = Migration {
             from: old.to_path_buf(),
             ..Migration::default()
         };
+        let mut incompatible = Vec::new();
+        migration.entries += self.copy_state(old, &mut migration.skipped, &mut incompatible)?;
+        if !incompatible.is_empty() && !allow_state_loss {
+            return Err(Error::StateNotMigratable {
+                from: old.to_path_buf(),
+                maps: incompatible,
+            });
+        }
+        migration.skipped.extend(incompatible);
         if self.services.is_empty() {
             migration.services = self.migrate_services(old).unwrap_or(0);
         }
-        migration.entries += self.copy_state(old, &mut migration.skipped)?;
         let links = self.pin_dir.join("links");
         let pins: Vec<PathBuf> = std::fs::read_dir(&links)
             .map_err(|source| Error::Pin {
@@ -937,7 +962,7 @@ impl Dataplane {
             };
             self.relink(&pin, program)?;
         }
-        migration.entries += self.copy_state(old, &mut Vec::new())?;
+        migration.entries += self.copy_state(old, &mut Vec::new(), &mut Vec::new())?;
         layout::remove(old)?;
         Ok(migration)
     }
@@ -992,20 +1017,31 @@ impl Dataplane {
         Ok(moved)
     }
 
-    /// Copies every state entry of the old maps that the new ones do not have yet.
-    fn copy_state(&mut self, old: &Path, skipped: &mut Vec<&'static str>) -> Result<u64, Error> {
-        let mut copied = copy_entries(old, map_names::CONNTRACK, &mut self.conntrack, skipped)?;
-        copied += copy_entries(old, map_names::REVNAT, &mut self.revnat, skipped)?;
-        copied += copy_entries(old, map_names::POD_ADDRS, &mut self.pod_addrs, skipped)?;
+    /// Copies every state entry of the old maps that the new ones do not have yet; notes the
+    /// maps the old layout lacks (`missing`) and those it holds in another entry layout
+    /// (`incompatible`).
+    fn copy_state(
+        &mut self,
+        old: &Path,
+        missing: &mut Vec<&'static str>,
+        incompatible: &mut Vec<&'static str>,
+    ) -> Result<u64, Error> {
+        let mut seen = Seen {
+            missing,
+            incompatible,
+        };
+        let mut copied = copy_entries(old, map_names::CONNTRACK, &mut self.conntrack, &mut seen)?;
+        copied += copy_entries(old, map_names::REVNAT, &mut self.revnat, &mut seen)?;
+        copied += copy_entries(old, map_names::POD_ADDRS, &mut self.pod_addrs, &mut seen)?;
         copied +=
-            self.copy_loaded::<AffinityKey, AffinityEntry>(old, map_names::AFFINITY, skipped)?;
-        copied += self.copy_loaded::<u64, u32>(old, map_names::SOCK_NETNS, skipped)?;
-        copied += self.copy_loaded::<SockRevKey, RevNat>(old, map_names::SOCK_REVNAT, skipped)?;
-        copied += self.copy_loaded::<SockFwdKey, Backend>(old, map_names::SOCK_FWD, skipped)?;
+            self.copy_loaded::<AffinityKey, AffinityEntry>(old, map_names::AFFINITY, &mut seen)?;
+        copied += self.copy_loaded::<u64, u32>(old, map_names::SOCK_NETNS, &mut seen)?;
+        copied += self.copy_loaded::<SockRevKey, RevNat>(old, map_names::SOCK_REVNAT, &mut seen)?;
+        copied += self.copy_loaded::<SockFwdKey, Backend>(old, map_names::SOCK_FWD, &mut seen)?;
         copied += self.copy_loaded::<ebpf_common::FragKey, ebpf_common::FragPorts>(
             old,
             map_names::FRAGS,
-            skipped,
+            &mut seen,
         )?;
         Ok(copied)
     }
@@ -1014,12 +1050,12 @@ impl Dataplane {
         &mut self,
         old: &Path,
         name: &'static str,
-        skipped: &mut Vec<&'static str>,
+        seen: &mut Seen<'_>,
     ) -> Result<u64, Error> {
         let mut map: HashMap<&mut MapData, K, V> =
             HashMap::try_from(self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
                 .map_err(|source| Error::Map { name, source })?;
-        copy_entries(old, name, &mut map, skipped)
+        copy_entries(old, name, &mut map, seen)
     }
 
     /// The (service, backend) pairs `MEMBERS` holds, read from the map (for tests: it must be
@@ -2375,21 +2411,33 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
 }
 
+/// What copying state from an old layout met besides entries.
+struct Seen<'a> {
+    /// Maps the old layout does not have.
+    missing: &'a mut Vec<&'static str>,
+    /// Maps it has with another key or value size.
+    incompatible: &'a mut Vec<&'static str>,
+}
+
 /// Copies the entries of the map `name` pinned in `old_dir` into `new`, keeping the entries
-/// `new` has. A map that is missing there or has another key or value size is skipped.
+/// `new` has. A map missing there, or holding entries of another size, is noted in `seen`.
 fn copy_entries<T: std::borrow::BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
     old_dir: &Path,
     name: &'static str,
     new: &mut HashMap<T, K, V>,
-    skipped: &mut Vec<&'static str>,
+    seen: &mut Seen<'_>,
 ) -> Result<u64, Error> {
-    let old: Option<HashMap<MapData, K, V>> = MapData::from_pin(old_dir.join(name))
-        .ok()
-        .and_then(|data| HashMap::try_from(Map::HashMap(data)).ok());
-    let Some(old) = old else {
-        if !skipped.contains(&name) {
-            skipped.push(name);
+    let note = |list: &mut Vec<&'static str>| {
+        if !list.contains(&name) {
+            list.push(name);
         }
+    };
+    let Ok(data) = MapData::from_pin(old_dir.join(name)) else {
+        note(seen.missing);
+        return Ok(0);
+    };
+    let Ok(old) = HashMap::<MapData, K, V>::try_from(Map::HashMap(data)) else {
+        note(seen.incompatible);
         return Ok(0);
     };
     const BPF_NOEXIST: u64 = 1;

@@ -1303,3 +1303,129 @@ fn a_namespace_cookie_needs_no_loopback() {
     assert_eq!(Ok(first), second.map_err(|e| e.to_string()));
     assert_ne!(first, host, "another namespace, another cookie");
 }
+
+/// Flow state pinned by another build in an entry layout this build cannot read (here a
+/// conntrack map whose values are 4 bytes longer, made by hand as that build would have) is
+/// never dropped silently: the start is refused, the old maps stay, this attempt's are gone;
+/// allowed to, the data plane opens, reports the map as not carried over and removes the old.
+#[test]
+fn state_of_an_unreadable_layout_is_refused_unless_its_loss_is_allowed() {
+    common::require_root();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let mut config = ebpf_dataplane::Config::with_pin_dir(common::pin_dir("layout-refuse"));
+    let _ = std::fs::remove_dir_all(&config.pin_dir);
+    let _cleanup = Remove(config.pin_dir.clone());
+    let old = config.pin_dir.join("maps-v1-0000000000000000");
+    std::fs::create_dir_all(&old).unwrap();
+    let conntrack = ebpf_dataplane::layout::specs(&config)
+        .into_iter()
+        .find(|s| s.name == ebpf_dataplane::map_names::CONNTRACK)
+        .expect("a conntrack map");
+    pin_map(
+        &old.join(conntrack.name),
+        conntrack.kind as u32,
+        conntrack.key as u32,
+        conntrack.value as u32 + 4,
+        1024,
+    );
+    let maps_dirs = |config: &ebpf_dataplane::Config| -> Vec<String> {
+        let mut dirs: Vec<String> = std::fs::read_dir(&config.pin_dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("maps-"))
+            .collect();
+        dirs.sort();
+        dirs
+    };
+
+    let refused = ebpf_dataplane::Dataplane::open(&config)
+        .err()
+        .expect("the start is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(conntrack.name) && message.contains("--allow-flow-loss"),
+        "{message}"
+    );
+    assert_eq!(
+        maps_dirs(&config),
+        ["maps-v1-0000000000000000"],
+        "only the old maps"
+    );
+
+    config.allow_state_loss = true;
+    let dp = ebpf_dataplane::Dataplane::open(&config).expect("opens with the loss allowed");
+    let migration = &dp.migrations()[0];
+    assert!(migration.skipped.contains(&conntrack.name), "{migration:?}");
+    let dirs = maps_dirs(&config);
+    assert!(
+        dirs.len() == 1 && dirs[0] != "maps-v1-0000000000000000",
+        "the old maps are gone: {dirs:?}"
+    );
+}
+
+/// Creates a map with raw bpf(2) calls and pins it at `path`, as another build would have.
+fn pin_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, max_entries: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let create = Create {
+        map_type,
+        key_size: key,
+        value_size: value,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: bpf(2) reads an attribute of the size given, which we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &create as *const Create,
+            size_of::<Create>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let pin = Pin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above; the path outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &pin as *const Pin,
+            size_of::<Pin>(),
+        )
+    };
+    let pinned = std::io::Error::last_os_error();
+    // SAFETY: the fd is ours; the pin keeps the map.
+    unsafe { libc::close(fd as libc::c_int) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {pinned}");
+}

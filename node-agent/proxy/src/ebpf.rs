@@ -42,8 +42,11 @@ pub struct EbpfProxier {
 
 impl EbpfProxier {
     pub fn new(config: &ProxyConfig) -> Result<Self> {
-        let mut dataplane = Dataplane::open(&Config::with_pin_dir(&config.pin_dir))
-            .context("open the eBPF data plane")?;
+        let mut dataplane = Dataplane::open(&Config {
+            allow_state_loss: config.allow_flow_loss,
+            ..Config::with_pin_dir(&config.pin_dir)
+        })
+        .context("open the eBPF data plane")?;
         for m in dataplane.migrations() {
             tracing::info!(
                 from = %m.from.display(),

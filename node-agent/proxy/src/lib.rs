@@ -141,6 +141,9 @@ pub struct ProxyConfig {
     /// iptables and nftables modes: stop a restore or transaction that runs longer (the sync
     /// then fails with [`SyncTimedOut`] and nothing is applied). None: wait as kube-proxy does.
     pub sync_timeout: Option<Duration>,
+    /// eBPF mode: start even when the pinned flow state of another build cannot be carried
+    /// over (those flows are balanced again); otherwise the start is refused.
+    pub allow_flow_loss: bool,
 }
 
 impl Default for ProxyConfig {
@@ -157,6 +160,7 @@ impl Default for ProxyConfig {
             xdp: ebpf_dataplane::XdpAcceleration::Off,
             lb_mode: LbMode::Snat,
             sync_timeout: None,
+            allow_flow_loss: false,
         }
     }
 }
