@@ -325,7 +325,7 @@ pub struct Config {
     pub ct_entries: u32,
     pub affinity_entries: u32,
     /// Open even when flow state pinned by another build (conntrack, reverse NAT, affinity,
-    /// socket entries, fragments) has a layout this build cannot carry over: those flows are
+    /// socket-level UDP entries) has a layout this build cannot carry over: those flows are
     /// then balanced again. Off, [`Dataplane::open`] refuses, and the old build's data plane
     /// keeps serving.
     pub allow_state_loss: bool,
@@ -1018,8 +1018,8 @@ impl Dataplane {
     }
 
     /// Copies every state entry of the old maps that the new ones do not have yet; notes the
-    /// maps the old layout lacks (`missing`) and those it holds in another entry layout
-    /// (`incompatible`).
+    /// maps not carried over: flow state in another entry layout (`incompatible`), the rest
+    /// (`missing`).
     fn copy_state(
         &mut self,
         old: &Path,
@@ -2413,11 +2413,22 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
 
 /// What copying state from an old layout met besides entries.
 struct Seen<'a> {
-    /// Maps the old layout does not have.
+    /// Maps the old layout does not have, and maps the owner fills again anyway (interface
+    /// sources, enabled namespaces) or whose entries live for milliseconds (fragments) held
+    /// with entries of another size.
     missing: &'a mut Vec<&'static str>,
-    /// Maps it has with another key or value size.
+    /// Flow state held with entries of another size: losing it re-balances or breaks flows.
     incompatible: &'a mut Vec<&'static str>,
 }
+
+/// The maps whose entries are live flows (or keep clients on their backends).
+const FLOW_STATE: [&str; 5] = [
+    map_names::CONNTRACK,
+    map_names::REVNAT,
+    map_names::AFFINITY,
+    map_names::SOCK_REVNAT,
+    map_names::SOCK_FWD,
+];
 
 /// Copies the entries of the map `name` pinned in `old_dir` into `new`, keeping the entries
 /// `new` has. A map missing there, or holding entries of another size, is noted in `seen`.
@@ -2437,7 +2448,11 @@ fn copy_entries<T: std::borrow::BorrowMut<MapData>, K: aya::Pod, V: aya::Pod>(
         return Ok(0);
     };
     let Ok(old) = HashMap::<MapData, K, V>::try_from(Map::HashMap(data)) else {
-        note(seen.incompatible);
+        if FLOW_STATE.contains(&name) {
+            note(seen.incompatible);
+        } else {
+            note(seen.missing);
+        }
         return Ok(0);
     };
     const BPF_NOEXIST: u64 = 1;

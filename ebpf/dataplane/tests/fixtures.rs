@@ -1333,6 +1333,19 @@ fn state_of_an_unreadable_layout_is_refused_unless_its_loss_is_allowed() {
         conntrack.value as u32 + 4,
         1024,
     );
+    // A table the owner fills again (interface sources) in another layout is no reason to
+    // refuse: layout 8 changed this one.
+    let pod_addrs = ebpf_dataplane::layout::specs(&config)
+        .into_iter()
+        .find(|s| s.name == ebpf_dataplane::map_names::POD_ADDRS)
+        .expect("a pod address map");
+    pin_map(
+        &old.join(pod_addrs.name),
+        pod_addrs.kind as u32,
+        pod_addrs.key as u32 + 4,
+        pod_addrs.value as u32,
+        64,
+    );
     let maps_dirs = |config: &ebpf_dataplane::Config| -> Vec<String> {
         let mut dirs: Vec<String> = std::fs::read_dir(&config.pin_dir)
             .unwrap()
@@ -1349,7 +1362,9 @@ fn state_of_an_unreadable_layout_is_refused_unless_its_loss_is_allowed() {
         .expect("the start is refused");
     let message = refused.to_string();
     assert!(
-        message.contains(conntrack.name) && message.contains("--allow-flow-loss"),
+        message.contains(conntrack.name)
+            && !message.contains(pod_addrs.name)
+            && message.contains("--allow-flow-loss"),
         "{message}"
     );
     assert_eq!(
@@ -1361,7 +1376,10 @@ fn state_of_an_unreadable_layout_is_refused_unless_its_loss_is_allowed() {
     config.allow_state_loss = true;
     let dp = ebpf_dataplane::Dataplane::open(&config).expect("opens with the loss allowed");
     let migration = &dp.migrations()[0];
-    assert!(migration.skipped.contains(&conntrack.name), "{migration:?}");
+    assert!(
+        migration.skipped.contains(&conntrack.name) && migration.skipped.contains(&pod_addrs.name),
+        "{migration:?}"
+    );
     let dirs = maps_dirs(&config);
     assert!(
         dirs.len() == 1 && dirs[0] != "maps-v1-0000000000000000",
