@@ -542,23 +542,29 @@ fn ebpf_mode_ends_udp_sockets_connected_to_a_backend_that_left() {
         let n = socket.recv(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
     };
-    let sockets: Vec<(std::net::UdpSocket, String)> = running
-        .lab
-        .client
-        .run(|| {
-            (0..30)
-                .map(|_| {
-                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                    socket
-                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-                        .unwrap();
-                    socket.connect(SocketAddrV4::new(WEB, 53)).unwrap();
-                    let name = ask(&socket).expect("an answer");
-                    (socket, name)
-                })
-                .collect()
-        })
-        .unwrap();
+    // 30 client sockets, each asked once by `first`: (socket, the backend that answered).
+    let clients = |first: &(dyn Fn(&std::net::UdpSocket) -> std::io::Result<String> + Sync)| {
+        running
+            .lab
+            .client
+            .run(|| {
+                (0..30)
+                    .map(|_| {
+                        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                        socket
+                            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                            .unwrap();
+                        let name = first(&socket).expect("an answer");
+                        (socket, name)
+                    })
+                    .collect::<Vec<(std::net::UdpSocket, String)>>()
+            })
+            .unwrap()
+    };
+    let sockets = clients(&|socket| {
+        socket.connect(SocketAddrV4::new(WEB, 53))?;
+        ask(socket)
+    });
     assert!(sockets.iter().any(|(_, name)| *name == removed));
     // Unconnected ones are balanced at their first sendmsg() and keep that backend while it
     // stays a member (by its identity, not its slot): the others' clients do not move when
@@ -574,22 +580,7 @@ fn ebpf_mode_ends_udp_sockets_connected_to_a_backend_that_left() {
         );
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
     };
-    let unconnected: Vec<(std::net::UdpSocket, String)> = running
-        .lab
-        .client
-        .run(|| {
-            (0..30)
-                .map(|_| {
-                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                    socket
-                        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-                        .unwrap();
-                    let name = ask_to(&socket).expect("an answer");
-                    (socket, name)
-                })
-                .collect()
-        })
-        .unwrap();
+    let unconnected = clients(&ask_to);
     let kept: Vec<&str> = unconnected
         .iter()
         .map(|(_, n)| n.as_str())
