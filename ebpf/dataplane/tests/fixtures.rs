@@ -1322,30 +1322,25 @@ fn state_of_an_unreadable_layout_is_refused_unless_its_loss_is_allowed() {
     let _cleanup = Remove(config.pin_dir.clone());
     let old = config.pin_dir.join("maps-v1-0000000000000000");
     std::fs::create_dir_all(&old).unwrap();
-    let conntrack = ebpf_dataplane::layout::specs(&config)
-        .into_iter()
-        .find(|s| s.name == ebpf_dataplane::map_names::CONNTRACK)
-        .expect("a conntrack map");
-    pin_map(
-        &old.join(conntrack.name),
-        conntrack.kind as u32,
-        conntrack.key as u32,
-        conntrack.value as u32 + 4,
-        1024,
-    );
+    // Pins the map `name` in the old directory with keys and values grown by these bytes.
+    let pin_grown = |name: &str, grow_key: u32, grow_value: u32| {
+        let spec = ebpf_dataplane::layout::specs(&config)
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("a map {name}"));
+        pin_map(
+            &old.join(spec.name),
+            spec.kind as u32,
+            spec.key as u32 + grow_key,
+            spec.value as u32 + grow_value,
+            1024,
+        );
+        spec
+    };
+    let conntrack = pin_grown(ebpf_dataplane::map_names::CONNTRACK, 0, 4);
     // A table the owner fills again (interface sources) in another layout is no reason to
     // refuse: layout 8 changed this one.
-    let pod_addrs = ebpf_dataplane::layout::specs(&config)
-        .into_iter()
-        .find(|s| s.name == ebpf_dataplane::map_names::POD_ADDRS)
-        .expect("a pod address map");
-    pin_map(
-        &old.join(pod_addrs.name),
-        pod_addrs.kind as u32,
-        pod_addrs.key as u32 + 4,
-        pod_addrs.value as u32,
-        64,
-    );
+    let pod_addrs = pin_grown(ebpf_dataplane::map_names::POD_ADDRS, 4, 0);
     let maps_dirs = |config: &ebpf_dataplane::Config| -> Vec<String> {
         let mut dirs: Vec<String> = std::fs::read_dir(&config.pin_dir)
             .unwrap()
